@@ -1,0 +1,78 @@
+"""Time the Alignment Path Score (one layer) against baselines measured in the same run.
+
+* argmax APS vs a plain-NumPy reference that loops over text tokens (one column at a time);
+* DTW APS vs calling dtw-python directly on the 1 - cosine cost (our overhead: similarity
+  matrix, per-token reduction, Spearman monotonicity).
+
+Run: ``python benchmarks/bench_aps.py``. Times are the best of 5 repeats, per call.
+"""
+
+from __future__ import annotations
+
+import timeit
+
+import dtw
+import numpy as np
+
+from lmeval_speech.metrics import alignment_path_score, argmax_path, path_scores, similarity_matrix
+
+SIZES = [(100, 20), (500, 60), (1500, 200)]
+D = 64
+
+
+def reference_aps(speech: np.ndarray, text: np.ndarray) -> float:
+    """The straightforward version: for each text token, cosine with every speech frame."""
+    speech_norm = np.linalg.norm(speech, axis=1)
+    total = 0.0
+    for j in range(text.shape[0]):
+        sims = speech @ text[j] / (speech_norm * np.linalg.norm(text[j]))
+        total += sims.max()
+    return total / text.shape[0]
+
+
+def dtw_direct(speech: np.ndarray, text: np.ndarray):
+    return dtw.dtw(1.0 - similarity_matrix(speech, text))
+
+
+def best_time(fn) -> float:
+    timer = timeit.Timer(fn)
+    number, _ = timer.autorange()
+    return min(timer.repeat(repeat=5, number=number)) / number
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    rows, prev = [], None
+    for ts, tt in SIZES:
+        speech, text = rng.normal(size=(ts, D)), rng.normal(size=(tt, D))
+        A = similarity_matrix(speech, text)
+        assert np.isclose(reference_aps(speech, text), path_scores(A, argmax_path(A)).mean())
+
+        t = {
+            "ref": best_time(lambda: reference_aps(speech, text)),
+            "core": best_time(lambda: path_scores(
+                A_ := similarity_matrix(speech, text), argmax_path(A_)).mean()),
+            "argmax": best_time(lambda: alignment_path_score([speech], [text], path="argmax")),
+            "dtw_direct": best_time(lambda: dtw_direct(speech, text)),
+            "dtw": best_time(lambda: alignment_path_score([speech], [text], path="dtw")),
+        }
+        growth = "" if prev is None else (
+            f"cells x{ts * tt / prev[0]:.1f}: ref x{t['ref'] / prev[1]['ref']:.1f}, "
+            f"argmax x{t['argmax'] / prev[1]['argmax']:.1f}, dtw x{t['dtw'] / prev[1]['dtw']:.1f}")
+        rows.append((f"{ts}x{tt}", t, growth))
+        prev = (ts * tt, t)
+
+    ms = lambda s: f"{s * 1e3:9.3f}"  # noqa: E731
+    print(f"one layer, D={D}; times in ms (best of 5); ratio = time / baseline in this run")
+    print(f"{'Ts x Tt':>9} | {'ref loop':>9} {'APS core':>9} {'ratio':>6} {'APS full':>9} {'ratio':>6} | "
+          f"{'dtw-py':>9} {'APS dtw':>9} {'ratio':>6} | growth vs previous size")
+    for size, t, growth in rows:
+        print(f"{size:>9} | {ms(t['ref'])} {ms(t['core'])} {t['core'] / t['ref']:6.2f} "
+              f"{ms(t['argmax'])} {t['argmax'] / t['ref']:6.2f} | {ms(t['dtw_direct'])} "
+              f"{ms(t['dtw'])} {t['dtw'] / t['dtw_direct']:6.2f} | {growth}")
+    print("APS core = similarity_matrix + argmax_path + path_scores; APS full = "
+          "alignment_path_score (adds Spearman monotonicity); dtw-py = dtw.dtw(1 - cosine) alone")
+
+
+if __name__ == "__main__":
+    main()

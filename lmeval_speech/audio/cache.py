@@ -1,0 +1,168 @@
+"""Content-addressed on-disk TTS cache, and the entry points that go through it.
+
+Layout: ``<cache_dir>/ab/abcdef....flac``, the name being the sha256 of a canonical JSON of
+(text, engine, engine version, voice, rate, sample_rate); nothing derived from the text reaches a
+path, so no text can escape the cache dir. Each file is FLAC, 16-bit PCM (ample for speech, and
+the exact samples a miss returns, so hits and misses are bit-identical). Its Vorbis comment holds
+the key, the frame count and a sha256 of the samples: a truncated or overwritten file is detected
+(decode error or checksum mismatch), logged, deleted and re-synthesized, never used.
+
+Writes go to a temp file in the target directory, then ``os.replace``: readers never see a partial
+file, and two processes rendering the same key both succeed (the last replace wins; both are valid).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm.auto import tqdm
+
+from .prepare import AudioError, prepare_audio
+from .tts import TTSSpec, check_text, get_engine, render
+
+log = logging.getLogger(__name__)
+
+_STATS = {"hits": 0, "misses": 0, "corrupt": 0}  # process-wide, for the model adapter to log
+
+
+def cache_stats() -> dict:
+    """Counters since process start: {"hits", "misses", "corrupt"} (corrupt files are also misses)."""
+    return dict(_STATS)
+
+
+def default_cache_dir() -> Path:
+    """``$LMEVAL_SPEECH_CACHE``, else ``$XDG_CACHE_HOME/lmeval_speech/audio``, else ``~/.cache/...``."""
+    if os.environ.get("LMEVAL_SPEECH_CACHE"):
+        return Path(os.environ["LMEVAL_SPEECH_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "lmeval_speech" / "audio"
+
+
+def cache_key(text: str, spec: TTSSpec) -> str:
+    """Hex sha256 naming the audio; the engine version is in it, so an upgrade re-renders."""
+    payload = {"text": text, "engine": spec.engine, "engine_version": get_engine(spec.engine).version(),
+               "voice": spec.voice, "rate": spec.rate, "sample_rate": spec.sample_rate}
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _digest(pcm: np.ndarray) -> str:
+    return hashlib.sha256(pcm.astype("<i2", copy=False).tobytes()).hexdigest()
+
+
+class AudioCache:
+    """The TTS cache under one directory (``None``: :func:`default_cache_dir`)."""
+
+    def __init__(self, root=None):
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+
+    def path_for(self, text: str, spec: TTSSpec) -> Path:
+        key = cache_key(text, spec)
+        return self.root / key[:2] / f"{key}.flac"
+
+    def get(self, text: str, spec: TTSSpec) -> tuple[np.ndarray, bool]:
+        """(float32 mono at spec.sample_rate, whether it was a cache hit)."""
+        path = self.path_for(check_text(text), spec)
+        pcm = self._load(path, spec)
+        if pcm is not None:
+            _STATS["hits"] += 1
+            return pcm.astype(np.float32) / np.float32(32768), True
+        audio = render(text, spec)
+        pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
+        self._store(path, pcm, spec.sample_rate)
+        _STATS["misses"] += 1
+        return pcm.astype(np.float32) / np.float32(32768), False
+
+    @staticmethod
+    def _load(path: Path, spec: TTSSpec) -> np.ndarray | None:
+        if not path.is_file():
+            return None
+        try:
+            with sf.SoundFile(path) as f:
+                meta = json.loads(f.comment)
+                if (f.samplerate, f.channels) != (spec.sample_rate, 1):
+                    raise ValueError(f"{f.channels} channels at {f.samplerate} Hz, expected mono {spec.sample_rate}")
+                pcm = f.read(dtype="int16")
+            if meta["key"] != path.stem or meta["frames"] != len(pcm) or meta["sha256"] != _digest(pcm):
+                raise ValueError("checksum mismatch")
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:  # soundfile errors are RuntimeErrors
+            log.warning("corrupt audio cache file %s (%s): deleting it and re-synthesizing", path, err)
+            path.unlink(missing_ok=True)
+            _STATS["corrupt"] += 1
+            return None
+        return pcm
+
+    @staticmethod
+    def _store(path: Path, pcm: np.ndarray, sample_rate: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps({"key": path.stem, "frames": len(pcm), "sha256": _digest(pcm)})
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh, \
+                    sf.SoundFile(fh, "w", samplerate=sample_rate, channels=1, format="FLAC", subtype="PCM_16") as f:
+                f.comment = meta  # must be set before the first frame is written
+                f.write(pcm)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def get_audio(text: str, spec: TTSSpec | None = None, cache_dir=None) -> np.ndarray:
+    """float32 mono at ``spec.sample_rate``, synthesized on a cache miss."""
+    return AudioCache(cache_dir).get(text, spec or TTSSpec())[0]
+
+
+def synthesize_many(texts: Iterable[str], spec: TTSSpec | None = None, cache_dir=None, progress=True) -> dict:
+    """Pre-render a task's audio before a run, so the run itself only reads the cache."""
+    cache, spec = AudioCache(cache_dir), spec or TTSSpec()
+    n = hits = 0
+    start = time.perf_counter()
+    for text in tqdm(texts, desc=f"TTS ({spec.engine})", unit="item", disable=not progress):
+        hits += cache.get(text, spec)[1]
+        n += 1
+    return {"items": n, "hits": hits, "misses": n - hits, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_dir=None
+                  ) -> tuple[np.ndarray, int, dict]:
+    """Turn any supported audio item into (mono float32, sample_rate, info).
+
+    Items: a datasets-style ``{"array", "sampling_rate"}``, a :func:`spoken` reference (``override``
+    fields replace its spec: a model's ``tts_engine=piper`` re-voices every task), or ``{"path"}``.
+    Arrays and files come out at the override's sample_rate, 16 kHz by default.
+    """
+    if isinstance(override, TTSSpec):
+        override = override.to_dict()
+    override = dict(override or {})
+    if not isinstance(item, Mapping):
+        raise AudioError(f"an audio item must be a dict with 'array', 'tts_text' or 'path', got {type(item).__name__}")
+    if item.get("array") is not None:
+        if "sampling_rate" not in item:
+            raise AudioError("audio dict has an 'array' but no 'sampling_rate'")
+        array, rate, source = item["array"], item["sampling_rate"], "array"
+    elif "tts_text" in item:
+        spec = TTSSpec.from_dict(item.get("tts")).with_overrides(**override)
+        audio, hit = AudioCache(cache_dir).get(item["tts_text"], spec)
+        return audio, spec.sample_rate, {"source": "tts", "cache": "hit" if hit else "miss",
+                                         "tts": spec.to_dict(), "fixes": []}
+    elif item.get("path") is not None:
+        try:
+            array, rate = sf.read(item["path"], dtype="float32")
+        except (RuntimeError, OSError) as err:
+            raise AudioError(f"cannot read audio file {item['path']}: {err}") from err
+        source = "file"
+    else:
+        raise AudioError(f"audio dict has none of 'array', 'tts_text', 'path': keys {sorted(item)}")
+    target = TTSSpec().with_overrides(**override).sample_rate
+    audio, fixes = prepare_audio(array, rate, target_rate=target)
+    return audio, target, {"source": source, "cache": None, "tts": None, "fixes": fixes}

@@ -1,0 +1,145 @@
+"""Token-level alignment of speech and text hidden states: the Alignment Path Score (APS).
+
+Following Xiang et al. (2025), each text token j is matched to the speech position i*_j that is
+most similar to it in a layer, and APS averages those best similarities over text tokens and
+layers. The unconstrained argmax path is the paper's definition; the DTW path adds the
+monotonic (left-to-right) constraint a real speech/transcript alignment has, and is reduced to one
+speech position per text token so both variants give comparable scores.
+
+A *path* here is always ``i_star`` [Tt]: the speech index chosen for each text token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+from scipy.spatial.distance import cdist
+
+MEASURES = ("cosine", "euclidean")
+PATHS = ("argmax", "dtw")
+
+
+def similarity_matrix(speech, text, measure: str = "cosine") -> np.ndarray:
+    """A[i, j] = similarity of speech state i [Ts, D] and text state j [Tt, D] -> [Ts, Tt].
+
+    ``euclidean`` gives the *negative* distance, so for both measures larger means closer and
+    the argmax/DTW code needs no branch. Zero vectors have cosine 0 with everything.
+    """
+    s = np.asarray(speech, dtype=np.float64)
+    t = np.asarray(text, dtype=np.float64)
+    if s.ndim != 2 or t.ndim != 2 or s.shape[1] != t.shape[1]:
+        raise ValueError(f"expected speech [Ts, D] and text [Tt, D], got {s.shape} and {t.shape}")
+    if measure == "euclidean":
+        return -cdist(s, t, "euclidean")
+    if measure != "cosine":
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    s_norm = np.linalg.norm(s, axis=1, keepdims=True)
+    t_norm = np.linalg.norm(t, axis=1, keepdims=True)
+    s_unit = np.divide(s, s_norm, out=np.zeros_like(s), where=s_norm > 0)
+    t_unit = np.divide(t, t_norm, out=np.zeros_like(t), where=t_norm > 0)
+    return np.clip(s_unit @ t_unit.T, -1.0, 1.0)
+
+
+def argmax_path(A) -> np.ndarray:
+    """i*_j = argmax_i A[i, j] for each text token j (no monotonic constraint; ties -> lowest i)."""
+    return np.argmax(np.asarray(A), axis=0)
+
+
+def path_scores(A, path) -> np.ndarray:
+    """A[i*_j, j] for every text token j."""
+    A = np.asarray(A)
+    path = np.asarray(path, dtype=np.intp)
+    if path.shape != (A.shape[1],):
+        raise ValueError(f"path has shape {path.shape}, expected ({A.shape[1]},) = one speech "
+                         "index per text token")
+    return A[path, np.arange(A.shape[1])]
+
+
+def monotonicity(path) -> float:
+    """Spearman rho between text position j and its speech position i*_j.
+
+    1 means the alignment preserves word order, -1 that it reverses it. Undefined (nan) when
+    the path has fewer than 2 tokens or is constant (all text tokens on one speech frame),
+    because a rank correlation with a constant has no meaning.
+    """
+    path = np.asarray(path)
+    if path.size < 2 or np.all(path == path[0]):
+        return math.nan
+    return float(stats.spearmanr(np.arange(path.size), path).statistic)
+
+
+def dtw_path(A) -> tuple[np.ndarray, np.ndarray]:
+    """Monotonic DTW path (i_idx, j_idx) from (0, 0) to (Ts-1, Tt-1) through similarity A.
+
+    Uses ``dtw-python`` on the precomputed cost ``A.max() - A``. With its default ``symmetric2``
+    step pattern every path carries the same total step weight (Ts + Tt), so a constant shift
+    changes no path: this is the same path as cost = 1 - cosine or cost = distance, kept
+    non-negative as dtw-python's local distances are meant to be.
+    """
+    import dtw  # imported here so that the rest of the metrics work without dtw-python
+
+    A = np.asarray(A, dtype=np.float64)
+    alignment = dtw.dtw(A.max() - A)
+    return alignment.index1, alignment.index2
+
+
+def per_token_path(A, i_idx, j_idx) -> np.ndarray:
+    """Reduce a (DTW) path to one speech index per text token: the best-scoring i aligned to j.
+
+    Makes APS-DTW comparable to the argmax APS (same 1/Tt average). Ties -> lowest i.
+    """
+    A = np.asarray(A)
+    i_idx = np.asarray(i_idx, dtype=np.intp)
+    j_idx = np.asarray(j_idx, dtype=np.intp)
+    if not np.array_equal(np.unique(j_idx), np.arange(A.shape[1])):
+        raise ValueError("the path must visit every text token (column) of A")
+    order = np.lexsort((i_idx, -A[i_idx, j_idx], j_idx))  # by j, then best score, then lowest i
+    first = np.unique(j_idx[order], return_index=True)[1]
+    return i_idx[order][first]
+
+
+def _token_path(A: np.ndarray, path: str) -> np.ndarray:
+    if path == "argmax":
+        return argmax_path(A)
+    if path == "dtw":
+        return per_token_path(A, *dtw_path(A))
+    raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+
+
+def alignment_path_score(layers_speech, layers_text, measure: str = "cosine",
+                         path: str = "argmax") -> dict:
+    """APS = (1/L) sum_l (1/Tt) sum_j A_l[i*_j, j] over layers' [Ts, D] / [Tt, D] states.
+
+    Returns ``aps``, ``per_layer`` [L], ``monotonicity`` [L] (Spearman rho of each layer's path)
+    and ``paths`` (one i_star [Tt] per layer, usable with :func:`critical_tokens`).
+    """
+    if len(layers_speech) != len(layers_text) or len(layers_speech) == 0:
+        raise ValueError(f"need the same, non-zero number of layers, got {len(layers_speech)} "
+                         f"speech and {len(layers_text)} text")
+    per_layer, mono, paths = [], [], []
+    for speech, text in zip(layers_speech, layers_text):
+        A = similarity_matrix(speech, text, measure)
+        i_star = _token_path(A, path)
+        per_layer.append(path_scores(A, i_star).mean())
+        mono.append(monotonicity(i_star))
+        paths.append(i_star)
+    per_layer = np.asarray(per_layer)
+    return {"aps": float(per_layer.mean()), "per_layer": per_layer,
+            "monotonicity": np.asarray(mono), "paths": paths}
+
+
+def critical_tokens(A, path, k: int | None = 3) -> np.ndarray:
+    """Speech positions on ``path`` that align worst with their text token (Bottom-k).
+
+    A speech position shared by several text tokens counts with its lowest score. Positions are
+    unique and ordered from worst score up (ties -> lower position); ``k=None`` returns all of
+    them. Interventions target these as the frames where the speech representation fails.
+    """
+    path = np.asarray(path, dtype=np.intp)
+    scores = path_scores(A, path)
+    order = np.lexsort((path, scores))
+    positions, first = np.unique(path[order], return_index=True)
+    ranked = positions[np.argsort(first, kind="stable")]
+    return ranked if k is None else ranked[:k]

@@ -1,0 +1,66 @@
+"""``lslm`` backend for the embedded mini model (same interface as the hub families)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmeval_speech.models.backends.base import WhisperStyleBackend
+
+from .modeling import MiniLSLMForConditionalGeneration, speech_tokens_for
+
+
+class MiniProcessor:
+    """Tokenizer + Whisper feature extractor, with Qwen2-Audio's calling convention."""
+
+    def __init__(self, tokenizer, feature_extractor):
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+
+    def __call__(self, text: str, audio: list[np.ndarray] | None = None, sampling_rate=16000):
+        audio = audio or []
+        placeholder = MiniBackend.audio_placeholder
+        if text.count(placeholder) != len(audio):
+            raise ValueError(f"{text.count(placeholder)} placeholders for {len(audio)} audios")
+        for a in audio:
+            text = text.replace(placeholder, "\0" * speech_tokens_for(len(a)), 1)
+        text = text.replace("\0", placeholder)
+        out = dict(self.tokenizer(text, return_tensors="pt", add_special_tokens=False))
+        if audio:
+            feats = self.feature_extractor(audio, sampling_rate=sampling_rate, return_attention_mask=True,
+                                           padding="max_length", return_tensors="pt")
+            out["input_features"] = feats["input_features"]
+            out["feature_attention_mask"] = feats["attention_mask"]
+        return out
+
+
+class MiniBackend(WhisperStyleBackend):
+    model_types = ("lmeval_speech_mini",)
+    # SmolLM2's <|endoftext|> (id 0) never occurs in prompts; reusing it keeps the text path
+    # bit-identical to SmolLM2 (no vocabulary resize).
+    audio_placeholder = "<|endoftext|>"
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+        from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+        model = MiniLSLMForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        processor = MiniProcessor(tokenizer, WhisperFeatureExtractor.from_pretrained(path))
+        return cls(model, tokenizer, processor)
+
+    @property
+    def audio_token_id(self) -> int:
+        return self.model.config.audio_token_id
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    def num_audio_tokens(self, num_samples: int) -> int:
+        return speech_tokens_for(num_samples)
+
+    @torch.no_grad()
+    def encode_audio(self, arrays):
+        feats, mask = self.mel_features(arrays)
+        return self.model.get_audio_features(feats.to(self.model.device), mask)

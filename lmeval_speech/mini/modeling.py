@@ -1,0 +1,138 @@
+"""The embedded default model: Whisper encoder -> 2-layer FC adapter (5x frame stacking) -> LLM.
+
+This is the seed paper's own LSLM recipe at the smallest size that runs on a laptop CPU:
+Whisper tiny.en's encoder (4 layers, d=384), a trained adapter that stacks 5 encoder frames
+(50 -> 10 per second) and maps them through Linear-GELU-Linear into SmolLM2-135M-Instruct's
+embedding space, and the frozen instruction-tuned LLM.
+
+It is a ``transformers`` ``PreTrainedModel`` with its own registered ``model_type``, so it saves,
+loads and runs through the same ``lslm`` code path as Qwen2-Audio (``pretrained=DIR``), and its
+``forward(input_ids, input_features, feature_attention_mask, ...)`` mirrors Qwen2-Audio's.
+
+One deliberate difference: the encoder runs on the clip's real length (mel frames rounded up to a
+multiple of 10) instead of a zero-padded 30 s window, like whisper.cpp's ``audio_ctx``. On a CPU that
+is 3-6x cheaper for typical 5-10 s questions, and the adapter is trained on exactly these outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, WhisperConfig
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+MODEL_TYPE = "lmeval_speech_mini"
+FRAMES_PER_TOKEN = 10  # mel frames (10 ms) per speech token: conv stride 2 x stacking 5
+MAX_MEL_FRAMES = 3000  # one Whisper window (30 s)
+
+
+def mel_frames_for(num_samples: int, hop: int = 160) -> int:
+    """Frames WhisperFeatureExtractor marks as real for a clip (capped at one 30 s window)."""
+    return min(math.ceil(num_samples / hop), MAX_MEL_FRAMES)
+
+
+def speech_tokens_for(num_samples: int) -> int:
+    return max(1, math.ceil(mel_frames_for(num_samples) / FRAMES_PER_TOKEN))
+
+
+class MiniLSLMConfig(PretrainedConfig):
+    model_type = MODEL_TYPE
+    sub_configs = {"audio_config": WhisperConfig, "text_config": AutoConfig}
+
+    def __init__(self, audio_config=None, text_config=None, stack=5, audio_token_id=0, **kwargs):
+        if isinstance(audio_config, dict):
+            audio_config = WhisperConfig(**audio_config)
+        if isinstance(text_config, dict):
+            text_config = AutoConfig.for_model(**text_config)
+        self.audio_config = audio_config
+        self.text_config = text_config
+        self.stack = stack
+        self.audio_token_id = audio_token_id
+        super().__init__(**kwargs)
+
+
+class MiniLSLMProjector(nn.Module):
+    """Stack ``stack`` consecutive encoder frames, then Linear -> GELU -> Linear into the LLM width."""
+
+    def __init__(self, config: MiniLSLMConfig):
+        super().__init__()
+        self.stack = config.stack
+        d_audio, d_text = config.audio_config.d_model, config.text_config.hidden_size
+        self.linear1 = nn.Linear(d_audio * self.stack, d_text)
+        self.act = nn.GELU()
+        self.linear2 = nn.Linear(d_text, d_text)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:  # [B, T, d_audio] with T % stack == 0
+        b, t, d = frames.shape
+        stacked = frames.reshape(b, t // self.stack, d * self.stack)
+        return self.linear2(self.act(self.linear1(stacked)))
+
+
+class MiniLSLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    config_class = MiniLSLMConfig
+    base_model_prefix = "mini"
+    _no_split_modules = ["WhisperEncoderLayer", "LlamaDecoderLayer"]
+
+    def __init__(self, config: MiniLSLMConfig):
+        super().__init__(config)
+        self.audio_tower = WhisperEncoder(config.audio_config)
+        self.multi_modal_projector = MiniLSLMProjector(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def encode_frames(self, input_features: torch.Tensor) -> torch.Tensor:
+        """Whisper encoder over a cropped window ``[B, n_mels, T]`` (T a multiple of 10, <= 3000)."""
+        tower = self.audio_tower
+        x = nn.functional.gelu(tower.conv1(input_features.to(tower.conv1.weight.dtype)))
+        x = nn.functional.gelu(tower.conv2(x)).permute(0, 2, 1)
+        x = x + tower.embed_positions.weight[: x.shape[1]]
+        for layer in tower.layers:
+            x = layer(x, attention_mask=None)
+            x = x[0] if isinstance(x, tuple) else x
+        return tower.layer_norm(x)
+
+    def get_audio_features(self, input_features, feature_attention_mask) -> list[torch.Tensor]:
+        """Speech token embeddings per clip, ``[n_i, hidden]``: each clip encoded on its own length."""
+        out = []
+        for feats, mask in zip(input_features, feature_attention_mask, strict=True):
+            frames = min(int(mask.sum()), feats.shape[-1])
+            n_tok = max(1, math.ceil(frames / FRAMES_PER_TOKEN))
+            window = feats[:, : n_tok * FRAMES_PER_TOKEN]
+            if window.shape[-1] < n_tok * FRAMES_PER_TOKEN:  # pad the last partial token with silence
+                window = nn.functional.pad(window, (0, n_tok * FRAMES_PER_TOKEN - window.shape[-1]), value=float(feats.min()))
+            out.append(self.multi_modal_projector(self.encode_frames(window[None]))[0])
+        return out
+
+    def forward(
+        self,
+        input_ids=None,
+        input_features=None,
+        feature_attention_mask=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if input_features is not None and input_ids.shape[1] != 1:
+                speech = torch.cat(self.get_audio_features(input_features, feature_attention_mask))
+                mask = (input_ids == self.config.audio_token_id).unsqueeze(-1)
+                if int(mask.sum()) != speech.shape[0]:
+                    raise ValueError(f"{int(mask.sum())} audio tokens in input_ids but {speech.shape[0]} speech embeddings")
+                inputs_embeds = inputs_embeds.masked_scatter(mask, speech.to(inputs_embeds.dtype))
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+AutoConfig.register(MODEL_TYPE, MiniLSLMConfig, exist_ok=True)
+AutoModelForCausalLM.register(MiniLSLMConfig, MiniLSLMForConditionalGeneration, exist_ok=True)

@@ -1,0 +1,40 @@
+"""Backend choice by the checkpoint's ``config.model_type`` (no guessing from names)."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+# model_type -> "module:Class"; imported only when chosen.
+SPEECH_BACKENDS = {
+    "qwen2_audio": "lmeval_speech.models.backends.qwen2_audio:Qwen2AudioBackend",
+    "qwen2_5_omni": "lmeval_speech.models.backends.qwen2_5_omni:Qwen25OmniThinkerBackend",
+    "qwen2_5_omni_thinker": "lmeval_speech.models.backends.qwen2_5_omni:Qwen25OmniThinkerBackend",
+    "voxtral": "lmeval_speech.models.backends.voxtral:VoxtralBackend",
+    "granite_speech": "lmeval_speech.models.backends.granite_speech:GraniteSpeechBackend",
+    "lmeval_speech_mini": "lmeval_speech.mini.backend:MiniBackend",
+}
+TEXT_BACKEND = "lmeval_speech.models.backends.causal_lm:CausalLMBackend"
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def _load(target: str):
+    module, _, name = target.partition(":")
+    return getattr(import_module(module), name)
+
+
+def backend_for_config(config) -> type:
+    """The backend class for a loaded ``PretrainedConfig``; a clear error for anything else."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in SPEECH_BACKENDS:
+        return _load(SPEECH_BACKENDS[model_type])
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return _load(TEXT_BACKEND)
+    raise UnsupportedModelError(
+        f"lslm does not support model_type {model_type!r}. Speech LLMs supported: "
+        f"{', '.join(sorted(SPEECH_BACKENDS))}; text-only causal LMs run the text twin of a task."
+    )

@@ -1,0 +1,137 @@
+"""What the ``lslm`` adapter needs from one architecture family, and nothing more.
+
+The adapter runs every model the same way: token embeddings, with each audio's *speech token
+embeddings* (the adapter/projector output that enters the LLM) scattered over that audio's
+placeholder tokens, then the LLM decoder, then the LM head on the positions that are scored.
+Splitting the forward pass there is what lets the adapter
+
+* encode each item's audio once for all its answer choices (MMLU: 4 continuations, 1 encoder pass),
+* capture hidden states at known speech/text positions, and
+* edit speech token embeddings (interventions) without touching the model's code.
+
+A backend says how its family builds those speech embeddings and where its decoder, layers and
+LM head are. One small class per family; no shared if/elif ladder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+
+@dataclass
+class DecoderOutput:
+    last_hidden: torch.Tensor  # [B, T, D]
+    hidden_states: tuple[torch.Tensor, ...] | None  # embeddings + one per layer, when asked
+
+
+class Backend:
+    """Base class: a text-only causal LM (no audio). Speech families override the audio part."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: Text that stands for one audio in a prompt; the tokenizer must map it to tokens that
+    #: include ``audio_token_id`` exactly once.
+    audio_placeholder: ClassVar[str | None] = None
+    sampling_rate: ClassVar[int] = 16000
+    #: Longest audio one placeholder can hold (Whisper-style encoders: one 30 s window).
+    max_audio_seconds: ClassVar[float] = 30.0
+
+    def __init__(self, model, tokenizer, processor=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = processor
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype, revision=None, trust_remote_code=False):
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code
+        )
+        return cls(model, tokenizer)
+
+    # ---- structure -----------------------------------------------------------------------
+    @property
+    def supports_audio(self) -> bool:
+        return self.audio_placeholder is not None
+
+    @property
+    def audio_token_id(self) -> int | None:
+        return None
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The causal LM (decoder + head) that consumes ``inputs_embeds``."""
+        return self.model
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.language_model.model
+
+    @property
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        return list(self.decoder.layers)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def max_positions(self) -> int | None:
+        cfg = self.language_model.config
+        return getattr(cfg, "max_position_embeddings", None)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings()(input_ids)
+
+    def run_decoder(self, inputs_embeds, attention_mask, input_ids, output_hidden_states=False) -> DecoderOutput:
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+        )
+        return DecoderOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_output_embeddings()(hidden)
+
+    # ---- audio ---------------------------------------------------------------------------
+    def num_audio_tokens(self, num_samples: int) -> int:
+        raise NotImplementedError(f"{type(self).__name__} takes no audio")
+
+    def encode_audio(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Speech token embeddings ``[n_i, D]`` for each 16 kHz mono array, in the LLM's dtype."""
+        raise NotImplementedError(f"{type(self).__name__} takes no audio")
+
+    def prefix_token_ids(self) -> list[int]:
+        return []
+
+
+class WhisperStyleBackend(Backend):
+    """Families whose encoder eats one 30 s log-mel window padded to 3000 frames, halved by a
+    stride-2 conv and (optionally) pooled again: Qwen2-Audio, Qwen2.5-Omni, the mini model."""
+
+    feature_extractor_attr: ClassVar[str] = "feature_extractor"
+
+    @property
+    def feature_extractor(self):
+        return getattr(self.processor, self.feature_extractor_attr)
+
+    def mel_features(self, arrays: list[np.ndarray]):
+        fe = self.feature_extractor
+        feats = fe(
+            [np.asarray(a, dtype=np.float32) for a in arrays],
+            sampling_rate=self.sampling_rate,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="pt",
+        )
+        return feats["input_features"], feats["attention_mask"]

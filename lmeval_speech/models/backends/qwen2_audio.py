@@ -1,0 +1,73 @@
+"""Qwen2-Audio (``Qwen2AudioForConditionalGeneration``): Whisper-large encoder, 2x avg-pool, linear projector."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import WhisperStyleBackend
+
+
+def whisper_frames(num_samples: int, sampling_rate: int = 16000, max_seconds: float = 30.0) -> int:
+    """Mel frames the Whisper feature extractor marks as real (hop 160) for a clip, capped at one window."""
+    return -(-min(int(num_samples), int(max_seconds * sampling_rate)) // 160)
+
+
+class Qwen2AudioBackend(WhisperStyleBackend):
+    model_types = ("qwen2_audio",)
+    audio_placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+        )
+        processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        return cls(model, processor.tokenizer, processor)
+
+    @property
+    def audio_token_id(self) -> int:
+        return self.model.config.audio_token_id
+
+    @property
+    def language_model(self):
+        return self.model
+
+    @property
+    def decoder(self):
+        return self.model.model.language_model
+
+    def embed_tokens(self, input_ids):
+        return self.model.get_input_embeddings()(input_ids)
+
+    def logits(self, hidden):
+        return self.model.lm_head(hidden)
+
+    @property
+    def max_positions(self):
+        return getattr(self.model.config.text_config, "max_position_embeddings", None)
+
+    def num_audio_tokens(self, num_samples: int) -> int:
+        frames = whisper_frames(num_samples, self.sampling_rate, self.max_audio_seconds)
+        return (((frames - 1) // 2 + 1) - 2) // 2 + 1
+
+    @torch.no_grad()
+    def encode_audio(self, arrays):
+        """Same computation as ``Qwen2AudioModel.forward``'s audio branch, per clip, cropped to its length."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        feats, feat_mask = self.mel_features(arrays)
+        inner = self.model.model
+        tower = inner.audio_tower
+        feats = feats.to(tower.device, tower.conv1.weight.dtype)
+        feat_mask = feat_mask.to(tower.device)
+        feat_lengths, out_lengths = tower._get_feat_extract_output_lengths(feat_mask.sum(-1))
+        max_len = (feats.shape[-1] - 2) // 2 + 1
+        mask_2d = (torch.arange(max_len, device=feats.device)[None, :] < feat_lengths[:, None]).long()
+        dummy = torch.zeros((feats.shape[0], max_len, 1), dtype=feats.dtype, device=feats.device)
+        attn = create_bidirectional_mask(config=tower.config, inputs_embeds=dummy, attention_mask=mask_2d)
+        hidden = tower(feats, attention_mask=attn).last_hidden_state
+        projected = inner.multi_modal_projector(hidden)
+        return [projected[i, : int(n)] for i, n in enumerate(out_lengths.tolist())]

@@ -1,0 +1,150 @@
+"""The ``lslm`` adapter against independent computations: lm-eval's own ``hf`` model for text,
+a direct ``model(**processor(...))`` forward for speech, and itself at another batch size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from conftest import tone
+from lmeval_speech.models.backends import UnsupportedModelError
+from lmeval_speech.models.lslm import LSLM
+
+TEXT_PAIRS = [
+    ("Question: What is the capital of France?\nAnswer:", " Paris"),
+    ("Question: What is the capital of France?\nAnswer:", " Rome"),
+    ("The following are questions (with answers) about geography.\n\nQuestion: Which river", " is the longest"),
+    ("the quick brown fox", " jumps over the lazy dog"),
+    ("A. Paris B. Rome C. Madrid D. Berlin Answer: ", "A"),
+    ("", "the quick brown fox"),
+]
+
+
+def req(*args, kind="loglikelihood"):
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+def test_text_loglikelihood_matches_lm_eval_hf(tiny_llama_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(pretrained=tiny_llama_dir, device="cpu", dtype="float32", batch_size=4)
+    ours = LSLM(pretrained=tiny_llama_dir, device="cpu", batch_size=4)
+    expected = hf.loglikelihood([req(c, x) for c, x in TEXT_PAIRS])
+    got = ours.loglikelihood([req(c, x) for c, x in TEXT_PAIRS])
+    for (e_ll, e_g), (g_ll, g_g) in zip(expected, got, strict=True):
+        assert abs(e_ll - g_ll) < 1e-4
+        assert e_g == g_g
+    assert len({round(ll, 3) for ll, _ in got}) == len(got)  # not a constant
+
+
+def test_text_rolling_matches_lm_eval_hf(tiny_llama_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 30)
+    hf = HFLM(pretrained=tiny_llama_dir, device="cpu", dtype="float32", batch_size=2, max_length=64)
+    ours = LSLM(pretrained=tiny_llama_dir, device="cpu", batch_size=2, max_length=64)
+    kind = "loglikelihood_rolling"
+    (e,), (g,) = hf.loglikelihood_rolling([req(text, kind=kind)]), ours.loglikelihood_rolling([req(text, kind=kind)])
+    assert abs(e - g) < 1e-3 and e < 0
+
+
+def speech_requests(seconds=(1.0, 2.3, 0.7)):
+    reqs = []
+    for i, s in enumerate(seconds):
+        audio = {"audio": [{"array": tone(s, 200 + 60 * i, seed=i), "sampling_rate": 16000}]}
+        for choice in [" Paris", " Rome", " Madrid and more"]:
+            reqs.append(req("Question: <audio>\nAnswer:", choice, audio))
+    return reqs
+
+
+def test_speech_loglikelihood_matches_direct_processor_forward(tiny_qwen2_audio_dir):
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    ours = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3)
+    reqs = speech_requests()
+    got = ours.loglikelihood(reqs)
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_qwen2_audio_dir, dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(tiny_qwen2_audio_dir)
+    placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    for r, (ll, _) in zip(reqs, got, strict=True):
+        ctx, cont, extra = r.args
+        audio = extra["audio"][0]["array"]
+        prompt = ctx.replace("<audio>", placeholder)
+        full = proc(text=prompt + cont, audio=[audio], sampling_rate=16000, return_tensors="pt")
+        n_ctx = proc(text=prompt, audio=[audio], sampling_rate=16000, return_tensors="pt")["input_ids"].shape[1]
+        with torch.no_grad():
+            logits = model(**full).logits[0].float()
+        ids = full["input_ids"][0]
+        logp = torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None])[:, 0]
+        direct = float(logp[n_ctx - 1 :].sum())
+        assert abs(direct - ll) < 1e-4, (cont, direct, ll)
+
+
+def test_speech_batch_size_does_not_change_results(tiny_qwen2_audio_dir):
+    reqs = speech_requests()
+    one = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=1).loglikelihood(reqs)
+    eight = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=8).loglikelihood(reqs)
+    np.testing.assert_allclose([x for x, _ in one], [x for x, _ in eight], atol=1e-4)
+
+
+def test_audio_is_encoded_once_per_item(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=2)
+    calls = []
+    real = lm.backend_impl.encode_audio
+    lm.backend_impl.encode_audio = lambda arrays: calls.append(len(arrays)) or real(arrays)
+    lm.loglikelihood(speech_requests())
+    assert sum(calls) == 3  # 3 items x 3 choices -> 3 clips encoded
+
+
+def test_audio_changes_the_score(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    a, b = speech_requests(seconds=(1.0,))[0], speech_requests(seconds=(1.5,))[0]
+    assert abs(lm.loglikelihood([a])[0][0] - lm.loglikelihood([b])[0][0]) > 1e-6
+
+
+def test_marker_count_mismatch_is_a_clear_error(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    audio = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
+    with pytest.raises(ValueError, match="2 <audio> markers but the request carries 1"):
+        lm.loglikelihood([req("<audio> and <audio>", " x", audio)])
+
+
+def test_bad_audio_item_is_skipped_not_fatal(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    bad = {"audio": [{"array": np.array([np.nan] * 1600, dtype=np.float32), "sampling_rate": 16000}]}
+    good = speech_requests(seconds=(1.0,))[0]
+    res = lm.loglikelihood([req("Q: <audio>\nA:", " x", bad), good])
+    assert res[0] == (float("-inf"), False) and np.isfinite(res[1][0])
+    assert any("error" in v for v in lm.audio_log.values())
+    with pytest.raises(Exception, match="(?i)nan"):
+        LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", fail_fast=True).loglikelihood([req("<audio>", " x", bad)])
+
+
+def test_text_model_refuses_audio(tiny_llama_dir):
+    lm = LSLM(pretrained=tiny_llama_dir, device="cpu")
+    with pytest.raises(ValueError, match="takes no audio"):
+        lm.loglikelihood(speech_requests(seconds=(0.5,))[:1])
+
+
+def test_unsupported_architecture_names_supported_ones(tmp_path):
+    from transformers import Wav2Vec2Config  # a speech model, but not a speech LLM
+
+    Wav2Vec2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="qwen2_audio.*voxtral"):
+        LSLM(pretrained=str(tmp_path), device="cpu")
+
+
+def test_unknown_model_arg_is_an_error(tiny_llama_dir):
+    with pytest.raises(TypeError, match="capturee"):
+        LSLM(pretrained=tiny_llama_dir, capturee=1)
+
+
+def test_generate_until_with_audio(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    audio = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
+    out = lm.generate_until([req("Question: <audio>\nAnswer:", {"until": ["\n"], "max_gen_toks": 5,
+                                                                "do_sample": False}, audio, kind="generate_until")])
+    assert isinstance(out[0], str) and "\n" not in out[0]
