@@ -52,6 +52,7 @@ class _Seq:
     cont: list[int]  # continuation tokens scored at the end of ``tokens`` (+ 1 shifted)
     audio: list[tuple[int, str]] = field(default_factory=list)  # (start position, audio key)
     request: object = None  # the lm-eval Instance, for capture
+    capture: tuple[int, int] | None = None  # text-span positions to capture (text twin), if any
 
 
 def _as_bool(v) -> bool:
@@ -91,6 +92,10 @@ class LSLM(TemplateLM):
         tts_voice: str | None = None,
         tts_rate: int | None = None,
         audio_cache_size: int = 256,
+        capture: str = "none",
+        capture_dir: str | None = None,
+        capture_layers: str = "auto",
+        capture_limit: int | None = None,
         **unknown,
     ):
         super().__init__()
@@ -123,6 +128,7 @@ class LSLM(TemplateLM):
         self._audio_embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._audio_cache_size = int(audio_cache_size)
         self.audio_log: dict[str, dict] = {}  # audio key -> what was done to it (fixes, errors)
+        self.capture = self._make_capture(capture, capture_dir, capture_layers, capture_limit)
 
     # ------------------------------------------------------------------ loading
     def _resolve_dtype(self, dtype):
@@ -148,6 +154,19 @@ class LSLM(TemplateLM):
         config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
         cls = backend_for_config(config)
         return cls.from_pretrained(pretrained, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+
+    def _make_capture(self, mode, capture_dir, layers, limit):
+        from lmeval_speech.capture.recorder import HiddenStateCapture
+
+        if mode in (None, "", "none", False):
+            return None
+        if not capture_dir:
+            raise ValueError("capture needs capture_dir=PATH (give the same folder to `lmeval-speech report`)")
+        return HiddenStateCapture(
+            mode=mode, root=capture_dir, n_layers=len(self.backend_impl.decoder_layers), layers=layers,
+            token_limit=None if limit in (None, "") else int(limit), rank=self.rank,
+            meta={"pretrained": self.pretrained, "backend": type(self.backend_impl).__name__},
+        )
 
     # ------------------------------------------------------------------ lm-eval properties
     @property
@@ -314,7 +333,18 @@ class LSLM(TemplateLM):
                 "raise max_length or shorten the prompt"
             )
         spans = [(s - cut, k) for s, k in spans]
-        return _Seq(index, inp, cont_enc, spans, request)
+        seq = _Seq(index, inp, cont_enc, spans, request)
+        if self.capture is not None and self.capture.wants(request, bool(keys)) and not keys:
+            seq.capture = self._text_span(context, request.doc, cut)
+        return seq
+
+    def _text_span(self, context: str, doc, cut: int) -> tuple[int, int]:
+        """Token positions of the twin's spoken content (see capture.positions), after truncation."""
+        from lmeval_speech.capture.positions import question_char_span
+
+        start, end = question_char_span(context, doc)
+        lo, hi = len(self.tok_encode(context[:start])), len(self.tok_encode(context[:end]))
+        return max(0, lo - cut), max(0, hi - cut)
 
     # ------------------------------------------------------------------ forward
     def _embed(self, seqs: list[_Seq], items):
@@ -339,6 +369,18 @@ class LSLM(TemplateLM):
                     embeds[i, start : start + e.shape[0]] = e.to(embeds.dtype)
         return ids, mask, embeds
 
+    def _captures(self, s: _Seq) -> bool:
+        return self.capture is not None and (s.capture is not None or (bool(s.audio) and self.capture.wants(s.request, True)))
+
+    def _capture_row(self, s: _Seq, hidden_states, row: int) -> None:
+        if s.audio:
+            positions = [p for start, k in s.audio for p in range(start, start + self._audio_embeds[k].shape[0])]
+            audio_notes = [self.audio_log.get(k, {}) for _, k in s.audio]
+        else:
+            positions = list(range(*s.capture))
+            audio_notes = []
+        self.capture.add(s.request, bool(s.audio), [h[row] for h in hidden_states], positions, audio_notes)
+
     @torch.no_grad()
     def _score(self, seqs: list[_Seq], items, desc: str, disable_tqdm=False):
         """Log-likelihood and greedy flag of each sequence's continuation, in ``seqs`` order."""
@@ -349,7 +391,10 @@ class LSLM(TemplateLM):
         for start in range(0, len(order), bs):
             batch = [seqs[i] for i in order[start : start + bs]]
             ids, mask, embeds = self._embed(batch, items)
-            out = self.backend_impl.run_decoder(embeds, mask, ids)
+            rows = [r for r, s in enumerate(batch) if self._captures(s)]
+            out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows))
+            for r in rows:
+                self._capture_row(batch[r], out.hidden_states, r)
             for row, s in enumerate(batch):
                 n, c = len(s.tokens), len(s.cont)
                 logp = F.log_softmax(self.backend_impl.logits(out.last_hidden[row, n - c : n]).float(), dim=-1)
@@ -383,6 +428,8 @@ class LSLM(TemplateLM):
         for s, res in zip(seqs, self._score(seqs, items, "Running loglikelihood requests", disable_tqdm), strict=True):
             out[s.index] = res
             self.cache_hook.add_partial("loglikelihood", requests[s.index].args, res)
+        if self.capture is not None:
+            self.capture.flush()
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):

@@ -67,7 +67,8 @@ class _Function(str):
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    def ignore_aliases(self, data):  # shared Python objects must not become YAML anchors
+        return True
 
 
 _Dumper.add_representer(_Function, lambda d, v: d.represent_scalar("!function", str(v)))
@@ -94,13 +95,14 @@ def tts_audio(spoken: str) -> dict:
     return {"tts": TTSSpec(**TTS).to_dict(), "spoken": spoken}
 
 
-def write_pair(folder: Path, pair: str, text: dict, speech: dict, speech_meta: dict, alias: str) -> list[str]:
-    """Write ``<pair>_text``, ``<pair>_speech`` (configs given as overrides of the templates) and
-    the group ``<pair>``; returns the two task names."""
+def write_pair(folder: Path, pair: str, overrides: dict, speech_meta: dict, alias: str) -> list[str]:
+    """Write ``<pair>_text`` and ``<pair>_speech`` (the folder's text/speech templates plus the same
+    ``overrides``) and the group ``<pair>`` of the two; returns the two task names."""
     names = [f"{pair}_text", f"{pair}_speech"]
     metas = [{"version": VERSION, "modality": "text", "pair": pair}, speech_meta]
-    for name, cfg, meta, modality in zip(names, (text, speech), metas, ("text", "speech")):
-        write(folder, f"{name}.yaml", {"task": name, "task_alias": f"{alias} ({modality})", **cfg, "metadata": meta})
+    for name, meta, modality in zip(names, metas, ("text", "speech")):
+        write(folder, f"{name}.yaml", {"task": name, "task_alias": f"{alias} ({modality})",
+                                       "include": f"_{modality}_template_yaml", **overrides, "metadata": meta})
     write(folder, f"{pair}.yaml", {"group": pair, "group_alias": alias, "task": names,
                                    "metadata": {"version": VERSION, "pair": pair}})
     return names
@@ -120,6 +122,7 @@ def write_modality_groups(folder: Path, group: str, tasks: dict[str, list[str]],
 
 
 def fresh(folder_name: str) -> Path:
+    """An empty family folder: rewritten whole, so a dropped subject leaves no stale YAML behind."""
     folder = HERE / folder_name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
@@ -135,11 +138,6 @@ def write_templates(folder: Path, base: dict, text_prompt: str, speech_prompt: s
                                             "doc_to_audio": fn(f"prompts.{audio_fn}")})
 
 
-def pair_of_templates(folder: Path, pair: str, overrides: dict, speech_meta: dict, alias: str) -> list[str]:
-    return write_pair(folder, pair, {"include": "_text_template_yaml", **overrides},
-                      {"include": "_speech_template_yaml", **overrides}, speech_meta, alias)
-
-
 def mmlu_family(family: str, text_prompt: str, speech_prompt: str, spoken: str, audio_fn: str,
                 description: str, shared: dict, aggregate: list[str]) -> dict[str, list[str]]:
     """One MMLU format: templates, 57 pairs, the top group; returns {modality: [task per subject]}."""
@@ -152,8 +150,8 @@ def mmlu_family(family: str, text_prompt: str, speech_prompt: str, spoken: str, 
         pair = f"{family}_{subject}"
         overrides = {"dataset_kwargs": {"subject": subject},
                      "description": description.format(subject.replace("_", " "))}
-        text, speech = pair_of_templates(folder, pair, overrides,
-                                         speech_metadata(pair, speech_prompt, **tts_audio(spoken)), subject)
+        text, speech = write_pair(folder, pair, overrides,
+                                  speech_metadata(pair, speech_prompt, **tts_audio(spoken)), subject)
         tasks["text"].append(text)
         tasks["speech"].append(speech)
     write_modality_groups(folder, family, tasks, aggregate, family)
@@ -200,8 +198,8 @@ def generate_arc_openbookqa() -> None:
     }, "Question: {{question}}\nAnswer:", speech_prompt, "question_audio")
     for name, config in (("arc_easy", "ARC-Easy"), ("arc_challenge", "ARC-Challenge")):
         pair = f"speech_{name}"
-        pair_of_templates(folder, pair, {"dataset_name": config},
-                          speech_metadata(pair, speech_prompt, **tts_audio("{question}")), name)
+        write_pair(folder, pair, {"dataset_name": config},
+                   speech_metadata(pair, speech_prompt, **tts_audio("{question}")), name)
 
     folder = fresh("speech_openbookqa")
     write_templates(folder, {
@@ -210,8 +208,8 @@ def generate_arc_openbookqa() -> None:
         "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}", "doc_to_choice": "{{choices.text}}",
         "should_decontaminate": True, "doc_to_decontamination_query": "question_stem", "metric_list": ACC_NORM,
     }, "question_stem", AUDIO_MARKER, "openbookqa_audio")
-    pair_of_templates(folder, "speech_openbookqa", {},
-                      speech_metadata("speech_openbookqa", AUDIO_MARKER, **tts_audio("{question_stem}")), "openbookqa")
+    write_pair(folder, "speech_openbookqa", {},
+               speech_metadata("speech_openbookqa", AUDIO_MARKER, **tts_audio("{question_stem}")), "openbookqa")
 
 
 def generate_voicebench() -> None:
@@ -228,8 +226,8 @@ def generate_voicebench() -> None:
     }, "{{prompt.strip()}}\nAnswer:", speech_prompt, "recorded_audio")
 
     def mcq_pair(pair: str, subset: str, split: str, alias: str) -> list[str]:
-        return pair_of_templates(folder, pair, {"dataset_name": subset, "test_split": split},
-                                 speech_metadata(pair, speech_prompt, **recorded), alias)
+        return write_pair(folder, pair, {"dataset_name": subset, "test_split": split},
+                          speech_metadata(pair, speech_prompt, **recorded), alias)
 
     mmsu = {"text": [], "speech": []}
     for domain in MMSU_DOMAINS:
@@ -249,7 +247,7 @@ def generate_voicebench() -> None:
         "metric_list": [{"metric": "contains", "aggregation": "mean", "higher_is_better": True}],
     }, "Question: {{prompt.strip()}}\nAnswer:", speech_prompt, "recorded_audio")
     pair = f"speech_voicebench_sdqa_{SDQA_REGION}"
-    pair_of_templates(folder, pair, {}, speech_metadata(pair, speech_prompt, **recorded), f"voicebench sd-qa {SDQA_REGION}")
+    write_pair(folder, pair, {}, speech_metadata(pair, speech_prompt, **recorded), f"voicebench sd-qa {SDQA_REGION}")
 
 
 if __name__ == "__main__":

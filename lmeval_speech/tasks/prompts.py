@@ -4,7 +4,7 @@ A speech twin's prompt is its text twin's prompt with the spoken part replaced b
 ``lmeval_speech.AUDIO_MARKER``; the functions here give that spoken part, as lazy ``spoken()``
 references (never waveforms: a 14k-item run would not fit in memory) that the model adapter
 synthesizes through its cache. The YAMLs reference them by their full module path, so lm-eval
-imports this module once instead of re-executing a copy of it per YAML file.
+uses this imported module rather than a second copy loaded from the file's path.
 """
 
 from __future__ import annotations
@@ -22,10 +22,17 @@ from lmeval_speech.audio import spoken
 TTS = {"engine": "espeak-ng", "voice": "en-us", "rate": 160}
 
 
+def _sentence(text: str) -> str:
+    """End a spoken part with one full stop: "lack of." but "a currency." (not "..") and "why?"."""
+    text = text.strip()
+    return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
 def mmlu_spoken_text(doc: dict) -> str:
-    """MMLU (letter format): the question and its four lettered options, as one utterance."""
-    a, b, c, d = doc["choices"]
-    return f"{doc['question'].strip()}. A: {a}. B: {b}. C: {c}. D: {d}."
+    """MMLU (letter format): the question and its four lettered options, as one utterance:
+    ``<question>. A: <a>. B: <b>. C: <c>. D: <d>.``"""
+    options = " ".join(f"{letter}: {_sentence(choice)}" for letter, choice in zip("ABCD", doc["choices"]))
+    return f"{_sentence(doc['question'])} {options}"
 
 
 def mmlu_audio(doc: dict) -> list[dict]:

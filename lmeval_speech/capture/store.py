@@ -1,0 +1,132 @@
+"""On-disk store of captured hidden states: safetensors shards, each with a small JSON index.
+
+Why this shape:
+
+* **Streaming, constant memory.** Records are buffered up to ``shard_size`` and flushed as one
+  shard; a 14k-item run never holds more than one shard in memory.
+* **Nothing half-written.** A shard and then its index are written to temp names and renamed; the
+  index (written last) is what makes a shard visible, and it carries the shard's size and SHA-256,
+  so a truncated or altered shard is reported with its path, never read as data.
+* **Resumable.** A rerun reads the indexes and skips items already captured; an interrupted run
+  loses at most the unflushed buffer.
+* **Data-parallel.** Each rank writes its own ``rank{r}-*`` shards; a reader merges all of them.
+* **Safe to read.** safetensors and JSON only: no pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+class CaptureCorruptError(RuntimeError):
+    """A shard or index on disk does not match what was written."""
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def record_key(task: str, doc_id) -> str:
+    return f"{task}/{doc_id}"
+
+
+class CaptureWriter:
+    def __init__(self, root: str | Path, rank: int = 0, shard_size: int = 64, meta: dict | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self.shard_size = shard_size
+        self._buffer: list[tuple[dict, dict[str, np.ndarray]]] = []
+        self.done = {record_key(r["task"], r["doc_id"]) for r in CaptureReader(self.root, verify=False).records}
+        if meta is not None and rank == 0:
+            _atomic_write_bytes(self.root / "capture.json",
+                                json.dumps({"schema_version": SCHEMA_VERSION, **meta}, indent=2).encode())
+
+    def has(self, task: str, doc_id) -> bool:
+        return record_key(task, doc_id) in self.done
+
+    def add(self, record: dict, tensors: dict[str, np.ndarray]) -> None:
+        key = record_key(record["task"], record["doc_id"])
+        if key in self.done:
+            return
+        self.done.add(key)
+        self._buffer.append((record, tensors))
+        if len(self._buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        from safetensors.numpy import save
+
+        name = f"rank{self.rank}-{uuid.uuid4().hex[:12]}"
+        arrays, rows = {}, []
+        for i, (record, tensors) in enumerate(self._buffer):
+            for k, v in tensors.items():
+                arrays[f"{i}.{k}"] = np.ascontiguousarray(v)
+            rows.append({**record, "shard": f"{name}.safetensors", "slot": i, "arrays": sorted(tensors)})
+        blob = save(arrays)
+        _atomic_write_bytes(self.root / f"{name}.safetensors", blob)
+        index = {"schema_version": SCHEMA_VERSION, "shard": f"{name}.safetensors", "bytes": len(blob),
+                 "sha256": hashlib.sha256(blob).hexdigest(), "records": rows}
+        _atomic_write_bytes(self.root / f"{name}.json", json.dumps(index).encode())
+        self._buffer.clear()
+
+    close = flush
+
+
+class CaptureReader:
+    """All records under a capture dir (every rank), loaded lazily shard by shard."""
+
+    def __init__(self, root: str | Path, verify: bool = True):
+        self.root = Path(root)
+        self.verify = verify
+        self.records: list[dict] = []
+        self._verified: set[str] = set()
+        self._shards: dict[str, dict] = {}
+        for idx in sorted(self.root.glob("rank*-*.json")):
+            try:
+                index = json.loads(idx.read_text())
+                rows = index["records"]
+            except (json.JSONDecodeError, KeyError, OSError) as err:
+                raise CaptureCorruptError(f"unreadable capture index {idx}: {err}") from err
+            self._shards[index["shard"]] = index
+            self.records.extend(rows)
+        self.meta = json.loads((self.root / "capture.json").read_text()) if (self.root / "capture.json").exists() else {}
+
+    def _check(self, shard: str) -> Path:
+        path = self.root / shard
+        if shard in self._verified or not self.verify:
+            return path
+        index = self._shards[shard]
+        if not path.exists():
+            raise CaptureCorruptError(f"capture shard missing: {path}")
+        data = path.read_bytes()
+        if len(data) != index["bytes"] or hashlib.sha256(data).hexdigest() != index["sha256"]:
+            raise CaptureCorruptError(f"capture shard is truncated or altered: {path} "
+                                      f"({len(data)} bytes, index says {index['bytes']})")
+        self._verified.add(shard)
+        return path
+
+    def load(self, record: dict) -> dict[str, np.ndarray]:
+        from safetensors import safe_open
+
+        path = self._check(record["shard"])
+        out = {}
+        with safe_open(str(path), framework="numpy") as f:
+            for name in record["arrays"]:
+                out[name] = f.get_tensor(f"{record['slot']}.{name}")
+        return out

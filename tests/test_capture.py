@@ -1,0 +1,102 @@
+"""Hidden-state capture: the right positions, the right numbers, safe files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from conftest import tone
+from lmeval_speech.capture.store import CaptureCorruptError, CaptureReader, CaptureWriter
+from lmeval_speech.models.lslm import LSLM
+
+QUESTION = "What is the capital of France?"
+TEXT_CTX = f"The following are questions (with answers) about geography.\n\nQuestion: {QUESTION}\nAnswer:"
+SPEECH_CTX = "The following are questions (with answers) about geography.\n\nQuestion: <audio>\nAnswer:"
+
+
+def mc_requests(task, ctx, doc_id, extra=None):
+    args = (ctx,)
+    out = []
+    for i, choice in enumerate([" Paris", " Rome"]):
+        a = (ctx, choice) + ((extra,) if extra else ())
+        inst = Instance(request_type="loglikelihood", doc={"question": QUESTION}, arguments=a, idx=i,
+                        metadata=(task, doc_id, 1))
+        out.append(inst)
+    return out
+
+
+@pytest.fixture()
+def captured(tiny_qwen2_audio_dir, tmp_path):
+    audio = tone(1.3, seed=3)
+    extra = {"audio": [{"array": audio, "sampling_rate": 16000}]}
+    reqs = mc_requests("pair_speech", SPEECH_CTX, 7, extra) + mc_requests("pair_text", TEXT_CTX, 7)
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3, capture="tokens",
+              capture_dir=str(tmp_path / "cap"), capture_layers="all")
+    plain = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3).loglikelihood(reqs)
+    res = lm.loglikelihood(reqs)
+    return lm, reqs, res, plain, audio, tmp_path / "cap"
+
+
+def test_capture_does_not_change_scores(captured):
+    _, _, res, plain, _, _ = captured
+    np.testing.assert_allclose([r[0] for r in res], [p[0] for p in plain], atol=1e-6)
+
+
+def test_speech_states_equal_a_direct_forward_at_audio_positions(captured, tiny_qwen2_audio_dir):
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    lm, _, _, _, audio, root = captured
+    reader = CaptureReader(root)
+    (rec,) = [r for r in reader.records if r["modality"] == "speech"]
+    assert (rec["pair"], rec["doc_id"]) == ("pair", 7)
+    arrays = reader.load(rec)
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_qwen2_audio_dir, dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(tiny_qwen2_audio_dir)
+    prompt = SPEECH_CTX.replace("<audio>", "<|audio_bos|><|AUDIO|><|audio_eos|>")
+    inputs = proc(text=prompt, audio=[audio], sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        hs = model(**inputs, output_hidden_states=True).hidden_states
+    where = (inputs["input_ids"][0] == model.config.audio_token_id).nonzero()[:, 0]
+    expected = np.stack([h[0, where].mean(0).numpy() for h in hs])
+    assert rec["n_positions"] == len(where)
+    np.testing.assert_allclose(arrays["pooled"], expected, atol=1e-4)
+    assert arrays["tokens"].shape == (len(hs), len(where), expected.shape[1])
+    np.testing.assert_allclose(arrays["tokens"][-1].astype(np.float32), hs[-1][0, where].numpy(), atol=2e-2)
+
+
+def test_text_states_cover_exactly_the_question_tokens(captured, tokenizer):
+    lm, _, _, _, _, root = captured
+    reader = CaptureReader(root)
+    (rec,) = [r for r in reader.records if r["modality"] == "text"]
+    enc = tokenizer(TEXT_CTX, return_offsets_mapping=True, add_special_tokens=False)
+    start, end = TEXT_CTX.index(QUESTION), TEXT_CTX.index("\nAnswer:")
+    ids = [t for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= start and b <= end]
+    assert rec["n_positions"] == len(ids)
+    emb = lm.backend_impl.embed_tokens(torch.tensor([ids]))[0].mean(0).detach().numpy()
+    np.testing.assert_allclose(reader.load(rec)["pooled"][0], emb, atol=1e-5)
+
+
+def test_only_first_choice_is_captured_and_rerun_resumes(captured):
+    _, _, _, _, _, root = captured
+    reader = CaptureReader(root)
+    assert sorted((r["task"], r["doc_id"]) for r in reader.records) == [("pair_speech", 7), ("pair_text", 7)]
+    writer = CaptureWriter(root)
+    assert writer.has("pair_speech", 7) and writer.has("pair_text", 7) and not writer.has("pair_text", 8)
+
+
+def test_truncated_shard_is_reported_with_its_path(captured):
+    _, _, _, _, _, root = captured
+    (shard,) = list(root.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    reader = CaptureReader(root)
+    with pytest.raises(CaptureCorruptError, match=str(shard.name)):
+        reader.load(reader.records[0])
+    assert not list(root.glob(".*.tmp"))
+
+
+def test_capture_requires_a_dir(tiny_qwen2_audio_dir):
+    with pytest.raises(ValueError, match="capture_dir"):
+        LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", capture="pooled")
