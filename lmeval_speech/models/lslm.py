@@ -53,6 +53,7 @@ class _Seq:
     audio: list[tuple[int, str]] = field(default_factory=list)  # (start position, audio key)
     request: object = None  # the lm-eval Instance, for capture
     capture: tuple[int, int] | None = None  # text-span positions to capture (text twin), if any
+    span: tuple[int, int] | None = None  # text twin's spoken-content positions (for interventions)
 
 
 def _as_bool(v) -> bool:
@@ -96,6 +97,13 @@ class LSLM(TemplateLM):
         capture_dir: str | None = None,
         capture_layers: str = "auto",
         capture_limit: int | None = None,
+        intervention: str = "none",
+        intervene_layers: str = "input",
+        critical: str = "bottom3",
+        strength: float = 1.0,
+        intervention_mode: str = "oracle",
+        calibration: str | None = None,
+        save_calibration: str | None = None,
         **unknown,
     ):
         super().__init__()
@@ -129,6 +137,13 @@ class LSLM(TemplateLM):
         self._audio_cache_size = int(audio_cache_size)
         self.audio_log: dict[str, dict] = {}  # audio key -> what was done to it (fixes, errors)
         self.capture = self._make_capture(capture, capture_dir, capture_layers, capture_limit)
+        self.intervener = None
+        if intervention not in (None, "", "none"):
+            from lmeval_speech.interventions.hooks import InterventionSpec, Intervener
+
+            spec = InterventionSpec.from_args(intervention, intervene_layers, critical, strength,
+                                              intervention_mode, calibration, save_calibration)
+            self.intervener = Intervener(spec, self.backend_impl.decoder_layers)
 
     # ------------------------------------------------------------------ loading
     def _resolve_dtype(self, dtype):
@@ -334,8 +349,10 @@ class LSLM(TemplateLM):
             )
         spans = [(s - cut, k) for s, k in spans]
         seq = _Seq(index, inp, cont_enc, spans, request)
-        if self.capture is not None and self.capture.wants(request, bool(keys)) and not keys:
-            seq.capture = self._text_span(context, request.doc, cut)
+        if not keys and request is not None and (self.capture is not None or self.intervener is not None):
+            seq.span = self._text_span(context, request.doc, cut)
+            if self.capture is not None and self.capture.wants(request, False):
+                seq.capture = seq.span
         return seq
 
     def _text_span(self, context: str, doc, cut: int) -> tuple[int, int]:
@@ -369,6 +386,28 @@ class LSLM(TemplateLM):
                     embeds[i, start : start + e.shape[0]] = e.to(embeds.dtype)
         return ids, mask, embeds
 
+    def _intervening(self, batch: list[_Seq], embeds):
+        """Text twins record their reference states; speech rows get edited (see interventions.hooks)."""
+        import contextlib
+
+        from lmeval_speech.capture.positions import pair_and_modality
+
+        iv = self.intervener
+        if iv is None:
+            return contextlib.nullcontext()
+        rows = []
+        for s in batch:
+            key = None if s.request is None else (pair_and_modality(s.request.task_name, bool(s.audio))[0], s.request.doc_id)
+            if s.audio:
+                rows.append((key, [p for st, k in s.audio for p in range(st, st + self._audio_embeds[k].shape[0])]))
+            elif s.span is not None and s.request.idx == 0 and iv.spec.mode == "oracle":
+                rows.append((key, list(range(*s.span))))
+            else:
+                rows.append(None)
+        if any(s.audio for s in batch):
+            return iv.editing_speech([r if s.audio else None for r, s in zip(rows, batch)], embeds)
+        return iv.recording_text(rows, embeds)
+
     def _captures(self, s: _Seq) -> bool:
         return self.capture is not None and (s.capture is not None or (bool(s.audio) and self.capture.wants(s.request, True)))
 
@@ -392,7 +431,8 @@ class LSLM(TemplateLM):
             batch = [seqs[i] for i in order[start : start + bs]]
             ids, mask, embeds = self._embed(batch, items)
             rows = [r for r, s in enumerate(batch) if self._captures(s)]
-            out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows))
+            with self._intervening(batch, embeds):
+                out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows))
             for r in rows:
                 self._capture_row(batch[r], out.hidden_states, r)
             for row, s in enumerate(batch):
@@ -425,11 +465,16 @@ class LSLM(TemplateLM):
             if keys:
                 context = self._place_audio(context, len(keys))
             seqs.append(self._build_sequence(i, context, continuation, keys, n_tokens, req))
-        for s, res in zip(seqs, self._score(seqs, items, "Running loglikelihood requests", disable_tqdm), strict=True):
-            out[s.index] = res
-            self.cache_hook.add_partial("loglikelihood", requests[s.index].args, res)
+        # With an intervention, text twins run first: they are the oracle's references.
+        phases = [seqs] if self.intervener is None else [[s for s in seqs if not s.audio], [s for s in seqs if s.audio]]
+        for phase in phases:
+            for s, res in zip(phase, self._score(phase, items, "Running loglikelihood requests", disable_tqdm), strict=True):
+                out[s.index] = res
+                self.cache_hook.add_partial("loglikelihood", requests[s.index].args, res)
         if self.capture is not None:
             self.capture.flush()
+        if self.intervener is not None:
+            self.intervener.save_calibration()
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):

@@ -1,0 +1,219 @@
+"""Edit speech hidden states at chosen layers and positions during the ``lslm`` forward pass.
+
+Addressing follows nnsight/pyvene's "layer L, positions P": a layer is ``input`` (the speech token
+embeddings that enter the LLM: the adapter/projector output) or a decoder layer index (its output).
+Positions are the *critical* speech tokens: the speech positions on the alignment path with the
+lowest alignment scores (``bottomK``), or all of them.
+
+Two modes, labelled in results:
+
+* **oracle** (the seed paper's analysis): the paired text twin of the same item runs first; its
+  question-token states at the same layer give the alignment path and the target direction/norm.
+* **calibrated** (deployable, no text at test time): per-layer target norm and direction are the mean
+  text-token norm and mean unit direction over a calibration set, saved by an oracle run with
+  ``save_calibration=PATH``; critical tokens are the speech tokens least similar to that direction.
+
+Edits are forward hooks on the real decoder layers (or a direct edit of ``inputs_embeds`` for
+``input``), position-masked per batch row, and removed when the batch is done, so a later plain
+forward is bit-identical to one that never saw an intervention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmeval_speech.metrics import argmax_path, critical_tokens, similarity_matrix
+
+from .ops import OPS
+
+INPUT = "input"
+
+
+def _parse_layers(spec) -> list:
+    out = []
+    for part in str(spec or INPUT).replace(";", ",").split(","):
+        part = part.strip()
+        if part:
+            out.append(INPUT if part == INPUT else int(part))
+    return out
+
+
+def _parse_critical(spec) -> int | None:
+    spec = str(spec).lower()
+    if spec == "all":
+        return None
+    if spec.startswith("bottom") and spec[6:].isdigit():
+        return int(spec[6:])
+    raise ValueError(f"critical must be all or bottomK (e.g. bottom3), got {spec!r}")
+
+
+@dataclass
+class InterventionSpec:
+    kind: str
+    layers: list = field(default_factory=lambda: [INPUT])
+    critical: int | None = 3
+    strength: float = 1.0
+    mode: str = "oracle"
+    calibration: str | None = None
+    save_calibration: str | None = None
+
+    @classmethod
+    def from_args(cls, intervention, intervene_layers=INPUT, critical="bottom3", strength=1.0,
+                  intervention_mode="oracle", calibration=None, save_calibration=None):
+        if intervention not in OPS:
+            raise ValueError(f"intervention must be none or one of {sorted(OPS)}, got {intervention!r}")
+        if intervention_mode not in {"oracle", "calibrated"}:
+            raise ValueError("intervention_mode must be oracle or calibrated")
+        if intervention_mode == "calibrated" and not calibration:
+            raise ValueError("intervention_mode=calibrated needs calibration=PATH (from an oracle run's save_calibration)")
+        strength = float(strength)
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError("strength must be in [0, 1]")
+        return cls(intervention, _parse_layers(intervene_layers), _parse_critical(critical), strength,
+                   intervention_mode, calibration, save_calibration)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["critical"] = "all" if self.critical is None else f"bottom{self.critical}"
+        return d
+
+
+class Intervener:
+    """Holds the text-side references and applies the edits for one ``lslm`` instance."""
+
+    def __init__(self, spec: InterventionSpec, layer_modules: list[torch.nn.Module]):
+        self.spec = spec
+        self.modules = layer_modules
+        for layer in spec.layers:
+            if layer != INPUT and not 0 <= layer < len(layer_modules):
+                raise ValueError(f"intervene_layers names layer {layer}; the model has {len(layer_modules)}")
+        self.text_states: dict[tuple, dict] = {}  # (pair, doc_id) -> {layer: [Tt, D] tensor}
+        self._sums: dict = {}
+        self.calib = self._load_calibration(spec.calibration) if spec.mode == "calibrated" else None
+        self.edits = 0
+
+    # ---------------------------------------------------------------- calibration file
+    @staticmethod
+    def _load_calibration(path) -> dict:
+        from safetensors.numpy import load_file
+
+        data = load_file(str(path))
+        names = {k.rsplit(".", 1)[0] for k in data}
+        return {
+            (INPUT if name == INPUT else int(name)): {"norm": float(data[f"{name}.norm"][0]),
+                                                     "direction": torch.from_numpy(data[f"{name}.direction"])}
+            for name in names
+        }
+
+    def save_calibration(self) -> None:
+        from safetensors.numpy import save_file
+
+        path = self.spec.save_calibration
+        if not path or not self._sums:
+            return
+        arrays = {}
+        for layer, (norm_sum, dir_sum, n) in self._sums.items():
+            arrays[f"{layer}.norm"] = np.array([norm_sum / n], dtype=np.float32)
+            d = dir_sum / n
+            arrays[f"{layer}.direction"] = (d / np.linalg.norm(d)).astype(np.float32)
+        tmp = Path(f"{path}.tmp")
+        save_file(arrays, str(tmp), metadata={"spec": json.dumps(self.spec.to_dict()), "items": str(n)})
+        tmp.replace(path)
+
+    # ---------------------------------------------------------------- hooks
+    def _hooks(self, fn):
+        return [self.modules[layer].register_forward_hook(fn(layer)) for layer in self.spec.layers if layer != INPUT]
+
+    @contextlib.contextmanager
+    def recording_text(self, rows: list, embeds: torch.Tensor):
+        """Store each text-twin row's question-span states at every intervened layer."""
+        def keep(layer, states):
+            for r, info in enumerate(rows):
+                if info is not None:
+                    key, positions = info
+                    t = states[r, positions].detach().float().cpu()
+                    self.text_states.setdefault(key, {})[layer] = t
+                    self._accumulate(layer, t)
+
+        if INPUT in self.spec.layers:
+            keep(INPUT, embeds)
+        handles = self._hooks(lambda layer: lambda mod, args, out: keep(layer, out[0] if isinstance(out, tuple) else out))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _accumulate(self, layer, t: torch.Tensor) -> None:
+        if not self.spec.save_calibration:
+            return
+        norms = t.norm(dim=-1)
+        units = (t / norms[:, None].clamp_min(1e-12)).numpy()
+        s = self._sums.setdefault(layer, [0.0, np.zeros(t.shape[1]), 0])
+        s[0] += float(norms.sum())
+        s[1] += units.sum(0)
+        s[2] += t.shape[0]
+
+    @contextlib.contextmanager
+    def editing_speech(self, rows: list, embeds: torch.Tensor):
+        """Edit the critical speech positions of each speech row (``embeds`` in place for ``input``)."""
+        if INPUT in self.spec.layers:
+            self._edit(INPUT, embeds, rows)
+
+        def hook(layer):
+            def fn(mod, args, out):
+                hidden = out[0] if isinstance(out, tuple) else out
+                hidden = hidden.clone()
+                self._edit(layer, hidden, rows)
+                return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+            return fn
+
+        handles = self._hooks(hook)
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def targets(self, layer, key, speech: torch.Tensor):
+        """(speech row indices to edit, target states or norms) for one item at one layer."""
+        k = self.spec.critical
+        if self.calib is not None:
+            ref = self.calib[layer]
+            direction = ref["direction"].to(speech.dtype)
+            sim = torch.nn.functional.cosine_similarity(speech.float(), direction.float()[None], dim=-1)
+            order = torch.argsort(sim)
+            idx = order if k is None else order[:k]
+            tgt = direction[None].expand(len(idx), -1) * ref["norm"]
+            return idx, tgt
+        text = self.text_states.get(key, {}).get(layer)
+        if text is None:
+            raise KeyError(f"oracle intervention needs the text twin of {key[0]} doc {key[1]} in the same run "
+                           f"(add {key[0]}_text to --tasks) or intervention_mode=calibrated")
+        A = similarity_matrix(speech.detach().float().cpu().numpy(), text.numpy(), measure="cosine")
+        path = argmax_path(A)
+        idx = np.asarray(critical_tokens(A, path, k=k), dtype=np.int64)
+        # each critical speech position takes the text token it aligns to best
+        best_j = np.array([np.flatnonzero(path == i)[np.argmax(A[i, path == i])] for i in idx], dtype=np.int64)
+        return torch.from_numpy(idx), text[torch.from_numpy(best_j)].to(speech.dtype)
+
+    def _edit(self, layer, hidden: torch.Tensor, rows: list) -> None:
+        op = OPS[self.spec.kind]
+        for r, info in enumerate(rows):
+            if info is None:
+                continue
+            key, positions = info
+            pos = torch.as_tensor(positions, device=hidden.device)
+            speech = hidden[r, pos]
+            idx, tgt = self.targets(layer, key, speech)
+            if len(idx) == 0:
+                continue
+            idx = idx.to(hidden.device)
+            hidden[r, pos[idx]] = op(speech[idx], tgt.to(hidden.device, hidden.dtype), self.spec.strength).to(hidden.dtype)
+            self.edits += len(idx)

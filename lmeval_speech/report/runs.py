@@ -1,0 +1,204 @@
+"""Load one ``lm_eval --output_path OUT --log_samples`` run into plain dicts and pair its twins.
+
+lm-eval writes ``OUT/<model_name_sanitized>/results_<date_id>.json`` and, per leaf task,
+``samples_<task>_<date_id>.jsonl`` with the same ``date_id`` (see lm-eval's
+``loggers/evaluation_tracker.py``). A folder can hold several runs, so the latest results file is
+used with the samples files of *its* timestamp, never a mix.
+
+The gap is a *paired* statistic, so a pair whose text and speech twins do not hold exactly the
+same items (doc ids and targets) is refused with :class:`UnpairedError` instead of being scored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TWIN_SUFFIXES = {"_text": "text", "_speech": "speech"}
+#: The per-item score used for the gap when a task logs several: accuracy first, then the
+#: binary scores of the generation twins, then whatever the task lists first.
+PREFERRED_METRICS = ("acc", "exact_match", "contains")
+_MAX_LISTED = 10
+
+
+class UnpairedError(ValueError):
+    """The text and speech twins of a pair do not score the same items."""
+
+
+def _timestamp(path: Path) -> str:
+    """lm-eval's ``get_file_datetime``: the text after the last ``_`` (ISO time, ``:`` -> ``-``)."""
+    return path.name[path.name.rfind("_") + 1:].removesuffix(".jsonl").removesuffix(".json")
+
+
+def find_results_file(run_dir) -> Path:
+    """The latest ``results_*.json`` for RUN_DIR: ``OUT``, ``OUT/<model>`` or the file itself."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return run_dir
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run dir {run_dir} does not exist")
+    found = sorted(run_dir.glob("results_*.json"))
+    if not found:
+        found = sorted(run_dir.glob("*/results_*.json"))
+        models = sorted({p.parent.name for p in found})
+        if len(models) > 1:
+            raise ValueError(f"{run_dir} holds runs of several models {models}: pass one of "
+                             f"{[str(run_dir / m) for m in models]}")
+    if not found:
+        raise FileNotFoundError(f"no lm-eval results_*.json in {run_dir} or its model folders "
+                                "(run lm_eval with --output_path and --log_samples)")
+    return max(found, key=_timestamp)
+
+
+def parse_model_args(model_args) -> dict:
+    """lm-eval's ``--model_args`` as a dict (it is recorded either as ``a=1,b=x`` or as a dict)."""
+    if isinstance(model_args, dict):
+        return dict(model_args)
+    out = {}
+    for part in str(model_args or "").split(","):
+        key, sep, value = part.partition("=")
+        if sep and key.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _twin(task: str, config: dict) -> tuple[str, str] | None:
+    """(pair, modality) from the task config's metadata, else from the ``_text``/``_speech`` name."""
+    meta = config.get("metadata") or {}
+    if meta.get("pair") and meta.get("modality") in ("text", "speech"):
+        return meta["pair"], meta["modality"]
+    for suffix, modality in TWIN_SUFFIXES.items():
+        if task.endswith(suffix):
+            return task[: -len(suffix)], modality
+    return None
+
+
+def _read_samples(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_run(run_dir) -> dict:
+    """Results, configs and samples of the latest run in RUN_DIR, grouped into twin pairs.
+
+    Returns ``{"results_file", "dir", "timestamp", "results", "model_args", "tasks", "pairs",
+    "unpaired"}``: ``tasks[task] = {"config", "pair", "modality", "samples_file", "samples"}``,
+    ``pairs[pair] = {"text": task, "speech": task}`` (sorted by pair name) and ``unpaired`` the
+    tasks that have no twin in this run (reported, not scored).
+    """
+    results_file = find_results_file(run_dir)
+    results = json.loads(results_file.read_text(encoding="utf-8"))
+    stamp = _timestamp(results_file)
+    folder = results_file.parent
+    tasks, twins = {}, {}
+    for task, config in sorted((results.get("configs") or {}).items()):
+        twin = _twin(task, config)
+        if twin is None:
+            continue
+        samples_file = folder / f"samples_{task}_{stamp}.jsonl"
+        if not samples_file.exists():
+            raise FileNotFoundError(f"{samples_file} is missing: the report needs per-item scores, "
+                                    "so run lm_eval with --log_samples")
+        tasks[task] = {"config": config, "pair": twin[0], "modality": twin[1],
+                       "samples_file": str(samples_file), "samples": _read_samples(samples_file)}
+        twins.setdefault(twin[0], {})[twin[1]] = task
+    pairs = {p: t for p, t in sorted(twins.items()) if set(t) == {"text", "speech"}}
+    unpaired = sorted(task for p, t in twins.items() if p not in pairs for task in t.values())
+    config = results.get("config") or {}
+    return {"results_file": str(results_file), "dir": str(folder), "timestamp": stamp,
+            "results": results, "model_args": config.get("model_args"), "tasks": tasks,
+            "pairs": pairs, "unpaired": unpaired}
+
+
+def run_settings(run: dict) -> dict:
+    """What must match for two runs to be comparable: model args, prompts and TTS specs.
+
+    Per task: its ``doc_to_text`` and the speech metadata (``prompt``, ``tts``, ``spoken`` or
+    ``recorded_audio``); per run: model args, ``limit`` and item counts. ``compare`` diffs these.
+    """
+    results = run["results"]
+    config = results.get("config") or {}
+    tasks = {}
+    for task, info in run["tasks"].items():
+        meta = info["config"].get("metadata") or {}
+        tasks[task] = {"pair": info["pair"], "modality": info["modality"],
+                       "doc_to_text": info["config"].get("doc_to_text"),
+                       "n_samples": (results.get("n-samples") or {}).get(task),
+                       **{k: meta[k] for k in ("prompt", "tts", "spoken", "recorded_audio") if k in meta}}
+    return {"model": config.get("model"), "model_args": run["model_args"],
+            "model_args_parsed": parse_model_args(run["model_args"]), "limit": config.get("limit"),
+            "lm_eval_version": results.get("lm_eval_version"), "tasks": tasks}
+
+
+def _choose(rows: list[dict], task: str) -> tuple[str, str, list[dict]]:
+    """(filter, metric, rows of that filter): lm-eval logs one row per doc per filter."""
+    filters = list(dict.fromkeys(r.get("filter", "none") for r in rows))
+    flt = "none" if "none" in filters else filters[0]
+    rows = [r for r in rows if r.get("filter", "none") == flt]
+    listed = list(dict.fromkeys(m for r in rows[:1] for m in r.get("metrics", [])))
+    candidates = [m for m in PREFERRED_METRICS if m in listed] + listed
+    if not candidates:
+        raise ValueError(f"{task}: its samples list no per-item metric")
+    return flt, candidates[0], rows
+
+
+def _fmt_ids(ids) -> str:
+    ids = sorted(ids)
+    more = f" ... (+{len(ids) - _MAX_LISTED})" if len(ids) > _MAX_LISTED else ""
+    return f"{ids[:_MAX_LISTED]}{more}"
+
+
+def _by_doc(rows: list[dict], task: str, problems: list[str]) -> dict:
+    by_doc, dup = {}, []
+    for r in rows:
+        if r["doc_id"] in by_doc:
+            dup.append(r["doc_id"])
+        by_doc[r["doc_id"]] = r
+    if dup:
+        problems.append(f"{task} logs doc ids more than once: {_fmt_ids(set(dup))}")
+    return by_doc
+
+
+def pair_items(run: dict, pair: str) -> dict:
+    """The items of one pair, aligned by doc id, with each twin's 0/1 score.
+
+    Returns ``{"pair", "text_task", "speech_task", "metric", "filter", "doc_ids", "targets",
+    "text_correct", "speech_correct"}`` (arrays ordered by doc id). Raises :class:`UnpairedError`
+    naming the first mismatches when the twins differ in item count, doc ids or targets.
+    """
+    names = run["pairs"][pair]
+    text_task, speech_task = names["text"], names["speech"]
+    t_filter, t_metric, t_rows = _choose(run["tasks"][text_task]["samples"], text_task)
+    s_filter, s_metric, s_rows = _choose(run["tasks"][speech_task]["samples"], speech_task)
+    problems = []
+    if (t_filter, t_metric) != (s_filter, s_metric):
+        problems.append(f"the twins are scored differently: {t_metric} ({t_filter}) in text vs "
+                        f"{s_metric} ({s_filter}) in speech")
+    if len(t_rows) != len(s_rows):
+        problems.append(f"{len(t_rows)} items in text vs {len(s_rows)} in speech")
+    text, speech = _by_doc(t_rows, text_task, problems), _by_doc(s_rows, speech_task, problems)
+    if only := set(text) - set(speech):
+        problems.append(f"doc ids only in text: {_fmt_ids(only)}")
+    if only := set(speech) - set(text):
+        problems.append(f"doc ids only in speech: {_fmt_ids(only)}")
+    doc_ids = sorted(set(text) & set(speech))
+    differ = [d for d in doc_ids if str(text[d].get("target")) != str(speech[d].get("target"))]
+    problems += [f"doc {d} target {str(text[d].get('target'))!r} (text) vs "
+                 f"{str(speech[d].get('target'))!r} (speech)" for d in differ[:3]]
+    if len(differ) > 3:
+        problems.append(f"... {len(differ)} docs with different targets in all")
+    if problems:
+        raise UnpairedError(f"{pair}: text and speech twins are not paired item by item "
+                            f"({text_task} vs {speech_task}): " + "; ".join(problems))
+
+    def scores(rows_by_doc, task):
+        values = np.array([float(rows_by_doc[d][t_metric]) for d in doc_ids])
+        if not np.isin(values, (0.0, 1.0)).all():
+            raise ValueError(f"{task}: per-item {t_metric} is not 0/1, so it has no paired gap")
+        return values.astype(bool)
+
+    return {"pair": pair, "text_task": text_task, "speech_task": speech_task, "metric": t_metric,
+            "filter": t_filter, "doc_ids": doc_ids, "targets": [str(text[d].get("target")) for d in doc_ids],
+            "text_correct": scores(text, text_task), "speech_correct": scores(speech, speech_task)}

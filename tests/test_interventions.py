@@ -1,0 +1,150 @@
+"""Interventions on a tiny real model: exact edits where intended, bit-identical states elsewhere."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from conftest import tone
+from lmeval_speech.interventions.ops import angle_projection, length_normalization
+from lmeval_speech.models.lslm import LSLM
+
+Q = "What is the capital of France?"
+TEXT_CTX = f"Question: {Q}\nAnswer:"
+SPEECH_CTX = "Question: <audio>\nAnswer:"
+AUDIO = tone(0.9, seed=5)
+
+
+def requests():
+    extra = {"audio": [{"array": AUDIO, "sampling_rate": 16000}]}
+    return [
+        Instance("loglikelihood", {"question": Q}, (SPEECH_CTX, " Paris", extra), 0, ("pair_speech", 0, 1)),
+        Instance("loglikelihood", {"question": Q}, (TEXT_CTX, " Paris"), 0, ("pair_text", 0, 1)),
+    ]
+
+
+def record_layer_inputs(lm):
+    """Pre-hooks (registered by the test, not the adapter) keep every decoder layer's input per call."""
+    seen = {i: [] for i in range(len(lm.backend_impl.decoder_layers))}
+    handles = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: seen[i].append(
+        (kw.get("hidden_states", a[0] if a else None)).detach().clone()), with_kwargs=True)
+        for i, layer in enumerate(lm.backend_impl.decoder_layers)]
+    return seen, handles
+
+
+def speech_positions(lm):
+    b = lm.backend_impl
+    n = b.num_audio_tokens(len(AUDIO))
+    ids = lm.tok_encode(SPEECH_CTX.replace("<audio>", b.audio_placeholder))
+    start = ids.index(b.audio_token_id)
+    return list(range(start, start + n))
+
+
+def text_positions(lm):
+    return list(range(*lm._text_span(TEXT_CTX, {"question": Q}, 0)))
+
+
+def run(lm):
+    seen, handles = record_layer_inputs(lm)
+    res = lm.loglikelihood(requests())
+    for h in handles:
+        h.remove()
+    speech_call = max(range(len(seen[0])), key=lambda c: seen[0][c].shape[1])
+    text_call = min(range(len(seen[0])), key=lambda c: seen[0][c].shape[1])
+    return res, {i: v[speech_call][0] for i, v in seen.items()}, {i: v[text_call][0] for i, v in seen.items()}
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    return run(lm)
+
+
+@pytest.mark.parametrize("kind", ["angle", "length"])
+def test_decoder_layer_edit_is_exact_and_local(tiny_qwen2_audio_dir, plain, kind):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention=kind, intervene_layers="0", critical="bottom2")
+    res, speech, _ = run(lm)
+    p_res, p_speech, p_text = plain
+    sp, tp = speech_positions(lm), text_positions(lm)
+    # layer 0's input is before the edit: bit-identical
+    assert torch.equal(speech[0], p_speech[0])
+    # expected critical tokens and targets, computed here from the plain run's states
+    s = p_speech[1][sp]
+    t = p_text[1][tp]
+    A = torch.nn.functional.normalize(s, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T
+    path = A.argmax(0)
+    on_path = sorted({int(i) for i in path}, key=lambda i: float(A[i, path == i].min()))
+    critical = on_path[:2]
+    edited = speech[1]
+    for k, pos in enumerate(sp):
+        if k in critical:
+            j = [jj for jj in range(len(tp)) if int(path[jj]) == k]
+            target = t[max(j, key=lambda jj: float(A[k, jj]))]
+            if kind == "angle":
+                assert torch.allclose(edited[pos].norm(), s[k].norm(), atol=1e-5)
+                cos = torch.nn.functional.cosine_similarity(edited[pos], target, dim=0)
+                assert abs(float(cos) - 1) < 1e-5
+            else:
+                assert torch.allclose(edited[pos].norm(), target.norm(), atol=1e-5)
+                cos = torch.nn.functional.cosine_similarity(edited[pos], s[k], dim=0)
+                assert abs(float(cos) - 1) < 1e-5
+        else:
+            assert torch.equal(edited[pos], p_speech[1][pos])
+    others = [i for i in range(edited.shape[0]) if i not in sp]
+    assert torch.equal(edited[others], p_speech[1][others])
+    assert lm.intervener.edits == 2
+    assert res[1] == p_res[1]  # the text twin is never edited
+    assert res[0][0] != p_res[0][0]  # the edit reaches the score
+    assert all(not layer._forward_hooks for layer in lm.backend_impl.decoder_layers)
+
+
+def test_input_layer_all_tokens_take_text_norm(tiny_qwen2_audio_dir, plain):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="length", intervene_layers="input",
+              critical="all")
+    _, speech, _ = run(lm)
+    _, p_speech, p_text = plain
+    sp, tp = speech_positions(lm), text_positions(lm)
+    s, t = p_speech[0][sp], p_text[0][tp]
+    A = torch.nn.functional.normalize(s, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T
+    path = A.argmax(0)
+    for k in {int(i) for i in path}:
+        j = [jj for jj in range(len(tp)) if int(path[jj]) == k]
+        target = t[max(j, key=lambda jj: float(A[k, jj]))]
+        assert torch.allclose(speech[0][sp[k]].norm(), target.norm(), atol=1e-5)
+    untouched = [sp[k] for k in range(len(sp)) if k not in {int(i) for i in path}]
+    assert all(torch.equal(speech[0][p], p_speech[0][p]) for p in untouched)
+
+
+def test_calibrated_mode_needs_no_text(tiny_qwen2_audio_dir, tmp_path, plain):
+    calib = tmp_path / "calib.safetensors"
+    LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="length", intervene_layers="0",
+         save_calibration=str(calib)).loglikelihood(requests())
+    assert calib.exists()
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="length", intervene_layers="0",
+              intervention_mode="calibrated", calibration=str(calib), critical="bottom1")
+    res = lm.loglikelihood(requests()[:1])  # speech only
+    from safetensors.numpy import load_file
+
+    norm = float(load_file(str(calib))["0.norm"][0])
+    _, p_text = plain[1], plain[2]
+    assert abs(norm - float(p_text[1][text_positions(lm)].norm(dim=-1).mean())) < 1e-4
+    assert lm.intervener.edits == 1 and np.isfinite(res[0][0])
+
+
+def test_oracle_without_text_twin_is_a_clear_error(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="angle")
+    with pytest.raises(KeyError, match="pair_text"):
+        lm.loglikelihood(requests()[:1])
+
+
+def test_ops_strength_interpolates():
+    s, t = torch.randn(4, 8), torch.randn(4, 8)
+    assert torch.allclose(angle_projection(s, t, 0.0), s, atol=1e-6)
+    half = length_normalization(s, t, 0.5).norm(dim=-1)
+    assert torch.allclose(half, (s.norm(dim=-1) * t.norm(dim=-1)).sqrt(), atol=1e-5)
+    from lmeval_speech.interventions.hooks import InterventionSpec
+
+    with pytest.raises(ValueError, match="bottomK"):
+        InterventionSpec.from_args("angle", critical="worst3")
