@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     sub.add_parser("run", help="lm_eval with lmeval-speech loaded (same arguments as lm_eval)")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if argv and argv[0] == name:  # import only the module that owns the chosen subcommand
+            importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     return int(importlib.import_module(SUBCOMMANDS[args.command][0]).main(args) or 0)
 

@@ -1,0 +1,115 @@
+"""Qwen2.5-Omni thinker (``Qwen2_5OmniThinkerForConditionalGeneration``): the text-output half of Qwen2.5-Omni.
+
+What is specific to this family:
+
+* A full ``qwen2_5_omni`` checkpoint (thinker + talker + token2wav) is loaded as its thinker only:
+  transformers loads the thinker class straight from it (the weights' ``thinker.`` prefix is dropped
+  by its own checkpoint conversion), so the talker and the vocoder are never built.
+* The audio encoder is Whisper-like but chunked: the mel frames the feature extractor marks as real
+  are cut into ``2 * n_window``-frame chunks, encoded, 2x avg-pooled and projected; its padding
+  window comes from the checkpoint's feature extractor (``chunk_length``: 300 s for the released
+  models), so ``max_audio_seconds`` is read from it rather than fixed at 30 s.
+* The decoder uses multimodal RoPE: position ids come from the thinker's ``get_rope_index`` (3 rows,
+  one per time/height/width section), computed here from the expanded ids and the attention mask
+  exactly as the thinker's forward computes them.
+* The processor needs torchvision (image/video processors), so the adapter uses its audio half only:
+  the checkpoint's ``WhisperFeatureExtractor`` with the processor's call convention
+  (``padding="max_length"``, attention mask) and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import DecoderOutput, WhisperStyleBackend
+
+
+class Qwen25OmniThinkerBackend(WhisperStyleBackend):
+    model_types = ("qwen2_5_omni_thinker", "qwen2_5_omni")
+    audio_placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+
+    def __init__(self, model, tokenizer, processor=None):
+        super().__init__(model, tokenizer, processor)
+        fe = self.feature_extractor
+        self.max_audio_seconds = fe.n_samples / fe.sampling_rate  # the window the feature extractor pads to
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+        from types import SimpleNamespace
+
+        from transformers import (AutoConfig, AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration,
+                                  WhisperFeatureExtractor)
+
+        kw = dict(revision=revision, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, **kw)
+        if config.model_type == "qwen2_5_omni":  # full checkpoint: build and load the thinker only
+            config = config.thinker_config
+        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        processor = SimpleNamespace(tokenizer=tokenizer, feature_extractor=WhisperFeatureExtractor.from_pretrained(path, **kw))
+        return cls(model, tokenizer, processor)
+
+    @property
+    def audio_token_id(self) -> int:
+        return self.model.config.audio_token_id
+
+    @property
+    def decoder(self):
+        return self.model.model.language_model
+
+    def embed_tokens(self, input_ids):
+        return self.model.get_input_embeddings()(input_ids)
+
+    def logits(self, hidden):
+        return self.model.lm_head(hidden)
+
+    @property
+    def max_positions(self):
+        return getattr(self.model.config.text_config, "max_position_embeddings", None)
+
+    @staticmethod
+    def _output_length(frames):
+        """Audio tokens for ``frames`` real mel frames (conv stride 2, then 2x avg-pool)."""
+        return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+    def num_audio_tokens(self, num_samples: int) -> int:
+        fe = self.feature_extractor  # as Qwen2_5OmniProcessor._get_num_audio_tokens
+        return self._output_length(min(math.ceil(num_samples / fe.hop_length), fe.nb_max_frames))
+
+    @torch.no_grad()
+    def encode_audio(self, arrays):
+        feats, mask = self.mel_features(arrays)
+        mask = mask.to(self.model.device)
+        out = self.model.get_audio_features(feats.to(self.model.device), feature_attention_mask=mask)
+        return list(out.last_hidden_state.split(self._output_length(mask.sum(-1)).tolist()))
+
+    def _audio_seqlens(self, input_ids, attention_mask):
+        """One mel length per run of audio tokens, in the order ``get_rope_index`` consumes them. It only
+        uses the token count each length implies; ``4 * n`` frames give exactly ``n`` tokens."""
+        is_audio = (input_ids == self.audio_token_id) & attention_mask.bool()
+        lengths = []
+        for row in is_audio.tolist():
+            run = 0
+            for flag in row + [False]:
+                if flag:
+                    run += 1
+                elif run:
+                    lengths.append(4 * run)
+                    run = 0
+        return torch.tensor(lengths, dtype=torch.long, device=input_ids.device) if lengths else None
+
+    def run_decoder(self, inputs_embeds, attention_mask, input_ids, output_hidden_states=False) -> DecoderOutput:
+        # Same call as Qwen2_5OmniThinkerModel.compute_3d_position_ids on a fresh forward (no cache, no vision).
+        position_ids, _ = self.model.model.get_rope_index(
+            input_ids, None, None, attention_mask, False, self._audio_seqlens(input_ids, attention_mask)
+        )
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+        )
+        return DecoderOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None)

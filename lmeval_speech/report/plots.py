@@ -1,0 +1,113 @@
+"""PNG figures of a gap report, drawn with matplotlib's Agg canvas.
+
+Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas, not through ``pyplot``, so
+the report never touches the global backend or pyplot's figure registry of the caller's process.
+Every function takes plain report sections (see ``report.py``) and writes one file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+TEXT_COLOR, SPEECH_COLOR, GAP_COLOR, DTW_COLOR = "#4c72b0", "#dd8452", "#55a868", "#c44e52"
+
+
+def short_labels(names: list[str]) -> list[str]:
+    """Pair names without the prefix they all share (``speech_mmlu_continuation_`` ...)."""
+    if len(names) < 2:
+        return list(names)
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind("_") + 1]
+    return [n[len(prefix):] or n for n in names]
+
+
+def _save(fig: Figure, path) -> str:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120)
+    return str(path)
+
+
+def _nan(x) -> float:
+    return np.nan if x is None else float(x)
+
+
+def gap_plot(pairs: dict, overall: dict, path) -> str:
+    """Left: text and speech accuracy per pair; right: the gap with its bootstrap 95% CI."""
+    names = list(pairs)
+    rows = [pairs[n] for n in names] + [overall]
+    labels = short_labels(names) + ["overall (pooled)"]
+    y = np.arange(len(rows))[::-1]
+    fig = Figure(figsize=(10, 1.6 + 0.42 * len(rows)), layout="constrained")
+    ax_acc, ax_gap = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+
+    ax_acc.barh(y + 0.2, [r["text_acc"] for r in rows], height=0.4, color=TEXT_COLOR, label="text")
+    ax_acc.barh(y - 0.2, [r["speech_acc"] for r in rows], height=0.4, color=SPEECH_COLOR, label="speech")
+    ax_acc.set_yticks(y, labels)
+    ax_acc.set_xlim(0, 1)
+    ax_acc.set_xlabel("accuracy")
+    ax_acc.legend(loc="lower right", fontsize="small")
+    ax_acc.grid(axis="x", alpha=0.3)
+
+    gap = np.array([r["gap"] for r in rows])
+    err = np.array([[r["gap"] - r["ci_low"], r["ci_high"] - r["gap"]] for r in rows]).T
+    significant = np.array([_nan(r["mcnemar"]["p"]) < 0.05 for r in rows])
+    ax_gap.barh(y, gap, height=0.5, color=np.where(significant, GAP_COLOR, "#bbbbbb"))
+    ax_gap.errorbar(gap, y, xerr=err, fmt="none", ecolor="black", capsize=3, lw=1)
+    ax_gap.axvline(0, color="black", lw=0.8)
+    ax_gap.set_xlabel("gap = text - speech, 95% CI")
+    ax_gap.set_title("green: McNemar p < 0.05", fontsize="small")
+    ax_gap.grid(axis="x", alpha=0.3)
+    fig.suptitle("Modality gap per pair")
+    return _save(fig, path)
+
+
+def layers_plot(similarity: dict, alignment: dict | None, path) -> str:
+    """Pooled cosine and Euclidean distance over depth (mean ± std over items), and APS per layer."""
+    panels = 3 if alignment else 2
+    fig = Figure(figsize=(4.2 * panels, 3.6), layout="constrained")
+    axes = fig.subplots(1, panels)
+    layers = np.asarray(similarity["layers"])
+    for ax, key, color, title in ((axes[0], "cosine", TEXT_COLOR, "cosine similarity (higher = closer)"),
+                                  (axes[1], "euclidean", SPEECH_COLOR, "Euclidean distance (lower = closer)")):
+        mean = np.array([_nan(v) for v in similarity[f"{key}_mean"]])
+        std = np.array([_nan(v) for v in similarity[f"{key}_std"]])
+        ax.plot(layers, mean, color=color, marker="o", ms=3)
+        ax.fill_between(layers, mean - std, mean + std, color=color, alpha=0.25, lw=0)
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("hidden-state index (0 = embeddings)")
+        ax.grid(alpha=0.3)
+    if alignment:
+        ax = axes[2]
+        ax.plot(alignment["layers"], [_nan(v) for v in alignment["aps_per_layer"]], color=GAP_COLOR, marker="o")
+        ax.set_title(f"APS per layer ({alignment['measure']}, {alignment['path']})", fontsize="medium")
+        ax.set_xlabel("hidden-state index (0 = embeddings)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Speech vs text hidden states over depth (n = {similarity['n_items']} items)")
+    return _save(fig, path)
+
+
+def alignment_plot(A, argmax_path, path, *, title: str, measure: str, dtw=None, critical=()) -> str:
+    """Heat map of A_l (speech position x text token) with the argmax path, and the DTW path if given.
+
+    The Bottom-k critical speech positions are marked by dashed lines across the map.
+    """
+    A = np.asarray(A)
+    ts, tt = A.shape
+    fig = Figure(figsize=(min(14, 6.5 + 0.08 * tt), min(10, 4.5 + 0.02 * ts)), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(A, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="cosine" if measure == "cosine" else "- Euclidean distance")
+    ax.plot(np.arange(tt), argmax_path, "o", mfc="white", mec="black", ms=4, label="argmax path")
+    if dtw is not None:
+        ax.plot(dtw[1], dtw[0], "-", color=DTW_COLOR, lw=1.5, label="DTW path")
+    for k, pos in enumerate(critical):
+        ax.axhline(pos, color="#ff4fd8", ls="--", lw=1.2, label="Bottom-3 speech positions" if k == 0 else None)
+    ax.set_xlabel("text token j (question tokens of the text twin)")
+    ax.set_ylabel("speech position i")
+    ax.set_title(title, fontsize="medium")
+    ax.legend(loc="upper left", fontsize="small", framealpha=0.7)
+    return _save(fig, path)

@@ -1,0 +1,332 @@
+"""Qwen2.5-Omni (thinker), Voxtral and Granite Speech through ``lslm``: tiny random-weight instances of the
+real transformers classes, saved and loaded back with ``pretrained=DIR``, scored against a direct forward
+of the same class on ids and features built independently of the backend."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_tokenizer, tone
+from lmeval_speech.models.lslm import LSLM
+from test_lslm import req, speech_requests
+
+CHOICES = 3  # speech_requests(): 3 continuations per clip
+
+
+def _text_config(tok, **extra):
+    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
+
+
+def _omni_thinker(tok):
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    ids = tok.convert_tokens_to_ids
+    cfg = Qwen2_5OmniThinkerConfig(
+        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                          num_mel_bins=128, output_dim=64),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[0]),
+        text_config=_text_config(tok, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                       "mrope_section": [2, 3, 3]}),  # sums to head_dim / 2
+        audio_token_index=ids("<|AUDIO|>"), audio_start_token_id=ids("<|audio_bos|>"),
+        audio_end_token_id=ids("<|audio_eos|>"), vision_start_token_id=ids("<|AUDIO_START|>"),
+        vision_end_token_id=ids("<|AUDIO_END|>"),
+    )
+    return Qwen2_5OmniThinkerForConditionalGeneration(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_omni_dir(tmp_path_factory, tokenizer):
+    from transformers import WhisperFeatureExtractor
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_qwen2_5_omni_thinker")
+    _omni_thinker(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_omni_full_dir(tmp_path_factory, tiny_omni_dir, tokenizer):
+    """A whole ``qwen2_5_omni`` checkpoint (weights under ``thinker.``) holding the thinker above."""
+    from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration,
+                              Qwen2_5OmniThinkerForConditionalGeneration, WhisperFeatureExtractor)
+
+    thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(tiny_omni_dir)
+    full = Qwen2_5OmniForConditionalGeneration(
+        Qwen2_5OmniConfig(thinker_config=thinker.config.to_dict(), enable_audio_output=False))
+    full.thinker.load_state_dict(thinker.state_dict())
+    path = tmp_path_factory.mktemp("tiny_qwen2_5_omni")
+    full.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_voxtral_dir(tmp_path_factory, tokenizer):
+    from transformers import VoxtralConfig, VoxtralForConditionalGeneration, WhisperFeatureExtractor
+
+    torch.manual_seed(0)
+    cfg = VoxtralConfig(
+        audio_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                          num_mel_bins=128, max_source_positions=1500),  # intermediate = 4 x hidden: 4 frames/token
+        text_config=dict(model_type="llama", head_dim=16, **_text_config(tokenizer)),
+        audio_token_id=tokenizer.convert_tokens_to_ids("[AUDIO]"),
+    )
+    path = tmp_path_factory.mktemp("tiny_voxtral")
+    VoxtralForConditionalGeneration(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(path)
+    return str(path)
+
+
+GRANITE_FE = {  # what GraniteSpeechFeatureExtractor().to_dict() holds (building one needs torchaudio)
+    "feature_extractor_type": "GraniteSpeechFeatureExtractor", "feature_size": 80, "sampling_rate": 16000,
+    "padding_value": 0.0, "padding_side": "right", "return_attention_mask": True,
+    "melspec_kwargs": {"sample_rate": 16000, "n_fft": 512, "win_length": 400, "hop_length": 160, "n_mels": 80},
+    "projector_window_size": 15, "projector_downsample_rate": 5,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_granite_dir(tmp_path_factory, tokenizer):
+    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = GraniteSpeechConfig(
+        text_config=dict(model_type="granite", embedding_multiplier=3.0, logits_scaling=4.0, residual_multiplier=0.5,
+                         attention_multiplier=0.25, **_text_config(tokenizer)),
+        encoder_config=dict(input_dim=160, hidden_dim=64, num_layers=2, num_heads=4, output_dim=42,
+                            context_size=200, max_pos_emb=512, conv_kernel_size=15),
+        projector_config=dict(model_type="blip_2_qformer", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=128, encoder_hidden_size=64, cross_attention_frequency=1),
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|audio|>"), has_lora_adapter=False,
+    )
+    path = tmp_path_factory.mktemp("tiny_granite_speech")
+    GraniteSpeechForConditionalGeneration(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(GRANITE_FE))
+    return str(path)
+
+
+# ---------------------------------------------------------------- independent references
+def _score(tok, model_logits, prompt, cont):
+    """Log-likelihood of ``cont`` after ``prompt`` from full-sequence logits, ``model(**inputs)``-style."""
+    ids = tok(prompt + cont, return_tensors="pt")
+    n_ctx = len(tok(prompt)["input_ids"])
+    with torch.no_grad():
+        logits = model_logits(ids).float()[0]
+    target = ids["input_ids"][0]
+    logp = torch.log_softmax(logits[:-1], -1).gather(1, target[1:, None])[:, 0]
+    return float(logp[n_ctx - 1:].sum())
+
+
+def omni_reference(path, reqs):
+    from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration, WhisperFeatureExtractor
+    from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths
+
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    tok, fe = AutoTokenizer.from_pretrained(path), WhisperFeatureExtractor.from_pretrained(path)
+    out = []
+    for r in reqs:
+        ctx, cont, extra = r.args
+        # Qwen2_5OmniProcessor._process_audio: max_length padding, attention mask, its own token count
+        feats = fe([extra["audio"][0]["array"]], sampling_rate=16000, padding="max_length",
+                   return_attention_mask=True, return_tensors="pt")
+        n = int(_get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))[0])
+        prompt = ctx.replace("<audio>", "<|audio_bos|>" + "<|AUDIO|>" * n + "<|audio_eos|>")
+        out.append(_score(tok, lambda ids: model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
+                                                 input_features=feats["input_features"],
+                                                 feature_attention_mask=feats["attention_mask"]).logits, prompt, cont))
+    return out
+
+
+def voxtral_reference(path, reqs):
+    from transformers import AutoTokenizer, VoxtralForConditionalGeneration, VoxtralProcessor, WhisperFeatureExtractor
+
+    model = VoxtralForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = VoxtralProcessor(feature_extractor=WhisperFeatureExtractor.from_pretrained(path), tokenizer=tok)
+    out = []
+    for r in reqs:
+        ctx, cont, extra = r.args
+        audio = extra["audio"][0]["array"]
+        feats = proc._retrieve_input_features(  # the processor's own audio path, with its default audio kwargs
+            [audio], 3000, sampling_rate=16000, padding=True, truncation=False, pad_to_multiple_of=480000,
+            return_tensors="pt")
+        # mistral-common's count: pad to whole 30 s, one token per 8 mel frames (12.5 Hz)
+        n = math.ceil(math.ceil(len(audio) / 480000) * 480000 / 160 / 8)
+        prompt = ctx.replace("<audio>", "[BEGIN_AUDIO]" + "[AUDIO]" * n)
+        out.append(_score(tok, lambda ids: model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
+                                                 input_features=feats).logits, prompt, cont))
+    return out
+
+
+def granite_reference(path, reqs):
+    from transformers import AutoTokenizer, GraniteSpeechFeatureExtractor, GraniteSpeechForConditionalGeneration
+
+    from lmeval_speech.models.backends.granite_speech import granite_log_mel
+
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    fe_settings = SimpleNamespace(melspec_kwargs={"hop_length": 160}, projector_window_size=15,
+                                  projector_downsample_rate=5)
+    out = []
+    for r in reqs:
+        ctx, cont, extra = r.args
+        audio = extra["audio"][0]["array"]
+        feats = granite_log_mel(audio)  # checked against an independent implementation below
+        n = GraniteSpeechFeatureExtractor._get_num_audio_features(fe_settings, [len(audio)])[0]
+        prompt = ctx.replace("<audio>", "<|audio|>" * n)
+        # transformers 5's GraniteSpeechForConditionalGeneration returns lm_head(h) without the Granite head's
+        # division by logits_scaling (applied by GraniteForCausalLM, and by this model through transformers 4.x)
+        scale = model.config.text_config.logits_scaling
+        out.append(_score(tok, lambda ids: model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
+                                                 input_features=feats).logits / scale, prompt, cont))
+    return out
+
+
+CASES = {  # fixture, reference, clip lengths (Voxtral: one clip over 30 s -> two windows)
+    "qwen2_5_omni": ("tiny_omni_dir", omni_reference, (1.0, 2.3, 0.7)),
+    "voxtral": ("tiny_voxtral_dir", voxtral_reference, (1.0, 31.0, 0.7)),
+    "granite_speech": ("tiny_granite_dir", granite_reference, (1.0, 2.3, 0.7)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_loglikelihood_matches_direct_forward(family, request):
+    fixture, reference, seconds = CASES[family]
+    path = request.getfixturevalue(fixture)
+    reqs = speech_requests(seconds)
+    lm = LSLM(pretrained=path, device="cpu", batch_size=4)
+    assert lm.backend_impl.model_types and family in lm.backend_impl.model_types
+    got = [ll for ll, _ in lm.loglikelihood(reqs)]
+    expected = reference(path, reqs)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    per_clip = np.array(got).reshape(len(seconds), CHOICES)
+    assert (np.ptp(per_clip, axis=0) > 1e-5).all()  # the audio changes each continuation's score
+    one = [ll for ll, _ in LSLM(pretrained=path, device="cpu", batch_size=1).loglikelihood(reqs)]
+    np.testing.assert_allclose(one, got, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_omni_dir", "tiny_voxtral_dir", "tiny_granite_dir"])
+def test_generate_until_with_audio(fixture, request):
+    lm = LSLM(pretrained=request.getfixturevalue(fixture), device="cpu")
+    audio = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
+    out = lm.generate_until([req("Question: <audio>\nAnswer:", {"until": ["\n"], "max_gen_toks": 4, "do_sample": False},
+                                 audio, kind="generate_until")])
+    assert isinstance(out[0], str)
+
+
+def test_full_qwen2_5_omni_checkpoint_loads_its_thinker(tiny_omni_dir, tiny_omni_full_dir):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    lm = LSLM(pretrained=tiny_omni_full_dir, device="cpu", batch_size=4)
+    assert isinstance(lm.model, Qwen2_5OmniThinkerForConditionalGeneration)
+    reqs = speech_requests((1.0, 0.7))
+    thinker = LSLM(pretrained=tiny_omni_dir, device="cpu", batch_size=4).loglikelihood(reqs)
+    np.testing.assert_allclose([x for x, _ in lm.loglikelihood(reqs)], [x for x, _ in thinker], atol=1e-5)
+
+
+def test_omni_position_ids_follow_the_thinker(tiny_omni_dir):
+    """run_decoder's positions are the thinker's own (``compute_3d_position_ids``) for a padded batch."""
+    lm = LSLM(pretrained=tiny_omni_dir, device="cpu")
+    b = lm.backend_impl
+    a = b.audio_token_id
+    ids = torch.tensor([[11, 3] + [a] * 5 + [5, 12, 13], [11, 3] + [a] * 2 + [5, 12, 0, 0, 0, 0]])
+    mask = (torch.arange(10) < torch.tensor([[10], [6]])).long()
+    captured = {}
+    real = b.decoder.forward
+    b.decoder.forward = lambda **kw: captured.update(kw) or real(**kw)
+    b.run_decoder(b.embed_tokens(ids), mask, ids)
+    thinker = b.model.model
+    thinker.rope_deltas = None
+    expected = thinker.compute_3d_position_ids(ids, None, None, b.embed_tokens(ids), mask, None,
+                                               audio_feature_lengths=torch.tensor([20, 8]))
+    assert torch.equal(captured["position_ids"], expected)
+
+
+def test_voxtral_control_tokens_written_as_text(tiny_voxtral_dir, tmp_path):
+    """A tokenizer that encodes ``[AUDIO]`` in text as plain text (Mistral's Tekken does) gives the same scores."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lmeval_speech.models.backends.voxtral import _ControlTokenText
+
+    shutil.copytree(tiny_voxtral_dir, tmp_path, dirs_exist_ok=True)
+    literal = AutoTokenizer.from_pretrained(tiny_voxtral_dir, split_special_tokens=True)
+    assert literal.convert_tokens_to_ids("[AUDIO]") not in literal.encode("[AUDIO]")
+    literal.save_pretrained(tmp_path)
+    lm = LSLM(pretrained=str(tmp_path), device="cpu", batch_size=4)
+    assert isinstance(lm.tokenizer, _ControlTokenText)
+    reqs = speech_requests((1.0, 0.7))
+    expected = LSLM(pretrained=tiny_voxtral_dir, device="cpu", batch_size=4).loglikelihood(reqs)
+    np.testing.assert_allclose([x for x, _ in lm.loglikelihood(reqs)], [x for x, _ in expected], atol=1e-5)
+
+
+def test_voxtral_audio_tokens_are_whole_windows(tiny_voxtral_dir):
+    b = LSLM(pretrained=tiny_voxtral_dir, device="cpu").backend_impl
+    assert [b.num_audio_tokens(n) for n in (1, 480000, 480001, 960000)] == [375, 375, 750, 750]
+    assert [e.shape[0] for e in b.encode_audio([tone(0.5), tone(30.5)])] == [375, 750]
+
+
+def _granite_log_mel_numpy(audio):
+    """The same features from transformers' numpy audio utilities (float64 STFT, HTK filters)."""
+    from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+
+    filters = mel_filter_bank(num_frequency_bins=257, num_mel_filters=80, min_frequency=0.0, max_frequency=8000.0,
+                              sampling_rate=16000, norm=None, mel_scale="htk")
+    mel = spectrogram(audio.astype(np.float64), window_function(400, "hann", frame_length=512), frame_length=512,
+                      hop_length=160, fft_length=512, power=2.0, center=True, pad_mode="reflect", mel_filters=filters)
+    logmel = np.log10(np.maximum(mel.T, 1e-10))
+    logmel = np.maximum(logmel, logmel.max() - 8.0) / 4 + 1
+    logmel = logmel[: logmel.shape[0] // 2 * 2]
+    return logmel.reshape(1, -1, 160)
+
+
+@pytest.mark.parametrize("seconds", [0.7, 2.3])
+def test_granite_log_mel_matches_an_independent_implementation(seconds):
+    from lmeval_speech.models.backends.granite_speech import granite_log_mel
+
+    audio = tone(seconds, seed=3)
+    ours = granite_log_mel(audio).numpy()
+    ref = _granite_log_mel_numpy(audio)
+    assert ours.shape == ref.shape == (1, (len(audio) // 160 + 1) // 2, 160)
+    np.testing.assert_allclose(ours, ref, atol=1e-4)  # float32 vs float64: ~2e-5
+
+
+def test_granite_log_mel_matches_the_real_extractor():
+    pytest.importorskip("torchaudio")
+    from transformers import GraniteSpeechFeatureExtractor
+
+    from lmeval_speech.models.backends.granite_speech import granite_log_mel
+
+    audio = tone(2.3, seed=3)
+    real = GraniteSpeechFeatureExtractor()(torch.from_numpy(audio))["input_features"]
+    assert torch.equal(granite_log_mel(audio), real)
+
+
+def test_granite_head_and_embeddings_follow_the_granite_lm(tiny_granite_dir):
+    """Text-only: the backend's embed -> decoder -> logits equals GraniteForCausalLM with the same weights."""
+    from transformers import GraniteForCausalLM
+
+    b = LSLM(pretrained=tiny_granite_dir, device="cpu").backend_impl
+    lm = GraniteForCausalLM(b.model.config.text_config).eval()
+    lm.model.load_state_dict(b.decoder.state_dict())
+    lm.lm_head.load_state_dict(b.model.lm_head.state_dict())
+    ids = build_tokenizer()("the quick brown fox", return_tensors="pt")
+    with torch.no_grad():
+        expected = lm(**ids).logits
+        hidden = b.run_decoder(b.embed_tokens(ids["input_ids"]), ids["attention_mask"], ids["input_ids"]).last_hidden
+        torch.testing.assert_close(b.logits(hidden), expected)

@@ -1,0 +1,84 @@
+"""The commands a user types: plain ``lm_eval`` finds ``lslm`` and the tasks, and writes its usual files."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TASK = "speech_mmlu_continuation_high_school_geography"
+
+
+def sh(*cmd, env_extra=None, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_registration_keeps_builtin_models():
+    out = sh(sys.executable, "-c", "from lm_eval.api.registry import get_model;"
+             "print(get_model('hf').__name__, get_model('lslm').__name__)").stdout
+    assert out.split() == ["HFLM", "LSLM"]
+
+
+def test_startup_hook_is_cheap():
+    """The .pth hook must not import torch or lm-eval at interpreter start."""
+    out = sh(sys.executable, "-c", "import sys; print('torch' in sys.modules, 'lm_eval' in sys.modules,"
+             " 'lmeval_speech._autoload' in sys.modules)").stdout.split()
+    assert out == ["False", "False", "True"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_qwen2_audio_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cache = out / "tts_cache"
+    cmd = ["lm_eval", "--model", "lslm", "--model_args",
+           f"pretrained={tiny_qwen2_audio_dir},capture=tokens,capture_dir={out / 'capture'}",
+           "--tasks", TASK, "--device", "cpu", "--limit", "3", "--batch_size", "4",
+           "--log_samples", "--output_path", str(out / "results")]
+    first = sh(*cmd, env_extra={"LMEVAL_SPEECH_CACHE": str(cache)})
+    files = {p: os.path.getmtime(p) for p in glob.glob(str(cache / "**/*.flac"), recursive=True)}
+    cmd[cmd.index("--output_path") + 1] = str(out / "results_again")
+    cmd[cmd.index("--model_args") + 1] = f"pretrained={tiny_qwen2_audio_dir}"
+    second = sh(*cmd, env_extra={"LMEVAL_SPEECH_CACHE": str(cache)})
+    return out, first, second, files, cache
+
+
+def test_cli_writes_results_and_samples_for_both_twins(cli_run):
+    out, first, _, _, _ = cli_run
+    (results_path,) = glob.glob(str(out / "results/*/results_*.json"))[:1]
+    results = json.load(open(results_path))
+    for twin in ("text", "speech"):
+        r = results["results"][f"{TASK}_{twin}"]
+        assert 0.0 <= r["acc,none"] <= 1.0
+        rows = [json.loads(l) for p in glob.glob(str(out / f"results/*/samples_{TASK}_{twin}_*.jsonl")) for l in open(p)]
+        assert sorted(r["doc_id"] for r in rows) == [0, 1, 2]
+    assert "capture_dir" in str(results["config"]["model_args"])
+    assert "|acc" in first.stdout.replace(" ", "")  # lm-eval printed its results table
+
+
+def test_second_run_synthesizes_nothing(cli_run):
+    _, _, _, files, cache = cli_run
+    assert len(files) == 3  # 3 spoken questions
+    after = {p: os.path.getmtime(p) for p in glob.glob(str(cache / "**/*.flac"), recursive=True)}
+    assert after == files
+
+
+def test_capture_of_a_cli_run_has_both_twins(cli_run):
+    from lmeval_speech.capture.store import CaptureReader
+
+    out, *_ = cli_run
+    recs = CaptureReader(out / "capture").records
+    assert sorted((r["modality"], r["doc_id"]) for r in recs) == [(m, d) for m in ("speech", "text") for d in range(3)]
+
+
+def test_synthesize_reports_hits(cli_run):
+    _, _, _, _, cache = cli_run
+    proc = sh("lmeval-speech", "synthesize", "--tasks", f"{TASK}_speech", "--limit", "3",
+              env_extra={"LMEVAL_SPEECH_CACHE": str(cache)})
+    assert '"hits": 3' in proc.stdout and '"misses": 0' in proc.stdout
