@@ -61,12 +61,13 @@ def install() -> None:
         return
     sys.meta_path.insert(0, _PostImportFinder())
     # Already imported (e.g. the .pth ran late): patch in place.
-    from lmeval_speech import registration
+    if "lm_eval.api.registry" in sys.modules or "lm_eval.tasks.manager" in sys.modules:
+        from lmeval_speech import registration
 
-    if "lm_eval.api.registry" in sys.modules:
-        registration.register_model_lazily(sys.modules["lm_eval.api.registry"])
-    if "lm_eval.tasks.manager" in sys.modules:
-        registration.patch_task_manager(sys.modules["lm_eval.tasks.manager"])
+        if "lm_eval.api.registry" in sys.modules:
+            registration.register_model_lazily(sys.modules["lm_eval.api.registry"])
+        if "lm_eval.tasks.manager" in sys.modules:
+            registration.patch_task_manager(sys.modules["lm_eval.tasks.manager"])
 
 
 install()

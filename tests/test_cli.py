@@ -82,3 +82,35 @@ def test_synthesize_reports_hits(cli_run):
     proc = sh("lmeval-speech", "synthesize", "--tasks", f"{TASK}_speech", "--limit", "3",
               env_extra={"LMEVAL_SPEECH_CACHE": str(cache)})
     assert '"hits": 3' in proc.stdout and '"misses": 0' in proc.stdout
+
+
+def test_kill_9_mid_run_then_rerun_loses_nothing(tiny_qwen2_audio_dir, tmp_path):
+    """SIGKILL inside a capture run (fault injected after 5 batches), then rerun with --use_cache."""
+    from lmeval_speech.capture.store import CaptureReader
+
+    cache = tmp_path / "tts"
+    base = ["lm_eval", "--model", "lslm", "--tasks", TASK, "--device", "cpu", "--limit", "8",
+            "--batch_size", "2", "--log_samples"]
+    args = (f"pretrained={tiny_qwen2_audio_dir},capture=pooled,capture_dir={tmp_path / 'cap'},"
+            "capture_shard_size=2")
+    cmd = base + ["--model_args", args, "--use_cache", str(tmp_path / "lm_cache"), "--output_path", str(tmp_path / "r1")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LMEVAL_SPEECH_CACHE": str(cache),
+           "LMEVAL_SPEECH_KILL_AFTER_BATCHES": "5"}
+    killed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    partial = CaptureReader(tmp_path / "cap").records  # verified shards only, no temp files
+    assert 0 < len(partial) < 16
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+    rerun = sh(*cmd, env_extra={"LMEVAL_SPEECH_CACHE": str(cache)})
+    cached = [l for l in (rerun.stdout + rerun.stderr).splitlines() if "Cached requests:" in l]
+    assert cached and int(cached[0].split("Cached requests:")[1].split(",")[0]) > 0
+    recs = CaptureReader(tmp_path / "cap").records
+    assert sorted((r["modality"], r["doc_id"]) for r in recs) == [(m, d) for m in ("speech", "text") for d in range(8)]
+
+    clean = sh(*(base + ["--model_args", f"pretrained={tiny_qwen2_audio_dir}", "--output_path", str(tmp_path / "r2")]),
+               env_extra={"LMEVAL_SPEECH_CACHE": str(cache)})
+    res = [json.load(open(glob.glob(str(tmp_path / d / "*/results_*.json"))[0]))["results"] for d in ("r1", "r2")]
+    for twin in ("text", "speech"):
+        assert res[0][f"{TASK}_{twin}"]["acc,none"] == res[1][f"{TASK}_{twin}"]["acc,none"]
+    assert clean.returncode == 0

@@ -28,14 +28,15 @@ def parse_layers(spec, n_layers: int) -> list[int]:
 
 
 class HiddenStateCapture:
-    def __init__(self, mode: str, root, n_layers: int, layers="auto", token_limit=None, rank=0, meta=None):
+    def __init__(self, mode: str, root, n_layers: int, layers="auto", token_limit=None, rank=0, meta=None,
+                 shard_size: int = 64):
         if mode not in {"pooled", "tokens"}:
             raise ValueError(f"capture must be none, pooled or tokens, got {mode!r}")
         self.mode = mode
         self.token_layers = parse_layers(layers, n_layers)
         self.token_limit = token_limit
         self._tokens_per_task: dict[str, int] = {}
-        self.writer = CaptureWriter(root, rank=rank, meta={
+        self.writer = CaptureWriter(root, rank=rank, shard_size=shard_size, meta={
             **(meta or {}), "mode": mode, "n_hidden_states": n_layers + 1, "token_layers": self.token_layers,
             "token_limit": token_limit,
         })
@@ -64,3 +65,6 @@ class HiddenStateCapture:
 
     def flush(self) -> None:
         self.writer.flush()
+
+    def is_flushed(self) -> bool:
+        return not self.writer.pending

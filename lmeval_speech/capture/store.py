@@ -87,6 +87,10 @@ class CaptureWriter:
 
     close = flush
 
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
 
 class CaptureReader:
     """All records under a capture dir (every rank), loaded lazily shard by shard."""

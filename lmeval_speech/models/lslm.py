@@ -39,6 +39,20 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _maybe_inject_fault() -> None:
+    """Fault injection for the interruption test: SIGKILL this process after N batches."""
+    import os
+
+    left = os.environ.get("LMEVAL_SPEECH_KILL_AFTER_BATCHES")
+    if left is None:
+        return
+    if int(left) <= 1:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.environ["LMEVAL_SPEECH_KILL_AFTER_BATCHES"] = str(int(left) - 1)
+
+
 class AudioRequestError(ValueError):
     """A request's audio cannot be used (missing, unreadable, too long, marker mismatch)."""
 
@@ -97,6 +111,7 @@ class LSLM(TemplateLM):
         capture_dir: str | None = None,
         capture_layers: str = "auto",
         capture_limit: int | None = None,
+        capture_shard_size: int = 64,
         intervention: str = "none",
         intervene_layers: str = "input",
         critical: str = "bottom3",
@@ -136,7 +151,7 @@ class LSLM(TemplateLM):
         self._audio_embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._audio_cache_size = int(audio_cache_size)
         self.audio_log: dict[str, dict] = {}  # audio key -> what was done to it (fixes, errors)
-        self.capture = self._make_capture(capture, capture_dir, capture_layers, capture_limit)
+        self.capture = self._make_capture(capture, capture_dir, capture_layers, capture_limit, int(capture_shard_size))
         self.intervener = None
         if intervention not in (None, "", "none"):
             from lmeval_speech.interventions.hooks import InterventionSpec, Intervener
@@ -170,7 +185,7 @@ class LSLM(TemplateLM):
         cls = backend_for_config(config)
         return cls.from_pretrained(pretrained, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
 
-    def _make_capture(self, mode, capture_dir, layers, limit):
+    def _make_capture(self, mode, capture_dir, layers, limit, shard_size):
         from lmeval_speech.capture.recorder import HiddenStateCapture
 
         if mode in (None, "", "none", False):
@@ -179,7 +194,7 @@ class LSLM(TemplateLM):
             raise ValueError("capture needs capture_dir=PATH (give the same folder to `lmeval-speech report`)")
         return HiddenStateCapture(
             mode=mode, root=capture_dir, n_layers=len(self.backend_impl.decoder_layers), layers=layers,
-            token_limit=None if limit in (None, "") else int(limit), rank=self.rank,
+            token_limit=None if limit in (None, "") else int(limit), rank=self.rank, shard_size=shard_size,
             meta={"pretrained": self.pretrained, "backend": type(self.backend_impl).__name__},
         )
 
@@ -421,8 +436,12 @@ class LSLM(TemplateLM):
         self.capture.add(s.request, bool(s.audio), [h[row] for h in hidden_states], positions, audio_notes)
 
     @torch.no_grad()
-    def _score(self, seqs: list[_Seq], items, desc: str, disable_tqdm=False):
-        """Log-likelihood and greedy flag of each sequence's continuation, in ``seqs`` order."""
+    def _score(self, seqs: list[_Seq], items, desc: str, disable_tqdm=False, on_batch=None):
+        """Log-likelihood and greedy flag of each sequence's continuation, in ``seqs`` order.
+
+        ``on_batch([(seq, result), ...])`` runs after every batch, so results can be persisted as
+        they come (lm-eval's ``--use_cache``) and an interrupted run loses at most one batch.
+        """
         results: dict[int, tuple[float, bool]] = {}
         order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i].tokens) - len(seqs[i].cont), i))
         bs = max(1, self.batch_size)
@@ -442,6 +461,9 @@ class LSLM(TemplateLM):
                 ll = float(logp.gather(1, cont[:, None]).sum())
                 results[id(s)] = (ll, bool((logp.argmax(-1) == cont).all()))
             pbar.update(len(batch))
+            if on_batch is not None:
+                on_batch([(s, results[id(s)]) for s in batch])
+            _maybe_inject_fault()
         pbar.close()
         return [results[id(s)] for s in seqs]
 
@@ -467,12 +489,23 @@ class LSLM(TemplateLM):
             seqs.append(self._build_sequence(i, context, continuation, keys, n_tokens, req))
         # With an intervention, text twins run first: they are the oracle's references.
         phases = [seqs] if self.intervener is None else [[s for s in seqs if not s.audio], [s for s in seqs if s.audio]]
+        pending = []
+
+        def persist(batch_results, final=False):
+            # A result enters lm-eval's cache only once its captured states are on disk too, so a
+            # rerun after a kill never takes a cached answer whose hidden states were lost.
+            pending.extend(batch_results)
+            if final and self.capture is not None:
+                self.capture.flush()
+            if self.capture is None or self.capture.is_flushed():
+                for s, res in pending:
+                    self.cache_hook.add_partial("loglikelihood", requests[s.index].args, res)
+                pending.clear()
+
         for phase in phases:
-            for s, res in zip(phase, self._score(phase, items, "Running loglikelihood requests", disable_tqdm), strict=True):
+            for s, res in zip(phase, self._score(phase, items, "Running loglikelihood requests", disable_tqdm, persist), strict=True):
                 out[s.index] = res
-                self.cache_hook.add_partial("loglikelihood", requests[s.index].args, res)
-        if self.capture is not None:
-            self.capture.flush()
+        persist([], final=True)
         if self.intervener is not None:
             self.intervener.save_calibration()
         return out

@@ -1,0 +1,492 @@
+"""``lmeval-speech compare``: a leaderboard of several runs' modality gaps, with comparability checks.
+
+    lmeval-speech compare RUN_OR_REPORT... [--out DIR] [--labels a,b,...]
+
+Each argument is a ``report.json``, a folder holding one, or an lm-eval run dir (``--output_path``,
+its model folder or a ``results_*.json``). For a run dir the report in ``gap_report/`` is used when
+it was built from the run's latest results file; otherwise it is built there (as ``lmeval-speech
+report`` would, default options). Writes ``leaderboard.md``, ``leaderboard.csv``,
+``leaderboard.json`` and ``gap_vs_aps.png`` to ``--out`` (default ``./leaderboard``).
+
+A gap only compares across runs that asked the same questions the same way, so the runs' settings
+are diffed and every difference is listed in a "comparability" section; rows stay in the tables
+but carry a flag naming what differs. The reference value of a setting is the one most runs share
+(ties: the earlier run on the command line); runs with another value are flagged.
+
+==========  =======================================================================================
+aspect      what is compared (run level, or per pair ``p``)
+==========  =======================================================================================
+tasks       the paired task names scored (overall numbers pool different tasks)
+limit       lm-eval's ``--limit``
+aps_method  APS ``measure`` and ``path`` (only among runs with token-level states)
+prompt      per pair: each twin's ``doc_to_text``, the speech ``prompt``/``spoken`` template and,
+            from the results file, ``description``, delimiters, ``doc_to_choice``, n-shot,
+            ``system_instruction``, ``chat_template``, ``fewshot_as_multiturn``
+tts         per pair: the effective TTS spec (task ``tts`` with model_args ``tts_engine``/
+            ``tts_voice``/``tts_rate`` applied) or the ``recorded_audio`` source
+items       per pair: the doc ids scored (as ``[first, last]`` ranges)
+==========  =======================================================================================
+
+``leaderboard.json`` (schema_version 1): ``runs`` (one row per run: label, report, results_file,
+model, model_args, pretrained, revision, tts, n, n_pairs, text_acc, speech_acc, gap, ci_low,
+ci_high, mcnemar_p, S_cos, S_euc, aps, aps_measure, aps_path, flags), ``pairs`` (the same per run
+and pair, with ``pair``), ``fits`` {gap_vs_aps, gap_vs_S_cos, gap_vs_S_euc: ``linear_fit`` of gap
+on the value across runs, plus ``runs`` used and ``flagged`` among them}, ``comparability``
+{comparable, differences [{aspect, pairs (null: run level), reference, runs, detail}]}, ``files``, ``notes``.
+``leaderboard.csv`` holds the run rows (``scope`` = overall) followed by the pair rows (``scope`` =
+the pair).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lmeval_speech.capture.store import CaptureCorruptError
+from lmeval_speech.metrics import linear_fit
+from lmeval_speech.report import report as report_mod
+from lmeval_speech.report.runs import UnpairedError, find_results_file, load_run
+
+SCHEMA_VERSION = 1
+METRICS = ("n", "text_acc", "speech_acc", "gap", "ci_low", "ci_high", "mcnemar_p", "S_cos", "S_euc", "aps")
+FIT_VALUES = {"gap_vs_aps": "aps", "gap_vs_S_cos": "S_cos", "gap_vs_S_euc": "S_euc"}
+RESULTS_PROMPT_KEYS = ("description", "target_delimiter", "fewshot_delimiter", "doc_to_choice")
+CHAT_KEYS = ("system_instruction", "chat_template", "fewshot_as_multiturn")
+TTS_OVERRIDES = {"tts_engine": "engine", "tts_voice": "voice", "tts_rate": "rate"}
+ERRORS = (UnpairedError, ValueError, FileNotFoundError, CaptureCorruptError, json.JSONDecodeError)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN_OR_REPORT",
+                        help="report.json, a folder with one, or an lm-eval run dir (report built if missing)")
+    parser.add_argument("--out", default="leaderboard", help="output dir (default ./leaderboard)")
+    parser.add_argument("--labels", default=None, help="comma-separated row labels, one per run "
+                        "(default: model_args pretrained [@revision] + TTS)")
+
+
+def main(args) -> int:
+    try:
+        loaded = [load_report(r) for r in args.runs]
+        labels = _labels(args.labels, [rep for rep, _ in loaded])
+        board = build_leaderboard([rep for rep, _ in loaded], labels, [str(p) for _, p in loaded])
+    except ERRORS as err:
+        print(f"lmeval-speech compare: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    write_outputs(board, out)
+    print(summary(board))
+    print(f"\nwrote {', '.join(str(out / f) for f in board['files'].values() if f)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ loading
+
+def _is_report(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "schema_version" in data and "overall" in data
+
+
+def load_report(arg) -> tuple[dict, Path]:
+    """(report dict, its path) for a report.json, a folder with one, or a run dir.
+
+    A run dir's ``gap_report/report.json`` is reused only when it was built from the run's latest
+    results file: a report left from an older run in the same folder would describe other numbers.
+    """
+    path = Path(arg)
+    if path.is_file() and path.suffix == ".json" and _is_report(path):
+        return _read_report(path), path
+    if path.is_dir() and (path / "report.json").is_file():
+        return _read_report(path / "report.json"), path / "report.json"
+    results = find_results_file(path)  # raises FileNotFoundError naming what is missing
+    run_dir = path if path.is_dir() else path.parent
+    for candidate in dict.fromkeys([run_dir / "gap_report" / "report.json",
+                                    results.parent / "gap_report" / "report.json"]):
+        if candidate.is_file():
+            rep = _read_report(candidate)
+            if Path(rep["run"]["results_file"]).name == results.name:
+                return rep, candidate
+            print(f"{candidate} was built from {Path(rep['run']['results_file']).name}, not the latest "
+                  f"{results.name}: rebuilding it", file=sys.stderr)
+    out = run_dir / "gap_report"
+    rep, heatmap = report_mod.build_report(load_run(path))
+    report_mod.write_outputs(rep, heatmap, out)
+    print(f"built {out / 'report.json'}", file=sys.stderr)
+    return _read_report(out / "report.json"), out / "report.json"
+
+
+def _read_report(path: Path) -> dict:
+    rep = json.loads(path.read_text(encoding="utf-8"))
+    if rep.get("schema_version") != report_mod.SCHEMA_VERSION:
+        raise ValueError(f"{path}: report schema_version {rep.get('schema_version')!r}, this version reads "
+                         f"{report_mod.SCHEMA_VERSION} (rebuild it with lmeval-speech report)")
+    return rep
+
+
+# ----------------------------------------------------------------------------------- settings
+
+def _ranges(ids) -> list[list[int]]:
+    """Sorted doc ids as inclusive ``[first, last]`` runs: exact, and short for ``--limit`` prefixes."""
+    out = []
+    for d in sorted(set(ids)):
+        if out and d == out[-1][1] + 1:
+            out[-1][1] = d
+        else:
+            out.append([d, d])
+    return out
+
+
+def _expand(ranges) -> set[int]:
+    return {d for lo, hi in ranges for d in range(lo, hi + 1)}
+
+
+def _effective_tts(task: dict, model_args: dict):
+    """What the speech twin was voiced with: a recorded source, or the task spec after overrides."""
+    if "recorded_audio" in task:
+        return {"recorded_audio": task["recorded_audio"]}
+    if "tts" not in task:
+        return None
+    from lmeval_speech.audio import TTSSpec
+
+    overrides = {field: model_args[key] for key, field in TTS_OVERRIDES.items() if model_args.get(key)}
+    try:
+        return TTSSpec.from_dict(task["tts"]).with_overrides(**overrides).to_dict()
+    except ValueError:  # an engine this install does not know: compare the recorded fields as they are
+        return {**task["tts"], **overrides}
+
+
+def _results_prompt(results_file) -> tuple[dict, dict] | None:
+    """Prompt settings only the results file holds: per task config keys and n-shot, chat options."""
+    try:
+        results = json.loads(Path(results_file).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    n_shot = results.get("n-shot") or {}
+    per_task = {t: {**{k: c.get(k) for k in RESULTS_PROMPT_KEYS}, "n_shot": n_shot.get(t, c.get("num_fewshot"))}
+                for t, c in (results.get("configs") or {}).items()}
+    return per_task, {k: results.get(k) for k in CHAT_KEYS}
+
+
+def _tts_specs(rep: dict) -> dict:
+    """{pair: effective TTS spec of its speech twin} (None when the task records none)."""
+    run = rep["run"]
+    model_args = run.get("model_args_parsed") or {}
+    return {pair: _effective_tts(run["tasks"].get(p["speech_task"], {}), model_args) for pair, p in rep["pairs"].items()}
+
+
+def settings(rep: dict, notes: list | None = None) -> dict:
+    """What must match for two runs' numbers to be compared (the aspects in the module docstring)."""
+    run = rep["run"]
+    from_results = _results_prompt(run["results_file"])
+    if from_results is None and notes is not None:
+        notes.append(f"results file {run['results_file']} not readable: description, n-shot and chat "
+                     "template are not compared for this run")
+    per_task, chat = from_results or ({}, dict.fromkeys(CHAT_KEYS))
+    missing = dict.fromkeys((*RESULTS_PROMPT_KEYS, "n_shot"))
+    ids = {}
+    for row in rep["items"]:
+        ids.setdefault(row["pair"], []).append(row["doc_id"])
+    tts = _tts_specs(rep)
+    pairs = {}
+    for pair, p in rep["pairs"].items():
+        prompt = {}
+        for modality in ("text", "speech"):
+            task = p[f"{modality}_task"]
+            meta = run["tasks"].get(task, {})
+            prompt[modality] = {"doc_to_text": meta.get("doc_to_text"), **per_task.get(task, missing)}
+            if modality == "speech":
+                prompt[modality] |= {"prompt": meta.get("prompt"), "spoken": meta.get("spoken")}
+        pairs[pair] = {"prompt": {**prompt, "chat": chat}, "tts": tts[pair], "items": _ranges(ids.get(pair, []))}
+    al = rep.get("alignment")
+    return {"tasks": sorted(t for p in rep["pairs"].values() for t in (p["text_task"], p["speech_task"])),
+            "limit": run.get("limit"), "aps_method": [al["measure"], al["path"]] if al else None, "pairs": pairs}
+
+
+def _key(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _short(value, width: int = 60) -> str:
+    text = "(absent)" if value is None else json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def diff(reference, value, path: str = "") -> list[str]:
+    """Human-readable differences ``path: reference -> value`` (items as counts and doc ids)."""
+    if path.endswith("items") and isinstance(reference, list) and isinstance(value, list):
+        ref, new = _expand(reference), _expand(value)
+        if ref == new:
+            return []
+        out = [f"{path}: {len(ref)} -> {len(new)} items"]
+        for what, ids in (("only in reference", ref - new), ("only here", new - ref)):
+            if ids:
+                listed = sorted(ids)
+                out.append(f"{path}: doc ids {what} {listed[:10]}{' ...' if len(listed) > 10 else ''}")
+        return out
+    if isinstance(reference, dict) and isinstance(value, dict):
+        return [line for k in dict.fromkeys([*reference, *value])
+                for line in diff(reference.get(k), value.get(k), f"{path}.{k}" if path else str(k))]
+    return [] if _key(reference) == _key(value) else [f"{path}: {_short(reference)} -> {_short(value)}"]
+
+
+def _groups(values: dict) -> list[list[str]]:
+    """Labels grouped by equal value, the reference group (largest, ties: first seen) first."""
+    groups: dict[str, list[str]] = {}
+    for label, value in values.items():
+        groups.setdefault(_key(value), []).append(label)
+    return sorted(groups.values(), key=len, reverse=True)  # stable: equal sizes keep first-seen order
+
+
+def comparability(run_settings: dict[str, dict]) -> list[dict]:
+    """Every setting on which the runs disagree: the reference runs, the others and what differs.
+
+    Per-pair differences that are the same for several pairs (one TTS voice for all 57 MMLU
+    subjects) are listed once with all those ``pairs``; run-level ones have ``pairs`` null.
+    """
+    checks = [(aspect, None, {lab: s[aspect] for lab, s in run_settings.items()
+                              if aspect != "aps_method" or s[aspect] is not None})
+              for aspect in ("tasks", "limit", "aps_method")]
+    all_pairs = dict.fromkeys(p for s in run_settings.values() for p in s["pairs"])
+    checks += [(aspect, pair, {lab: s["pairs"][pair][aspect] for lab, s in run_settings.items() if pair in s["pairs"]})
+               for aspect in ("prompt", "tts", "items") for pair in all_pairs]
+    merged: dict[str, dict] = {}
+    for aspect, pair, values in checks:
+        if not values:
+            continue
+        groups = _groups(values)
+        ref = values[groups[0][0]]
+        for group in groups[1:]:
+            entry = {"aspect": aspect, "pairs": None, "reference": groups[0], "runs": group,
+                     "detail": diff(ref, values[group[0]], aspect)}
+            same = merged.setdefault(_key({**entry, "pairs": pair is None}), entry)
+            if pair is not None:
+                same["pairs"] = (same["pairs"] or []) + [pair]
+    return list(merged.values())
+
+
+# ---------------------------------------------------------------------------------- leaderboard
+
+def _short_model(pretrained: str) -> str:
+    """The last two path parts of a checkpoint path (``run1/checkpoint-500``), a hub id as is."""
+    parts = [p for p in str(pretrained).replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:]) or str(pretrained)
+
+
+def _tts_name(rep: dict) -> str:
+    specs = {_key(spec): spec for spec in _tts_specs(rep).values() if spec}
+    if not specs:
+        return "no audio spec"
+    if len(specs) > 1:
+        return "mixed TTS"
+    (spec,) = specs.values()
+    if "recorded_audio" in spec:
+        return "recorded"
+    return f"{spec.get('engine')}:{spec.get('voice')}@{spec.get('rate')}"
+
+
+def default_label(rep: dict) -> str:
+    args = rep["run"].get("model_args_parsed") or {}
+    model = _short_model(args.get("pretrained") or rep["run"].get("model") or "?")
+    if args.get("revision"):
+        model += f"@{args['revision']}"
+    return f"{model} [{_tts_name(rep)}]"
+
+
+def _labels(given: str | None, reports: list[dict]) -> list[str]:
+    if given is not None:
+        labels = [s.strip() for s in given.split(",")]
+        if len(labels) != len(reports) or not all(labels):
+            raise ValueError(f"--labels has {len(labels)} labels for {len(reports)} runs")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"--labels must be unique, got {labels}")
+        return labels
+    labels = [default_label(r) for r in reports]
+    return [f"{lab} ({labels[:i].count(lab) + 1})" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+
+
+def _metrics(gap: dict, similarity: dict | None, alignment: dict | None) -> dict:
+    return {"n": gap["n"], "text_acc": gap["text_acc"], "speech_acc": gap["speech_acc"], "gap": gap["gap"],
+            "ci_low": gap["ci_low"], "ci_high": gap["ci_high"], "mcnemar_p": gap["mcnemar"]["p"],
+            "S_cos": similarity["S_cos"] if similarity else None,
+            "S_euc": similarity["S_euc"] if similarity else None,
+            "aps": alignment["aps"] if alignment else None}
+
+
+def _fit(runs: list[dict], key: str) -> dict:
+    used = [r for r in runs if r[key] is not None and r["gap"] is not None]
+    fit = linear_fit([r[key] for r in used], [r["gap"] for r in used])
+    return {**fit, "x": key, "y": "gap", "runs": [r["label"] for r in used],
+            "flagged": [r["label"] for r in used if r["flags"]]}
+
+
+def build_leaderboard(reports: list[dict], labels: list[str], paths: list[str]) -> dict:
+    """The leaderboard dict (schema in the module docstring) from loaded reports."""
+    notes: list[str] = []
+    run_settings = {lab: settings(rep, notes) for lab, rep in zip(labels, reports)}
+    differences = comparability(run_settings)
+    flags = {lab: set() for lab in labels}
+    pair_flags: dict[tuple[str, str], set] = {}
+    for d in differences:
+        for lab in d["runs"]:
+            flags[lab].add(d["aspect"])
+            for pair in d["pairs"] or ():
+                pair_flags.setdefault((lab, pair), set()).add(d["aspect"])
+    runs, pairs = [], []
+    for lab, rep, path in zip(labels, reports, paths):
+        run, args = rep["run"], rep["run"].get("model_args_parsed") or {}
+        al = rep.get("alignment")
+        runs.append({"label": lab, "report": path, "results_file": run["results_file"], "model": run.get("model"),
+                     "model_args": run.get("model_args"), "pretrained": args.get("pretrained"),
+                     "revision": args.get("revision"), "tts": _tts_name(rep), "n_pairs": rep["overall"]["n_pairs"],
+                     **_metrics(rep["overall"], rep.get("similarity"), al),
+                     "aps_measure": al["measure"] if al else None, "aps_path": al["path"] if al else None,
+                     "flags": sorted(flags[lab])})
+        aps_flag = {"aps_method"} & flags[lab]
+        for pair, p in rep["pairs"].items():
+            pairs.append({"label": lab, "pair": pair, **_metrics(p, p.get("similarity"), p.get("alignment")),
+                          "flags": sorted(pair_flags.get((lab, pair), set()) | aps_flag)})
+    fits = {name: _fit(runs, key) for name, key in FIT_VALUES.items()}
+    for name, fit in fits.items():
+        if fit["flagged"] and fit["note"] is None:
+            notes.append(f"{name} pools runs that are not comparable to the reference: {fit['flagged']}")
+    return {"schema_version": SCHEMA_VERSION, "runs": runs, "pairs": pairs, "fits": fits,
+            "comparability": {"comparable": not differences, "differences": differences},
+            "files": {"markdown": "leaderboard.md", "csv": "leaderboard.csv", "json": "leaderboard.json",
+                      "plot": None},
+            "notes": notes}
+
+
+# -------------------------------------------------------------------------------------- output
+
+def gap_vs_aps_plot(board: dict, path) -> str:
+    """One numbered point per run (hollow when flagged), the least-squares line and its R².
+
+    Points carry numbers and the legend below names them: run labels are long (checkpoint paths,
+    TTS specs) and written next to the points they push the axes into a corner.
+    """
+    runs = [(i, r) for i, r in enumerate(board["runs"], 1) if r["aps"] is not None]
+    fit = board["fits"]["gap_vs_aps"]
+    fig = Figure(figsize=(6.4, 4.4 + 0.22 * (len(runs) + 1)), layout="constrained")
+    ax = fig.subplots()
+    for i, r in runs:
+        flagged = f" (flags: {', '.join(r['flags'])})" if r["flags"] else ""
+        ax.plot(r["aps"], r["gap"], "o", ms=7, color="#4c72b0", mfc="none" if r["flags"] else "#4c72b0",
+                label=f"{i}: {r['label']}{flagged}")
+        ax.annotate(str(i), (r["aps"], r["gap"]), textcoords="offset points", xytext=(5, 4), fontsize="small")
+    if fit["note"] is None:
+        xs = np.linspace(min(r["aps"] for _, r in runs), max(r["aps"] for _, r in runs), 2)
+        ax.plot(xs, fit["slope"] * xs + fit["intercept"], "-", color="#c44e52",
+                label=f"fit: R² = {fit['r2']:.3f}, p = {fit['p']:.2g}, n = {fit['n']}")
+    fig.legend(loc="outside lower center", fontsize="small", frameon=False)
+    measures = {r["aps_measure"] for _, r in runs}
+    ax.set_xlabel("APS" + (" (negative distance)" if measures == {"euclidean"} else ""))
+    ax.set_ylabel("gap = text acc - speech acc")
+    ax.grid(alpha=0.3)
+    ax.set_title("Modality gap vs Alignment Path Score" + ("" if fit["note"] is None else f"\n(no fit: {fit['note']})"),
+                 fontsize="medium")
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120)
+    return str(path)
+
+
+CSV_COLUMNS = ("scope", "label", *METRICS, "n_pairs", "tts", "pretrained", "revision", "aps_measure", "aps_path",
+               "flags", "report")
+
+
+def to_csv(board: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in board["runs"]:
+        writer.writerow({**row, "scope": "overall", "flags": ";".join(row["flags"])})
+    for row in board["pairs"]:
+        writer.writerow({**row, "scope": row["pair"], "flags": ";".join(row["flags"])})
+    return buf.getvalue()
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _row(names: list[str], r: dict) -> str:
+    f, p = report_mod._f, report_mod._p
+    return (f"| {' | '.join(map(_cell, names))} | {r['n']} | {f(r['text_acc'])} | {f(r['speech_acc'])} | {f(r['gap'])} | "
+            f"[{f(r['ci_low'])}, {f(r['ci_high'])}] | {p(r['mcnemar_p'])} | {f(r['S_cos'])} | {f(r['S_euc'])} | "
+            f"{f(r['aps'])} | {', '.join(r['flags']) or ''} |")
+
+
+HEADER = ["| {first} | n | text acc | speech acc | gap | 95% CI | McNemar p | S_cos | S_euc | APS | flags |",
+          "|---|{extra}---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+
+
+def markdown(board: dict) -> str:
+    """leaderboard.md: the JSON's numbers as tables, the fits, and every comparability problem."""
+    lines = ["# Modality gap leaderboard", "", HEADER[0].format(first="run"), HEADER[1].format(extra="")]
+    lines += [_row([r["label"]], r) for r in board["runs"]]
+    lines += ["", "Gap = text accuracy - speech accuracy on the same items (95% paired bootstrap CI); "
+              "S_cos / S_euc: mean pooled cosine / distance over layers; APS: Alignment Path Score.", "",
+              "## Per pair", "", HEADER[0].format(first="run | pair"), HEADER[1].format(extra="---|")]
+    lines += [_row([r["label"], r["pair"]], r) for r in board["pairs"]]
+    lines += ["", "## Gap vs hidden-state closeness across runs", ""]
+    if board["files"]["plot"]:
+        lines += [f"![gap vs APS]({board['files']['plot']})", ""]
+    lines += ["| fit | n | slope | R² | p | runs | note |", "|---|---:|---:|---:|---:|---|---|"]
+    for name, fit in board["fits"].items():
+        lines.append(f"| {name} | {fit['n']} | {report_mod._f(fit['slope'])} | {report_mod._f(fit['r2'])} | "
+                     f"{report_mod._p(fit['p'])} | {_cell(', '.join(fit['runs']))} | {fit['note'] or ''} |")
+    lines += ["", "## Comparability", ""]
+    diffs = board["comparability"]["differences"]
+    if not diffs:
+        lines.append("All runs used the same tasks, limit, prompts, TTS specs, items and APS method.")
+    for d in diffs:
+        where = f" ({', '.join(d['pairs'])})" if d["pairs"] else ""
+        lines.append(f"- **{d['aspect']}**{where}: {', '.join(d['runs'])} differ from {', '.join(d['reference'])}")
+        lines += [f"  - `{line}`" for line in d["detail"]]
+    lines += ["", "## Notes", ""]
+    lines += [f"- {n}" for n in board["notes"]] or ["- none"]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(board: dict, out) -> None:
+    """The plot first (its name goes into the JSON), then md, csv and json, each written atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(r["aps"] is not None for r in board["runs"]):
+        board["files"]["plot"] = Path(gap_vs_aps_plot(board, out / "gap_vs_aps.png")).name
+    else:
+        board["notes"].append("no run has token-level states (capture=tokens): no APS, no gap_vs_aps.png")
+    clean = report_mod._jsonable(board)
+    report_mod._atomic_write(out / "leaderboard.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    report_mod._atomic_write(out / "leaderboard.csv", to_csv(clean))
+    report_mod._atomic_write(out / "leaderboard.md", markdown(clean))
+
+
+def summary(board: dict) -> str:
+    """The stdout view: one line per run, the fits, and each comparability problem."""
+    f = report_mod._f
+    width = max(len(r["label"]) for r in board["runs"])
+    lines = [f"{'run':<{width}}  {'n':>6}  {'text':>6}  {'speech':>6}  {'gap':>7}  {'95% CI':>17}  {'S_cos':>6}  "
+             f"{'APS':>6}  flags"]
+    for r in board["runs"]:
+        ci = f"[{f(r['ci_low'])}, {f(r['ci_high'])}]"
+        lines.append(f"{r['label']:<{width}}  {r['n']:>6}  {f(r['text_acc']):>6}  {f(r['speech_acc']):>6}  "
+                     f"{f(r['gap']):>7}  {ci:>17}  {f(r['S_cos']):>6}  {f(r['aps']):>6}  {','.join(r['flags'])}")
+    for name, fit in board["fits"].items():
+        lines.append(f"{name}: R² {f(fit['r2'])} over {fit['n']} runs" + (f" ({fit['note']})" if fit["note"] else ""))
+    for d in board["comparability"]["differences"]:
+        where = f" [{', '.join(d['pairs'])}]" if d["pairs"] else ""
+        lines.append(f"NOT COMPARABLE {d['aspect']}{where}: {', '.join(d['runs'])} vs {', '.join(d['reference'])}: "
+                     + "; ".join(d["detail"]))
+    lines += [f"note: {n}" for n in board["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The README's main command: install what is missing, then run the paired text/speech evaluation
+# of the embedded default model (mini: Whisper tiny.en encoder -> trained adapter -> SmolLM2-135M)
+# on a fixed MMLU subset with hidden-state capture, and write the modality-gap report.
+#   OUT=dir LIMIT=n bash scripts/demo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-out/demo}
+LIMIT=${LIMIT:-25}
+start=$(date +%s)
+lm_eval --model lslm \
+  --model_args "pretrained=mini,capture=tokens,capture_dir=$OUT/capture,capture_limit=25" \
+  --tasks speech_mmlu_continuation_demo --limit "$LIMIT" --batch_size 8 --device cpu \
+  --log_samples --output_path "$OUT/results"
+lmeval-speech report "$OUT/results" --out "$OUT/report"
+echo "demo finished in $(( $(date +%s) - start )) s; report: $OUT/report/report.md"

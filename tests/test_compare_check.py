@@ -1,0 +1,220 @@
+"""``lmeval-speech compare`` and ``check`` through the CLI, on synthetic runs in lm-eval's layout.
+
+Runs ``a``, ``b``, ``c`` share every setting and differ in scores and captured states: speech states
+are ``cos(t) e_i + sin(t) e_{i+4}`` against text ``e_i``, so S_cos = APS = cos(t) by construction.
+``voice`` re-voices the speech twins through ``tts_voice=`` in model_args; ``limit`` scores only
+the first 8 items of each task with ``--limit 8``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lmeval_speech.capture.store import CaptureWriter
+from lmeval_speech.cli import main as cli
+from test_report import CORRECT, STAMP, write_run
+
+N_STATES, TOKEN_LAYERS, D = 3, [0, 2], 12
+SCORES = {
+    "a": CORRECT,
+    "b": {"speech_toy_a": (CORRECT["speech_toy_a"][0], [0] * 12), "speech_toy_b": CORRECT["speech_toy_b"]},
+    "c": {p: (t, t) for p, (t, _) in CORRECT.items()},
+}
+THETA = {"a": 0.6, "b": 1.1, "c": 0.2}
+
+
+def _unit(i: int) -> np.ndarray:
+    e = np.zeros(D, dtype=np.float32)
+    e[i] = 1.0
+    return e
+
+
+def write_capture(root, theta: float) -> None:
+    """Every paired item captured (pooled); pair ``speech_toy_a`` with tokens too."""
+    c, s = math.cos(theta), math.sin(theta)
+    writer = CaptureWriter(root, meta={"pretrained": "mini", "mode": "tokens", "n_hidden_states": N_STATES,
+                                       "token_layers": TOKEN_LAYERS})
+    for pair, (text, _) in CORRECT.items():
+        for d in range(len(text)):
+            for modality in ("text", "speech"):
+                if modality == "text":
+                    pooled, tokens = 3 * _unit(0), np.stack([_unit(j) for j in range(4)])
+                else:
+                    pooled = 4 * (c * _unit(0) + s * _unit(1))
+                    tokens = np.stack([c * _unit(i) + s * _unit(i + 4) for i in range(4)] + [_unit(8), _unit(9)])
+                tensors = {"pooled": np.tile(pooled, (N_STATES, 1))}
+                if pair == "speech_toy_a":
+                    tensors["tokens"] = np.stack([tokens] * len(TOKEN_LAYERS)).astype(np.float16)
+                writer.add({"task": f"{pair}_{modality}", "pair": pair, "modality": modality, "doc_id": d,
+                            "n_positions": len(tokens), "token_layers": TOKEN_LAYERS if "tokens" in tensors else [],
+                            "audio": None}, tensors)
+    writer.flush()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    dirs = {}
+    for name, scores in SCORES.items():
+        write_capture(root / f"cap_{name}", THETA[name])
+        write_run(root / name, f"pretrained=mini,capture=tokens,capture_dir={root / f'cap_{name}'}", correct=scores)
+        dirs[name] = root / name
+    write_run(root / "voice", "pretrained=mini,tts_voice=en-gb")
+    dirs["voice"] = root / "voice"
+    write_run(root / "limit", "pretrained=mini", correct={p: (t[:8], s[:8]) for p, (t, s) in CORRECT.items()})
+    results = root / "limit" / "lslm__mini" / f"results_{STAMP}.json"
+    data = json.loads(results.read_text())
+    data["config"]["limit"] = 8
+    results.write_text(json.dumps(data))
+    dirs["limit"] = root / "limit"
+    return root, dirs
+
+
+@pytest.fixture(scope="module")
+def board(runs):
+    root, dirs = runs
+    out = root / "board"
+    assert cli(["compare", *(str(dirs[n]) for n in "abc"), "--out", str(out), "--labels", "A,B,C"]) == 0
+    return out, json.loads((out / "leaderboard.json").read_text())
+
+
+def _report(path):
+    return json.loads((path / "gap_report" / "report.json").read_text())
+
+
+def test_leaderboard_values_are_the_reports_values(runs, board):
+    _, dirs = runs
+    out, lb = board
+    assert [r["label"] for r in lb["runs"]] == ["A", "B", "C"]
+    for name, row in zip("abc", lb["runs"]):
+        rep = _report(dirs[name])  # built by compare, since the runs had no report
+        ov = rep["overall"]
+        for key in ("n", "text_acc", "speech_acc", "gap", "ci_low", "ci_high"):
+            assert row[key] == ov[key], (name, key)
+        assert row["mcnemar_p"] == ov["mcnemar"]["p"]
+        assert (row["S_cos"], row["S_euc"], row["aps"]) == (rep["similarity"]["S_cos"], rep["similarity"]["S_euc"],
+                                                           rep["alignment"]["aps"])
+        assert row["aps"] == pytest.approx(math.cos(THETA[name]), abs=2e-3)
+        assert row["flags"] == [] and row["tts"] == "espeak-ng:en-us@160"
+        pair_rows = {p["pair"]: p for p in lb["pairs"] if p["label"] == row["label"]}
+        for pair, p in rep["pairs"].items():
+            assert pair_rows[pair]["gap"] == p["gap"] and pair_rows[pair]["n"] == p["n"]
+        assert pair_rows["speech_toy_b"]["aps"] is None
+    assert lb["comparability"] == {"comparable": True, "differences": []}
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert [r["scope"] for r in rows] == ["overall"] * 3 + ["speech_toy_a", "speech_toy_b"] * 3
+    assert float(rows[1]["gap"]) == pytest.approx(lb["runs"][1]["gap"])
+    md = (out / "leaderboard.md").read_text()
+    assert "| A | 20 |" in md and "All runs used the same" in md and "![gap vs APS](gap_vs_aps.png)" in md
+    assert (out / "gap_vs_aps.png").stat().st_size > 1000
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_fits_match_numpy(board):
+    _, lb = board
+    gap = np.array([r["gap"] for r in lb["runs"]])
+    for name, key in (("gap_vs_aps", "aps"), ("gap_vs_S_cos", "S_cos"), ("gap_vs_S_euc", "S_euc")):
+        x = np.array([r[key] for r in lb["runs"]])
+        fit = lb["fits"][name]
+        assert fit["n"] == 3 and fit["runs"] == ["A", "B", "C"] and fit["flagged"] == []
+        assert fit["r2"] == pytest.approx(np.corrcoef(x, gap)[0, 1] ** 2, rel=1e-9)
+        slope, intercept = np.polyfit(x, gap, 1)
+        assert (fit["slope"], fit["intercept"]) == (pytest.approx(slope), pytest.approx(intercept))
+
+
+def test_different_tts_and_limit_are_flagged(runs, tmp_path, capsys):
+    _, dirs = runs
+    assert cli(["compare", str(dirs["a"] / "gap_report" / "report.json"), str(dirs["voice"]), str(dirs["limit"]),
+                "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    lb = json.loads((tmp_path / "leaderboard.json").read_text())
+    a, voice, limit = (r["label"] for r in lb["runs"])
+    assert (a, voice, limit) == ("mini [espeak-ng:en-us@160] (1)", "mini [espeak-ng:en-gb@160]",
+                                 "mini [espeak-ng:en-us@160] (2)")
+    assert [r["flags"] for r in lb["runs"]] == [[], ["tts"], ["items", "limit"]]
+    diffs = lb["comparability"]["differences"]
+    assert not lb["comparability"]["comparable"]
+    (tts,) = [d for d in diffs if d["aspect"] == "tts"]  # one entry for both pairs
+    assert tts == {"aspect": "tts", "pairs": ["speech_toy_a", "speech_toy_b"], "reference": [a, limit],
+                   "runs": [voice], "detail": ["tts.voice: 'en-us' -> 'en-gb'"]}
+    (items,) = [d for d in diffs if d["aspect"] == "items"]  # speech_toy_b has 8 items either way
+    assert items["pairs"] == ["speech_toy_a"] and items["runs"] == [limit]
+    assert "items: 12 -> 8 items" in items["detail"]
+    assert "doc ids only in reference [8, 9, 10, 11]" in " ".join(items["detail"])
+    assert next(d for d in diffs if d["aspect"] == "limit")["detail"] == ["limit: (absent) -> 8"]
+    pairs = {(p["label"], p["pair"]): p["flags"] for p in lb["pairs"]}
+    assert pairs[(voice, "speech_toy_b")] == ["tts"] and pairs[(a, "speech_toy_a")] == []
+    assert "NOT COMPARABLE tts" in printed
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "**tts** (speech_toy_a, speech_toy_b)" in md and "tts.voice: 'en-us' -> 'en-gb'" in md
+    # only the first run has APS: its point is drawn, and the fit says why there is no line
+    assert lb["files"]["plot"] is not None and lb["fits"]["gap_vs_aps"]["note"].startswith("n=1")
+
+
+def test_compare_rejects_wrong_label_count(runs, tmp_path, capsys):
+    _, dirs = runs
+    assert cli(["compare", str(dirs["a"]), str(dirs["b"]), "--labels", "x", "--out", str(tmp_path)]) == 2
+    assert "--labels has 1 labels for 2 runs" in capsys.readouterr().err
+
+
+def check(*argv) -> int:
+    return cli(["check", *map(str, argv)])
+
+
+def test_check_update_then_pass(runs, board, tmp_path, capsys):
+    _, dirs = runs
+    baseline = tmp_path / "baseline.json"
+    assert check(dirs["a"], "--baseline", baseline, "--update") == 0
+    data = json.loads(baseline.read_text())
+    assert data["schema_version"] == 1 and data["settings"]["limit"] is None
+    assert data["settings"]["pairs"]["speech_toy_a"]["items"] == [[0, 11]]
+    gap = data["metrics"]["gap"]
+    assert gap["value"] == pytest.approx(0.25) and gap["ci_low"] <= 0.25 <= gap["ci_high"]
+    assert data["metrics"]["aps"]["value"] == pytest.approx(math.cos(THETA["a"]), abs=2e-3)
+    capsys.readouterr()
+    assert check(dirs["a"], "--baseline", baseline, "--ci") == 0
+    out = capsys.readouterr().out
+    assert "passed: gap, text_acc, speech_acc, aps" in out and "REGRESSED" not in out
+
+
+def test_check_names_the_regressed_metric(runs, board, tmp_path, capsys):
+    _, dirs = runs
+    baseline = tmp_path / "baseline.json"
+    check(dirs["a"], "--baseline", baseline, "--update")
+    capsys.readouterr()
+    assert check(dirs["b"], "--baseline", baseline) == 1  # gap 0.25 -> 0.55, APS 0.83 -> 0.45
+    out = capsys.readouterr().out
+    gap_line = next(line for line in out.splitlines() if line.startswith("gap "))
+    assert "REGRESSED (tolerance)" in gap_line and "+0.3000" in gap_line
+    assert "regressed: gap, speech_acc, aps" in out and "passed: text_acc" in out
+    assert "model differs from the baseline (allowed): model_args.capture_dir" in out
+    # within a wide tolerance the same run passes, unless it must stay inside the baseline CI
+    assert check(dirs["b"], "--baseline", baseline, "--tolerance", "0.5") == 0
+    assert check(dirs["b"], "--baseline", baseline, "--tolerance", "0.5", "--ci") == 1
+    assert "REGRESSED (CI)" in capsys.readouterr().out
+    # the new run accepted as baseline passes against itself, and the old one reads as an improvement
+    assert check(dirs["b"], "--baseline", baseline, "--update") == 0
+    assert check(dirs["b"], "--baseline", baseline, "--ci") == 0
+    capsys.readouterr()
+    assert check(dirs["a"], "--baseline", baseline, "--ci") == 0
+    assert next(line for line in capsys.readouterr().out.splitlines() if line.startswith("gap ")).endswith("ok (improved)")
+
+
+def test_check_refuses_other_settings(runs, board, tmp_path, capsys):
+    _, dirs = runs
+    baseline = tmp_path / "baseline.json"
+    check(dirs["voice"], "--baseline", baseline, "--update")
+    capsys.readouterr()
+    assert check(dirs["limit"], "--baseline", baseline) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "limit: (absent) -> 8" in err and "pairs.speech_toy_a.items: 12 -> 8 items" in err
+    assert check(dirs["c"], "--baseline", baseline) == 2
+    err = capsys.readouterr().err
+    assert "pairs.speech_toy_a.tts.voice: 'en-gb' -> 'en-us'" in err
+    assert check(dirs["a"], "--baseline", tmp_path / "missing.json") == 2
+    assert "--update" in capsys.readouterr().err
