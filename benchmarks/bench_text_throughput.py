@@ -86,7 +86,8 @@ def make_requests(n_items: int, shape: str, seed: int = 0):
         if shape == "letter":
             conts = [f" {c}" for c in "ABCD"]
         else:
-            conts = [" " + " ".join(rng.choice(sentences, size=int(rng.integers(1, 3)))) for _ in range(CHOICES)]
+            # distinct choices: hf scores identical requests once, which would flatter its cache
+            conts = [f" {s}" for s in rng.choice(sentences, size=CHOICES, replace=False)]
         out += [Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont), idx=i,
                          metadata=("bench_text", doc_id, 1)) for i, cont in enumerate(conts)]
     return out

@@ -114,3 +114,22 @@ def test_kill_9_mid_run_then_rerun_loses_nothing(tiny_qwen2_audio_dir, tmp_path)
     for twin in ("text", "speech"):
         assert res[0][f"{TASK}_{twin}"]["acc,none"] == res[1][f"{TASK}_{twin}"]["acc,none"]
     assert clean.returncode == 0
+
+
+def test_data_parallel_two_cpu_processes(tiny_qwen2_audio_dir, tmp_path):
+    """torchrun (gloo on CPU): each rank captures its own shards, results equal one process's."""
+    from lmeval_speech.capture.store import CaptureReader
+
+    common = ["--model", "lslm", "--tasks", TASK, "--limit", "6", "--batch_size", "2", "--log_samples"]
+    env = {"LMEVAL_SPEECH_CACHE": str(tmp_path / "tts")}
+    sh("torchrun", "--nproc_per_node", "2", "-m", "lm_eval", *common, "--model_args",
+       f"pretrained={tiny_qwen2_audio_dir},capture=pooled,capture_dir={tmp_path / 'cap'}",
+       "--output_path", str(tmp_path / "dp"), env_extra=env)
+    sh("lm_eval", *common, "--model_args", f"pretrained={tiny_qwen2_audio_dir}", "--device", "cpu",
+       "--output_path", str(tmp_path / "single"), env_extra=env)
+    res = [json.load(open(glob.glob(str(tmp_path / d / "*/results_*.json"))[0]))["results"] for d in ("dp", "single")]
+    for twin in ("text", "speech"):
+        assert res[0][f"{TASK}_{twin}"]["acc,none"] == res[1][f"{TASK}_{twin}"]["acc,none"]
+    assert {p.name.split("-")[0] for p in (tmp_path / "cap").glob("rank*.safetensors")} == {"rank0", "rank1"}
+    recs = CaptureReader(tmp_path / "cap").records
+    assert sorted((r["modality"], r["doc_id"]) for r in recs) == [(m, d) for m in ("speech", "text") for d in range(6)]

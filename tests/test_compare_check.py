@@ -202,7 +202,8 @@ def test_check_names_the_regressed_metric(runs, board, tmp_path, capsys):
     assert check(dirs["b"], "--baseline", baseline, "--ci") == 0
     capsys.readouterr()
     assert check(dirs["a"], "--baseline", baseline, "--ci") == 0
-    assert next(line for line in capsys.readouterr().out.splitlines() if line.startswith("gap ")).endswith("ok (improved)")
+    gap_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("gap "))
+    assert gap_line.endswith("ok (improved)")
 
 
 def test_check_refuses_other_settings(runs, board, tmp_path, capsys):

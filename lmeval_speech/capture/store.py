@@ -109,6 +109,10 @@ class CaptureReader:
                 raise CaptureCorruptError(f"unreadable capture index {idx}: {err}") from err
             self._shards[index["shard"]] = index
             self.records.extend(rows)
+        # Data-parallel padding can make two ranks capture the same item: keep one record per key.
+        seen: set[str] = set()
+        self.records = [r for r in self.records
+                        if not (record_key(r["task"], r["doc_id"]) in seen or seen.add(record_key(r["task"], r["doc_id"])))]
         self.meta = json.loads((self.root / "capture.json").read_text()) if (self.root / "capture.json").exists() else {}
 
     def _check(self, shard: str) -> Path:

@@ -124,12 +124,14 @@ class LSLM(TemplateLM):
         super().__init__()
         if unknown:
             raise TypeError(f"lslm got unknown model_args {sorted(unknown)}")
+        self.accelerator = self._init_data_parallel()
         if audio_overflow not in {"truncate", "error"}:
             raise ValueError("audio_overflow must be 'truncate' or 'error'")
         self.pretrained = str(pretrained or "mini")
-        self._device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
-        )
+        if self.accelerator is not None:  # one process per device under `accelerate launch`
+            self._device = self.accelerator.device
+        else:
+            self._device = self._pick_device(device)
         torch_dtype = self._resolve_dtype(dtype)
         self.backend_impl = self._load_backend(
             self.pretrained, torch_dtype, revision, _as_bool(trust_remote_code)
@@ -159,6 +161,44 @@ class LSLM(TemplateLM):
             spec = InterventionSpec.from_args(intervention, intervene_layers, critical, strength,
                                               intervention_mode, calibration, save_calibration)
             self.intervener = Intervener(spec, self.backend_impl.decoder_layers)
+
+    @staticmethod
+    def _pick_device(device) -> torch.device:
+        """``auto`` picks CUDA when present; lm-eval's CLI default ``cuda`` falls back to CPU with a warning."""
+        if device in (None, "", "auto"):
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            log.warning("device=%s requested but CUDA is not available: running on CPU", device)
+            return torch.device("cpu")
+        return dev
+
+    # ------------------------------------------------------------------ data parallel
+    def _init_data_parallel(self):
+        """Under ``accelerate launch -m lm_eval`` (as lm-eval's ``hf`` model): rank and world size."""
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return None
+        from accelerate import Accelerator
+
+        acc = Accelerator(cpu=not torch.cuda.is_available())  # gloo across CPU processes
+        self._rank, self._world_size = acc.process_index, acc.num_processes
+        return acc
+
+    def all_gather(self, tensor):
+        return tensor if self.accelerator is None else self.accelerator.gather(tensor.to(self.device))
+
+    def gather_object(self, obj, dst=0):
+        if self.accelerator is None:
+            return [obj]
+        out = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj=obj, object_gather_list=out, dst=dst)
+        return out
+
+    def barrier(self):
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ loading
     def _resolve_dtype(self, dtype):

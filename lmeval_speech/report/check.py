@@ -55,7 +55,7 @@ _CHUNK = 500
 
 
 class BaselineError(ValueError):
-    """The baseline file is missing, unreadable or of another schema."""
+    """The baseline file is missing, unreadable or of another schema (a ValueError: exit 2)."""
 
 
 def _tolerance(value: str) -> float:
@@ -84,21 +84,21 @@ def main(args) -> int:
         notes: list[str] = []
         current = make_baseline(rep, path, notes)
         if args.update:
+            Path(args.baseline).parent.mkdir(parents=True, exist_ok=True)
             report_mod._atomic_write(Path(args.baseline), json.dumps(report_mod._jsonable(current), indent=2,
                                                                       allow_nan=False) + "\n")
             print(f"wrote baseline {args.baseline} from {path}")
             print(_values_line(current["metrics"]))
             return 0
         baseline = read_baseline(args.baseline)
-    except (*compare.ERRORS, BaselineError) as err:
+    except compare.ERRORS as err:
         print(f"lmeval-speech check: error: {err}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"note: {note}")
     refused = settings_differences(baseline["settings"], current["settings"])
-    model_change = compare.diff({"model": baseline["settings"].get("model"),
-                                 "model_args": baseline["settings"].get("model_args")},
-                                {"model": current["settings"]["model"], "model_args": current["settings"]["model_args"]})
+    model_change = compare.diff({k: baseline["settings"].get(k) for k in ("model", "model_args")},
+                                {k: current["settings"][k] for k in ("model", "model_args")})
     for line in model_change:
         print(f"model differs from the baseline (allowed): {line}")
     if refused:

@@ -52,7 +52,7 @@ from matplotlib.figure import Figure
 from lmeval_speech.capture.store import CaptureCorruptError
 from lmeval_speech.metrics import linear_fit
 from lmeval_speech.report import report as report_mod
-from lmeval_speech.report.runs import UnpairedError, find_results_file, load_run
+from lmeval_speech.report.runs import find_results_file, load_run
 
 SCHEMA_VERSION = 1
 METRICS = ("n", "text_acc", "speech_acc", "gap", "ci_low", "ci_high", "mcnemar_p", "S_cos", "S_euc", "aps")
@@ -60,7 +60,8 @@ FIT_VALUES = {"gap_vs_aps": "aps", "gap_vs_S_cos": "S_cos", "gap_vs_S_euc": "S_e
 RESULTS_PROMPT_KEYS = ("description", "target_delimiter", "fewshot_delimiter", "doc_to_choice")
 CHAT_KEYS = ("system_instruction", "chat_template", "fewshot_as_multiturn")
 TTS_OVERRIDES = {"tts_engine": "engine", "tts_voice": "voice", "tts_rate": "rate"}
-ERRORS = (UnpairedError, ValueError, FileNotFoundError, CaptureCorruptError, json.JSONDecodeError)
+#: What a bad input raises (ValueError covers UnpairedError and invalid JSON): exit 2 with the message.
+ERRORS = (ValueError, OSError, CaptureCorruptError)
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -182,7 +183,8 @@ def _tts_specs(rep: dict) -> dict:
     """{pair: effective TTS spec of its speech twin} (None when the task records none)."""
     run = rep["run"]
     model_args = run.get("model_args_parsed") or {}
-    return {pair: _effective_tts(run["tasks"].get(p["speech_task"], {}), model_args) for pair, p in rep["pairs"].items()}
+    return {pair: _effective_tts(run["tasks"].get(p["speech_task"], {}), model_args)
+            for pair, p in rep["pairs"].items()}
 
 
 def settings(rep: dict, notes: list | None = None) -> dict:
@@ -218,7 +220,9 @@ def _key(value) -> str:
 
 
 def _short(value, width: int = 60) -> str:
-    text = "(absent)" if value is None else json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    if value is None:
+        return "(absent)"
+    text = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -421,7 +425,8 @@ def _cell(text: str) -> str:
 
 def _row(names: list[str], r: dict) -> str:
     f, p = report_mod._f, report_mod._p
-    return (f"| {' | '.join(map(_cell, names))} | {r['n']} | {f(r['text_acc'])} | {f(r['speech_acc'])} | {f(r['gap'])} | "
+    return (f"| {' | '.join(map(_cell, names))} | {r['n']} | {f(r['text_acc'])} | {f(r['speech_acc'])} | "
+            f"{f(r['gap'])} | "
             f"[{f(r['ci_low'])}, {f(r['ci_high'])}] | {p(r['mcnemar_p'])} | {f(r['S_cos'])} | {f(r['S_euc'])} | "
             f"{f(r['aps'])} | {', '.join(r['flags']) or ''} |")
 
