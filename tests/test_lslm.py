@@ -148,3 +148,46 @@ def test_generate_until_with_audio(tiny_qwen2_audio_dir):
     out = lm.generate_until([req("Question: <audio>\nAnswer:", {"until": ["\n"], "max_gen_toks": 5,
                                                                 "do_sample": False}, audio, kind="generate_until")])
     assert isinstance(out[0], str) and "\n" not in out[0]
+
+
+def test_bad_and_odd_audio_inputs_are_fixed_or_reported(tiny_qwen2_audio_dir, tmp_path):
+    """Each odd input is either fixed (and the fix recorded) or reported per item; none ends the run."""
+    garbage = tmp_path / "clip.wav"
+    garbage.write_bytes(b"not a wav file at all")
+    sr = 44100
+    stereo = np.stack([tone(1.0, sr=sr), tone(1.0, sr=sr, seed=1)], axis=1)
+    cases = {
+        "tiny": {"array": tone(0.01), "sampling_rate": 16000},
+        "ten_minutes": {"array": np.tile(tone(1.0), 600), "sampling_rate": 16000},
+        "stereo_44k": {"array": stereo, "sampling_rate": sr},
+        "empty": {"array": np.zeros(0, dtype=np.float32), "sampling_rate": 16000},
+        "inf": {"array": np.full(1600, np.inf, dtype=np.float32), "sampling_rate": 16000},
+        "unreadable_file": {"path": str(garbage)},
+    }
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=4)
+    res = lm.loglikelihood([req("Q: <audio>\nA:", " x", {"audio": [a]}) for a in cases.values()])
+    got = dict(zip(cases, res))
+    for ok in ("tiny", "ten_minutes", "stereo_44k"):
+        assert np.isfinite(got[ok][0]), ok
+    for bad in ("empty", "inf", "unreadable_file"):
+        assert got[bad] == (float("-inf"), False), bad
+    notes = list(lm.audio_log.values())
+    fixes = " ".join(f for n in notes for f in n.get("fixes", []))
+    assert "truncated" in fixes and "downmixed" in fixes and "resampled" in fixes
+    errors = " ".join(n["error"] for n in notes if "error" in n)
+    assert str(garbage) in errors and "empty" in errors.lower()
+
+
+def test_one_token_choices_share_one_forward(tiny_llama_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    ctx = "A. Paris B. Rome C. Madrid D. Berlin Answer:"
+    reqs = [req(ctx, f" {c}") for c in "ABCD"]
+    lm = LSLM(pretrained=tiny_llama_dir, device="cpu", batch_size=1)
+    calls = []
+    real = lm.backend_impl.run_decoder
+    lm.backend_impl.run_decoder = lambda *a, **k: calls.append(1) or real(*a, **k)
+    got = lm.loglikelihood(reqs)
+    expected = HFLM(pretrained=tiny_llama_dir, device="cpu", dtype="float32", batch_size=1).loglikelihood(reqs)
+    assert len(calls) == 1
+    np.testing.assert_allclose([g for g, _ in got], [e for e, _ in expected], atol=1e-4)

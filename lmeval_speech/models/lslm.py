@@ -483,26 +483,36 @@ class LSLM(TemplateLM):
         they come (lm-eval's ``--use_cache``) and an interrupted run loses at most one batch.
         """
         results: dict[int, tuple[float, bool]] = {}
-        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i].tokens) - len(seqs[i].cont), i))
+        # Sequences with the same model input (e.g. the four one-token choices " A".." D" of an
+        # item) share one forward pass; each then reads its own continuation's log-probabilities.
+        shared: dict[tuple, list[_Seq]] = {}
+        for s in seqs:
+            shared.setdefault((tuple(s.tokens), tuple(s.audio)), []).append(s)
+        groups = [sorted(g, key=lambda s: not self._captures(s)) for g in shared.values()]  # capturer first
+        order = sorted(range(len(groups)), key=lambda i: (-len(groups[i][0].tokens) - max(len(s.cont) for s in groups[i]), i))
         bs = max(1, self.batch_size)
         pbar = tqdm(total=len(seqs), desc=desc, disable=disable_tqdm or self.rank != 0)
         for start in range(0, len(order), bs):
-            batch = [seqs[i] for i in order[start : start + bs]]
+            batch_groups = [groups[i] for i in order[start : start + bs]]
+            batch = [g[0] for g in batch_groups]
             ids, mask, embeds = self._embed(batch, items)
             rows = [r for r, s in enumerate(batch) if self._captures(s)]
             with self._intervening(batch, embeds):
                 out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows))
             for r in rows:
                 self._capture_row(batch[r], out.hidden_states, r)
-            for row, s in enumerate(batch):
-                n, c = len(s.tokens), len(s.cont)
-                logp = F.log_softmax(self.backend_impl.logits(out.last_hidden[row, n - c : n]).float(), dim=-1)
-                cont = torch.tensor(s.cont, device=logp.device)
-                ll = float(logp.gather(1, cont[:, None]).sum())
-                results[id(s)] = (ll, bool((logp.argmax(-1) == cont).all()))
-            pbar.update(len(batch))
+            done = []
+            for row, group in enumerate(batch_groups):
+                for s in group:
+                    n, c = len(s.tokens), len(s.cont)
+                    logp = F.log_softmax(self.backend_impl.logits(out.last_hidden[row, n - c : n]).float(), dim=-1)
+                    cont = torch.tensor(s.cont, device=logp.device)
+                    ll = float(logp.gather(1, cont[:, None]).sum())
+                    results[id(s)] = (ll, bool((logp.argmax(-1) == cont).all()))
+                    done.append((s, results[id(s)]))
+            pbar.update(len(done))
             if on_batch is not None:
-                on_batch([(s, results[id(s)]) for s in batch])
+                on_batch(done)
             _maybe_inject_fault()
         pbar.close()
         return [results[id(s)] for s in seqs]

@@ -1,0 +1,102 @@
+"""Resident memory over a long capture run: does it stay flat?
+
+Runs ``lslm`` with ``capture=tokens`` (token states for every item, the worst case) over N items of
+a tiny Qwen2-Audio built from config, sampling the process's RSS every 0.2 s, and prints RSS at
+25/50/75/100% of the run next to the RSS of the same run with capture off (baseline measured in the
+same process), plus the bytes written. Flat = the capture's extra RSS does not grow with N.
+
+    python benchmarks/bench_capture_memory.py [--items 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_tiny(path: Path) -> str:
+    import torch
+    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
+                              WhisperFeatureExtractor)
+
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen2AudioConfig(
+        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                          num_mel_bins=128, max_source_positions=1500),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        audio_token_id=tok.convert_tokens_to_ids("<|AUDIO|>"))
+    Qwen2AudioForConditionalGeneration(cfg).save_pretrained(path)
+    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok).save_pretrained(path)
+    return str(path)
+
+
+def run(model_dir: str, n: int, capture_dir: str | None):
+    from lm_eval.api.instance import Instance
+
+    from conftest import tone
+    from lmeval_speech.models.lslm import LSLM
+
+    kw = {"capture": "tokens", "capture_dir": capture_dir, "capture_layers": "all"} if capture_dir else {}
+    lm = LSLM(pretrained=model_dir, device="cpu", batch_size=16, **kw)
+    reqs = [Instance("loglikelihood", {"question": "q"},
+                     ("Question: <audio>\nAnswer:", " x", {"audio": [{"array": tone(0.3, seed=i), "sampling_rate": 16000}]}),
+                     0, ("bench_speech", i, 1)) for i in range(n)]
+    samples, done = [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            samples.append((time.time(), rss_mb()))
+            time.sleep(0.2)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    t0 = time.time()
+    lm.loglikelihood(reqs, disable_tqdm=True)
+    done.set()
+    t.join()
+    dur = time.time() - t0
+    run_samples = [r for ts, r in samples if ts >= t0]
+    quarters = [run_samples[min(len(run_samples) - 1, int(q * len(run_samples)) - 1)] for q in (0.25, 0.5, 0.75, 1.0)]
+    return quarters, dur
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=2000)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny(Path(tmp) / "tiny")
+        base, t_base = run(model, args.items, None)
+        cap, t_cap = run(model, args.items, str(Path(tmp) / "cap"))
+        written = sum(p.stat().st_size for p in (Path(tmp) / "cap").glob("*")) / 2**20
+    print(f"{time.strftime('%Y-%m-%d')} {os.uname().machine} {os.cpu_count()} cores, {args.items} items, capture=tokens (all layers)")
+    print("run            RSS MB at 25%    50%    75%   100%   seconds")
+    print(f"capture off   {base[0]:10.0f} {base[1]:6.0f} {base[2]:6.0f} {base[3]:6.0f} {t_base:9.1f}")
+    print(f"capture on    {cap[0]:10.0f} {cap[1]:6.0f} {cap[2]:6.0f} {cap[3]:6.0f} {t_cap:9.1f}")
+    print(f"capture growth 25%->100%: {cap[3] - cap[0]:+.0f} MB (baseline {base[3] - base[0]:+.0f} MB); "
+          f"written to disk: {written:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
