@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -106,6 +107,15 @@ class Example:
         self.spoken = spoken
 
 
+def transcript_examples(tok, texts: list[str]) -> list[Example]:
+    out = []
+    for t in texts:
+        e = Example(tok, "Question: ", t, "\nRepeat the question word for word:", " " + t, max_cont=32)
+        if e.ok:
+            out.append(e)
+    return out
+
+
 def build_examples(tok, seed: int):
     examples = []
     for it in cloze_items():
@@ -137,6 +147,26 @@ def encode_all(model, texts: list[str], spec: TTSSpec, fe) -> dict[str, torch.Te
             window = F.pad(window, (0, n * 10 - window.shape[-1]), value=float(window.min()))
         out[text] = model.encode_frames(window)[0]
     return out
+
+
+def cached_frames(model, texts: list[str], spec: TTSSpec, fe) -> dict[str, torch.Tensor]:
+    """``encode_all`` once per (texts, spec, encoder): the frozen encoder's outputs are reused across runs."""
+    from safetensors.torch import load_file, save_file
+
+    from .build import cache_root
+
+    key = hashlib.sha256(json.dumps([texts, spec.to_dict()]).encode()).hexdigest()[:16]
+    path = cache_root() / "train_frames" / f"{key}.safetensors"
+    if path.exists():
+        data = load_file(str(path))
+        return {t: data[str(i)] for i, t in enumerate(texts)}
+    synthesize_many(texts, spec)
+    frames = encode_all(model, texts, spec, fe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({str(i): frames[t].contiguous() for i, t in enumerate(texts)}, str(tmp))
+    os.replace(tmp, path)
+    return frames
 
 
 def _pad(seqs: list[list[int]], pad: int):
@@ -175,6 +205,62 @@ def step_loss(backend, group, frames: dict[str, torch.Tensor], pad: int):
     return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
 
 
+def stage1_alignment_regression(model, tok, frames_by_spec, texts, epochs: int, lr: float, seed: int) -> list[float]:
+    """Warm start: regress each speech token onto the LLM embedding of the text token spoken at that time.
+
+    The time of speech token i is mapped to a character of the text proportionally (espeak speaks at
+    a near-constant rate), and that character's token embedding is the target (cosine + log-norm
+    loss). The adapter is position-wise, so all tokens of all clips form one big regression set and
+    this stage needs no LLM forward pass: a few CPU minutes give the adapter text-like outputs that
+    the frozen LLM can start to read, which the distillation stage then refines.
+    """
+    emb = model.get_input_embeddings().weight.detach()
+    proj = model.multi_modal_projector
+    xs, ys = [], []
+    for frames in frames_by_spec:
+        for text in texts:
+            f = frames[text]
+            n = f.shape[0] // proj.stack
+            enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+            starts = torch.tensor([a for a, _ in enc["offset_mapping"]], dtype=torch.float)
+            chars = (torch.arange(n, dtype=torch.float) + 0.5) / n * len(text)
+            idx = (torch.searchsorted(starts, chars, right=True) - 1).clamp(0, len(starts) - 1)
+            xs.append(f[: n * proj.stack].reshape(n, -1))
+            ys.append(emb[torch.tensor(enc["input_ids"])[idx]])
+    x, y = torch.cat(xs), torch.cat(ys)
+    opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=g).split(1024):
+            out = proj.linear2(proj.act(proj.linear1(x[batch])))
+            cos = F.cosine_similarity(out, y[batch], dim=-1)
+            lognorm = torch.log(out.norm(dim=-1) + 1e-6) - torch.log(y[batch].norm(dim=-1))
+            loss = (1 - cos).mean() + lognorm.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+def transcript_loss(backend, examples: list[Example], frames: dict[str, torch.Tensor], pad: int):
+    """Cross-entropy of the spoken text itself after the audio ("repeat the question")."""
+    model = backend.model
+    seqs, spans, conts = [], [], []
+    for e in examples:
+        speech = model.multi_modal_projector(frames[e.spoken][None])[0]
+        at = e.student.index(model.config.audio_token_id)
+        seqs.append(e.student[:at] + [model.config.audio_token_id] * speech.shape[0] + e.student[at + 1 :])
+        spans.append((at, speech))
+        conts.append(e.cont)
+    ids, mask = _pad(seqs, pad)
+    embeds = backend.embed_tokens(ids).detach().clone()
+    rows = [torch.cat([embeds[i, :at], sp, embeds[i, at + sp.shape[0]:]]) for i, (at, sp) in enumerate(spans)]
+    logits = _cont_logits(backend, torch.stack(rows), mask, seqs, conts)
+    return F.cross_entropy(logits, torch.tensor([t for c in conts for t in c]))
+
+
 def _save(projector, stats: dict, out_dir: Path):
     from safetensors.torch import save_file
 
@@ -196,6 +282,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N example groups (smoke test)")
+    ap.add_argument("--stage1-epochs", type=int, default=3, help="epochs of the alignment-regression warm start")
+    ap.add_argument("--transcript-share", type=float, default=0.5, help="share of steps on the transcript loss")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -212,12 +300,14 @@ def main(argv=None):
 
     examples = build_examples(tok, args.seed)[: args.limit]
     texts = sorted({e.spoken for g in examples for e in g})
-    frames_by_spec = []
-    for spec in TRAIN_SPECS:
-        synthesize_many(texts, spec)
-        frames_by_spec.append(encode_all(model, texts, spec, backend.feature_extractor))
+    frames_by_spec = [cached_frames(model, texts, spec, backend.feature_extractor) for spec in TRAIN_SPECS]
     prep_s = time.time() - t0
 
+    t1 = time.time()
+    stage1 = stage1_alignment_regression(model, tok, frames_by_spec, texts, args.stage1_epochs, args.lr, args.seed)
+    stage1_s = time.time() - t1
+    print(f"stage 1: {len(stage1)} steps in {stage1_s:.0f}s, loss {stage1[0]:.3f} -> {sum(stage1[-20:]) / 20:.3f}")
+    transcripts = transcript_examples(tok, texts)
     opt = torch.optim.AdamW(projector.parameters(), lr=args.lr, weight_decay=0.01)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     budget = args.minutes * 60
@@ -236,26 +326,32 @@ def main(argv=None):
         lr = args.lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * progress))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = step_loss(backend, group, frames, pad)
+        if rng.random() < args.transcript_share:
+            loss = transcript_loss(backend, rng.sample(transcripts, 4), frames, pad)
+        else:
+            loss = step_loss(backend, group, frames, pad)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
         pbar.update(1)
         pbar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", lr=f"{lr:.1e}")
         if step % args.save_every == 0:
-            _save(projector, _stats(args, examples, texts, step, losses, prep_s, time.time() - t_loop), args.out)
-    _save(projector, _stats(args, examples, texts, step, losses, prep_s, time.time() - t_loop), args.out)
+            _save(projector, _stats(args, examples, texts, step, losses, prep_s, time.time() - t_loop, stage1), args.out)
+    _save(projector, _stats(args, examples, texts, step, losses, prep_s, time.time() - t_loop, stage1), args.out)
     pbar.close()
-    print(json.dumps(_stats(args, examples, texts, step, losses, prep_s, time.time() - t_loop)["summary"], indent=2))
+    print(json.dumps(_stats(args, examples, texts, step, losses, prep_s, time.time() - t_loop, stage1)["summary"], indent=2))
 
 
-def _stats(args, examples, texts, step, losses, prep_s, loop_s):
+def _stats(args, examples, texts, step, losses, prep_s, loop_s, stage1=()):
     tail = losses[-50:] or [float("nan")]
     return {
         "summary": {
+            "stage1_steps": len(stage1),
+            "stage1_loss_first_last": [round(stage1[0], 4), round(sum(stage1[-20:]) / 20, 4)] if stage1 else None,
+            "transcript_share": args.transcript_share,
             "steps": step,
             "examples": sum(len(g) for g in examples),
             "groups": len(examples),
