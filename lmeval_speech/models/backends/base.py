@@ -83,11 +83,6 @@ class Backend:
     def config(self):
         return self.model.config
 
-    @property
-    def max_positions(self) -> int | None:
-        cfg = self.language_model.config
-        return getattr(cfg, "max_position_embeddings", None)
-
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
 
@@ -113,6 +108,26 @@ class Backend:
 
     def prefix_token_ids(self) -> list[int]:
         return []
+
+
+class ComposedSpeechBackend(Backend):
+    """transformers' composite speech-LLM layout (Qwen2-Audio, Qwen2.5-Omni thinker, Voxtral,
+    Granite Speech): ``model.model.language_model`` is the decoder, ``model.lm_head`` the head,
+    ``config.audio_token_id`` the placeholder id and ``config.text_config`` the LLM's config."""
+
+    @property
+    def audio_token_id(self) -> int:
+        return self.model.config.audio_token_id
+
+    @property
+    def decoder(self):
+        return self.model.model.language_model
+
+    def embed_tokens(self, input_ids):
+        return self.model.get_input_embeddings()(input_ids)
+
+    def logits(self, hidden):
+        return self.model.lm_head(hidden)
 
 
 class WhisperStyleBackend(Backend):

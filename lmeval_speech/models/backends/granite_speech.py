@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from .base import Backend
+from .base import ComposedSpeechBackend
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class _RealGraniteFeatures:
         return self.fe._get_num_audio_features([num_samples])[0]
 
 
-class GraniteSpeechBackend(Backend):
+class GraniteSpeechBackend(ComposedSpeechBackend):
     model_types = ("granite_speech",)
     audio_placeholder = "<|audio|>"
 
@@ -110,23 +110,11 @@ class GraniteSpeechBackend(Backend):
         features = (_RealGraniteFeatures if is_torchaudio_available() else _TorchGraniteFeatures)(path, revision=revision)
         return cls(model, tokenizer, features)
 
-    @property
-    def audio_token_id(self) -> int:
-        return self.model.config.audio_token_id
-
-    @property
-    def decoder(self):
-        return self.model.model.language_model
-
     def embed_tokens(self, input_ids):
         return self.model.get_input_embeddings()(input_ids.masked_fill(input_ids == self.audio_token_id, 0))
 
     def logits(self, hidden):
         return self.model.lm_head(hidden) / self.model.config.text_config.logits_scaling
-
-    @property
-    def max_positions(self):
-        return getattr(self.model.config.text_config, "max_position_embeddings", None)
 
     def num_audio_tokens(self, num_samples: int) -> int:
         return self.processor.num_tokens(num_samples)

@@ -23,10 +23,10 @@ import math
 
 import torch
 
-from .base import DecoderOutput, WhisperStyleBackend
+from .base import ComposedSpeechBackend, DecoderOutput, WhisperStyleBackend
 
 
-class Qwen25OmniThinkerBackend(WhisperStyleBackend):
+class Qwen25OmniThinkerBackend(WhisperStyleBackend, ComposedSpeechBackend):
     model_types = ("qwen2_5_omni_thinker", "qwen2_5_omni")
     audio_placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
@@ -51,23 +51,6 @@ class Qwen25OmniThinkerBackend(WhisperStyleBackend):
         processor = SimpleNamespace(tokenizer=tokenizer, feature_extractor=WhisperFeatureExtractor.from_pretrained(path, **kw))
         return cls(model, tokenizer, processor)
 
-    @property
-    def audio_token_id(self) -> int:
-        return self.model.config.audio_token_id
-
-    @property
-    def decoder(self):
-        return self.model.model.language_model
-
-    def embed_tokens(self, input_ids):
-        return self.model.get_input_embeddings()(input_ids)
-
-    def logits(self, hidden):
-        return self.model.lm_head(hidden)
-
-    @property
-    def max_positions(self):
-        return getattr(self.model.config.text_config, "max_position_embeddings", None)
 
     @staticmethod
     def _output_length(frames):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import WhisperStyleBackend
+from .base import ComposedSpeechBackend, WhisperStyleBackend
 
 
 def whisper_frames(num_samples: int, sampling_rate: int = 16000, max_seconds: float = 30.0) -> int:
@@ -13,7 +13,7 @@ def whisper_frames(num_samples: int, sampling_rate: int = 16000, max_seconds: fl
     return -(-min(int(num_samples), int(max_seconds * sampling_rate)) // 160)
 
 
-class Qwen2AudioBackend(WhisperStyleBackend):
+class Qwen2AudioBackend(WhisperStyleBackend, ComposedSpeechBackend):
     model_types = ("qwen2_audio",)
     audio_placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
@@ -26,28 +26,6 @@ class Qwen2AudioBackend(WhisperStyleBackend):
         )
         processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         return cls(model, processor.tokenizer, processor)
-
-    @property
-    def audio_token_id(self) -> int:
-        return self.model.config.audio_token_id
-
-    @property
-    def language_model(self):
-        return self.model
-
-    @property
-    def decoder(self):
-        return self.model.model.language_model
-
-    def embed_tokens(self, input_ids):
-        return self.model.get_input_embeddings()(input_ids)
-
-    def logits(self, hidden):
-        return self.model.lm_head(hidden)
-
-    @property
-    def max_positions(self):
-        return getattr(self.model.config.text_config, "max_position_embeddings", None)
 
     def num_audio_tokens(self, num_samples: int) -> int:
         frames = whisper_frames(num_samples, self.sampling_rate, self.max_audio_seconds)

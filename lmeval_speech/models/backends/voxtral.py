@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from .base import Backend
+from .base import ComposedSpeechBackend
 
 
 class _ControlTokenText:
@@ -54,7 +54,7 @@ class _ControlTokenText:
         return ids
 
 
-class VoxtralBackend(Backend):
+class VoxtralBackend(ComposedSpeechBackend):
     model_types = ("voxtral",)
     audio_placeholder = "[BEGIN_AUDIO][AUDIO]"
     max_audio_seconds = 1800.0
@@ -79,23 +79,6 @@ class VoxtralBackend(Backend):
         processor = SimpleNamespace(tokenizer=tokenizer, feature_extractor=WhisperFeatureExtractor.from_pretrained(path, **kw))
         return cls(model, tokenizer, processor)
 
-    @property
-    def audio_token_id(self) -> int:
-        return self.model.config.audio_token_id
-
-    @property
-    def decoder(self):
-        return self.model.model.language_model
-
-    def embed_tokens(self, input_ids):
-        return self.model.get_input_embeddings()(input_ids)
-
-    def logits(self, hidden):
-        return self.model.lm_head(hidden)
-
-    @property
-    def max_positions(self):
-        return getattr(self.model.config.text_config, "max_position_embeddings", None)
 
     # ---- audio: whole 30 s windows, a fixed number of tokens each -------------------------
     @property
