@@ -8,10 +8,10 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/demo}
-LIMIT=${LIMIT:-25}
+LIMIT=${LIMIT:-30}
 start=$(date +%s)
 lm_eval --model lslm \
-  --model_args "pretrained=mini,capture=tokens,capture_dir=$OUT/capture,capture_limit=25" \
+  --model_args "pretrained=mini,capture=tokens,capture_dir=$OUT/capture,capture_limit=30" \
   --tasks speech_mmlu_continuation_demo --limit "$LIMIT" --batch_size 8 --device cpu \
   --log_samples --output_path "$OUT/results"
 lmeval-speech report "$OUT/results" --out "$OUT/report"

@@ -45,9 +45,10 @@ MMLU_SUBJECTS = [
 ]
 
 # The subjects of speech_mmlu_continuation_demo, the README's main command. The only place to change them.
+# Chosen where SmolLM2-135M-Instruct's text accuracy (cloze) is clearly above chance, measured on
+# items 50-59 of every subject (not the demo's own first items) with `lslm pretrained=mini`.
 DEMO_SUBJECTS = [
-    "high_school_geography", "high_school_psychology", "marketing", "sociology",
-    "high_school_government_and_politics", "us_foreign_policy",
+    "anatomy", "business_ethics", "human_sexuality", "us_foreign_policy", "public_relations", "marketing",
 ]
 
 # VoiceBench's mmsu subset: one split per MMLU-Pro domain.
