@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -31,24 +30,9 @@ def rss_mb() -> float:
 
 
 def build_tiny(path: Path) -> str:
-    import torch
-    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
-                              WhisperFeatureExtractor)
+    from conftest import build_tokenizer, save_tiny_qwen2_audio
 
-    from conftest import build_tokenizer
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = Qwen2AudioConfig(
-        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-                          num_mel_bins=128, max_source_positions=1500),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        audio_token_id=tok.convert_tokens_to_ids("<|AUDIO|>"))
-    Qwen2AudioForConditionalGeneration(cfg).save_pretrained(path)
-    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok).save_pretrained(path)
-    return str(path)
+    return save_tiny_qwen2_audio(path, build_tokenizer())
 
 
 def run(model_dir: str, n: int, capture_dir: str | None):

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _common import machine_info  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -46,42 +45,10 @@ CONFIGS = [("batch 1, capture off", 1, None), ("batch 8, capture off", 8, None),
            ("batch 8, capture=pooled", 8, "pooled"), ("batch 8, capture=tokens", 8, "tokens")]
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def machine_info(threads: int) -> str:
-    import lm_eval
-
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{datetime.now().isoformat(timespec='seconds')} | {platform.node()} | {cpu_name()} | {os.cpu_count()} "
-            f"cores, load avg {load} | torch {torch.__version__} ({threads} thread(s)), transformers "
-            f"{transformers.__version__}, lm-eval {lm_eval.__version__}, Python {platform.python_version()}")
-
-
 def tiny_qwen2_audio(path: Path) -> str:
-    from conftest import build_tokenizer
-    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
-                              WhisperFeatureExtractor)
+    from conftest import build_tokenizer, save_tiny_qwen2_audio
 
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = Qwen2AudioConfig(
-        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-                          num_mel_bins=128, max_source_positions=1500),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=256, intermediate_size=1024,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=2048, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        audio_token_id=tok.convert_tokens_to_ids("<|AUDIO|>"),
-    )
-    Qwen2AudioForConditionalGeneration(cfg).save_pretrained(path)
-    processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok)
-    processor.save_pretrained(path)
-    return str(path)
+    return save_tiny_qwen2_audio(path, build_tokenizer(), hidden=256, layers=4)
 
 
 def make_audio(n_items: int, source: str, cache_dir: Path) -> list[np.ndarray]:

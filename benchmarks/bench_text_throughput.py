@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
+from _common import machine_info  # noqa: E402
 import numpy as np
 import torch
 
@@ -36,25 +35,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CHOICES = 4
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def machine_info(threads: int) -> str:
-    import lm_eval
-    import transformers
-
-    cpu = cpu_name()
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{datetime.now().isoformat(timespec='seconds')} | {platform.node()} | {cpu} | {os.cpu_count()} cores, "
-            f"load avg {load} | torch {torch.__version__} ({threads} thread(s)), transformers "
-            f"{transformers.__version__}, lm-eval {lm_eval.__version__}, Python {platform.python_version()}")
 
 
 def tiny_llama(path: Path) -> str:
@@ -141,7 +121,7 @@ def main() -> None:
     print(f"model: {args.model or 'tiny Llama from config (hidden 256, 4 layers)'}, {n_params / 1e6:.1f}M params, "
           f"batch {args.batch_size}, {n_items} items x {CHOICES} choices per shape, best of {repeats} "
           f"interleaved repeats, requests/s (higher is better)")
-    head = (f"| shape  | requests | ctx tok | cont tok | hf req/s | hf no-cache req/s | lslm req/s | "
+    head = ("| shape  | requests | ctx tok | cont tok | hf req/s | hf no-cache req/s | lslm req/s | "
             f"lslm/hf | lslm/hf no-cache | max abs diff ll |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")

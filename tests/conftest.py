@@ -62,8 +62,8 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen2_audio_dir(tmp_path_factory, tokenizer):
+def save_tiny_qwen2_audio(path, tokenizer, hidden: int = 64, layers: int = 2) -> str:
+    """A random-weight Qwen2-Audio with its real processor, saved as a user's checkpoint would be."""
     from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
                               WhisperFeatureExtractor)
 
@@ -71,16 +71,20 @@ def tiny_qwen2_audio_dir(tmp_path_factory, tokenizer):
     cfg = Qwen2AudioConfig(
         audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
                           num_mel_bins=128, max_source_positions=1500),
-        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id),
         audio_token_id=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
     )
-    path = tmp_path_factory.mktemp("tiny_qwen2_audio")
     Qwen2AudioForConditionalGeneration(cfg).save_pretrained(path)
     Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_audio_dir(tmp_path_factory, tokenizer):
+    return save_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny_qwen2_audio"), tokenizer)
 
 
 def tone(seconds: float, freq: float = 220.0, sr: int = 16000, seed: int = 0) -> np.ndarray:

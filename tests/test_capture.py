@@ -17,7 +17,6 @@ SPEECH_CTX = "The following are questions (with answers) about geography.\n\nQue
 
 
 def mc_requests(task, ctx, doc_id, extra=None):
-    args = (ctx,)
     out = []
     for i, choice in enumerate([" Paris", " Rome"]):
         a = (ctx, choice) + ((extra,) if extra else ())
