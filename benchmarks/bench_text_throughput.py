@@ -122,7 +122,7 @@ def main() -> None:
           f"batch {args.batch_size}, {n_items} items x {CHOICES} choices per shape, best of {repeats} "
           f"interleaved repeats, requests/s (higher is better)")
     head = ("| shape  | requests | ctx tok | cont tok | hf req/s | hf no-cache req/s | lslm req/s | "
-            f"lslm/hf | lslm/hf no-cache | max abs diff ll |")
+            "lslm/hf | lslm/hf no-cache | max abs diff ll |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for shape, n, ctx_len, cont_len, rate, diff in rows:
