@@ -99,3 +99,16 @@ def test_truncated_shard_is_reported_with_its_path(captured):
 def test_capture_requires_a_dir(tiny_qwen2_audio_dir):
     with pytest.raises(ValueError, match="capture_dir"):
         LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", capture="pooled")
+
+
+def test_items_with_identical_prompts_are_both_captured(tiny_qwen2_audio_dir, tmp_path):
+    """Two docs with the same question share one forward pass; each still gets its record."""
+    reqs = mc_requests("pair_text", TEXT_CTX, 1) + mc_requests("pair_text", TEXT_CTX, 2)
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", capture="pooled", capture_dir=str(tmp_path / "c"))
+    calls = []
+    real = lm.backend_impl.run_decoder
+    lm.backend_impl.run_decoder = lambda *a, **k: calls.append(1) or real(*a, **k)
+    lm.loglikelihood(reqs)
+    recs = CaptureReader(tmp_path / "c").records
+    assert sorted(r["doc_id"] for r in recs) == [1, 2]
+    assert len(calls) == 2  # 4 requests, 2 distinct model inputs

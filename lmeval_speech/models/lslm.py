@@ -488,7 +488,7 @@ class LSLM(TemplateLM):
         shared: dict[tuple, list[_Seq]] = {}
         for s in seqs:
             shared.setdefault((tuple(s.tokens), tuple(s.audio)), []).append(s)
-        groups = [sorted(g, key=lambda s: not self._captures(s)) for g in shared.values()]  # capturer first
+        groups = list(shared.values())
         order = sorted(range(len(groups)), key=lambda i: (-len(groups[i][0].tokens) - max(len(s.cont) for s in groups[i]), i))
         bs = max(1, self.batch_size)
         pbar = tqdm(total=len(seqs), desc=desc, disable=disable_tqdm or self.rank != 0)
@@ -496,11 +496,13 @@ class LSLM(TemplateLM):
             batch_groups = [groups[i] for i in order[start : start + bs]]
             batch = [g[0] for g in batch_groups]
             ids, mask, embeds = self._embed(batch, items)
-            rows = [r for r, s in enumerate(batch) if self._captures(s)]
+            # every sequence of a shared group that wants capture (e.g. two items with the same
+            # question text) is recorded from the one forward pass
+            rows = [(r, s) for r, g in enumerate(batch_groups) for s in g if self._captures(s)]
             with self._intervening(batch, embeds):
                 out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows))
-            for r in rows:
-                self._capture_row(batch[r], out.hidden_states, r)
+            for r, s in rows:
+                self._capture_row(s, out.hidden_states, r)
             done = []
             for row, group in enumerate(batch_groups):
                 for s in group:
