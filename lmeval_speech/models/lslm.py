@@ -454,7 +454,7 @@ class LSLM(TemplateLM):
         for s in batch:
             key = None if s.request is None else (pair_and_modality(s.request.task_name, bool(s.audio))[0], s.request.doc_id)
             if s.audio:
-                rows.append((key, [p for st, k in s.audio for p in range(st, st + self._audio_embeds[k].shape[0])]))
+                rows.append((key, self._speech_positions(s)))
             elif s.span is not None and s.request.idx == 0 and iv.spec.mode == "oracle":
                 rows.append((key, list(range(*s.span))))
             else:
@@ -466,9 +466,13 @@ class LSLM(TemplateLM):
     def _captures(self, s: _Seq) -> bool:
         return self.capture is not None and (s.capture is not None or (bool(s.audio) and self.capture.wants(s.request, True)))
 
+    def _speech_positions(self, s: _Seq) -> list[int]:
+        """Positions that hold speech embeddings in this sequence (valid while its batch runs)."""
+        return [p for start, k in s.audio for p in range(start, start + self._audio_embeds[k].shape[0])]
+
     def _capture_row(self, s: _Seq, hidden_states, row: int) -> None:
         if s.audio:
-            positions = [p for start, k in s.audio for p in range(start, start + self._audio_embeds[k].shape[0])]
+            positions = self._speech_positions(s)
             audio_notes = [self.audio_log.get(k, {}) for _, k in s.audio]
         else:
             positions = list(range(*s.capture))
