@@ -184,24 +184,30 @@ def _cont_logits(backend, embeds, mask, seqs, conts):
     return backend.logits(torch.cat(rows)).float()
 
 
-def step_loss(backend, group, frames: dict[str, torch.Tensor], pad: int):
+def student_logits(backend, examples: list[Example], frames: dict[str, torch.Tensor], pad: int) -> torch.Tensor:
+    """Continuation logits of the LLM *hearing* each example: the adapter's speech embeddings
+    (with gradients) spliced in at the audio placeholder, then the frozen decoder."""
     model = backend.model
-    conts = [e.cont for e in group]
+    audio_id = model.config.audio_token_id
+    seqs, spans = [], []
+    for e in examples:
+        speech = model.multi_modal_projector(frames[e.spoken][None])[0]
+        at = e.student.index(audio_id)
+        seqs.append(e.student[:at] + [audio_id] * speech.shape[0] + e.student[at + 1 :])
+        spans.append((at, speech))
+    ids, mask = _pad(seqs, pad)
+    embeds = backend.embed_tokens(ids).detach()
+    rows = [torch.cat([embeds[i, :at], sp, embeds[i, at + sp.shape[0] :]]) for i, (at, sp) in enumerate(spans)]
+    return _cont_logits(backend, torch.stack(rows), mask, seqs, [e.cont for e in examples])
+
+
+def step_loss(backend, group, frames: dict[str, torch.Tensor], pad: int):
+    """KL(LLM reading the text || LLM hearing it) over the continuation's next-token distributions."""
     with torch.no_grad():
         t_ids, t_mask = _pad([e.teacher for e in group], pad)
-        teacher = _cont_logits(backend, backend.embed_tokens(t_ids), t_mask, [e.teacher for e in group], conts)
-    s_seqs, spans = [], []
-    for e in group:
-        speech = model.multi_modal_projector(frames[e.spoken][None])[0]
-        at = e.student.index(model.config.audio_token_id)
-        s_seqs.append(e.student[:at] + [model.config.audio_token_id] * speech.shape[0] + e.student[at + 1 :])
-        spans.append((at, speech))
-    s_ids, s_mask = _pad(s_seqs, pad)
-    embeds = backend.embed_tokens(s_ids).detach().clone()
-    rows = []
-    for i, (at, speech) in enumerate(spans):
-        rows.append(torch.cat([embeds[i, :at], speech, embeds[i, at + speech.shape[0] :]]))
-    student = _cont_logits(backend, torch.stack(rows), s_mask, s_seqs, conts)
+        teacher = _cont_logits(backend, backend.embed_tokens(t_ids), t_mask, [e.teacher for e in group],
+                               [e.cont for e in group])
+    student = student_logits(backend, group, frames, pad)
     return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
 
 
@@ -246,19 +252,8 @@ def stage1_alignment_regression(model, tok, frames_by_spec, texts, epochs: int, 
 
 def transcript_loss(backend, examples: list[Example], frames: dict[str, torch.Tensor], pad: int):
     """Cross-entropy of the spoken text itself after the audio ("repeat the question")."""
-    model = backend.model
-    seqs, spans, conts = [], [], []
-    for e in examples:
-        speech = model.multi_modal_projector(frames[e.spoken][None])[0]
-        at = e.student.index(model.config.audio_token_id)
-        seqs.append(e.student[:at] + [model.config.audio_token_id] * speech.shape[0] + e.student[at + 1 :])
-        spans.append((at, speech))
-        conts.append(e.cont)
-    ids, mask = _pad(seqs, pad)
-    embeds = backend.embed_tokens(ids).detach().clone()
-    rows = [torch.cat([embeds[i, :at], sp, embeds[i, at + sp.shape[0]:]]) for i, (at, sp) in enumerate(spans)]
-    logits = _cont_logits(backend, torch.stack(rows), mask, seqs, conts)
-    return F.cross_entropy(logits, torch.tensor([t for c in conts for t in c]))
+    logits = student_logits(backend, examples, frames, pad)
+    return F.cross_entropy(logits, torch.tensor([t for e in examples for t in e.cont]))
 
 
 def _save(projector, stats: dict, out_dir: Path):
@@ -306,7 +301,7 @@ def main(argv=None):
     t1 = time.time()
     stage1 = stage1_alignment_regression(model, tok, frames_by_spec, texts, args.stage1_epochs, args.lr, args.seed)
     stage1_s = time.time() - t1
-    print(f"stage 1: {len(stage1)} steps in {stage1_s:.0f}s, loss {stage1[0]:.3f} -> {sum(stage1[-20:]) / 20:.3f}")
+    print(f"stage 1: {len(stage1)} steps in {stage1_s:.0f}s, loss {stage1[0]:.3f} -> {_mean(stage1[-20:]):.3f}")
     transcripts = transcript_examples(tok, texts)
     opt = torch.optim.AdamW(projector.parameters(), lr=args.lr, weight_decay=0.01)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -327,7 +322,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         if rng.random() < args.transcript_share:
-            loss = transcript_loss(backend, rng.sample(transcripts, 4), frames, pad)
+            loss = transcript_loss(backend, rng.sample(transcripts, min(4, len(transcripts))), frames, pad)
         else:
             loss = step_loss(backend, group, frames, pad)
         opt.zero_grad()
@@ -345,12 +340,16 @@ def main(argv=None):
     print(json.dumps(_stats(args, examples, texts, step, losses, prep_s, time.time() - t_loop, stage1)["summary"], indent=2))
 
 
+def _mean(xs) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def _stats(args, examples, texts, step, losses, prep_s, loop_s, stage1=()):
     tail = losses[-50:] or [float("nan")]
     return {
         "summary": {
             "stage1_steps": len(stage1),
-            "stage1_loss_first_last": [round(stage1[0], 4), round(sum(stage1[-20:]) / 20, 4)] if stage1 else None,
+            "stage1_loss_first_last": [round(stage1[0], 4), round(_mean(stage1[-20:]), 4)] if stage1 else None,
             "transcript_share": args.transcript_share,
             "steps": step,
             "examples": sum(len(g) for g in examples),
