@@ -30,7 +30,7 @@ def mc_requests(task, ctx, doc_id, extra=None):
 def captured(tiny_qwen2_audio_dir, tmp_path):
     audio = tone(1.3, seed=3)
     extra = {"audio": [{"array": audio, "sampling_rate": 16000}]}
-    reqs = mc_requests("pair_speech", SPEECH_CTX, 7, extra) + mc_requests("pair_text", TEXT_CTX, 7)
+    reqs = mc_requests("speech_mmlu_continuation_geo_speech", SPEECH_CTX, 7, extra) + mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX, 7)
     lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3, capture="tokens",
               capture_dir=str(tmp_path / "cap"), capture_layers="all")
     plain = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3).loglikelihood(reqs)
@@ -49,7 +49,7 @@ def test_speech_states_equal_a_direct_forward_at_audio_positions(captured, tiny_
     lm, _, _, _, audio, root = captured
     reader = CaptureReader(root)
     (rec,) = [r for r in reader.records if r["modality"] == "speech"]
-    assert (rec["pair"], rec["doc_id"]) == ("pair", 7)
+    assert (rec["pair"], rec["doc_id"]) == ("speech_mmlu_continuation_geo", 7)
     arrays = reader.load(rec)
 
     model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_qwen2_audio_dir, dtype=torch.float32).eval()
@@ -72,7 +72,8 @@ def test_text_states_cover_exactly_the_question_tokens(captured, tokenizer):
     (rec,) = [r for r in reader.records if r["modality"] == "text"]
     enc = tokenizer(TEXT_CTX, return_offsets_mapping=True, add_special_tokens=False)
     start, end = TEXT_CTX.index(QUESTION), TEXT_CTX.index("\nAnswer:")
-    ids = [t for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= start and b <= end]
+    ids = [t for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if b > start and a < end]
+    assert tokenizer.decode(ids).strip() == QUESTION  # the first word's token carries its leading space
     assert rec["n_positions"] == len(ids)
     emb = lm.backend_impl.embed_tokens(torch.tensor([ids]))[0].mean(0).detach().numpy()
     np.testing.assert_allclose(reader.load(rec)["pooled"][0], emb, atol=1e-5)
@@ -81,9 +82,9 @@ def test_text_states_cover_exactly_the_question_tokens(captured, tokenizer):
 def test_only_first_choice_is_captured_and_rerun_resumes(captured):
     _, _, _, _, _, root = captured
     reader = CaptureReader(root)
-    assert sorted((r["task"], r["doc_id"]) for r in reader.records) == [("pair_speech", 7), ("pair_text", 7)]
+    assert sorted((r["task"], r["doc_id"]) for r in reader.records) == [("speech_mmlu_continuation_geo_speech", 7), ("speech_mmlu_continuation_geo_text", 7)]
     writer = CaptureWriter(root)
-    assert writer.has("pair_speech", 7) and writer.has("pair_text", 7) and not writer.has("pair_text", 8)
+    assert writer.has("speech_mmlu_continuation_geo_speech", 7) and writer.has("speech_mmlu_continuation_geo_text", 7) and not writer.has("speech_mmlu_continuation_geo_text", 8)
 
 
 def test_truncated_shard_is_reported_with_its_path(captured):
@@ -103,7 +104,7 @@ def test_capture_requires_a_dir(tiny_qwen2_audio_dir):
 
 def test_items_with_identical_prompts_are_both_captured(tiny_qwen2_audio_dir, tmp_path):
     """Two docs with the same question share one forward pass; each still gets its record."""
-    reqs = mc_requests("pair_text", TEXT_CTX, 1) + mc_requests("pair_text", TEXT_CTX, 2)
+    reqs = mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX, 1) + mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX, 2)
     lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", capture="pooled", capture_dir=str(tmp_path / "c"))
     calls = []
     real = lm.backend_impl.run_decoder

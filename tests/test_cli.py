@@ -95,7 +95,9 @@ def test_kill_9_mid_run_then_rerun_loses_nothing(tiny_qwen2_audio_dir, tmp_path)
             "capture_shard_size=2")
     cmd = base + ["--model_args", args, "--use_cache", str(tmp_path / "lm_cache"), "--output_path", str(tmp_path / "r1")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LMEVAL_SPEECH_CACHE": str(cache),
-           "LMEVAL_SPEECH_KILL_AFTER_BATCHES": "5"}
+           "LMEVAL_SPEECH_TEST_KILL_AFTER_BATCHES": "5",
+           "PYTHONPATH": os.pathsep.join([os.path.join(os.path.dirname(__file__), "fault_injection"),
+                                          os.environ.get("PYTHONPATH", "")])}
     killed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
     partial = CaptureReader(tmp_path / "cap").records  # verified shards only, no temp files

@@ -20,8 +20,8 @@ AUDIO = tone(0.9, seed=5)
 def requests():
     extra = {"audio": [{"array": AUDIO, "sampling_rate": 16000}]}
     return [
-        Instance("loglikelihood", {"question": Q}, (SPEECH_CTX, " Paris", extra), 0, ("pair_speech", 0, 1)),
-        Instance("loglikelihood", {"question": Q}, (TEXT_CTX, " Paris"), 0, ("pair_text", 0, 1)),
+        Instance("loglikelihood", {"question": Q}, (SPEECH_CTX, " Paris", extra), 0, ("speech_mmlu_continuation_geo_speech", 0, 1)),
+        Instance("loglikelihood", {"question": Q}, (TEXT_CTX, " Paris"), 0, ("speech_mmlu_continuation_geo_text", 0, 1)),
     ]
 
 
@@ -43,7 +43,10 @@ def speech_positions(lm):
 
 
 def text_positions(lm):
-    return list(range(*lm._text_span(TEXT_CTX, {"question": Q}, 0)))
+    """The question's tokens, by the tokenizer's character offsets."""
+    enc = lm.tokenizer(TEXT_CTX, return_offsets_mapping=True, add_special_tokens=False)
+    start = TEXT_CTX.index(Q)
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < start + len(Q)]
 
 
 def run(lm):
@@ -64,11 +67,11 @@ def plain(tiny_qwen2_audio_dir):
 
 @pytest.mark.parametrize("kind", ["angle", "length"])
 def test_decoder_layer_edit_is_exact_and_local(tiny_qwen2_audio_dir, plain, kind):
-    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention=kind, intervene_layers="0", critical="bottom2")
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention=kind, intervene_layers="1", critical="bottom2")
     res, speech, _ = run(lm)
     p_res, p_speech, p_text = plain
     sp, tp = speech_positions(lm), text_positions(lm)
-    # layer 0's input is before the edit: bit-identical
+    # hidden state 1 = decoder layer 0's output is edited; layer 0's input is before the edit: bit-identical
     assert torch.equal(speech[0], p_speech[0])
     # expected critical tokens and targets, computed here from the plain run's states
     s = p_speech[1][sp]
@@ -119,15 +122,15 @@ def test_input_layer_all_tokens_take_text_norm(tiny_qwen2_audio_dir, plain):
 
 def test_calibrated_mode_needs_no_text(tiny_qwen2_audio_dir, tmp_path, plain):
     calib = tmp_path / "calib.safetensors"
-    LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="length", intervene_layers="0",
+    LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="length", intervene_layers="1",
          save_calibration=str(calib)).loglikelihood(requests())
     assert calib.exists()
-    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="length", intervene_layers="0",
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="length", intervene_layers="1",
               intervention_mode="calibrated", calibration=str(calib), critical="bottom1")
     res = lm.loglikelihood(requests()[:1])  # speech only
     from safetensors.numpy import load_file
 
-    norm = float(load_file(str(calib))["0.norm"][0])
+    norm = float(load_file(str(calib))["1.norm"][0])
     _, p_text = plain[1], plain[2]
     assert abs(norm - float(p_text[1][text_positions(lm)].norm(dim=-1).mean())) < 1e-4
     assert lm.intervener.edits == 1 and np.isfinite(res[0][0])
@@ -135,7 +138,7 @@ def test_calibrated_mode_needs_no_text(tiny_qwen2_audio_dir, tmp_path, plain):
 
 def test_oracle_without_text_twin_is_a_clear_error(tiny_qwen2_audio_dir):
     lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="angle")
-    with pytest.raises(KeyError, match="pair_text"):
+    with pytest.raises(KeyError, match="speech_mmlu_continuation_geo_text"):
         lm.loglikelihood(requests()[:1])
 
 

@@ -117,7 +117,8 @@ def test_bad_audio_item_is_skipped_not_fatal(tiny_qwen2_audio_dir):
     bad = {"audio": [{"array": np.array([np.nan] * 1600, dtype=np.float32), "sampling_rate": 16000}]}
     good = speech_requests(seconds=(1.0,))[0]
     res = lm.loglikelihood([req("Q: <audio>\nA:", " x", bad), good])
-    assert res[0] == (float("-inf"), False) and np.isfinite(res[1][0])
+    assert np.isnan(res[0][0]) and res[0][1] is False and "non-finite" in res[0][0].failed
+    assert np.isfinite(res[1][0]) and not getattr(res[1][0], "failed", "")
     assert any("error" in v for v in lm.audio_log.values())
     with pytest.raises(Exception, match="(?i)nan"):
         LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", fail_fast=True).loglikelihood([req("<audio>", " x", bad)])
@@ -170,7 +171,8 @@ def test_bad_and_odd_audio_inputs_are_fixed_or_reported(tiny_qwen2_audio_dir, tm
     for ok in ("tiny", "ten_minutes", "stereo_44k"):
         assert np.isfinite(got[ok][0]), ok
     for bad in ("empty", "inf", "unreadable_file"):
-        assert got[bad] == (float("-inf"), False), bad
+        assert np.isnan(got[bad][0]) and got[bad][0].failed and got[bad][1] is False, bad
+    assert got["ten_minutes"][0].truncated.startswith("truncated 600.0s -> 30.0s")
     notes = list(lm.audio_log.values())
     fixes = " ".join(f for n in notes for f in n.get("fixes", []))
     assert "truncated" in fixes and "downmixed" in fixes and "resampled" in fixes

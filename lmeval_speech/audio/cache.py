@@ -14,10 +14,10 @@ file, and two processes rendering the same key both succeed (the last replace wi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
+
+from lmeval_speech.fileio import atomic_write
 
 from .prepare import AudioError, prepare_audio
 from .tts import TTSSpec, check_text, get_engine, render
@@ -103,18 +105,12 @@ class AudioCache:
 
     @staticmethod
     def _store(path: Path, pcm: np.ndarray, sample_rate: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = json.dumps({"key": path.stem, "frames": len(pcm), "sha256": _digest(pcm)})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh, \
-                    sf.SoundFile(fh, "w", samplerate=sample_rate, channels=1, format="FLAC", subtype="PCM_16") as f:
-                f.comment = meta  # must be set before the first frame is written
-                f.write(pcm)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        with sf.SoundFile(buf, "w", samplerate=sample_rate, channels=1, format="FLAC", subtype="PCM_16") as f:
+            f.comment = meta  # must be set before the first frame is written
+            f.write(pcm)
+        atomic_write(path, buf.getvalue())
 
 
 def get_audio(text: str, spec: TTSSpec | None = None, cache_dir=None) -> np.ndarray:
@@ -131,6 +127,34 @@ def synthesize_many(texts: Iterable[str], spec: TTSSpec | None = None, cache_dir
         hits += cache.get(text, spec)[1]
         n += 1
     return {"items": n, "hits": hits, "misses": n - hits, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _recorded_path(digest: str, cache_dir=None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / "recorded" / digest[:2] / f"{digest}.audio"
+
+
+def recorded(data, sampling_rate: int | None = None, cache_dir=None) -> dict:
+    """A JSON-able, content-addressed reference to a dataset's own recording: ``{"recorded": sha256}``.
+
+    ``data`` is the encoded file (bytes of a WAV/FLAC/... as hub datasets store it) or a decoded
+    array with its ``sampling_rate`` (stored as a float32 WAV). The bytes go once into the audio
+    cache under their SHA-256, so lm-eval's ``--use_cache`` can hash the request (a NumPy array
+    cannot be), the same recording is the same key in every run, and resolving reads the file back.
+    Nothing is decoded here: a broken recording fails when the model resolves it, for that item only.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        blob = bytes(data)
+    else:
+        if sampling_rate is None:
+            raise AudioError("recorded(array) needs its sampling_rate")
+        buf = io.BytesIO()
+        sf.write(buf, np.asarray(data, dtype=np.float32), int(sampling_rate), format="WAV", subtype="FLOAT")
+        blob = buf.getvalue()
+    digest = hashlib.sha256(blob).hexdigest()
+    path = _recorded_path(digest, cache_dir)
+    if not path.exists() or path.stat().st_size != len(blob):
+        atomic_write(path, blob)
+    return {"recorded": digest}
 
 
 def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_dir=None
@@ -155,14 +179,16 @@ def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_d
         audio, hit = AudioCache(cache_dir).get(item["tts_text"], spec)
         return audio, spec.sample_rate, {"source": "tts", "cache": "hit" if hit else "miss",
                                          "tts": spec.to_dict(), "fixes": []}
-    elif item.get("path") is not None:
+    elif item.get("path") is not None or item.get("recorded") is not None:
+        path = item.get("path") or _recorded_path(item["recorded"], cache_dir)
         try:
-            array, rate = sf.read(item["path"], dtype="float32")
-        except (RuntimeError, OSError) as err:
-            raise AudioError(f"cannot read audio file {item['path']}: {err}") from err
-        source = "file"
+            array, rate = sf.read(path, dtype="float32")
+        except (RuntimeError, OSError, sf.LibsndfileError) as err:
+            what = "recording" if item.get("recorded") else "audio file"
+            raise AudioError(f"cannot read {what} {path}: {err}") from err
+        source = "recorded" if item.get("recorded") else "file"
     else:
-        raise AudioError(f"audio dict has none of 'array', 'tts_text', 'path': keys {sorted(item)}")
+        raise AudioError(f"audio dict has none of 'array', 'tts_text', 'path', 'recorded': keys {sorted(item)}")
     target = TTSSpec().with_overrides(**override).sample_rate
     audio, fixes = prepare_audio(array, rate, target_rate=target)
     return audio, target, {"source": source, "cache": None, "tts": None, "fixes": fixes}

@@ -10,38 +10,33 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .positions import pair_and_modality
+from lmeval_speech import twins
+from lmeval_speech.layers import parse_layers
+
 from .store import CaptureWriter
 
 
-def parse_layers(spec, n_layers: int) -> list[int]:
-    """Hidden-state indices (0 = embeddings, i = output of decoder layer i) for token-level capture."""
-    total = n_layers + 1
-    if spec in (None, "", "auto"):
-        return sorted({round(i * n_layers / 7) for i in range(8)})
-    if spec == "all":
-        return list(range(total))
-    layers = sorted({int(x) % total for x in str(spec).replace(";", ",").split(",") if x.strip()})
-    if not layers:
-        raise ValueError(f"capture_layers={spec!r} names no layer")
-    return layers
-
-
 class HiddenStateCapture:
-    def __init__(self, mode: str, root, n_layers: int, layers="auto", token_limit=None, rank=0, meta=None,
+    def __init__(self, mode: str, root, n_layers: int, layers="auto", token_limit=None, rank=0, identity=None,
                  shard_size: int = 64):
         if mode not in {"pooled", "tokens"}:
             raise ValueError(f"capture must be none, pooled or tokens, got {mode!r}")
         self.mode = mode
         self.token_layers = parse_layers(layers, n_layers)
         self.token_limit = token_limit
-        self._tokens_per_task: dict[str, int] = {}
-        self.writer = CaptureWriter(root, rank=rank, shard_size=shard_size, meta={
-            **(meta or {}), "mode": mode, "n_hidden_states": n_layers + 1, "token_layers": self.token_layers,
-            "token_limit": token_limit,
+        self.n_hidden_states = n_layers + 1
+        self.writer = CaptureWriter(root, rank=rank, shard_size=shard_size, identity=identity, meta={
+            "mode": mode, "n_hidden_states": n_layers + 1, "token_layers": self.token_layers, "token_limit": token_limit,
         })
+        # a resumed run continues the per-task count of token-level records (capture_limit)
+        self._tokens_per_task: dict[str, int] = self.writer.token_counts()
 
-    def wants(self, request, has_audio: bool) -> bool:
+    def spec(self) -> dict:
+        """The capture as the run manifest records it (layers are hidden-state indices, see ``layers``)."""
+        return {"mode": self.mode, "dir": str(self.writer.root), "token_layers": self.token_layers,
+                "token_limit": self.token_limit, "n_hidden_states": self.n_hidden_states}
+
+    def wants(self, request) -> bool:
         if request is None or getattr(request, "idx", 0) != 0:
             return False
         return not self.writer.has(request.task_name, request.doc_id)
@@ -50,7 +45,8 @@ class HiddenStateCapture:
         """``states``: one [T, D] tensor per hidden-state index for this row."""
         if not positions:
             return
-        pair, modality = pair_and_modality(request.task_name, has_audio)
+        twin = twins.twin_of(request.task_name, has_audio)
+        pair, modality = twin.pair, twin.modality
         idx = torch.tensor(positions, device=states[0].device)
         stacked = torch.stack([h.index_select(0, idx) for h in states])  # [L+1, P, D]
         tensors = {"pooled": stacked.float().mean(1).cpu().numpy()}

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from pathlib import Path
 
 import numpy as np
+
+from lmeval_speech.fileio import atomic_write
 
 SCHEMA_VERSION = 1
 
@@ -30,13 +31,20 @@ class CaptureCorruptError(RuntimeError):
     """A shard or index on disk does not match what was written."""
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+#: Identity fields that must agree for two runs to share one capture dir (device and paths may differ).
+IDENTITY_FIELDS = ("pretrained", "revision", "backend", "model_type", "dtype", "config_sha256", "adapter_sha256")
+
+
+def check_identity(root: Path, stored: dict | None, identity: dict, has_records: bool) -> None:
+    """Refuse to add one model's records to a store that holds another model's."""
+    if not stored or not has_records:
+        return
+    differ = [k for k in IDENTITY_FIELDS if stored.get(k) != identity.get(k)]
+    if differ:
+        raise ValueError(
+            f"capture dir {root} holds states of another model ({', '.join(f'{k}={stored.get(k)!r}' for k in differ)}); "
+            f"this run is {', '.join(f'{k}={identity.get(k)!r}' for k in differ)}. Use a new capture_dir "
+            "(a report would otherwise compare one model's speech states with another's text states).")
 
 
 def record_key(task: str, doc_id) -> str:
@@ -44,16 +52,29 @@ def record_key(task: str, doc_id) -> str:
 
 
 class CaptureWriter:
-    def __init__(self, root: str | Path, rank: int = 0, shard_size: int = 64, meta: dict | None = None):
+    def __init__(self, root: str | Path, rank: int = 0, shard_size: int = 64, meta: dict | None = None,
+                 identity: dict | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.shard_size = shard_size
         self._buffer: list[tuple[dict, dict[str, np.ndarray]]] = []
-        self.done = {record_key(r["task"], r["doc_id"]) for r in CaptureReader(self.root, verify=False).records}
+        existing = CaptureReader(self.root, verify=False)
+        self._records = existing.records
+        self.done = {record_key(r["task"], r["doc_id"]) for r in self._records}
+        if identity is not None:
+            check_identity(self.root, existing.meta.get("model"), identity, bool(self._records))
         if meta is not None and rank == 0:
-            _atomic_write_bytes(self.root / "capture.json",
-                                json.dumps({"schema_version": SCHEMA_VERSION, **meta}, indent=2).encode())
+            atomic_write(self.root / "capture.json", json.dumps(
+                {"schema_version": SCHEMA_VERSION, **meta, "model": identity or existing.meta.get("model")}, indent=2))
+
+    def token_counts(self) -> dict[str, int]:
+        """Records with token-level states per task already in the store."""
+        counts: dict[str, int] = {}
+        for r in self._records:
+            if r.get("token_layers"):
+                counts[r["task"]] = counts.get(r["task"], 0) + 1
+        return counts
 
     def has(self, task: str, doc_id) -> bool:
         return record_key(task, doc_id) in self.done
@@ -79,13 +100,11 @@ class CaptureWriter:
                 arrays[f"{i}.{k}"] = np.ascontiguousarray(v)
             rows.append({**record, "shard": f"{name}.safetensors", "slot": i, "arrays": sorted(tensors)})
         blob = save(arrays)
-        _atomic_write_bytes(self.root / f"{name}.safetensors", blob)
+        atomic_write(self.root / f"{name}.safetensors", blob)
         index = {"schema_version": SCHEMA_VERSION, "shard": f"{name}.safetensors", "bytes": len(blob),
                  "sha256": hashlib.sha256(blob).hexdigest(), "records": rows}
-        _atomic_write_bytes(self.root / f"{name}.json", json.dumps(index).encode())
+        atomic_write(self.root / f"{name}.json", json.dumps(index).encode())
         self._buffer.clear()
-
-    close = flush
 
     @property
     def pending(self) -> int:

@@ -1,7 +1,8 @@
 """Edit speech hidden states at chosen layers and positions during the ``lslm`` forward pass.
 
-Addressing follows nnsight/pyvene's "layer L, positions P": a layer is ``input`` (the speech token
-embeddings that enter the LLM: the adapter/projector output) or a decoder layer index (its output).
+Addressing follows nnsight/pyvene's "layer L, positions P", with layers as *hidden-state indices*
+(``lmeval_speech.layers``, the same convention as capture): 0 (or ``input``) is the speech token
+embeddings that enter the LLM (the adapter/projector output), L >= 1 the output of decoder layer L.
 Positions are the *critical* speech tokens: the speech positions on the alignment path with the
 lowest alignment scores (``bottomK``), or all of them.
 
@@ -22,26 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from lmeval_speech.metrics import argmax_path, critical_tokens, similarity_matrix
+from lmeval_speech.fileio import atomic_write
 
 from .ops import OPS
 
 INPUT = "input"
-
-
-def _parse_layers(spec) -> list:
-    out = []
-    for part in str(spec or INPUT).replace(";", ",").split(","):
-        part = part.strip()
-        if part:
-            out.append(INPUT if part == INPUT else int(part))
-    return out
 
 
 def _parse_critical(spec) -> int | None:
@@ -56,7 +48,7 @@ def _parse_critical(spec) -> int | None:
 @dataclass
 class InterventionSpec:
     kind: str
-    layers: list = field(default_factory=lambda: [INPUT])
+    layers: str = INPUT  # as given; resolved to hidden-state indices against the model
     critical: int | None = 3
     strength: float = 1.0
     mode: str = "oracle"
@@ -75,7 +67,7 @@ class InterventionSpec:
         strength = float(strength)
         if not 0.0 <= strength <= 1.0:
             raise ValueError("strength must be in [0, 1]")
-        return cls(intervention, _parse_layers(intervene_layers), _parse_critical(critical), strength,
+        return cls(intervention, str(intervene_layers or INPUT), _parse_critical(critical), strength,
                    intervention_mode, calibration, save_calibration)
 
     def to_dict(self) -> dict:
@@ -88,11 +80,12 @@ class Intervener:
     """Holds the text-side references and applies the edits for one ``lslm`` instance."""
 
     def __init__(self, spec: InterventionSpec, layer_modules: list[torch.nn.Module]):
+        from lmeval_speech.layers import parse_layers
+
         self.spec = spec
         self.modules = layer_modules
-        for layer in spec.layers:
-            if layer != INPUT and not 0 <= layer < len(layer_modules):
-                raise ValueError(f"intervene_layers names layer {layer}; the model has {len(layer_modules)}")
+        # hidden-state index h: 0 edits the embeddings entering the LLM, h >= 1 decoder layer h's output
+        self.layers = [INPUT if h == 0 else h for h in parse_layers(spec.layers, len(layer_modules), default=INPUT)]
         self.text_states: dict[tuple, dict] = {}  # (pair, doc_id) -> {layer: [Tt, D] tensor}
         self._sums: dict = {}
         self.calib = self._load_calibration(spec.calibration) if spec.mode == "calibrated" else None
@@ -106,29 +99,47 @@ class Intervener:
         data = load_file(str(path))
         names = {k.rsplit(".", 1)[0] for k in data}
         return {
-            (INPUT if name == INPUT else int(name)): {"norm": float(data[f"{name}.norm"][0]),
+            (INPUT if name in (INPUT, "0") else int(name)): {"norm": float(data[f"{name}.norm"][0]),
                                                      "direction": torch.from_numpy(data[f"{name}.direction"])}
             for name in names
         }
 
-    def save_calibration(self) -> None:
-        from safetensors.numpy import save_file
-
+    def save_calibration(self, lm=None) -> None:
+        """Write the calibration file once, from every rank's items (gathered to rank 0)."""
         path = self.spec.save_calibration
-        if not path or not self._sums:
+        if not path:
+            return
+        sums = self._sums
+        if lm is not None and lm.world_size > 1:
+            gathered = lm.gather_object(sums)
+            if lm.rank != 0:
+                return
+            sums = {}
+            for part in gathered:
+                for layer, (norm_sum, dir_sum, n) in part.items():
+                    s = sums.setdefault(layer, [0.0, np.zeros_like(dir_sum), 0])
+                    s[0] += norm_sum
+                    s[1] = s[1] + dir_sum
+                    s[2] += n
+        if not sums:
             return
         arrays = {}
-        for layer, (norm_sum, dir_sum, n) in self._sums.items():
+        for layer, (norm_sum, dir_sum, n) in sums.items():
             arrays[f"{layer}.norm"] = np.array([norm_sum / n], dtype=np.float32)
             d = dir_sum / n
             arrays[f"{layer}.direction"] = (d / np.linalg.norm(d)).astype(np.float32)
-        tmp = Path(f"{path}.tmp")
-        save_file(arrays, str(tmp), metadata={"spec": json.dumps(self.spec.to_dict()), "items": str(n)})
-        tmp.replace(path)
+        from safetensors.numpy import save
+
+        atomic_write(path, save(arrays, metadata={"spec": json.dumps(self.spec.to_dict()), "items": str(n)}))
 
     # ---------------------------------------------------------------- hooks
     def _hooks(self, fn):
-        return [self.modules[layer].register_forward_hook(fn(layer)) for layer in self.spec.layers if layer != INPUT]
+        return [self.modules[layer - 1].register_forward_hook(fn(layer)) for layer in self.layers if layer != INPUT]
+
+    def release(self, keys) -> None:
+        """Drop the oracle references of items whose speech twin has been scored (bounded memory)."""
+        for key in keys:
+            self.text_states.pop(key, None)
 
     @contextlib.contextmanager
     def recording_text(self, rows: list, embeds: torch.Tensor):
@@ -141,7 +152,7 @@ class Intervener:
                     self.text_states.setdefault(key, {})[layer] = t
                     self._accumulate(layer, t)
 
-        if INPUT in self.spec.layers:
+        if INPUT in self.layers:
             keep(INPUT, embeds)
         handles = self._hooks(lambda layer: lambda mod, args, out: keep(layer, out[0] if isinstance(out, tuple) else out))
         try:
@@ -163,7 +174,7 @@ class Intervener:
     @contextlib.contextmanager
     def editing_speech(self, rows: list, embeds: torch.Tensor):
         """Edit the critical speech positions of each speech row (``embeds`` in place for ``input``)."""
-        if INPUT in self.spec.layers:
+        if INPUT in self.layers:
             self._edit(INPUT, embeds, rows)
 
         def hook(layer):

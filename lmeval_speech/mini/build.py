@@ -119,4 +119,6 @@ def build_mini(adapter: Path | None = ADAPTER_FILE, seed: int = 0) -> Path:
 def load_mini_backend(dtype=torch.float32, adapter: Path | None = ADAPTER_FILE):
     from .backend import MiniBackend
 
-    return MiniBackend.from_pretrained(str(build_mini(adapter)), dtype=dtype)
+    backend = MiniBackend.from_pretrained(str(build_mini(adapter)), dtype=dtype)
+    backend.adapter_file = str(adapter) if adapter else None  # hashed into the run's model identity
+    return backend

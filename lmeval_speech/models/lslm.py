@@ -14,10 +14,8 @@ token for token (``_encode_pair``, left truncation, right padding), which the pa
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,57 +30,67 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from lmeval_speech import AUDIO_MARKER
+from lmeval_speech import outcomes
+from lmeval_speech.models.plan import AudioRequestError, Planner, Seq, audio_items, audio_key
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _maybe_inject_fault() -> None:
-    """Fault injection for the interruption test: SIGKILL this process after N batches."""
-    import os
-
-    left = os.environ.get("LMEVAL_SPEECH_KILL_AFTER_BATCHES")
-    if left is None:
-        return
-    if int(left) <= 1:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-    os.environ["LMEVAL_SPEECH_KILL_AFTER_BATCHES"] = str(int(left) - 1)
-
-
-class AudioRequestError(ValueError):
-    """A request's audio cannot be used (missing, unreadable, too long, marker mismatch)."""
-
-
-@dataclass
-class _Seq:
-    """One scored sequence: token ids with audio placeholders expanded."""
-
-    index: int  # position in the caller's request list (or window index for rolling)
-    tokens: list[int]  # model input (everything but the last token)
-    cont: list[int]  # continuation tokens scored at the end of ``tokens`` (+ 1 shifted)
-    audio: list[tuple[int, str]] = field(default_factory=list)  # (start position, audio key)
-    request: object = None  # the lm-eval Instance, for capture
-    capture: tuple[int, int] | None = None  # text-span positions to capture (text twin), if any
-    span: tuple[int, int] | None = None  # text twin's spoken-content positions (for interventions)
-
-
 def _as_bool(v) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in {"1", "true", "yes", "on"}
 
 
-def audio_key(item: dict) -> str:
-    """A stable identity for one audio: the TTS reference itself, a file path, or the array object."""
-    if "tts_text" in item:
-        return "tts:" + json.dumps({"t": item["tts_text"], "s": item.get("tts")}, sort_keys=True)
-    if "path" in item:
-        return "path:" + str(item["path"])
-    if "array" in item:
-        return f"array:{id(item['array'])}"
-    raise AudioRequestError(f"audio item has none of 'array', 'path', 'tts_text': keys {sorted(item)}")
+def model_identity(pretrained: str, revision, backend, device) -> dict:
+    """What identifies the weights that produced a number: path or hub id, revision, backend, dtype,
+    and SHA-256 of the model config (and of the trained adapter, for the embedded model)."""
+    import hashlib
+
+    model = backend.model
+    config = model.config.to_json_string(use_diff=False)
+    ident = {"pretrained": pretrained, "revision": revision, "backend": type(backend).__name__,
+             "model_type": getattr(model.config, "model_type", None),
+             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": str(device),
+             "config_sha256": hashlib.sha256(config.encode()).hexdigest()}
+    adapter = getattr(backend, "adapter_file", None)
+    if adapter:
+        with open(adapter, "rb") as f:
+            ident["adapter_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return ident
+
+
+class SpeechEmbeddings:
+    """Speech token embeddings by audio key: an LRU, so each item's audio is encoded once for all
+    its choices (and, for a backend whose token count depends on the content, once for counting)."""
+
+    def __init__(self, backend, size: int):
+        self.backend, self.size = backend, int(size)
+        self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def count(self, key: str, array) -> int:
+        if key not in self._lru:
+            self._put(key, self.backend.encode_audio([array])[0])
+        return int(self._lru[key].shape[0])
+
+    def get(self, keys: list[str], load) -> dict[str, torch.Tensor]:
+        missing = [k for k in dict.fromkeys(keys) if k not in self._lru]
+        if missing:
+            for k, emb in zip(missing, self.backend.encode_audio([load(k) for k in missing]), strict=True):
+                self._put(k, emb)
+        out = {}
+        for k in keys:
+            self._lru.move_to_end(k)
+            out[k] = self._lru[k]
+        return out
+
+    def _put(self, key, emb) -> None:
+        self._lru[key] = emb
+        while len(self._lru) > max(self.size, 1):
+            self._lru.popitem(last=False)
+
+    def clear(self) -> None:
+        self._lru.clear()
 
 
 class LSLM(TemplateLM):
@@ -150,9 +158,9 @@ class LSLM(TemplateLM):
             k: v for k, v in {"engine": tts_engine, "voice": tts_voice,
                               "rate": None if tts_rate is None else int(tts_rate)}.items() if v is not None
         }
-        self._audio_embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._audio_cache_size = int(audio_cache_size)
-        self.audio_log: dict[str, dict] = {}  # audio key -> what was done to it (fixes, errors)
+        self.embeddings = SpeechEmbeddings(self.backend_impl, audio_cache_size)
+        self.planner = Planner(self)
+        self.identity = model_identity(self.pretrained, revision, self.backend_impl, self._device)
         self.capture = self._make_capture(capture, capture_dir, capture_layers, capture_limit, int(capture_shard_size))
         self.intervener = None
         if intervention not in (None, "", "none"):
@@ -235,8 +243,24 @@ class LSLM(TemplateLM):
         return HiddenStateCapture(
             mode=mode, root=capture_dir, n_layers=len(self.backend_impl.decoder_layers), layers=layers,
             token_limit=None if limit in (None, "") else int(limit), rank=self.rank, shard_size=shard_size,
-            meta={"pretrained": self.pretrained, "backend": type(self.backend_impl).__name__},
+            identity=self.identity,
         )
+
+    @property
+    def audio_log(self) -> dict[str, dict]:
+        """Audio key -> what was done to it (fix-ups, truncation) or why it was not scored."""
+        return {k: ({"error": st.error} if st.error else st.notes) for k, st in self.planner.status.items()}
+
+    def get_model_info(self) -> dict:
+        """lm-eval writes this into ``results["config"]``: the model's side of the run manifest."""
+        return {"lmeval_speech": {
+            "model": self.identity,
+            "settings": {"audio_overflow": self.audio_overflow, "max_audio_seconds": self.backend_impl.max_audio_seconds,
+                         "tts_override": self.tts_override or None, "fail_fast": self.fail_fast,
+                         "max_length": self.max_length, "batch_size": self.batch_size},
+            "hooks": {"capture": None if self.capture is None else self.capture.spec(),
+                      "intervention": None if self.intervener is None else self.intervener.spec.to_dict()},
+        }}
 
     # ------------------------------------------------------------------ lm-eval properties
     @property
@@ -290,136 +314,22 @@ class LSLM(TemplateLM):
             continue_final_message=not add_generation_prompt,
         )
 
-    def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None, **kwargs):
+    def special_token_kwargs(self, string: str, add_special_tokens=None) -> dict:
+        """lm-eval ``hf``'s rule for adding BOS (shared by ``tok_encode`` and the span offsets)."""
         kw = _add_special_kwargs(add_special_tokens, self.add_bos_token)
         if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
             kw["add_special_tokens"] = False
-        enc = self.tokenizer.encode(string, **kw)
+        return kw
+
+    def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        enc = self.tokenizer.encode(string, **self.special_token_kwargs(string, add_special_tokens))
         return enc[-left_truncate_len:] if left_truncate_len else enc
 
     def tok_decode(self, tokens, skip_special_tokens=True):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
-    # ------------------------------------------------------------------ audio
-    @staticmethod
-    def _audio_items(args) -> list[dict]:
-        extra = args[2] if len(args) > 2 else None
-        if not extra:
-            return []
-        items = extra.get("audio") if isinstance(extra, dict) else None
-        if items is None:
-            return []
-        return list(items) if isinstance(items, (list, tuple)) else [items]
-
-    def _place_audio(self, context: str, n_audio: int) -> str:
-        """Swap each ``<audio>`` marker for the backend's placeholder (audio first if none)."""
-        b = self.backend_impl
-        found = context.count(AUDIO_MARKER)
-        if found == 0:
-            return b.audio_placeholder * n_audio + context
-        if found != n_audio:
-            raise AudioRequestError(f"prompt has {found} {AUDIO_MARKER} markers but the request carries {n_audio} audios")
-        return context.replace(AUDIO_MARKER, b.audio_placeholder)
-
-    def _load_audio(self, item: dict):
-        """(array at 16 kHz, notes) for one audio item, after the documented fix-ups."""
-        from lmeval_speech.audio import prepare_audio, resolve_audio
-
-        array, sr, info = resolve_audio(item, override=self.tts_override or None)
-        b = self.backend_impl
-        limit = b.max_audio_seconds if self.audio_overflow == "truncate" else None
-        array, fixes = prepare_audio(array, sr, target_rate=b.sampling_rate, max_seconds=limit)
-        if self.audio_overflow == "error" and len(array) > b.max_audio_seconds * b.sampling_rate:
-            raise AudioRequestError(f"audio of {len(array) / b.sampling_rate:.1f}s exceeds {b.max_audio_seconds}s")
-        return array, {**info, "fixes": list(info.get("fixes", [])) + fixes, "seconds": len(array) / b.sampling_rate}
-
-    def _plan_audio(self, items: dict[str, dict]) -> dict[str, int]:
-        """Resolve every distinct audio once (synthesizing cache misses) and count its tokens."""
-        b = self.backend_impl
-        if items and not b.supports_audio:
-            raise AudioRequestError(
-                f"{type(b).__name__} ({self.pretrained}) takes no audio; speech tasks need a speech LLM "
-                "(see lmeval_speech.models.backends.SPEECH_BACKENDS)"
-            )
-        n_tokens = {}
-        for key, item in tqdm(items.items(), desc="Preparing audio", disable=len(items) < 2 or self.rank != 0):
-            try:
-                array, notes = self._load_audio(item)
-            except Exception as err:  # one bad item must not end a long run
-                if self.fail_fast:
-                    raise
-                self.audio_log[key] = {"error": f"{type(err).__name__}: {err}"}
-                log.error("audio item skipped (scored -inf): %s", self.audio_log[key]["error"])
-                continue
-            self.audio_log[key] = notes
-            n_tokens[key] = self.backend_impl.num_audio_tokens(len(array))
-        return n_tokens
-
-    def _speech_embeddings(self, keys: list[str], items: dict[str, dict]) -> dict[str, torch.Tensor]:
-        missing = [k for k in dict.fromkeys(keys) if k not in self._audio_embeds]
-        if missing:
-            arrays = [self._load_audio(items[k])[0] for k in missing]
-            for k, emb in zip(missing, self.backend_impl.encode_audio(arrays), strict=True):
-                self._audio_embeds[k] = emb
-        out = {}
-        for k in keys:
-            self._audio_embeds.move_to_end(k)
-            out[k] = self._audio_embeds[k]
-        while len(self._audio_embeds) > self._audio_cache_size:
-            self._audio_embeds.popitem(last=False)
-        return out
-
-    # ------------------------------------------------------------------ sequence building
-    def _expand(self, tokens: list[int], keys: list[str], n_tokens: dict[str, int]):
-        """Replace the k-th audio token with n_tokens[keys[k]] copies; return tokens and spans."""
-        audio_id = self.backend_impl.audio_token_id
-        out, spans, k = [], [], 0
-        for t in tokens:
-            if t == audio_id and k < len(keys):
-                spans.append((len(out), keys[k]))
-                out.extend([audio_id] * n_tokens[keys[k]])
-                k += 1
-            else:
-                out.append(t)
-        if k != len(keys):
-            raise AudioRequestError(f"tokenized prompt holds {k} audio placeholders for {len(keys)} audios")
-        return out, spans
-
-    def _build_sequence(self, index, context, continuation, keys, n_tokens, request=None) -> _Seq:
-        if context == "":
-            cont_enc = self.tok_encode(continuation, add_special_tokens=False)
-            if self.prefix_token_id != cont_enc[0]:
-                ctx_enc = [self.prefix_token_id]
-            else:
-                ctx_enc, cont_enc = cont_enc[:1], cont_enc[1:]
-        else:
-            ctx_enc, cont_enc = self._encode_pair(context, continuation)
-        whole, spans = self._expand(ctx_enc + cont_enc, keys, n_tokens)
-        inp = whole[-(self.max_length + 1):][:-1]
-        cut = len(whole) - 1 - len(inp)
-        if cut and spans and spans[0][0] < cut:
-            raise AudioRequestError(
-                f"sequence of {len(whole)} tokens exceeds max_length={self.max_length} inside the audio; "
-                "raise max_length or shorten the prompt"
-            )
-        spans = [(s - cut, k) for s, k in spans]
-        seq = _Seq(index, inp, cont_enc, spans, request)
-        if not keys and request is not None and (self.capture is not None or self.intervener is not None):
-            seq.span = self._text_span(context, request.doc, cut)
-            if self.capture is not None and self.capture.wants(request, False):
-                seq.capture = seq.span
-        return seq
-
-    def _text_span(self, context: str, doc, cut: int) -> tuple[int, int]:
-        """Token positions of the twin's spoken content (see capture.positions), after truncation."""
-        from lmeval_speech.capture.positions import question_char_span
-
-        start, end = question_char_span(context, doc)
-        lo, hi = len(self.tok_encode(context[:start])), len(self.tok_encode(context[:end]))
-        return max(0, lo - cut), max(0, hi - cut)
-
     # ------------------------------------------------------------------ forward
-    def _embed(self, seqs: list[_Seq], items):
+    def _embed(self, seqs: list[Seq], items):
         """Right-padded ``inputs_embeds`` with speech embeddings in place, plus masks."""
         b = self.backend_impl
         width = max(len(s.tokens) for s in seqs)
@@ -431,56 +341,53 @@ class LSLM(TemplateLM):
             mask[i, : len(s.tokens)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         embeds = b.embed_tokens(ids)
-        keys = [k for s in seqs for _, k in s.audio]
+        keys = [k for s in seqs for _, k, _ in s.audio]
         if keys:
-            speech = self._speech_embeddings(keys, items)
+            speech = self.embeddings.get(keys, lambda k: self.planner.load(items[k])[0])
             embeds = embeds.clone()
             for i, s in enumerate(seqs):
-                for start, k in s.audio:
+                for start, k, n in s.audio:
                     e = speech[k]
-                    embeds[i, start : start + e.shape[0]] = e.to(embeds.dtype)
+                    if e.shape[0] != n:
+                        raise AudioRequestError(f"audio encoded to {e.shape[0]} positions, planned {n}")
+                    embeds[i, start : start + n] = e.to(embeds.dtype)
         return ids, mask, embeds
 
-    def _intervening(self, batch: list[_Seq], embeds):
+    def _intervening(self, batch: list[Seq], embeds):
         """Text twins record their reference states; speech rows get edited (see interventions.hooks)."""
         import contextlib
-
-        from lmeval_speech.capture.positions import pair_and_modality
 
         iv = self.intervener
         if iv is None:
             return contextlib.nullcontext()
         rows = []
         for s in batch:
-            key = None if s.request is None else (pair_and_modality(s.request.task_name, bool(s.audio))[0], s.request.doc_id)
             if s.audio:
-                rows.append((key, self._speech_positions(s)))
+                rows.append((s.twin_key, s.speech_positions))
             elif s.span is not None and s.request.idx == 0 and iv.spec.mode == "oracle":
-                rows.append((key, list(range(*s.span))))
+                rows.append((s.twin_key, list(range(*s.span))))
             else:
                 rows.append(None)
         if any(s.audio for s in batch):
             return iv.editing_speech([r if s.audio else None for r, s in zip(rows, batch)], embeds)
         return iv.recording_text(rows, embeds)
 
-    def _captures(self, s: _Seq) -> bool:
-        return self.capture is not None and (s.capture is not None or (bool(s.audio) and self.capture.wants(s.request, True)))
+    def _captures(self, s: Seq) -> bool:
+        if self.capture is None or not self.capture.wants(s.request):
+            return False
+        return bool(s.audio) or s.span is not None
 
-    def _speech_positions(self, s: _Seq) -> list[int]:
-        """Positions that hold speech embeddings in this sequence (valid while its batch runs)."""
-        return [p for start, k in s.audio for p in range(start, start + self._audio_embeds[k].shape[0])]
-
-    def _capture_row(self, s: _Seq, hidden_states, row: int) -> None:
+    def _capture_row(self, s: Seq, hidden_states, row: int) -> None:
         if s.audio:
-            positions = self._speech_positions(s)
-            audio_notes = [self.audio_log.get(k, {}) for _, k in s.audio]
+            positions = s.speech_positions
+            audio_notes = [self.planner.status[k].notes for _, k, _ in s.audio]
         else:
-            positions = list(range(*s.capture))
+            positions = list(range(*s.span))
             audio_notes = []
         self.capture.add(s.request, bool(s.audio), [h[row] for h in hidden_states], positions, audio_notes)
 
     @torch.no_grad()
-    def _score(self, seqs: list[_Seq], items, desc: str, disable_tqdm=False, on_batch=None):
+    def _score(self, seqs: list[Seq], items, desc: str, disable_tqdm=False, on_batch=None):
         """Log-likelihood and greedy flag of each sequence's continuation, in ``seqs`` order.
 
         ``on_batch([(seq, result), ...])`` runs after every batch, so results can be persisted as
@@ -489,7 +396,7 @@ class LSLM(TemplateLM):
         results: dict[int, tuple[float, bool]] = {}
         # Sequences with the same model input (e.g. the four one-token choices " A".." D" of an
         # item) share one forward pass; each then reads its own continuation's log-probabilities.
-        shared: dict[tuple, list[_Seq]] = {}
+        shared: dict[tuple, list[Seq]] = {}
         for s in seqs:
             shared.setdefault((tuple(s.tokens), tuple(s.audio)), []).append(s)
         groups = list(shared.values())
@@ -516,36 +423,57 @@ class LSLM(TemplateLM):
                     ll = float(logp.gather(1, cont[:, None]).sum())
                     results[id(s)] = (ll, bool((logp.argmax(-1) == cont).all()))
                     done.append((s, results[id(s)]))
+            if self.intervener is not None:
+                self.intervener.release([s.twin_key for s in batch if s.audio])
             pbar.update(len(done))
             if on_batch is not None:
                 on_batch(done)
-            _maybe_inject_fault()
+            for hook in self.after_batch_hooks:
+                hook(self, done)
         pbar.close()
         return [results[id(s)] for s in seqs]
 
+    #: Callables ``hook(lm, [(seq, result), ...])`` run after every scored batch (tests use one to
+    #: interrupt a run at a chosen batch; nothing in the package installs one).
+    after_batch_hooks: list = []
+
     # ------------------------------------------------------------------ lm-eval API
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
+    def _plan(self, requests):
+        """Audio keys per request and each distinct audio's outcome (resolved once)."""
         items: dict[str, dict] = {}
         per_request = []
         for req in requests:
-            audio = self._audio_items(req.args)
+            audio = audio_items(req.args)
             keys = [audio_key(a) for a in audio]
             items.update(zip(keys, audio))
             per_request.append(keys)
-        n_tokens = self._plan_audio(items)
+        return items, per_request, self.planner.resolve(items)
 
-        seqs, out = [], [None] * len(requests)
+    @staticmethod
+    def _outcome(keys, status) -> tuple[str, str]:
+        """(failure reason, truncation note) of a request from its audios' outcomes."""
+        errors = [status[k].error for k in keys if status[k].error]
+        cuts = [status[k].truncated for k in keys if status[k].truncated]
+        return "; ".join(errors), "; ".join(cuts)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        items, per_request, status = self._plan(requests)
+        seqs, out, marks = [], [None] * len(requests), {}
+        want_span = self.capture is not None or self.intervener is not None
         for i, (req, keys) in enumerate(zip(requests, per_request, strict=True)):
-            context, continuation = req.args[0], req.args[1]
-            if any(k not in n_tokens for k in keys):  # its audio failed: logged above
-                out[i] = (float("-inf"), False)
+            failed, truncated = self._outcome(keys, status)
+            if failed:  # never a score: the task's process_results leaves it out and counts it
+                out[i] = outcomes.failed(failed)
                 continue
-            if keys:
-                context = self._place_audio(context, len(keys))
-            seqs.append(self._build_sequence(i, context, continuation, keys, n_tokens, req))
+            if truncated:
+                marks[i] = truncated
+            seqs.append(self.planner.build(i, req.args[0], req.args[1], keys, req, want_span))
         # With an intervention, text twins run first: they are the oracle's references.
         phases = [seqs] if self.intervener is None else [[s for s in seqs if not s.audio], [s for s in seqs if s.audio]]
         pending = []
+
+        def mark(index, res):
+            return (outcomes.Scored(res[0], truncated=marks[index]), res[1]) if index in marks else res
 
         def persist(batch_results, final=False):
             # A result enters lm-eval's cache only once its captured states are on disk too, so a
@@ -555,15 +483,15 @@ class LSLM(TemplateLM):
                 self.capture.flush()
             if self.capture is None or self.capture.is_flushed():
                 for s, res in pending:
-                    self.cache_hook.add_partial("loglikelihood", requests[s.index].args, res)
+                    self.cache_hook.add_partial("loglikelihood", requests[s.index].args, mark(s.index, res))
                 pending.clear()
 
         for phase in phases:
             for s, res in zip(phase, self._score(phase, items, "Running loglikelihood requests", disable_tqdm, persist), strict=True):
-                out[s.index] = res
+                out[s.index] = mark(s.index, res)
         persist([], final=True)
         if self.intervener is not None:
-            self.intervener.save_calibration()
+            self.intervener.save_calibration(self)
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -571,13 +499,13 @@ class LSLM(TemplateLM):
         seqs = []
         for i, (_, ctx_enc, cont_enc) in enumerate(requests):
             whole = ctx_enc + cont_enc
-            seqs.append(_Seq(i, whole[-(self.max_length + 1):][:-1], cont_enc))
+            seqs.append(Seq(i, whole[-(self.max_length + 1):][:-1], cont_enc))
         return self._score(seqs, {}, "Running loglikelihood requests", disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         out = []
         for req in tqdm(requests, desc="Running loglikelihood_rolling requests", disable=disable_tqdm or self.rank != 0):
-            if self._audio_items(req.args):
+            if audio_items(req.args):
                 raise AudioRequestError("loglikelihood_rolling scores text only; drop doc_to_audio from the task")
             (string,) = req.args[:1]
             windows = map(
@@ -597,33 +525,34 @@ class LSLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False):
         b = self.backend_impl
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        items, per_request, status = self._plan(requests)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         out = []
-        for req in tqdm(requests, desc="Running generate_until requests", disable=disable_tqdm or self.rank != 0):
+        for req, keys in tqdm(list(zip(requests, per_request)), desc="Running generate_until requests",
+                              disable=disable_tqdm or self.rank != 0):
             context, gen_kwargs = req.args[0], dict(req.args[1])
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = kwargs.pop("max_gen_toks")
             kwargs.pop("max_length", None)
-            audio = self._audio_items(req.args)
-            keys = [audio_key(a) for a in audio]
-            items = dict(zip(keys, audio))
-            n_tokens = self._plan_audio(items)
-            if any(k not in n_tokens for k in keys):
-                out.append("")
+            failed, truncated = self._outcome(keys, status)
+            if failed:  # an empty generation marked as failed, never an answer
+                out.append(outcomes.ScoredText("", failed=failed))
                 continue
             if keys:
-                context = self._place_audio(context, len(keys))
-            tokens, spans = self._expand(self.tok_encode(context), keys, n_tokens)
+                context = self.planner.place_audio(context, len(keys))
+            tokens, spans = self.planner.expand(self.tok_encode(context), keys)
             cut = max(0, len(tokens) - (self.max_length - max_new))
             if cut and spans and spans[0][0] < cut:
                 raise AudioRequestError(f"prompt of {len(tokens)} tokens leaves no room for the audio within max_length")
-            seq = _Seq(0, tokens[cut:], [], [(s - cut, k) for s, k in spans])
+            seq = Seq(0, tokens[cut:], [], [(s - cut, k, n) for s, k, n in spans])
             _, mask, embeds = self._embed([seq], items)
             gen = b.language_model.generate(
-                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new,
-                pad_token_id=self.tokenizer.pad_token_id or self.eot_token_id, **kwargs,
+                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad, **kwargs,
             )
             text = postprocess_generated_text(self.tok_decode(gen[0].tolist()), stop=until, think_end_token=None)
+            if truncated:
+                text = outcomes.ScoredText(text, truncated=truncated)
             out.append(text)
             self.cache_hook.add_partial("generate_until", (req.args[0], req.args[1]), text)
         return out

@@ -60,12 +60,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from lmeval_speech.fileio import atomic_write
+from lmeval_speech.manifest import write_manifest
+from lmeval_speech.outcomes import FLAG_METRICS
 from lmeval_speech.capture.store import CaptureCorruptError, CaptureReader
 from lmeval_speech.metrics import (
     alignment_path_score,
@@ -133,6 +135,8 @@ def add_arguments(parser) -> None:
                         help="hidden-state index of the heat map (default: deepest token layer)")
     parser.add_argument("--n-boot", type=_positive_int, default=10000, help="bootstrap resamples for the gap CI")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--include-truncated", action="store_true",
+                        help="keep items whose audio was cut to the model's limit in the gap (left out by default)")
 
 
 def main(args) -> int:
@@ -140,7 +144,8 @@ def main(args) -> int:
         run = load_run(args.run_dir)
         out = Path(args.out) if args.out else _default_out(args.run_dir)
         report, heatmap = build_report(run, capture=args.capture, measure=args.measure, path=args.path,
-                                       item=args.item, layer=args.layer, n_boot=args.n_boot, seed=args.seed)
+                                       item=args.item, layer=args.layer, n_boot=args.n_boot, seed=args.seed,
+                                       include_truncated=args.include_truncated)
     except (UnpairedError, ValueError, FileNotFoundError, CaptureCorruptError) as err:
         print(f"lmeval-speech report: error: {err}", file=sys.stderr)
         return 2
@@ -159,7 +164,7 @@ def _default_out(run_dir) -> Path:
 # ------------------------------------------------------------------------------------- compute
 
 def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", item=None, layer=None,
-                 n_boot=10000, seed=0) -> tuple[dict, dict | None]:
+                 n_boot=10000, seed=0, include_truncated=False) -> tuple[dict, dict | None]:
     """The report dict (schema above) and the chosen item's heat-map data (or None)."""
     if not run["pairs"]:
         raise ValueError(f"{run['results_file']} has no text/speech task pair "
@@ -167,7 +172,12 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
     notes = []
     if run["unpaired"]:
         notes.append(f"tasks without a twin in this run, not scored: {run['unpaired']}")
-    items_by_pair = {p: pair_items(run, p) for p in run["pairs"]}
+    manifest = write_manifest(run)
+    items_by_pair = {p: pair_items(run, p, include_truncated=include_truncated) for p in run["pairs"]}
+    for p, it in items_by_pair.items():
+        if it["excluded"]:
+            notes.append(f"{p}: left out of the gap, by reason: {it['excluded']} (doc ids {it['excluded_doc_ids']}); "
+                         "n counts only items valid in both twins")
     if item is not None and (item[0] not in items_by_pair or item[1] not in items_by_pair[item[0]]["doc_ids"]):
         raise ValueError(f"--item {item[0]}:{item[1]} is not a paired item of this run "
                          f"(pairs: {sorted(items_by_pair)})")
@@ -195,6 +205,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         "run": {"results_file": run["results_file"],
                 "samples_files": {t: info["samples_file"] for t, info in run["tasks"].items()},
                 "timestamp": run["timestamp"], "date": results.get("date"), "capture_dir": capture_dir,
+                "manifest": manifest["path"], "include_truncated": include_truncated,
                 **settings, "unpaired_tasks": run["unpaired"]},
         "overall": overall,
         "pairs": pairs,
@@ -212,13 +223,17 @@ def _gap_sections(items_by_pair: dict, n_boot: int, seed: int) -> tuple[dict, di
     pairs = {}
     for pair, it in items_by_pair.items():
         pairs[pair] = {"text_task": it["text_task"], "speech_task": it["speech_task"], "metric": it["metric"],
-                       "filter": it["filter"],
+                       "filter": it["filter"], "excluded": it["excluded"],
                        **paired_gap(it["text_correct"], it["speech_correct"], n_boot=n_boot, seed=seed),
                        "similarity": None, "alignment": None}
     text = np.concatenate([it["text_correct"] for it in items_by_pair.values()])
     speech = np.concatenate([it["speech_correct"] for it in items_by_pair.values()])
     sizes = np.array([pairs[p]["n"] for p in pairs], dtype=float)
-    overall = {**paired_gap(text, speech, n_boot=n_boot, seed=seed), "n_pairs": len(pairs),
+    excluded: dict[str, int] = {}
+    for it in items_by_pair.values():
+        for reason, k in it["excluded"].items():
+            excluded[reason] = excluded.get(reason, 0) + k
+    overall = {**paired_gap(text, speech, n_boot=n_boot, seed=seed), "n_pairs": len(pairs), "excluded": excluded,
                "weighted_mean": {k: float(np.average([pairs[p][k] for p in pairs], weights=sizes)) for k in GAP_FIELDS},
                "macro_mean": {k: float(np.mean([pairs[p][k] for p in pairs])) for k in GAP_FIELDS}}
     return pairs, overall
@@ -427,12 +442,6 @@ def _jsonable(obj):
     return obj
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_outputs(report: dict, heatmap: dict | None, out) -> None:
     """PNGs first (their names go into the report), then report.json and report.md."""
     out = Path(out)
@@ -447,8 +456,8 @@ def write_outputs(report: dict, heatmap: dict | None, out) -> None:
         files["alignment"] = Path(plots.alignment_plot(
             heatmap["A"], heatmap["argmax_path"], out / report["alignment"]["item"]["plot"], title=title,
             measure=heatmap["measure"], dtw=heatmap["dtw"], critical=heatmap["critical"])).name
-    _atomic_write(out / "report.json", json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
-    _atomic_write(out / "report.md", markdown(_jsonable(report)))
+    atomic_write(out / "report.json", json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    atomic_write(out / "report.md", markdown(_jsonable(report)))
 
 
 def _f(x, digits: int = 3) -> str:
@@ -479,6 +488,12 @@ def markdown(report: dict) -> str:
              "|---|---:|---:|---:|---:|---|---:|---:|"]
     lines += [_gap_row(pair, g) for pair, g in report["pairs"].items()]
     lines.append(_gap_row("**overall (pooled)**", overall))
+    dropped = {p: g["excluded"] for p, g in report["pairs"].items() if g.get("excluded")}
+    if dropped:
+        lines += ["", "Items left out of the gap (not valid in both twins; `audio_failed` = the audio could not be "
+                  "used, never scored; `audio_truncated` = cut to the model's limit, kept with --include-truncated):", "",
+                  "| pair | " + " | ".join(FLAG_METRICS) + " |", "|---|" + "---:|" * len(FLAG_METRICS)]
+        lines += [f"| {p} | " + " | ".join(str(d.get(m, 0)) for m in FLAG_METRICS) + " |" for p, d in dropped.items()]
     macro = overall["macro_mean"]
     lines += ["", f"Mean over the {overall['n_pairs']} pairs, each counted once: text {_f(macro['text_acc'])}, "
               f"speech {_f(macro['speech_acc'])}, gap {_f(macro['gap'])} (weighted by size it is the pooled row).", ""]

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-TWIN_SUFFIXES = {"_text": "text", "_speech": "speech"}
+from lmeval_speech import twins
+from lmeval_speech.outcomes import FLAG_METRICS
+
 #: The per-item score used for the gap when a task logs several: accuracy first, then the
 #: binary scores of the generation twins, then whatever the task lists first.
 PREFERRED_METRICS = ("acc", "exact_match", "contains")
@@ -65,13 +67,14 @@ def parse_model_args(model_args) -> dict:
 
 
 def _twin(task: str, config: dict) -> tuple[str, str] | None:
-    """(pair, modality) from the task config's metadata, else from the ``_text``/``_speech`` name."""
+    """(pair, modality) from the task config's metadata (written by tasks/_generate.py), else from
+    the ``_text``/``_speech`` name (``twins.twin_of``); None for a task that is no twin."""
     meta = config.get("metadata") or {}
-    if meta.get("pair") and meta.get("modality") in ("text", "speech"):
+    if meta.get("pair") and meta.get("modality") in twins.MODALITIES:
         return meta["pair"], meta["modality"]
-    for suffix, modality in TWIN_SUFFIXES.items():
-        if task.endswith(suffix):
-            return task[: -len(suffix)], modality
+    if task.endswith(tuple(f"_{m}" for m in twins.MODALITIES)):
+        twin = twins.twin_of(task)
+        return twin.pair, twin.modality
     return None
 
 
@@ -137,7 +140,8 @@ def _choose(rows: list[dict], task: str) -> tuple[str, str, list[dict]]:
     filters = list(dict.fromkeys(r.get("filter", "none") for r in rows))
     flt = "none" if "none" in filters else filters[0]
     rows = [r for r in rows if r.get("filter", "none") == flt]
-    listed = list(dict.fromkeys(m for r in rows[:1] for m in r.get("metrics", [])))
+    # an item that was not scored lists only its flags: take the metrics any row lists
+    listed = [m for m in dict.fromkeys(m for r in rows for m in r.get("metrics", [])) if m not in FLAG_METRICS]
     candidates = [m for m in PREFERRED_METRICS if m in listed] + listed
     if not candidates:
         raise ValueError(f"{task}: its samples list no per-item metric")
@@ -161,12 +165,15 @@ def _by_doc(rows: list[dict], task: str, problems: list[str]) -> dict:
     return by_doc
 
 
-def pair_items(run: dict, pair: str) -> dict:
-    """The items of one pair, aligned by doc id, with each twin's 0/1 score.
+def pair_items(run: dict, pair: str, include_truncated: bool = False) -> dict:
+    """The items of one pair valid in both twins, aligned by doc id, with each twin's 0/1 score.
 
     Returns ``{"pair", "text_task", "speech_task", "metric", "filter", "doc_ids", "targets",
-    "text_correct", "speech_correct"}`` (arrays ordered by doc id). Raises :class:`UnpairedError`
-    naming the first mismatches when the twins differ in item count, doc ids or targets.
+    "text_correct", "speech_correct", "excluded", "excluded_doc_ids"}`` (arrays ordered by doc id).
+    An item whose audio failed in either twin (it has no score) is left out, and so is one whose
+    audio was cut unless ``include_truncated``; ``excluded`` counts them by reason. Raises
+    :class:`UnpairedError` naming the first mismatches when the twins differ in item count, doc
+    ids or targets.
     """
     names = run["pairs"][pair]
     text_task, speech_task = names["text"], names["speech"]
@@ -193,12 +200,24 @@ def pair_items(run: dict, pair: str) -> dict:
         raise UnpairedError(f"{pair}: text and speech twins are not paired item by item "
                             f"({text_task} vs {speech_task}): " + "; ".join(problems))
 
+    excluded: dict[str, list] = {}
+    valid = []
+    for d in doc_ids:
+        rows = (text[d], speech[d])
+        if any(r.get("audio_failed") or t_metric not in r for r in rows):
+            excluded.setdefault("audio_failed", []).append(d)
+        elif not include_truncated and any(r.get("audio_truncated") for r in rows):
+            excluded.setdefault("audio_truncated", []).append(d)
+        else:
+            valid.append(d)
+
     def scores(rows_by_doc, task):
-        values = np.array([float(rows_by_doc[d][t_metric]) for d in doc_ids])
+        values = np.array([float(rows_by_doc[d][t_metric]) for d in valid])
         if not np.isin(values, (0.0, 1.0)).all():
             raise ValueError(f"{task}: per-item {t_metric} is not 0/1, so it has no paired gap")
         return values.astype(bool)
 
     return {"pair": pair, "text_task": text_task, "speech_task": speech_task, "metric": t_metric,
-            "filter": t_filter, "doc_ids": doc_ids, "targets": [str(text[d].get("target")) for d in doc_ids],
-            "text_correct": scores(text, text_task), "speech_correct": scores(speech, speech_task)}
+            "filter": t_filter, "doc_ids": valid, "targets": [str(text[d].get("target")) for d in valid],
+            "text_correct": scores(text, text_task), "speech_correct": scores(speech, speech_task),
+            "excluded": {k: len(v) for k, v in excluded.items()}, "excluded_doc_ids": excluded}

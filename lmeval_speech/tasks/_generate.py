@@ -20,6 +20,7 @@ import yaml
 
 from lmeval_speech import AUDIO_MARKER
 from lmeval_speech.audio import TTSSpec
+from lmeval_speech.outcomes import FLAG_METRICS
 from lmeval_speech.tasks.prompts import TTS
 
 HERE = Path(__file__).resolve().parent
@@ -58,8 +59,6 @@ MMSU_DOMAINS = [
 ]
 SDQA_REGION = "usa"
 
-ACC = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
-ACC_NORM = ACC + [{"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
 LETTERS = ["A", "B", "C", "D"]
 
 
@@ -77,6 +76,12 @@ _Dumper.add_representer(
     str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style='"' if "\n" in v else None)
 )
 
+
+# Every task also counts the items whose audio failed (not scored) or was cut (lmeval_speech.outcomes).
+FLAGS = [{"metric": m, "aggregation": _Function("lmeval_speech.tasks.prompts.count_flagged"), "higher_is_better": False}
+         for m in FLAG_METRICS]
+ACC = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}] + FLAGS
+ACC_NORM = ACC[:1] + [{"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}] + FLAGS
 
 def fn(name: str) -> _Function:
     return _Function(f"lmeval_speech.tasks.{name}")
@@ -168,7 +173,8 @@ def generate_mmlu() -> None:
         spoken="{question}. A: {choices[0]}. B: {choices[1]}. C: {choices[2]}. D: {choices[3]}.",
         audio_fn="mmlu_audio",
         description="The following are multiple choice questions (with answers) about {}.\n\n",
-        shared={"doc_to_choice": LETTERS, "doc_to_target": "answer", "metric_list": ACC},
+        shared={"doc_to_choice": LETTERS, "doc_to_target": "answer", "metric_list": ACC,
+                "process_results": fn("prompts.mmlu_results")},
         aggregate=["acc"],
     )
     family = "speech_mmlu_continuation"
@@ -178,7 +184,8 @@ def generate_mmlu() -> None:
         speech_prompt=f"Question: {AUDIO_MARKER}\nAnswer:",
         spoken="{question}", audio_fn="question_audio",
         description="The following are questions (with answers) about {}.\n\n",
-        shared={"doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}"},  # lm-eval's metrics: acc, acc_norm
+        shared={"doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}", "metric_list": ACC_NORM,
+                "process_results": fn("prompts.mmlu_continuation_results")},
         aggregate=["acc", "acc_norm"],
     )
     demo = [MMLU_SUBJECTS.index(s) for s in DEMO_SUBJECTS]
@@ -195,7 +202,7 @@ def generate_arc_openbookqa() -> None:
         "validation_split": "validation", "test_split": "test",
         "doc_to_target": "{{choices.label.index(answerKey)}}", "doc_to_choice": "{{choices.text}}",
         "should_decontaminate": True, "doc_to_decontamination_query": "Question: {{question}}\nAnswer:",
-        "metric_list": ACC_NORM,
+        "metric_list": ACC_NORM, "process_results": fn("prompts.labelled_results"),
     }, "Question: {{question}}\nAnswer:", speech_prompt, "question_audio")
     for name, config in (("arc_easy", "ARC-Easy"), ("arc_challenge", "ARC-Challenge")):
         pair = f"speech_{name}"
@@ -208,6 +215,7 @@ def generate_arc_openbookqa() -> None:
         "training_split": "train", "validation_split": "validation", "test_split": "test",
         "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}", "doc_to_choice": "{{choices.text}}",
         "should_decontaminate": True, "doc_to_decontamination_query": "question_stem", "metric_list": ACC_NORM,
+        "process_results": fn("prompts.labelled_results"),
     }, "question_stem", AUDIO_MARKER, "openbookqa_audio")
     write_pair(folder, "speech_openbookqa", {},
                speech_metadata("speech_openbookqa", AUDIO_MARKER, **tts_audio("{question_stem}")), "openbookqa")
@@ -224,6 +232,7 @@ def generate_voicebench() -> None:
     write_templates(folder, {
         **shared, "output_type": "multiple_choice", "doc_to_choice": LETTERS,
         "doc_to_target": "{{'ABCD'.index(reference.strip())}}", "metric_list": ACC,
+        "process_results": fn("prompts.voicebench_results"),
     }, "{{prompt.strip()}}\nAnswer:", speech_prompt, "recorded_audio")
 
     def mcq_pair(pair: str, subset: str, split: str, alias: str) -> list[str]:
@@ -245,7 +254,7 @@ def generate_voicebench() -> None:
         "doc_to_target": "reference",
         "generation_kwargs": {"until": ["\n"], "max_gen_toks": 64, "do_sample": False},
         "process_results": fn("prompts.sdqa_process_results"),
-        "metric_list": [{"metric": "contains", "aggregation": "mean", "higher_is_better": True}],
+        "metric_list": [{"metric": "contains", "aggregation": "mean", "higher_is_better": True}] + FLAGS,
     }, "Question: {{prompt.strip()}}\nAnswer:", speech_prompt, "recorded_audio")
     pair = f"speech_voicebench_sdqa_{SDQA_REGION}"
     write_pair(folder, pair, {}, speech_metadata(pair, speech_prompt, **recorded), f"voicebench sd-qa {SDQA_REGION}")

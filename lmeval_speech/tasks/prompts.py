@@ -9,43 +9,33 @@ uses this imported module rather than a second copy loaded from the file's path.
 
 from __future__ import annotations
 
-import io
 import re
 
 import datasets
 import numpy as np
-import soundfile as sf
 
-from lmeval_speech.audio import spoken
+from lmeval_speech import twins
+from lmeval_speech.audio import recorded, spoken
+from lmeval_speech.outcomes import count_flagged, flags, mc_results  # noqa: F401  (count_flagged: YAML)
 
 # The voice every TTS speech task asks for; _generate.py writes the same spec into their metadata.
 TTS = {"engine": "espeak-ng", "voice": "en-us", "rate": 160}
 
 
-def _sentence(text: str) -> str:
-    """End a spoken part with one full stop: "lack of." but "a currency." (not "..") and "why?"."""
-    text = text.strip()
-    return text if text.endswith((".", "?", "!")) else f"{text}."
-
-
-def mmlu_spoken_text(doc: dict) -> str:
-    """MMLU (letter format): the question and its four lettered options, as one utterance:
-    ``<question>. A: <a>. B: <b>. C: <c>. D: <d>.``"""
-    options = " ".join(f"{letter}: {_sentence(choice)}" for letter, choice in zip("ABCD", doc["choices"]))
-    return f"{_sentence(doc['question'])} {options}"
+mmlu_spoken_text = twins.mmlu_letter_spoken  # what the letter format's audio says (owned by twins)
 
 
 def mmlu_audio(doc: dict) -> list[dict]:
-    return [spoken(mmlu_spoken_text(doc), **TTS)]
+    return [spoken(twins.mmlu_letter_spoken(doc), **TTS)]
 
 
 def question_audio(doc: dict) -> list[dict]:
     """MMLU continuation and ARC (cloze format): only the question is spoken."""
-    return [spoken(doc["question"].strip(), **TTS)]
+    return [spoken(twins.question_spoken(doc), **TTS)]
 
 
 def openbookqa_audio(doc: dict) -> list[dict]:
-    return [spoken(doc["question_stem"].strip(), **TTS)]
+    return [spoken(twins.question_stem_spoken(doc), **TTS)]
 
 
 def voicebench_docs(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -58,17 +48,56 @@ def voicebench_docs(dataset: datasets.Dataset) -> datasets.Dataset:
 
 
 def recorded_audio(doc: dict) -> list[dict]:
-    """The dataset's own recording as ``[{"array", "sampling_rate"}]`` (float32 to halve memory).
+    """The dataset's own recording as a content-addressed reference (``audio.recorded``): JSON-able,
+    so lm-eval's ``--use_cache`` works, and decoded only by the model, so one broken recording is
+    one failed item rather than a crash while lm-eval builds the requests.
 
-    Accepts an already decoded ``{"array", "sampling_rate"}`` (local fixtures, older ``datasets``)
-    or an undecoded ``{"bytes", "path"}`` from :func:`voicebench_docs`.
+    Accepts an undecoded ``{"bytes", "path"}`` (from :func:`voicebench_docs`) or an already decoded
+    ``{"array", "sampling_rate"}`` (local fixtures, older ``datasets``).
     """
     audio = doc["audio"]
     if audio.get("array") is not None:
-        array, rate = audio["array"], audio["sampling_rate"]
-    else:
-        array, rate = sf.read(io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"], dtype="float32")
-    return [{"array": np.asarray(array, dtype=np.float32), "sampling_rate": int(rate)}]
+        return [recorded(np.asarray(audio["array"], dtype=np.float32), int(audio["sampling_rate"]))]
+    if audio.get("bytes"):
+        return [recorded(audio["bytes"])]
+    with open(audio["path"], "rb") as f:
+        return [recorded(f.read())]
+
+
+# ---- gold answers and choices: one function each, used by the YAMLs and by process_results
+
+
+def mmlu_gold(doc: dict) -> int:
+    return int(doc["answer"])
+
+
+def letters(doc: dict) -> list[str]:
+    return ["A", "B", "C", "D"]
+
+
+def mmlu_choices(doc: dict) -> list[str]:
+    return list(doc["choices"])
+
+
+def labelled_gold(doc: dict) -> int:
+    """ARC / OpenBookQA: the index of ``answerKey`` among the choice labels."""
+    return doc["choices"]["label"].index(doc["answerKey"].strip())
+
+
+def labelled_choices(doc: dict) -> list[str]:
+    return list(doc["choices"]["text"])
+
+
+def voicebench_gold(doc: dict) -> int:
+    return "ABCD".index(doc["reference"].strip())
+
+
+# lm-eval's multiple-choice scoring, except that an item whose audio failed is not scored and is
+# counted (lmeval_speech.outcomes): one function per family, named in its YAML.
+mmlu_results = mc_results(mmlu_gold, letters, norm=False)
+mmlu_continuation_results = mc_results(mmlu_gold, mmlu_choices, norm=False)
+labelled_results = mc_results(labelled_gold, labelled_choices, norm=True)
+voicebench_results = mc_results(voicebench_gold, letters, norm=False)
 
 
 def _normalize(text: str) -> str:
@@ -77,6 +106,11 @@ def _normalize(text: str) -> str:
 
 def sdqa_process_results(doc: dict, results: list[str]) -> dict:
     """SD-QA is open-ended: VoiceBench scores it with an LLM judge; offline, the closest cheap
-    proxy is whether the normalized reference answer occurs in the normalized generation."""
+    proxy is whether the normalized reference answer occurs in the normalized generation.
+    A generation whose audio failed is not scored (and is counted)."""
+    out = flags(results)
+    if out["audio_failed"]:
+        return out
     reference = _normalize(doc["reference"])
-    return {"contains": float(bool(reference) and f" {reference} " in f" {_normalize(results[0])} ")}
+    out["contains"] = float(bool(reference) and f" {reference} " in f" {_normalize(results[0])} ")
+    return out

@@ -1,0 +1,110 @@
+"""Owns the run manifest: the one record of what a run measured, written next to lm-eval's results.
+
+``manifest_<date id>.json`` (same date id as ``results_<date id>.json``) holds the model's identity
+(path or hub id, revision, backend, dtype, device, config and adapter SHA-256, as ``lslm`` reported
+it through ``get_model_info``), the model args and settings, the capture and intervention specs,
+the chat template, and for every twin task its pair, modality, prompt, effective audio spec (the
+task's TTS spec after the model's ``tts_*`` overrides, or the recorded-audio source) and its
+per-item failures and truncations (from the sample log, which lm-eval gathers from every rank).
+``report``, ``compare`` and ``check`` read settings from here instead of re-deriving them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmeval_speech.fileio import atomic_write_json
+
+SCHEMA_VERSION = 1
+#: What must be equal for two runs' numbers to be compared (``compare --allow-mismatch`` overrides).
+COMPARED = ("prompt", "speech_prompt", "audio")
+
+
+def _audio_spec(meta: dict, tts_override: dict | None) -> dict | None:
+    from lmeval_speech.audio import TTSSpec
+
+    if meta.get("tts"):
+        spec = TTSSpec.from_dict(meta["tts"]).with_overrides(**(tts_override or {}))
+        return {"tts": spec.to_dict(), "spoken": meta.get("spoken")}
+    if meta.get("recorded_audio"):
+        return {"recorded": meta["recorded_audio"]}
+    return None
+
+
+def build_manifest(run: dict) -> dict:
+    """The manifest of a run loaded by ``report.runs.load_run``."""
+    from lmeval_speech.report.runs import parse_model_args
+
+    results = run["results"]
+    config = results.get("config") or {}
+    ours = config.get("lmeval_speech") or {}
+    settings = ours.get("settings") or {}
+    model_args = parse_model_args(run["model_args"])
+    tasks = {}
+    for task, info in run["tasks"].items():
+        meta = info["config"].get("metadata") or {}
+        failures, truncations = {}, {}
+        for row in info["samples"]:
+            if row.get("audio_failed"):
+                failures[str(row["doc_id"])] = row["audio_failed"]
+            if row.get("audio_truncated"):
+                truncations[str(row["doc_id"])] = row["audio_truncated"]
+        tasks[task] = {
+            "pair": info["pair"], "modality": info["modality"],
+            "prompt": info["config"].get("doc_to_text"), "speech_prompt": meta.get("prompt"),
+            "description": info["config"].get("description"),
+            "num_fewshot": info["config"].get("num_fewshot"),
+            "audio": _audio_spec(meta, settings.get("tts_override")) if info["modality"] == "speech" else None,
+            "n_samples": (results.get("n-samples") or {}).get(task),
+            "failures": failures, "truncations": truncations,
+        }
+    model = ours.get("model") or {"pretrained": model_args.get("pretrained"), "backend": None,
+                                  "note": "not written by lslm: model identity unknown"}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "results_file": run["results_file"], "timestamp": run["timestamp"],
+        "lm_eval_version": results.get("lm_eval_version"), "model_name": config.get("model"),
+        "model": model, "model_args": model_args, "settings": settings,
+        "hooks": ours.get("hooks") or {"capture": None, "intervention": None},
+        "chat_template": {"applied": bool(results.get("chat_template")),
+                          "sha": results.get("chat_template_sha"),
+                          "system_instruction_sha": results.get("system_instruction_sha")},
+        "limit": config.get("limit"),
+        "tasks": tasks,
+    }
+
+
+def manifest_path(run: dict) -> Path:
+    return Path(run["dir"]) / f"manifest_{run['timestamp']}.json"
+
+
+def write_manifest(run: dict) -> dict:
+    """Build and write (atomically) the manifest of ``run``; returns it with its ``path``."""
+    manifest = build_manifest(run)
+    path = manifest_path(run)
+    atomic_write_json(path, manifest)
+    return {**manifest, "path": str(path)}
+
+
+def load_manifest(run_dir) -> dict:
+    """The manifest of the latest run in RUN_DIR (written from its results and samples if absent)."""
+    from lmeval_speech.report.runs import load_run
+
+    run = load_run(run_dir)
+    path = manifest_path(run)
+    if path.exists():
+        return {**json.loads(path.read_text(encoding="utf-8")), "path": str(path)}
+    return write_manifest(run)
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    """What differs between two manifests in what makes numbers comparable: the model's TTS
+    override, chat template, and per task its prompt and effective audio spec."""
+    out = []
+    if a.get("chat_template") != b.get("chat_template"):
+        out.append(f"chat template: {a.get('chat_template')} vs {b.get('chat_template')}")
+    for task in sorted(set(a.get("tasks", {})) & set(b.get("tasks", {}))):
+        ta, tb = a["tasks"][task], b["tasks"][task]
+        out += [f"{task} {k}: {ta.get(k)!r} vs {tb.get(k)!r}" for k in COMPARED if ta.get(k) != tb.get(k)]
+    return out

@@ -1,0 +1,232 @@
+"""Owns turning lm-eval requests into sequences to score.
+
+Each distinct audio is resolved once and keyed by its *content* (the TTS reference, a recording's
+SHA-256, or a hash of an array's samples, never an object id); an audio that cannot be used is
+recorded with its reason and its requests are not scored; a cut audio is recorded with a note. A
+sequence carries its tokens, each audio's positions, and for a text twin the positions of its
+spoken text, found with the tokenizer's character offsets on the exact string that was encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmeval_speech import AUDIO_MARKER, twins
+
+log = logging.getLogger(__name__)
+
+
+class AudioRequestError(ValueError):
+    """A request's audio cannot be used (missing, unreadable, too long, marker mismatch)."""
+
+
+def audio_key(item) -> str:
+    """A stable identity for one audio, from its content."""
+    if not isinstance(item, dict):
+        raise AudioRequestError(f"an audio item must be a dict, got {type(item).__name__}")
+    if "tts_text" in item:
+        return "tts:" + json.dumps({"t": item["tts_text"], "s": item.get("tts")}, sort_keys=True)
+    if item.get("recorded") is not None:
+        return f"recorded:{item['recorded']}"
+    if item.get("array") is not None:
+        a = np.ascontiguousarray(item["array"])
+        h = hashlib.sha256(f"{a.dtype.str}{a.shape}{item.get('sampling_rate')}".encode())
+        h.update(a.tobytes())
+        return f"array:{h.hexdigest()}"
+    if item.get("path") is not None:
+        try:
+            with open(item["path"], "rb") as f:
+                return f"file:{hashlib.file_digest(f, 'sha256').hexdigest()}"
+        except OSError:
+            return f"path:{item['path']}"  # unreadable: it fails (with its path) when resolved
+    raise AudioRequestError(f"audio item has none of 'array', 'path', 'recorded', 'tts_text': keys {sorted(item)}")
+
+
+def audio_items(args) -> list[dict]:
+    extra = args[2] if len(args) > 2 else None
+    items = extra.get("audio") if isinstance(extra, dict) else None
+    if items is None:
+        return []
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+@dataclass
+class AudioStatus:
+    """What became of one distinct audio: its token count, or why it is not scored."""
+
+    n_tokens: int | None = None
+    error: str = ""
+    truncated: str = ""
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass
+class Seq:
+    """One sequence to score: token ids with audio placeholders expanded."""
+
+    index: int  # position in the caller's request list (or window index for rolling)
+    tokens: list[int]  # model input (everything but the last token)
+    cont: list[int]  # continuation tokens scored at the end of ``tokens``
+    audio: list[tuple[int, str, int]] = field(default_factory=list)  # (start, audio key, n positions)
+    request: object = None  # the lm-eval Instance
+    span: tuple[int, int] | None = None  # text twin: positions of its spoken text
+
+    @property
+    def speech_positions(self) -> list[int]:
+        return [p for start, _, n in self.audio for p in range(start, start + n)]
+
+    @property
+    def twin_key(self) -> tuple | None:
+        """(pair, doc id): what joins a text twin's item with its speech twin's."""
+        if self.request is None:
+            return None
+        return twins.twin_of(self.request.task_name, bool(self.audio)).pair, self.request.doc_id
+
+
+class Planner:
+    """Resolves audio and builds sequences for one ``lslm`` instance (its backend and settings)."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.status: dict[str, AudioStatus] = {}  # audio key -> outcome, for every audio seen
+
+    # ------------------------------------------------------------------ audio
+    def load(self, item: dict):
+        """(array at the backend's rate, notes) for one audio item, after the documented fix-ups."""
+        from lmeval_speech.audio import prepare_audio, resolve_audio
+
+        lm, b = self.lm, self.lm.backend_impl
+        array, sr, info = resolve_audio(item, override=lm.tts_override or None)
+        limit = b.max_audio_seconds if lm.audio_overflow == "truncate" else None
+        if lm.audio_overflow == "error" and len(array) > b.max_audio_seconds * sr:
+            raise AudioRequestError(f"audio of {len(array) / sr:.1f}s exceeds {b.max_audio_seconds}s "
+                                    "(audio_overflow=error)")
+        array, fixes = prepare_audio(array, sr, target_rate=b.sampling_rate, max_seconds=limit)
+        return array, {**info, "fixes": list(info.get("fixes", [])) + fixes, "seconds": len(array) / b.sampling_rate}
+
+    def resolve(self, items: dict[str, dict]) -> dict[str, AudioStatus]:
+        """Resolve every distinct audio once (synthesizing cache misses) and count its tokens.
+
+        A missing TTS engine, or a failure of every audio, stops the run here, before anything is
+        scored; a single bad audio is recorded (``fail_fast=True`` stops at it instead).
+        """
+        from tqdm import tqdm
+
+        from lmeval_speech.audio import TTSEngineMissing
+
+        lm, b = self.lm, self.lm.backend_impl
+        if items and not b.supports_audio:
+            raise AudioRequestError(
+                f"{type(b).__name__} ({lm.pretrained}) takes no audio; speech tasks need a speech LLM "
+                "(see lmeval_speech.models.backends.SPEECH_BACKENDS)")
+        todo = {k: v for k, v in items.items() if k not in self.status}
+        content_dependent = getattr(b, "content_dependent_audio_tokens", False)
+        for key, item in tqdm(todo.items(), desc="Preparing audio", disable=len(todo) < 2 or lm.rank != 0):
+            try:
+                array, notes = self.load(item)
+                n = lm.embeddings.count(key, array) if content_dependent else b.num_audio_tokens(len(array))
+            except TTSEngineMissing as err:
+                raise TTSEngineMissing(f"{err} (needed to synthesize the speech twins' audio; "
+                                       "nothing was scored)") from err
+            except Exception as err:  # one bad item must not end a long run
+                if lm.fail_fast:
+                    raise
+                self.status[key] = AudioStatus(error=f"{type(err).__name__}: {err}")
+                log.warning("audio not scored (recorded per item): %s", self.status[key].error)
+                continue
+            truncated = next((f for f in notes["fixes"] if f.startswith("truncated")), "")
+            self.status[key] = AudioStatus(n_tokens=n, truncated=truncated, notes=notes)
+        bad = [self.status[k].error for k in items if self.status[k].error]
+        if items and len(bad) == len(items):
+            raise AudioRequestError(f"every audio of this run failed ({len(bad)} of {len(items)}); nothing was "
+                                    f"scored. First error: {bad[0]}")
+        return {k: self.status[k] for k in items}
+
+    # ------------------------------------------------------------------ sequences
+    def place_audio(self, context: str, n_audio: int) -> str:
+        """Swap each ``<audio>`` marker for the backend's placeholder (audio first if none)."""
+        b = self.lm.backend_impl
+        found = context.count(AUDIO_MARKER)
+        if found == 0:
+            return b.audio_placeholder * n_audio + context
+        if found != n_audio:
+            raise AudioRequestError(f"prompt has {found} {AUDIO_MARKER} markers but the request carries {n_audio} "
+                                    "audios (few-shot exemplars have no audio: use --num_fewshot 0 for speech twins)")
+        return context.replace(AUDIO_MARKER, b.audio_placeholder)
+
+    def expand(self, tokens: list[int], keys: list[str]):
+        """Replace the k-th audio token with n_tokens[keys[k]] copies; return tokens and audio spans."""
+        audio_id = self.lm.backend_impl.audio_token_id
+        out, spans, k = [], [], 0
+        for t in tokens:
+            if t == audio_id and k < len(keys):
+                n = self.status[keys[k]].n_tokens
+                spans.append((len(out), keys[k], n))
+                out.extend([audio_id] * n)
+                k += 1
+            else:
+                out.append(t)
+        if k != len(keys):
+            raise AudioRequestError(f"tokenized prompt holds {k} audio placeholders for {len(keys)} audios")
+        return out, spans
+
+    def build(self, index, context, continuation, keys, request=None, want_span=False) -> Seq:
+        lm = self.lm
+        if keys:
+            context = self.place_audio(context, len(keys))
+        if context == "":
+            cont_enc = lm.tok_encode(continuation, add_special_tokens=False)
+            if lm.prefix_token_id != cont_enc[0]:
+                ctx_enc = [lm.prefix_token_id]
+            else:
+                ctx_enc, cont_enc = cont_enc[:1], cont_enc[1:]
+        else:
+            ctx_enc, cont_enc = lm._encode_pair(context, continuation)
+        whole, spans = self.expand(ctx_enc + cont_enc, keys)
+        inp = whole[-(lm.max_length + 1):][:-1]
+        cut = len(whole) - 1 - len(inp)
+        if cut and spans and spans[0][0] < cut:
+            raise AudioRequestError(f"sequence of {len(whole)} tokens exceeds max_length={lm.max_length} inside the "
+                                    "audio; raise max_length or shorten the prompt")
+        seq = Seq(index, inp, cont_enc, [(s - cut, k, n) for s, k, n in spans], request)
+        if want_span and not keys and request is not None and context:
+            span = self.text_span(context, continuation, ctx_enc, cont_enc, request)
+            if span is not None:
+                seq.span = (max(0, span[0] - cut), max(0, span[1] - cut))
+        return seq
+
+    def text_span(self, context, continuation, ctx_enc, cont_enc, request) -> tuple[int, int] | None:
+        """Token positions of the text twin's spoken text: the tokens whose characters overlap the
+        last occurrence of ``twins.text_counterpart`` in the context, by the tokenizer's offsets on
+        the very string lm-eval's ``_encode_pair`` encoded as the context."""
+        target = twins.text_counterpart(request.task_name, request.doc)
+        if target is None:
+            self._warn_once(f"{request.task_name}: no known spoken text (not a task family of this package); "
+                            "its text twin's states are not captured")
+            return None
+        n_spaces = len(context) - len(context.rstrip())
+        stripped = context[: len(context) - n_spaces] if n_spaces else context  # as _encode_pair encodes it
+        start = stripped.rfind(target)
+        if start < 0:
+            self._warn_once(f"{request.task_name}: the spoken text is not in its prompt (changed by a chat "
+                            "template?); its text twin's states are not captured")
+            return None
+        end = start + len(target)
+        enc = self.lm.tokenizer(stripped, return_offsets_mapping=True, **self.lm.special_token_kwargs(stripped))
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        if ids != list(ctx_enc):
+            raise AudioRequestError(f"{request.task_name}: the tokenizer's offsets do not match the scored tokens")
+        positions = [i for i, (a, b) in enumerate(offsets) if b > start and a < end and b > a]
+        return (positions[0], positions[-1] + 1) if positions else None
+
+    _warned: set = set()
+
+    def _warn_once(self, message: str) -> None:
+        if message.split(":")[0] not in Planner._warned:
+            Planner._warned.add(message.split(":")[0])
+            log.warning(message)

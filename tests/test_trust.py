@@ -1,0 +1,324 @@
+"""Numbers you can trust (issue 12): failures never become answers, exact spans, identity of what
+was measured. Each test here failed on the code before its fix (see the session note)."""
+
+from __future__ import annotations
+
+import gc
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from lm_eval.api.instance import Instance
+
+from conftest import tone
+from lmeval_speech.models.lslm import LSLM
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "lmeval_speech" / "tasks"
+PAIR = "speech_voicebench_mmsu_biology"
+
+
+def req(ctx, cont, extra=None, task=None, doc_id=0, idx=0, doc=None):
+    args = (ctx, cont) + ((extra,) if extra else ())
+    return Instance(request_type="loglikelihood", doc=doc or {}, arguments=args, idx=idx, metadata=(task, doc_id, 1))
+
+
+def sh(*cmd, env_extra=None, ok=True, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+# ------------------------------------------------------------------ 1. failures are never answers
+
+def test_missing_tts_engine_stops_before_scoring(tiny_qwen2_audio_dir, tmp_path, monkeypatch):
+    """With espeak-ng off PATH every speech item fails: one clear error with the install hint."""
+    from lmeval_speech.audio import TTSEngineMissing, spoken
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng here
+    monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "cache"))
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    calls = []
+    real = lm.backend_impl.run_decoder
+    lm.backend_impl.run_decoder = lambda *a, **k: calls.append(1) or real(*a, **k)
+    reqs = [req("Q: <audio>\nA:", f" {c}", {"audio": [spoken(f"question {i}")]}, "t_speech", i, j)
+            for i in range(3) for j, c in enumerate("xy")]
+    with pytest.raises(TTSEngineMissing, match="apt-get install -y espeak-ng"):
+        lm.loglikelihood(reqs)
+    assert calls == []  # stopped before scoring anything
+
+
+def test_every_item_failing_stops_the_run(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    bad = [{"audio": [{"array": np.full(800, np.nan, dtype=np.float32) * i, "sampling_rate": 16000}]} for i in range(3)]
+    with pytest.raises(Exception, match="every audio .*failed"):
+        lm.loglikelihood([req("Q: <audio>\nA:", " x", b, "t_speech", i) for i, b in enumerate(bad)])
+
+
+def test_a_failed_item_is_not_scored_and_is_recorded(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    bad = {"audio": [{"array": np.zeros(0, dtype=np.float32), "sampling_rate": 16000}]}
+    good = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
+    res = lm.loglikelihood([req("Q: <audio>\nA:", " x", bad, "t_speech", 0, doc={"q": 0}),
+                            req("Q: <audio>\nA:", " x", good, "t_speech", 1, doc={"q": 1})])
+    assert np.isnan(res[0][0]) and res[0][1] is False  # never -inf: argmax of an all -inf row is 0 = "A"
+    assert np.isfinite(res[1][0])
+    assert "empty" in res[0][0].failed  # the reason travels with the value into process_results
+    from lmeval_speech.tasks.prompts import voicebench_results
+
+    doc = {"reference": "A"}
+    assert voicebench_results(doc, [res[0]] * 4) == {"audio_failed": res[0][0].failed, "audio_truncated": ""}
+
+
+def _wav_bytes(array, sr=16000) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, array, sr, format="WAV")
+    return buf.getvalue()
+
+
+def voicebench_run(tmp_path, tiny_qwen2_audio_dir, extra_args=(), model_args="", kill_after=None, cache=None):
+    """A VoiceBench MCQ pair on a local parquet in VoiceBench's layout (audio, prompt, reference):
+    doc 0 (gold A) has an unreadable recording, doc 1 lasts 31 s (past Qwen2-Audio's 30 s), docs 2-3 are fine."""
+    data = tmp_path / "vb.parquet"
+    if not data.exists():
+        audio = [{"bytes": b"RIFF not really a wav", "path": "0.wav"},
+                 {"bytes": _wav_bytes(tone(31.0)), "path": "1.wav"},
+                 {"bytes": _wav_bytes(tone(1.0, seed=2)), "path": "2.wav"},
+                 {"bytes": _wav_bytes(tone(1.5, seed=3)), "path": "3.wav"}]
+        datasets.Dataset.from_dict({
+            "audio": audio,
+            "prompt": [f"Which is {w}? A. one. B. two. C. three. D. four." for w in ("red", "blue", "cold", "hot")],
+            "reference": ["A", "B", "C", "D"]}).cast_column("audio", datasets.Audio()).to_parquet(str(data))
+        inc = tmp_path / "tasks"
+        inc.mkdir()
+        for m in ("text", "speech"):
+            (inc / f"{PAIR}_{m}.yaml").write_text(yaml.safe_dump({
+                "include": str(TASKS_DIR / "speech_voicebench" / f"{PAIR}_{m}.yaml"), "dataset_path": "parquet",
+                "dataset_name": None, "test_split": "test",
+                "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(tmp_path / "hf")}}))
+    out = tmp_path / "results"
+    cmd = ["lm_eval", "--model", "lslm", "--model_args", f"pretrained={tiny_qwen2_audio_dir}{model_args}",
+           "--include_path", str(tmp_path / "tasks"), "--tasks", f"{PAIR}_text,{PAIR}_speech",
+           "--device", "cpu", "--batch_size", "1", "--log_samples", "--output_path", str(out), *extra_args]
+    env = {"LMEVAL_SPEECH_CACHE": str(cache or tmp_path / "audio_cache")}
+    if kill_after is not None:
+        env["LMEVAL_SPEECH_TEST_KILL_AFTER_BATCHES"] = str(kill_after)
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent / "fault_injection"), os.environ.get("PYTHONPATH", "")])
+    return cmd, out, env
+
+
+def _results(out):
+    (path,) = glob.glob(str(out / "*" / "results_*.json"))
+    return json.loads(Path(path).read_text())
+
+
+def _samples(out, task):
+    (path,) = glob.glob(str(out / "*" / f"samples_{task}_*.jsonl"))
+    return {r["doc_id"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def vb_run(tiny_qwen2_audio_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vb")
+    cmd, out, env = voicebench_run(tmp, tiny_qwen2_audio_dir)
+    sh(*cmd, env_extra=env)
+    return tmp, out
+
+
+def test_failed_and_truncated_items_are_counted_in_results_and_samples(vb_run):
+    _, out = vb_run
+    res = _results(out)["results"]
+    speech = res[f"{PAIR}_speech"]
+    assert speech["audio_failed,none"] == 1 and speech["audio_truncated,none"] == 1
+    assert res[f"{PAIR}_text"]["audio_failed,none"] == 0
+    rows = _samples(out, f"{PAIR}_speech")
+    assert rows[0]["audio_failed"] and "audio" in rows[0]["audio_failed"].lower()
+    assert "acc" not in rows[0]  # not scored: never "correct because the gold answer is A"
+    assert rows[1]["audio_truncated"].startswith("truncated 31.0s")
+    assert not rows[2]["audio_failed"] and not rows[2]["audio_truncated"]
+    # speech accuracy is over the 3 scored items only
+    scored = [rows[d]["acc"] for d in (1, 2, 3)]
+    assert speech["acc,none"] == pytest.approx(np.mean(scored))
+
+
+def test_report_counts_only_items_valid_in_both_twins(vb_run, tmp_path):
+    from lmeval_speech.report import report
+
+    _, out = vb_run
+    rep, _ = report.build_report(report.load_run(out), n_boot=200)
+    p = rep["pairs"][PAIR]
+    assert p["n"] == 2  # doc 0 failed, doc 1 truncated (left out by default)
+    assert p["excluded"] == {"audio_failed": 1, "audio_truncated": 1}
+    assert sorted(r["doc_id"] for r in rep["items"]) == [2, 3]
+    rep2, _ = report.build_report(report.load_run(out), n_boot=200, include_truncated=True)
+    assert rep2["pairs"][PAIR]["n"] == 3 and rep2["pairs"][PAIR]["excluded"] == {"audio_failed": 1}
+    md = report.markdown(rep)
+    assert "audio_failed" in md and "audio_truncated" in md
+
+
+def test_run_manifest_is_the_record_of_what_was_measured(vb_run):
+    from lmeval_speech.manifest import load_manifest
+
+    _, out = vb_run
+    m = load_manifest(out)
+    assert Path(m["path"]).parent == Path(glob.glob(str(out / "*" / "results_*.json"))[0]).parent
+    assert m["model"]["backend"] == "Qwen2AudioBackend" and m["model"]["dtype"] == "float32"
+    assert len(m["model"]["config_sha256"]) == 64
+    t = m["tasks"][f"{PAIR}_speech"]
+    assert (t["pair"], t["modality"]) == (PAIR, "speech")
+    assert t["audio"] == {"recorded": {"dataset": "hlt-lab/voicebench", "column": "audio"}}
+    assert t["failures"] == {"0": t["failures"]["0"]} and t["truncations"].keys() == {"1"}
+    assert m["tasks"][f"{PAIR}_text"]["modality"] == "text"
+
+
+def test_use_cache_works_for_recorded_audio_and_resumes_after_kill(tiny_qwen2_audio_dir, tmp_path):
+    cmd, out, env = voicebench_run(tmp_path, tiny_qwen2_audio_dir, ("--use_cache", str(tmp_path / "lmcache")),
+                                   kill_after=3)
+    killed = sh(*cmd, env_extra=env, ok=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    env.pop("LMEVAL_SPEECH_TEST_KILL_AFTER_BATCHES")
+    env.pop("PYTHONPATH")
+    rerun = sh(*cmd, env_extra=env)
+    cached = [line for line in (rerun.stdout + rerun.stderr).splitlines() if "Cached requests:" in line]
+    assert cached and int(cached[-1].split("Cached requests:")[1].split(",")[0]) > 0
+    assert _results(out)["results"][f"{PAIR}_speech"]["audio_failed,none"] == 1
+
+
+# ------------------------------------------------------------------ 3-4. exact spans
+
+def _mini_lm(tmp_path):
+    return LSLM(pretrained="mini", device="cpu", batch_size=4, capture="tokens", capture_dir=str(tmp_path / "cap"),
+                capture_layers="0")
+
+
+@pytest.mark.slow
+def test_text_span_is_exactly_the_spoken_text_for_every_family(tmp_path):
+    """Real SmolLM2 tokenizer, real task prompts: the captured text states are those of the tokens
+    whose characters are the spoken text (letter, cloze, ARC, OBQA, VoiceBench)."""
+    from lm_eval.tasks import TaskManager
+
+    from lmeval_speech import twins
+    from lmeval_speech.capture.store import CaptureReader
+    from test_tasks import ARC_ROWS, OBQA_ROWS, override
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(map(json.dumps, ARC_ROWS)))
+    obqa = tmp_path / "obqa.jsonl"
+    obqa.write_text("\n".join(map(json.dumps, OBQA_ROWS)))
+    vb = tmp_path / "vb.parquet"
+    datasets.Dataset.from_dict({"audio": [{"bytes": _wav_bytes(tone(1.0)), "path": "a.wav"}],
+                                "prompt": ["Which is red? A. sky. B. blood. C. grass. D. snow."],
+                                "reference": ["B"]}).cast_column("audio", datasets.Audio()).to_parquet(str(vb))
+    splits = {"training_split": None, "validation_split": None}
+    tm = TaskManager()
+    names = ["speech_mmlu_high_school_geography_text", "speech_mmlu_continuation_high_school_geography_text"]
+    extra = [override(tmp_path, "speech_arc_easy_text", "speech_arc", rows, "json", **splits),
+             override(tmp_path, "speech_openbookqa_text", "speech_openbookqa", obqa, "json", **splits),
+             override(tmp_path, f"{PAIR}_text", "speech_voicebench", vb, "parquet", test_split="test")]
+    loaded = tm.load(names + extra)["tasks"]
+    lm = _mini_lm(tmp_path)
+    tok = lm.tokenizer
+    reqs = []
+    for task in loaded.values():
+        task.build_all_requests(limit=1, rank=0, world_size=1)
+        reqs += task.instances
+    lm.loglikelihood(reqs)
+    reader = CaptureReader(tmp_path / "cap")
+    assert len(reader.records) == 5
+    emb = lm.backend_impl.model.language_model.get_input_embeddings().weight
+    for rec in reader.records:
+        inst = next(i for i in reqs if i.task_name == rec["task"] and i.idx == 0)
+        spoken = twins.text_counterpart(rec["task"], inst.doc)
+        ctx = inst.arguments[0]
+        enc = tok(ctx, return_offsets_mapping=True, add_special_tokens=False)
+        start = ctx.rindex(spoken)
+        ids = [t for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if b > start and a < start + len(spoken)]
+        assert tok.decode(ids).strip() == spoken.strip(), rec["task"]
+        assert rec["n_positions"] == len(ids), (rec["task"], tok.decode(ids))
+        np.testing.assert_allclose(reader.load(rec)["pooled"][0], emb[ids].mean(0).detach().numpy(), atol=1e-5)
+
+
+def test_spoken_text_comes_from_the_task_not_a_field_name():
+    from lmeval_speech import twins
+    from lmeval_speech.tasks import prompts
+
+    doc = {"prompt": "Which is red? A. sky. B. blood.", "reference": "B", "audio": {"path": "x.wav"}}
+    assert twins.spoken_text(f"{PAIR}_text", doc) == "Which is red? A. sky. B. blood."
+    mmlu = {"question": "What is up?", "choices": ["a", "b", "c", "d"], "answer": 0}
+    assert twins.spoken_text("speech_mmlu_anatomy_text", mmlu) == prompts.mmlu_spoken_text(mmlu)
+    assert twins.spoken_text("speech_mmlu_continuation_anatomy_text", mmlu) == "What is up?"
+
+
+# ------------------------------------------------------------------ 5-6. identity
+
+def test_capture_dir_refuses_another_models_records(tiny_qwen2_audio_dir, tiny_llama_dir, tmp_path):
+    cap = str(tmp_path / "cap")
+    reqs = [req("Question: What is the capital of France?\nAnswer:", " Paris", None, "speech_mmlu_continuation_geo_text", 0,
+                doc={"question": "What is the capital of France?"})]
+    LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", capture="pooled", capture_dir=cap).loglikelihood(reqs)
+    with pytest.raises(ValueError, match="(?s)capture dir.*tiny_qwen2_audio.*tiny_llama"):
+        LSLM(pretrained=tiny_llama_dir, device="cpu", capture="pooled", capture_dir=cap)
+
+
+def test_audio_is_keyed_by_content_not_object_id(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    fresh = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    for seed in range(4):
+        a = tone(1.0, freq=200 + 100 * seed, seed=seed)
+        r = [req("Q: <audio>\nA:", " x", {"audio": [{"array": a, "sampling_rate": 16000}]})]
+        assert lm.loglikelihood(r) == fresh.loglikelihood(r)
+        fresh.embeddings.clear()
+        del a, r
+        gc.collect()
+
+
+# ------------------------------------------------------------------ 9, 12. smaller defects
+
+def test_capture_layers_survive_lm_eval_model_args(tiny_qwen2_audio_dir, tmp_path):
+    from lmeval_speech.capture.store import CaptureReader
+
+    task = "speech_mmlu_continuation_high_school_geography"
+    sh("lm_eval", "--model", "lslm", "--model_args",
+       f"pretrained={tiny_qwen2_audio_dir},capture=tokens,capture_dir={tmp_path / 'cap'},capture_layers=0/2",
+       "--tasks", task, "--limit", "1", "--device", "cpu", "--output_path", str(tmp_path / "r"),
+       env_extra={"LMEVAL_SPEECH_CACHE": str(tmp_path / "tts")})
+    assert {tuple(r["token_layers"]) for r in CaptureReader(tmp_path / "cap").records} == {(0, 2)}
+    with pytest.raises(ValueError, match="layer 40.*3 hidden states"):
+        LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", capture="tokens", capture_dir=str(tmp_path / "c2"),
+             capture_layers="0/40")
+
+
+def test_capture_limit_counts_items_already_stored(tiny_qwen2_audio_dir, tmp_path):
+    from lmeval_speech.capture.store import CaptureReader
+
+    cap = str(tmp_path / "cap")
+    mk = lambda d: req(f"Question: q{d} is what?\nAnswer:", " x", None, "speech_mmlu_continuation_geo_text", d,
+                       doc={"question": f"q{d} is what?"})
+    kw = dict(pretrained=tiny_qwen2_audio_dir, device="cpu", capture="tokens", capture_dir=cap, capture_limit=2)
+    LSLM(**kw).loglikelihood([mk(0), mk(1)])
+    LSLM(**kw).loglikelihood([mk(2), mk(3)])  # a resumed run: the limit is already reached
+    with_tokens = [r["doc_id"] for r in CaptureReader(cap).records if r["token_layers"]]
+    assert sorted(with_tokens) == [0, 1]
+
+
+def test_pad_token_id_zero_is_used_for_generation(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    assert lm.tokenizer.pad_token_id == 0
+    seen = {}
+    real = lm.backend_impl.language_model.generate
+    lm.backend_impl.language_model.generate = lambda *a, **k: seen.update(k) or real(*a, **k)
+    lm.generate_until([Instance(request_type="generate_until", doc={}, idx=0,
+                                arguments=("Question: hi\nAnswer:", {"until": ["\n"], "max_gen_toks": 2}))])
+    assert seen["pad_token_id"] == 0
