@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 TASK = "speech_mmlu_continuation_high_school_geography"
@@ -135,3 +136,22 @@ def test_data_parallel_two_cpu_processes(tiny_qwen2_audio_dir, tmp_path):
     assert {p.name.split("-")[0] for p in (tmp_path / "cap").glob("rank*.safetensors")} == {"rank0", "rank1"}
     recs = CaptureReader(tmp_path / "cap").records
     assert sorted((r["modality"], r["doc_id"]) for r in recs) == [(m, d) for m in ("speech", "text") for d in range(6)]
+
+
+def test_data_parallel_calibration_is_gathered_and_written_once(tiny_qwen2_audio_dir, tmp_path):
+    """Two ranks' calibration statistics are gathered to rank 0 and written once: the file equals
+    the one a single process writes from all items."""
+    from safetensors.numpy import load_file
+
+    common = ["--model", "lslm", "--tasks", TASK, "--limit", "6", "--batch_size", "2"]
+    env = {"LMEVAL_SPEECH_CACHE": str(tmp_path / "tts")}
+    args = f"pretrained={tiny_qwen2_audio_dir},intervention=length,intervene_layers=input/2,save_calibration="
+    sh("torchrun", "--nproc_per_node", "2", "-m", "lm_eval", *common, "--model_args", args + str(tmp_path / "dp.st"),
+       "--output_path", str(tmp_path / "dp"), env_extra=env)
+    sh("lm_eval", *common, "--device", "cpu", "--model_args", args + str(tmp_path / "one.st"),
+       "--output_path", str(tmp_path / "one"), env_extra=env)
+    dp, one = load_file(str(tmp_path / "dp.st")), load_file(str(tmp_path / "one.st"))
+    assert sorted(dp) == sorted(one) == ["2.direction", "2.norm", "input.direction", "input.norm"]
+    for k in one:
+        np.testing.assert_allclose(dp[k], one[k], rtol=1e-5, atol=1e-6)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -129,8 +129,10 @@ def test_fits_match_numpy(board):
 
 def test_different_tts_and_limit_are_flagged(runs, tmp_path, capsys):
     _, dirs = runs
-    assert cli(["compare", str(dirs["a"] / "gap_report" / "report.json"), str(dirs["voice"]), str(dirs["limit"]),
-                "--out", str(tmp_path)]) == 0
+    three = [str(dirs["a"] / "gap_report" / "report.json"), str(dirs["voice"]), str(dirs["limit"])]
+    assert cli(["compare", *three, "--out", str(tmp_path / "refused")]) == 2  # another voice: not rankable
+    assert "--allow-mismatch" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert cli(["compare", *three, "--out", str(tmp_path), "--allow-mismatch"]) == 0
     printed = capsys.readouterr().out
     lb = json.loads((tmp_path / "leaderboard.json").read_text())
     a, voice, limit = (r["label"] for r in lb["runs"])

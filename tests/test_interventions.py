@@ -151,3 +151,44 @@ def test_ops_strength_interpolates():
 
     with pytest.raises(ValueError, match="bottomK"):
         InterventionSpec.from_args("angle", critical="worst3")
+
+
+@pytest.mark.parametrize("kind", ["angle", "length"])
+def test_calibrated_edit_hits_the_least_aligned_positions_with_the_stored_norm_and_direction(
+        tiny_qwen2_audio_dir, tmp_path, plain, kind):
+    """A hand-made calibration (hidden state 1: norm 7, direction e0): the two speech positions least
+    similar to e0 are edited, angle -> direction e0 with the speech norm kept, length -> norm 7 with
+    the speech direction kept; every other position is bit-identical."""
+    from safetensors.numpy import save_file
+
+    d = plain[1][1].shape[-1]
+    direction = np.zeros(d, dtype=np.float32)
+    direction[0] = 1.0
+    calib = tmp_path / "calib.safetensors"
+    save_file({"1.norm": np.array([7.0], dtype=np.float32), "1.direction": direction}, str(calib))
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention=kind, intervene_layers="1",
+              intervention_mode="calibrated", calibration=str(calib), critical="bottom2")
+    _, speech, _ = run(lm)
+    p_speech = plain[1]
+    sp = speech_positions(lm)
+    s = p_speech[1][sp]
+    cos = torch.nn.functional.cosine_similarity(s, torch.from_numpy(direction)[None], dim=-1)
+    critical = set(torch.argsort(cos)[:2].tolist())
+    for k, pos in enumerate(sp):
+        got = speech[1][pos]
+        if k in critical:
+            if kind == "angle":
+                assert torch.allclose(got.norm(), s[k].norm(), atol=1e-4)
+                assert abs(float(got[0] / got.norm()) - 1) < 1e-5
+            else:
+                assert torch.allclose(got.norm(), torch.tensor(7.0), atol=1e-4)
+                assert abs(float(torch.nn.functional.cosine_similarity(got, s[k], dim=0)) - 1) < 1e-5
+        else:
+            assert torch.equal(got, p_speech[1][pos])
+    assert lm.intervener.edits == 2
+
+
+def test_oracle_references_are_freed_once_the_speech_twin_is_scored(tiny_qwen2_audio_dir):
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="angle", intervene_layers="1")
+    lm.loglikelihood(requests())
+    assert lm.intervener.edits > 0 and lm.intervener.text_states == {}

@@ -26,7 +26,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import apply_template
 
 from lmeval_speech import AUDIO_MARKER
-from lmeval_speech.audio import TTSSpec
+from lmeval_speech.audio import TTSSpec, resolve_audio
 from lmeval_speech.tasks import _generate as gen
 from lmeval_speech.tasks import mmlu_data, prompts
 
@@ -383,9 +383,11 @@ def test_voicebench_mcq_pair_uses_recorded_audio(tm, tmp_path, voicebench_parque
     speech.build_all_requests(limit=2, rank=0, world_size=1)
     for doc_id, samples in ((0, 1600), (1, 3200)):
         insts = [i for i in speech.instances if i.doc_id == doc_id]
-        (audio,) = insts[0].arguments[-1]["audio"]
-        assert audio["sampling_rate"] == 16000 and audio["array"].dtype == np.float32
-        assert audio["array"].shape == (samples,)
+        (ref,) = insts[0].arguments[-1]["audio"]
+        json.dumps(insts[0].arguments)  # JSON-able: lm-eval's --use_cache hashes it
+        array, rate, info = resolve_audio(ref)
+        assert rate == 16000 and array.dtype == np.float32 and info["source"] == "recorded"
+        assert array.shape == (samples,)
         assert all(i.arguments[-1] is insts[0].arguments[-1] for i in insts)
 
 
@@ -400,13 +402,15 @@ def test_voicebench_sdqa_pair(tm, tmp_path, voicebench_parquet):
     (t_inst,), (s_inst,) = text.instances, speech.instances
     assert t_inst.arguments[0] == "Question: What is the capital of France?\nAnswer:"
     assert s_inst.arguments[0] == f"Question: {AUDIO_MARKER}\nAnswer:"
-    assert s_inst.arguments[-1]["audio"][0]["array"].shape == (1600,)
+    assert resolve_audio(s_inst.arguments[-1]["audio"][0])[0].shape == (1600,)
     doc = t_inst.doc
-    assert text.process_results(doc, ["It is Paris, of course."]) == {"contains": 1.0}
-    assert speech.process_results(doc, ["Lyon"]) == {"contains": 0.0}
+    flags = {"audio_failed": "", "audio_truncated": ""}
+    assert text.process_results(doc, ["It is Paris, of course."]) == {"contains": 1.0, **flags}
+    assert speech.process_results(doc, ["Lyon"]) == {"contains": 0.0, **flags}
 
 
 def test_recorded_audio_accepts_decoded_dicts():
-    (audio,) = prompts.recorded_audio({"audio": {"array": [0.0, 0.5], "sampling_rate": 8000}})
-    assert audio["sampling_rate"] == 8000 and audio["array"].dtype == np.float32
-    assert audio["array"].tolist() == [0.0, 0.5]
+    (ref,) = prompts.recorded_audio({"audio": {"array": [0.0, 0.5], "sampling_rate": 8000}})
+    assert set(ref) == {"recorded"} and len(ref["recorded"]) == 64
+    array, rate, _ = resolve_audio(ref, override={"sample_rate": 8000})
+    assert rate == 8000 and array.dtype == np.float32 and array.tolist() == [0.0, 0.5]

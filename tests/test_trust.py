@@ -8,7 +8,6 @@ import glob
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -322,3 +321,100 @@ def test_pad_token_id_zero_is_used_for_generation(tiny_qwen2_audio_dir):
     lm.generate_until([Instance(request_type="generate_until", doc={}, idx=0,
                                 arguments=("Question: hi\nAnswer:", {"until": ["\n"], "max_gen_toks": 2}))])
     assert seen["pad_token_id"] == 0
+
+
+# ------------------------------------------------------------------ tests that could not fail before
+
+def test_slerp_half_way_matches_a_hand_computation():
+    from lmeval_speech.interventions.ops import angle_projection
+
+    s = torch.tensor([[3.0, 0.0, 0.0]])  # norm 3, direction e0
+    t = torch.tensor([[0.0, 5.0, 0.0]])  # direction e1, 90 degrees away
+    half = angle_projection(s, t, 0.5)
+    # half way along the great circle: 45 degrees, norm kept
+    np.testing.assert_allclose(half.numpy(), [[3 / np.sqrt(2), 3 / np.sqrt(2), 0.0]], atol=1e-6)
+    third = angle_projection(s, t, 1 / 3)  # 30 degrees
+    np.testing.assert_allclose(third.numpy(), [[3 * np.cos(np.pi / 6), 3 * np.sin(np.pi / 6), 0.0]], atol=1e-6)
+
+
+def test_paired_bootstrap_on_asymmetric_cells_matches_index_resampling():
+    from lmeval_speech.metrics import paired_gap
+
+    # 30 both right, 14 text only, 2 speech only, 4 both wrong: gap = 12/50 = 0.24
+    text = np.array([1] * 30 + [1] * 14 + [0] * 2 + [0] * 4)
+    speech = np.array([1] * 30 + [0] * 14 + [1] * 2 + [0] * 4)
+    res = paired_gap(text, speech, n_boot=20000, seed=3)
+    assert res["gap"] == pytest.approx(0.24)
+    assert res["table"] == {"both_right": 30, "text_only": 14, "speech_only": 2, "both_wrong": 4}
+    idx = np.random.default_rng(11).integers(0, 50, size=(20000, 50))
+    lo, hi = np.quantile((text[idx] - speech[idx]).mean(axis=1), [0.025, 0.975])
+    assert res["ci_low"] == pytest.approx(lo, abs=0.021) and res["ci_high"] == pytest.approx(hi, abs=0.021)
+    assert res["ci_low"] > 0.08  # a swapped or symmetrized cell would centre the CI on 0 or -0.24
+    # McNemar exact on 14 vs 2 discordant pairs
+    from scipy.stats import binomtest
+
+    assert res["mcnemar"]["p"] == pytest.approx(binomtest(2, 16, 0.5).pvalue, rel=1e-6)
+
+
+def test_failed_generation_is_marked_not_an_empty_answer(tiny_qwen2_audio_dir):
+    from lmeval_speech.tasks.prompts import sdqa_process_results
+
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    bad = {"audio": [{"array": np.zeros(0, dtype=np.float32), "sampling_rate": 16000}]}
+    good = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
+    kw = {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}
+    out = lm.generate_until([Instance("generate_until", {}, ("Question: <audio>\nAnswer:", kw, a), 0)
+                             for a in (bad, good)])
+    assert out[0] == "" and "empty" in out[0].failed
+    assert sdqa_process_results({"reference": ""}, [out[0]]) == {"audio_failed": out[0].failed, "audio_truncated": ""}
+    assert "contains" in sdqa_process_results({"reference": "x"}, [out[1]])
+
+
+def test_generation_equals_a_direct_greedy_generate(tiny_qwen2_audio_dir):
+    """The generated text is the real model's greedy continuation, stopped at the stop string."""
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    audio = tone(1.0, seed=4)
+    kw = {"until": ["Paris"], "max_gen_toks": 12, "do_sample": False}
+    (got,) = lm.generate_until([Instance("generate_until", {}, ("Question: <audio>\nAnswer:", kw,
+                                                                {"audio": [{"array": audio, "sampling_rate": 16000}]}), 0)])
+    proc = AutoProcessor.from_pretrained(tiny_qwen2_audio_dir)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_qwen2_audio_dir).eval()
+    inputs = proc(text="Question: <|audio_bos|><|AUDIO|><|audio_eos|>\nAnswer:", audio=[audio], return_tensors="pt")
+    prompt = "Question: <|audio_bos|><|AUDIO|><|audio_eos|>\nAnswer:"
+    assert lm.tok_decode(lm.tok_encode(prompt)) is not None
+    with torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected = proc.tokenizer.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).split("Paris")[0]
+    assert got == expected and len(got) > 0
+
+
+def test_bottom3_positions_end_to_end_with_distinct_scores(tmp_path):
+    """A captured item whose speech positions align to text tokens with distinct cosines
+    0.9, 0.3, 0.6, 0.5 (+ two unrelated positions): the report's Bottom-3 are 1, 3, 2, worst first."""
+    from lmeval_speech.capture.store import CaptureWriter
+    from lmeval_speech.report import report
+    from test_report import D, N_STATES, TOKEN_LAYERS, _unit, write_run
+
+    cos = [0.9, 0.3, 0.6, 0.5]
+    writer = CaptureWriter(tmp_path / "cap", meta={"mode": "tokens", "n_hidden_states": N_STATES,
+                                                   "token_layers": TOKEN_LAYERS})
+    text_tok = np.stack([_unit(j) for j in range(4)])
+    speech_tok = np.stack([c * _unit(i) + np.sqrt(1 - c * c) * _unit(i + 4) for i, c in enumerate(cos)]
+                          + [_unit(8), _unit(9)])
+    for d in range(2):
+        for modality, tok in (("text", text_tok), ("speech", speech_tok)):
+            writer.add({"task": f"speech_toy_a_{modality}", "pair": "speech_toy_a", "modality": modality, "doc_id": d,
+                        "n_positions": len(tok), "token_layers": TOKEN_LAYERS, "audio": None},
+                       {"pooled": np.tile(tok.mean(0), (N_STATES, 1)).astype(np.float32),
+                        "tokens": np.stack([tok] * len(TOKEN_LAYERS)).astype(np.float16)})
+    writer.flush()
+    assert D >= 10
+    write_run(tmp_path / "out", f"pretrained=mini,capture=tokens,capture_dir={tmp_path / 'cap'}",
+              correct={"speech_toy_a": ([1, 1], [1, 0])})
+    rep, _ = report.build_report(report.load_run(tmp_path / "out"), n_boot=100, item=("speech_toy_a", 1))
+    for crit in rep["alignment"]["item"]["critical_tokens"]:
+        assert list(map(int, crit["positions"])) == [1, 3, 2]
+        np.testing.assert_allclose(crit["scores"], [0.3, 0.5, 0.6], atol=2e-3)
+        assert [list(map(int, t)) for t in crit["text_tokens"]] == [[1], [3], [2]]

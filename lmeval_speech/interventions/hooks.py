@@ -87,6 +87,7 @@ class Intervener:
         # hidden-state index h: 0 edits the embeddings entering the LLM, h >= 1 decoder layer h's output
         self.layers = [INPUT if h == 0 else h for h in parse_layers(spec.layers, len(layer_modules), default=INPUT)]
         self.text_states: dict[tuple, dict] = {}  # (pair, doc_id) -> {layer: [Tt, D] tensor}
+        self._pending: dict[tuple, int] = {}  # (pair, doc_id) -> speech sequences not yet scored
         self._sums: dict = {}
         self.calib = self._load_calibration(spec.calibration) if spec.mode == "calibrated" else None
         self.edits = 0
@@ -136,10 +137,20 @@ class Intervener:
     def _hooks(self, fn):
         return [self.modules[layer - 1].register_forward_hook(fn(layer)) for layer in self.layers if layer != INPUT]
 
-    def release(self, keys) -> None:
-        """Drop the oracle references of items whose speech twin has been scored (bounded memory)."""
+    def expect(self, keys) -> None:
+        """Speech sequences about to be scored, by item: their references are kept until the last one."""
         for key in keys:
-            self.text_states.pop(key, None)
+            self._pending[key] = self._pending.get(key, 0) + 1
+
+    def scored(self, keys) -> None:
+        """Drop an item's oracle references once all its speech sequences are scored (bounded memory)."""
+        for key in keys:
+            left = self._pending.get(key, 0) - 1
+            if left > 0:
+                self._pending[key] = left
+            else:
+                self._pending.pop(key, None)
+                self.text_states.pop(key, None)
 
     @contextlib.contextmanager
     def recording_text(self, rows: list, embeds: torch.Tensor):

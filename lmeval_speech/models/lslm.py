@@ -424,7 +424,7 @@ class LSLM(TemplateLM):
                     results[id(s)] = (ll, bool((logp.argmax(-1) == cont).all()))
                     done.append((s, results[id(s)]))
             if self.intervener is not None:
-                self.intervener.release([s.twin_key for s in batch if s.audio])
+                self.intervener.scored([s.twin_key for g in batch_groups for s in g if s.audio])
             pbar.update(len(done))
             if on_batch is not None:
                 on_batch(done)
@@ -470,6 +470,8 @@ class LSLM(TemplateLM):
             seqs.append(self.planner.build(i, req.args[0], req.args[1], keys, req, want_span))
         # With an intervention, text twins run first: they are the oracle's references.
         phases = [seqs] if self.intervener is None else [[s for s in seqs if not s.audio], [s for s in seqs if s.audio]]
+        if self.intervener is not None:
+            self.intervener.expect([s.twin_key for s in seqs if s.audio])
         pending = []
 
         def mark(index, res):

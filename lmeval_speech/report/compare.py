@@ -46,6 +46,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from lmeval_speech.fileio import atomic_write
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -66,12 +68,18 @@ ERRORS = (ValueError, OSError, CaptureCorruptError)
 
 # ----------------------------------------------------------------------------------------- CLI
 
+#: Differences that make a ranking meaningless unless the user asks for it (``--allow-mismatch``).
+MISMATCH_ASPECTS = ("tts", "prompt")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_OR_REPORT",
                         help="report.json, a folder with one, or an lm-eval run dir (report built if missing)")
     parser.add_argument("--out", default="leaderboard", help="output dir (default ./leaderboard)")
     parser.add_argument("--labels", default=None, help="comma-separated row labels, one per run "
                         "(default: model_args pretrained [@revision] + TTS)")
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="rank runs whose TTS spec or prompt (incl. chat template) differ; the tables mark them")
 
 
 def main(args) -> int:
@@ -79,6 +87,12 @@ def main(args) -> int:
         loaded = [load_report(r) for r in args.runs]
         labels = _labels(args.labels, [rep for rep, _ in loaded])
         board = build_leaderboard([rep for rep, _ in loaded], labels, [str(p) for _, p in loaded])
+        blocking = [d for d in board["comparability"]["differences"] if d["aspect"] in MISMATCH_ASPECTS]
+        if blocking and not args.allow_mismatch:
+            raise ValueError("the runs differ in what was measured, so their numbers cannot be ranked "
+                             "(pass --allow-mismatch to rank them anyway, marked):\n  "
+                             + "\n  ".join(f"{d['aspect']} ({', '.join(d['runs'])}): {'; '.join(d['detail'])}"
+                                            for d in blocking))
     except ERRORS as err:
         print(f"lmeval-speech compare: error: {err}", file=sys.stderr)
         return 2
@@ -472,9 +486,9 @@ def write_outputs(board: dict, out) -> None:
     else:
         board["notes"].append("no run has token-level states (capture=tokens): no APS, no gap_vs_aps.png")
     clean = report_mod._jsonable(board)
-    report_mod._atomic_write(out / "leaderboard.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
-    report_mod._atomic_write(out / "leaderboard.csv", to_csv(clean))
-    report_mod._atomic_write(out / "leaderboard.md", markdown(clean))
+    atomic_write(out / "leaderboard.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    atomic_write(out / "leaderboard.csv", to_csv(clean))
+    atomic_write(out / "leaderboard.md", markdown(clean))
 
 
 def summary(board: dict) -> str:
