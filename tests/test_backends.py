@@ -209,7 +209,9 @@ def test_loglikelihood_matches_direct_forward(family, request):
     path = request.getfixturevalue(fixture)
     reqs = speech_requests(seconds)
     lm = LSLM(pretrained=path, device="cpu", batch_size=4)
-    assert lm.backend_impl.model_types and family in lm.backend_impl.model_types
+    from lmeval_speech.models.backends import SPEECH_BACKENDS
+
+    assert SPEECH_BACKENDS[family].endswith(":" + type(lm.backend_impl).__name__)
     got = [ll for ll, _ in lm.loglikelihood(reqs)]
     expected = reference(path, reqs)
     np.testing.assert_allclose(got, expected, atol=1e-4)
@@ -330,3 +332,32 @@ def test_granite_head_and_embeddings_follow_the_granite_lm(tiny_granite_dir):
         expected = lm(**ids).logits
         hidden = b.run_decoder(b.embed_tokens(ids["input_ids"]), ids["attention_mask"], ids["input_ids"]).last_hidden
         torch.testing.assert_close(b.logits(hidden), expected)
+
+
+def test_a_45_second_clip_is_never_cut(tiny_qwen2_audio_dir, tiny_voxtral_dir, tiny_granite_dir):
+    """45 s of audio (a long spoken MMLU item): every backend keeps all of it. Qwen2-Audio: two encoder
+    windows (30 s + 15 s) whose token counts are what its real processor gives each window; Voxtral:
+    two 30 s chunks, as its processor pads; Granite: the whole clip, scored as a direct forward."""
+    from transformers import AutoProcessor
+
+    clip = tone(45.0, seed=9)
+    reqs = speech_requests((45.0,))
+    for r in reqs:
+        r.arguments[2]["audio"][0]["array"] = clip
+    proc = AutoProcessor.from_pretrained(tiny_qwen2_audio_dir)
+    expected = 0
+    for seg in (clip[:480000], clip[480000:]):
+        ids = proc(text="<|audio_bos|><|AUDIO|><|audio_eos|>", audio=[seg], return_tensors="pt")["input_ids"][0]
+        expected += int((ids == proc.tokenizer.convert_tokens_to_ids("<|AUDIO|>")).sum())
+    for path in (tiny_qwen2_audio_dir, tiny_voxtral_dir, tiny_granite_dir):
+        lm = LSLM(pretrained=path, device="cpu")
+        res = lm.loglikelihood(reqs)
+        assert all(np.isfinite(r[0]) and not getattr(r[0], "truncated", "") for r in res), path
+        (status,) = lm.planner.status.values()
+        assert status.notes["seconds"] == 45.0 and not status.truncated
+        if path == tiny_qwen2_audio_dir:
+            assert status.n_tokens == expected == 750 + 375
+        elif path == tiny_voxtral_dir:
+            assert status.n_tokens == 750
+        else:
+            np.testing.assert_allclose([r[0] for r in res], granite_reference(path, reqs), atol=1e-4)

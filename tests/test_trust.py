@@ -418,3 +418,22 @@ def test_bottom3_positions_end_to_end_with_distinct_scores(tmp_path):
         assert list(map(int, crit["positions"])) == [1, 3, 2]
         np.testing.assert_allclose(crit["scores"], [0.3, 0.5, 0.6], atol=2e-3)
         assert [list(map(int, t)) for t in crit["text_tokens"]] == [[1], [3], [2]]
+
+
+def test_named_chat_template_returns_the_template_not_its_name(tiny_llama_dir):
+    lm = LSLM(pretrained=tiny_llama_dir, device="cpu")
+    default = lm.tokenizer.chat_template
+    lm.tokenizer.chat_template = {"default": default, "terse": "{{ messages[0]['content'] }}"}
+    assert lm.chat_template("terse") == "{{ messages[0]['content'] }}"
+    assert lm.chat_template(True) == default and lm.chat_template(False) is None
+
+
+def test_few_shot_speech_twin_stops_before_any_synthesis(tiny_qwen2_audio_dir, tmp_path, monkeypatch):
+    from lmeval_speech.audio import spoken
+
+    monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "cache"))
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    ctx = "Question: <audio>\nAnswer: A\n\nQuestion: <audio>\nAnswer:"
+    with pytest.raises(ValueError, match="2 <audio> markers but the request carries 1.*--num_fewshot 0"):
+        lm.loglikelihood([req(ctx, " B", {"audio": [spoken("what is two plus two")]}, "t_speech")])
+    assert not (tmp_path / "cache").exists()  # nothing synthesized

@@ -30,7 +30,7 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from lmeval_speech import outcomes
+from lmeval_speech import AUDIO_MARKER, outcomes
 from lmeval_speech.models.plan import AudioRequestError, Planner, Seq, audio_items, audio_key
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,13 @@ class SpeechEmbeddings:
 
     def count(self, key: str, array) -> int:
         if key not in self._lru:
-            self._put(key, self.backend.encode_audio([array])[0])
+            self._put(key, self.backend.encode([array])[0])
         return int(self._lru[key].shape[0])
 
     def get(self, keys: list[str], load) -> dict[str, torch.Tensor]:
         missing = [k for k in dict.fromkeys(keys) if k not in self._lru]
         if missing:
-            for k, emb in zip(missing, self.backend.encode_audio([load(k) for k in missing]), strict=True):
+            for k, emb in zip(missing, self.backend.encode([load(k) for k in missing]), strict=True):
                 self._put(k, emb)
         out = {}
         for k in keys:
@@ -304,9 +304,11 @@ class LSLM(TemplateLM):
         return str(getattr(self.tokenizer, "name_or_path", self.pretrained)).replace("/", "__")
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        if chat_template is False:
+        """The template text lm-eval records (and hashes): the default one, or the one named
+        (``--apply_chat_template NAME``), looked up by the tokenizer as transformers does."""
+        if chat_template is False or chat_template is None:
             return None
-        return chat_template if isinstance(chat_template, str) else self.tokenizer.chat_template
+        return self.tokenizer.get_chat_template(None if chat_template is True else chat_template)
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
         return self.tokenizer.apply_chat_template(
@@ -439,11 +441,15 @@ class LSLM(TemplateLM):
 
     # ------------------------------------------------------------------ lm-eval API
     def _plan(self, requests):
-        """Audio keys per request and each distinct audio's outcome (resolved once)."""
+        """Audio keys per request and each distinct audio's outcome (resolved once). A prompt whose
+        ``<audio>`` markers do not match its audios (few-shot exemplars of a speech twin) stops the
+        run here, before any audio is synthesized."""
         items: dict[str, dict] = {}
         per_request = []
         for req in requests:
             audio = audio_items(req.args)
+            if audio and req.args[0].count(AUDIO_MARKER) not in (0, len(audio)):
+                self.planner.place_audio(req.args[0], len(audio))  # raises the clear error
             keys = [audio_key(a) for a in audio]
             items.update(zip(keys, audio))
             per_request.append(keys)
@@ -468,10 +474,7 @@ class LSLM(TemplateLM):
             if truncated:
                 marks[i] = truncated
             seqs.append(self.planner.build(i, req.args[0], req.args[1], keys, req, want_span))
-        # With an intervention, text twins run first: they are the oracle's references.
-        phases = [seqs] if self.intervener is None else [[s for s in seqs if not s.audio], [s for s in seqs if s.audio]]
-        if self.intervener is not None:
-            self.intervener.expect([s.twin_key for s in seqs if s.audio])
+        phases = [seqs] if self.intervener is None else self._oracle_phases(seqs)
         pending = []
 
         def mark(index, res):
@@ -495,6 +498,21 @@ class LSLM(TemplateLM):
         if self.intervener is not None:
             self.intervener.save_calibration(self)
         return out
+
+    #: Items per oracle chunk: their text twins' states are held until their speech twins are scored.
+    ORACLE_CHUNK = 256
+
+    def _oracle_phases(self, seqs: list[Seq]) -> list[list[Seq]]:
+        """With an intervention, each chunk of items runs its text twins first (the oracle's
+        references), then its speech twins, whose scoring frees the references: memory is bounded
+        by the chunk, not the run."""
+        chunks: dict[int, tuple[list, list]] = {}
+        index: dict = {}
+        for s in seqs:
+            c = index.setdefault(s.twin_key, len(index)) // self.ORACLE_CHUNK
+            chunks.setdefault(c, ([], []))[bool(s.audio)].append(s)
+        self.intervener.expect([s.twin_key for s in seqs if s.audio])
+        return [phase for c in sorted(chunks) for phase in chunks[c] if phase]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """TemplateLM's token-level entry point (text only), for callers that pre-tokenize."""

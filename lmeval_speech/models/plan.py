@@ -129,7 +129,7 @@ class Planner:
         for key, item in tqdm(todo.items(), desc="Preparing audio", disable=len(todo) < 2 or lm.rank != 0):
             try:
                 array, notes = self.load(item)
-                n = lm.embeddings.count(key, array) if content_dependent else b.num_audio_tokens(len(array))
+                n = lm.embeddings.count(key, array) if content_dependent else b.count_tokens(len(array))
             except TTSEngineMissing as err:
                 raise TTSEngineMissing(f"{err} (needed to synthesize the speech twins' audio; "
                                        "nothing was scored)") from err

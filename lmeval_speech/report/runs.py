@@ -55,15 +55,13 @@ def find_results_file(run_dir) -> Path:
 
 
 def parse_model_args(model_args) -> dict:
-    """lm-eval's ``--model_args`` as a dict (it is recorded either as ``a=1,b=x`` or as a dict)."""
+    """lm-eval's ``--model_args`` as a dict (recorded as ``a=1,b=x`` or as a dict), parsed by
+    lm-eval's own ``simple_parse_args_string`` (values stay strings where lm-eval keeps them)."""
     if isinstance(model_args, dict):
         return dict(model_args)
-    out = {}
-    for part in str(model_args or "").split(","):
-        key, sep, value = part.partition("=")
-        if sep and key.strip():
-            out[key.strip()] = value.strip()
-    return out
+    from lm_eval.utils import simple_parse_args_string
+
+    return {k: v if isinstance(v, str) else str(v) for k, v in simple_parse_args_string(str(model_args or "")).items()}
 
 
 def _twin(task: str, config: dict) -> tuple[str, str] | None:

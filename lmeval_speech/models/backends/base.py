@@ -31,13 +31,15 @@ class DecoderOutput:
 class Backend:
     """Base class: a text-only causal LM (no audio). Speech families override the audio part."""
 
-    model_types: ClassVar[tuple[str, ...]] = ()
     #: Text that stands for one audio in a prompt; the tokenizer must map it to tokens that
     #: include ``audio_token_id`` exactly once.
     audio_placeholder: ClassVar[str | None] = None
     sampling_rate: ClassVar[int] = 16000
-    #: Longest audio one placeholder can hold (Whisper-style encoders: one 30 s window).
+    #: Longest audio one placeholder can hold; longer audio is cut (and flagged per item) or refused.
     max_audio_seconds: ClassVar[float] = 30.0
+    #: Encoder window: a longer clip is encoded as consecutive windows of this length, concatenated
+    #: in order under its one placeholder (``None``: the encoder takes the clip whole).
+    segment_seconds: ClassVar[float | None] = None
 
     def __init__(self, model, tokenizer, processor=None):
         self.model = model
@@ -79,10 +81,6 @@ class Backend:
     def decoder_layers(self) -> list[torch.nn.Module]:
         return list(self.decoder.layers)
 
-    @property
-    def config(self):
-        return self.model.config
-
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
 
@@ -100,14 +98,36 @@ class Backend:
 
     # ---- audio ---------------------------------------------------------------------------
     def num_audio_tokens(self, num_samples: int) -> int:
+        """Speech positions of one clip of ``num_samples`` (within one encoder window)."""
         raise NotImplementedError(f"{type(self).__name__} takes no audio")
 
     def encode_audio(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """Speech token embeddings ``[n_i, D]`` for each 16 kHz mono array, in the LLM's dtype."""
+        """Speech token embeddings ``[n_i, D]`` for each 16 kHz mono array (within one window)."""
         raise NotImplementedError(f"{type(self).__name__} takes no audio")
 
-    def prefix_token_ids(self) -> list[int]:
-        return []
+    def _segments(self, num_samples: int) -> list[tuple[int, int]]:
+        if not self.segment_seconds:
+            return [(0, num_samples)]
+        step = int(self.segment_seconds * self.sampling_rate)
+        return [(a, min(a + step, num_samples)) for a in range(0, max(num_samples, 1), step)]
+
+    def count_tokens(self, num_samples: int) -> int:
+        """Speech positions of a clip of any accepted length: the sum over its encoder windows."""
+        return sum(self.num_audio_tokens(b - a) for a, b in self._segments(num_samples))
+
+    def encode(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Speech embeddings of clips of any accepted length: each window encoded, concatenated in order."""
+        pieces, owner = [], []
+        for i, a in enumerate(arrays):
+            for lo, hi in self._segments(len(a)):
+                pieces.append(a[lo:hi])
+                owner.append(i)
+        encoded = self.encode_audio(pieces)
+        out = [[] for _ in arrays]
+        for i, e in zip(owner, encoded, strict=True):
+            out[i].append(e)
+        return [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in out]
+
 
 
 class ComposedSpeechBackend(Backend):

@@ -4,4 +4,4 @@ from .base import Backend
 
 
 class CausalLMBackend(Backend):
-    model_types = ()  # fallback for configs that AutoModelForCausalLM knows
+    """Everything is the base class: token embeddings, decoder, LM head, no audio."""

@@ -6,7 +6,7 @@ What is specific to this family:
   no fixed window: the clip is encoded at its own length, and every 15 encoder frames become 3
   audio tokens (Q-Former queries). Clips are encoded one at a time, as the processor does for a
   one-audio prompt: padding a batch would change the encoder's block attention and the mel scaling.
-  The encoder has no window limit; the adapter keeps the base 30 s cap (``max_audio_seconds``).
+  The encoder has no window limit and neither has the processor: clips up to 600 s are passed whole.
 * ``GraniteSpeechFeatureExtractor`` needs torchaudio. Without it, ``granite_log_mel`` computes the
   same features with torch alone, op for op as torchaudio's ``MelSpectrogram`` defaults (periodic
   Hann window, centred reflect-padded STFT, power 2, HTK mel filters without norm) followed by the
@@ -93,8 +93,8 @@ class _RealGraniteFeatures:
 
 
 class GraniteSpeechBackend(ComposedSpeechBackend):
-    model_types = ("granite_speech",)
     audio_placeholder = "<|audio|>"
+    max_audio_seconds = 600.0
 
     @classmethod
     def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):

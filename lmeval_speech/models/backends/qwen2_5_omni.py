@@ -27,7 +27,6 @@ from .base import ComposedSpeechBackend, DecoderOutput, WhisperStyleBackend
 
 
 class Qwen25OmniThinkerBackend(WhisperStyleBackend, ComposedSpeechBackend):
-    model_types = ("qwen2_5_omni_thinker", "qwen2_5_omni")
     audio_placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
     def __init__(self, model, tokenizer, processor=None):

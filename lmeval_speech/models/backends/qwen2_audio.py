@@ -13,8 +13,14 @@ def whisper_frames(num_samples: int, sampling_rate: int = 16000, max_seconds: fl
 
 
 class Qwen2AudioBackend(WhisperStyleBackend, ComposedSpeechBackend):
-    model_types = ("qwen2_audio",)
+    """A clip longer than the encoder's 30 s window is encoded as consecutive 30 s windows whose
+    embeddings are concatenated in order under the one ``<|AUDIO|>`` placeholder (Qwen2-Audio's
+    processor would cut it at 30 s; for a question whose options are spoken last, that drops
+    options the text twin keeps). 300 s (7,500 audio positions) is the most one prompt takes."""
+
     audio_placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    segment_seconds = 30.0
+    max_audio_seconds = 300.0
 
     @classmethod
     def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
@@ -27,7 +33,7 @@ class Qwen2AudioBackend(WhisperStyleBackend, ComposedSpeechBackend):
         return cls(model, processor.tokenizer, processor)
 
     def num_audio_tokens(self, num_samples: int) -> int:
-        frames = whisper_frames(num_samples, self.sampling_rate, self.max_audio_seconds)
+        frames = whisper_frames(num_samples, self.sampling_rate, self.segment_seconds)
         return (((frames - 1) // 2 + 1) - 2) // 2 + 1
 
     @torch.no_grad()

@@ -55,7 +55,6 @@ class _ControlTokenText:
 
 
 class VoxtralBackend(ComposedSpeechBackend):
-    model_types = ("voxtral",)
     audio_placeholder = "[BEGIN_AUDIO][AUDIO]"
     max_audio_seconds = 1800.0
 
