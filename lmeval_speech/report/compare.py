@@ -118,6 +118,7 @@ def load_report(arg) -> tuple[dict, Path]:
 
     A run dir's ``gap_report/report.json`` is reused only when it was built from the run's latest
     results file: a report left from an older run in the same folder would describe other numbers.
+    Otherwise the report is built in memory; nothing is written into the input folders.
     """
     path = Path(arg)
     if path.is_file() and path.suffix == ".json" and _is_report(path):
@@ -134,11 +135,10 @@ def load_report(arg) -> tuple[dict, Path]:
                 return rep, candidate
             print(f"{candidate} was built from {Path(rep['run']['results_file']).name}, not the latest "
                   f"{results.name}: rebuilding it", file=sys.stderr)
-    out = run_dir / "gap_report"
-    rep, heatmap = report_mod.build_report(load_run(path))
-    report_mod.write_outputs(rep, heatmap, out)
-    print(f"built {out / 'report.json'}", file=sys.stderr)
-    return _read_report(out / "report.json"), out / "report.json"
+    # built in memory: compare reads its inputs and writes only into --out
+    rep, _ = report_mod.build_report(load_run(path))
+    print(f"built a report for {results} in memory (write it with lmeval-speech report)", file=sys.stderr)
+    return json.loads(json.dumps(report_mod._jsonable(rep))), results
 
 
 def _read_report(path: Path) -> dict:

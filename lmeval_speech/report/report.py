@@ -66,7 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from lmeval_speech.fileio import atomic_write
-from lmeval_speech.manifest import write_manifest
+from lmeval_speech.manifest import build_manifest, manifest_path, write_manifest
 from lmeval_speech.outcomes import FLAG_METRICS
 from lmeval_speech.capture.store import CaptureCorruptError, CaptureReader
 from lmeval_speech.metrics import (
@@ -149,6 +149,7 @@ def main(args) -> int:
     except (UnpairedError, ValueError, FileNotFoundError, CaptureCorruptError) as err:
         print(f"lmeval-speech report: error: {err}", file=sys.stderr)
         return 2
+    write_manifest(run)  # next to lm-eval's results: the record of what was measured
     write_outputs(report, heatmap, out)
     print(summary(report))
     print(f"\nwrote {out / 'report.json'}, {out / 'report.md'} and "
@@ -172,7 +173,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
     notes = []
     if run["unpaired"]:
         notes.append(f"tasks without a twin in this run, not scored: {run['unpaired']}")
-    manifest = write_manifest(run)
+    manifest = {**build_manifest(run), "path": str(manifest_path(run))}
     items_by_pair = {p: pair_items(run, p, include_truncated=include_truncated) for p in run["pairs"]}
     for p, it in items_by_pair.items():
         if it["excluded"]:
