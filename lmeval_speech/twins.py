@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 MODALITIES = ("text", "speech")
+#: Prior-control twins of the speech twin: another item's audio, silence of the same length.
+CONTROLS = ("shuffled", "silence")
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ def twin_of(task_name: str | None, has_audio: bool = False) -> Twin:
     """``P_text`` -> (P, text), ``P_speech`` -> (P, speech); another name is its own pair, with the
     modality given by whether its requests carry audio."""
     name = task_name or "unknown"
-    for modality in MODALITIES:
+    for modality in MODALITIES + CONTROLS:
         if name.endswith(f"_{modality}"):
             return Twin(name[: -len(modality) - 1], modality)
     return Twin(name, "speech" if has_audio else "text")

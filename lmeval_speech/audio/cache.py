@@ -168,6 +168,9 @@ def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_d
     if isinstance(override, TTSSpec):
         override = override.to_dict()
     override = dict(override or {})
+    if isinstance(item, Mapping) and item.get("silence_like") is not None:  # a prior control
+        audio, rate, info = resolve_audio(item["silence_like"], override, cache_dir)
+        return np.zeros_like(audio), rate, {**info, "source": "silence", "fixes": []}
     if not isinstance(item, Mapping):
         raise AudioError(f"an audio item must be a dict with 'array', 'tts_text' or 'path', got {type(item).__name__}")
     if item.get("array") is not None:

@@ -29,6 +29,8 @@ def audio_key(item) -> str:
     """A stable identity for one audio, from its content."""
     if not isinstance(item, dict):
         raise AudioRequestError(f"an audio item must be a dict, got {type(item).__name__}")
+    if item.get("silence_like") is not None:
+        return "silence:" + audio_key(item["silence_like"])
     if "tts_text" in item:
         return "tts:" + json.dumps({"t": item["tts_text"], "s": item.get("tts")}, sort_keys=True)
     if item.get("recorded") is not None:

@@ -83,7 +83,8 @@ from lmeval_speech.metrics import (
 )
 from lmeval_speech.metrics.alignment import MEASURES, PATHS
 from lmeval_speech.report import plots
-from lmeval_speech.report.runs import UnpairedError, load_run, pair_items, run_settings
+from lmeval_speech import twins
+from lmeval_speech.report.runs import UnpairedError, control_items, load_run, pair_items, run_settings
 
 SCHEMA_VERSION = 1
 N_CRITICAL = 3
@@ -184,6 +185,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
                          f"(pairs: {sorted(items_by_pair)})")
 
     pairs, overall = _gap_sections(items_by_pair, n_boot, seed)
+    controls = _control_sections(run, include_truncated, n_boot, seed, notes)
     rows = _item_rows(items_by_pair)
     settings = run_settings(run)
     reader, capture_dir = _open_capture(settings, capture, notes)
@@ -210,6 +212,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
                 **settings, "unpaired_tasks": run["unpaired"]},
         "overall": overall,
         "pairs": pairs,
+        "controls": controls,
         "similarity": similarity,
         "alignment": alignment,
         "correlation": correlation,
@@ -238,6 +241,26 @@ def _gap_sections(items_by_pair: dict, n_boot: int, seed: int) -> tuple[dict, di
                "weighted_mean": {k: float(np.average([pairs[p][k] for p in pairs], weights=sizes)) for k in GAP_FIELDS},
                "macro_mean": {k: float(np.mean([pairs[p][k] for p in pairs])) for k in GAP_FIELDS}}
     return pairs, overall
+
+
+def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int, notes: list) -> dict | None:
+    """Hearing = speech accuracy minus a prior control's (another item's audio, or silence), paired
+    item by item; ``None`` when the run has no control twin."""
+    out = {}
+    for pair, names in run["pairs"].items():
+        for control in twins.CONTROLS:
+            if control not in names:
+                continue
+            it = control_items(run, pair, control, include_truncated)
+            g = paired_gap(it["speech_correct"], it["control_correct"], n_boot=n_boot, seed=seed)
+            out.setdefault(pair, {})[control] = {
+                "control_task": it["control_task"], "n": g["n"], "speech_acc": g["text_acc"],
+                "control_acc": g["speech_acc"], "hearing": g["gap"], "ci_low": g["ci_low"], "ci_high": g["ci_high"],
+                "mcnemar_p": g["mcnemar"]["p"], "excluded": it["excluded"]}
+    if not out:
+        return None
+    notes.append("controls: hearing = speech accuracy - control accuracy on the same items (paired bootstrap CI)")
+    return out
 
 
 def _item_rows(items_by_pair: dict) -> list[dict]:
@@ -498,6 +521,18 @@ def markdown(report: dict) -> str:
     macro = overall["macro_mean"]
     lines += ["", f"Mean over the {overall['n_pairs']} pairs, each counted once: text {_f(macro['text_acc'])}, "
               f"speech {_f(macro['speech_acc'])}, gap {_f(macro['gap'])} (weighted by size it is the pooled row).", ""]
+
+    if report.get("controls"):
+        lines += ["## Does the model hear? Prior controls", "",
+                  "The speech twin against the same prompt with another item's audio (`shuffled`) or silence "
+                  "of the same length (`silence`): their accuracy is what answer priors alone give, and "
+                  "**hearing** = speech accuracy - control accuracy (paired, same items).", "",
+                  "| pair | control | n | speech acc | control acc | hearing | 95% CI | McNemar p |",
+                  "|---|---|---:|---:|---:|---:|---|---:|"]
+        lines += [f"| {pair} | {c} | {v['n']} | {_f(v['speech_acc'])} | {_f(v['control_acc'])} | {_f(v['hearing'])} | "
+                  f"[{_f(v['ci_low'])}, {_f(v['ci_high'])}] | {_p(v['mcnemar_p'])} |"
+                  for pair, cs in report["controls"].items() for c, v in cs.items()]
+        lines.append("")
 
     sim = report["similarity"]
     lines += ["## Layer similarity (pooled states)", ""]

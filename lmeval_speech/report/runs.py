@@ -68,9 +68,9 @@ def _twin(task: str, config: dict) -> tuple[str, str] | None:
     """(pair, modality) from the task config's metadata (written by tasks/_generate.py), else from
     the ``_text``/``_speech`` name (``twins.twin_of``); None for a task that is no twin."""
     meta = config.get("metadata") or {}
-    if meta.get("pair") and meta.get("modality") in twins.MODALITIES:
+    if meta.get("pair") and meta.get("modality") in twins.MODALITIES + twins.CONTROLS:
         return meta["pair"], meta["modality"]
-    if task.endswith(tuple(f"_{m}" for m in twins.MODALITIES)):
+    if task.endswith(tuple(f"_{m}" for m in twins.MODALITIES + twins.CONTROLS)):
         twin = twins.twin_of(task)
         return twin.pair, twin.modality
     return None
@@ -105,7 +105,7 @@ def load_run(run_dir) -> dict:
         tasks[task] = {"config": config, "pair": twin[0], "modality": twin[1],
                        "samples_file": str(samples_file), "samples": _read_samples(samples_file)}
         twins.setdefault(twin[0], {})[twin[1]] = task
-    pairs = {p: t for p, t in sorted(twins.items()) if set(t) == {"text", "speech"}}
+    pairs = {p: t for p, t in sorted(twins.items()) if {"text", "speech"} <= set(t)}
     unpaired = sorted(task for p, t in twins.items() if p not in pairs for task in t.values())
     config = results.get("config") or {}
     return {"results_file": str(results_file), "dir": str(folder), "timestamp": stamp,
@@ -163,7 +163,8 @@ def _by_doc(rows: list[dict], task: str, problems: list[str]) -> dict:
     return by_doc
 
 
-def pair_items(run: dict, pair: str, include_truncated: bool = False) -> dict:
+def pair_items(run: dict, pair: str, include_truncated: bool = False, first: str = "text",
+               second: str = "speech") -> dict:
     """The items of one pair valid in both twins, aligned by doc id, with each twin's 0/1 score.
 
     Returns ``{"pair", "text_task", "speech_task", "metric", "filter", "doc_ids", "targets",
@@ -174,7 +175,7 @@ def pair_items(run: dict, pair: str, include_truncated: bool = False) -> dict:
     ids or targets.
     """
     names = run["pairs"][pair]
-    text_task, speech_task = names["text"], names["speech"]
+    text_task, speech_task = names[first], names[second]
     t_filter, t_metric, t_rows = _choose(run["tasks"][text_task]["samples"], text_task)
     s_filter, s_metric, s_rows = _choose(run["tasks"][speech_task]["samples"], speech_task)
     problems = []
@@ -219,3 +220,11 @@ def pair_items(run: dict, pair: str, include_truncated: bool = False) -> dict:
             "filter": t_filter, "doc_ids": valid, "targets": [str(text[d].get("target")) for d in valid],
             "text_correct": scores(text, text_task), "speech_correct": scores(speech, speech_task),
             "excluded": {k: len(v) for k, v in excluded.items()}, "excluded_doc_ids": excluded}
+
+
+def control_items(run: dict, pair: str, control: str, include_truncated: bool = False) -> dict:
+    """Speech twin vs one prior control (``shuffled`` or ``silence``) of a pair, item by item:
+    ``speech_correct`` and ``control_correct`` over the items valid in both."""
+    it = pair_items(run, pair, include_truncated, first="speech", second=control)
+    return {**it, "speech_task": it["text_task"], "control_task": it["speech_task"], "control": control,
+            "speech_correct": it["text_correct"], "control_correct": it["speech_correct"]}

@@ -111,7 +111,36 @@ def write_pair(folder: Path, pair: str, overrides: dict, speech_meta: dict, alia
                                        "include": f"_{modality}_template_yaml", **overrides, "metadata": meta})
     write(folder, f"{pair}.yaml", {"group": pair, "group_alias": alias, "task": names,
                                    "metadata": {"version": VERSION, "pair": pair}})
+    write_controls(folder, pair, overrides, speech_meta, alias)
     return names
+
+
+def write_controls(folder: Path, pair: str, overrides: dict, speech_meta: dict, alias: str) -> list[str]:
+    """Opt-in prior controls over the same doc ids (group ``<pair>_controls``; not in ``<pair>``):
+    ``<pair>_shuffled`` hears another item's audio (a fixed derangement of the task's docs),
+    ``<pair>_silence`` hears silence as long as its own audio. Their accuracy is what answer priors
+    alone give; speech accuracy minus it is what hearing contributes."""
+    audio_fn = folder_audio_fn[folder.name]
+    shuffled_docs = CONTROL_DOCS[audio_fn]
+    names = [f"{pair}_shuffled", f"{pair}_silence"]
+    extra = {
+        "shuffled": {"process_docs": fn(f"prompts.{shuffled_docs}"), "doc_to_audio": fn("prompts.control_audio")},
+        "silence": {"doc_to_audio": fn(f"prompts.silence_{audio_fn}")},
+    }
+    for name, control in zip(names, ("shuffled", "silence")):
+        meta = {**speech_meta, "modality": control, "control_of": "speech"}
+        write(folder, f"{name}.yaml", {"task": name, "task_alias": f"{alias} ({control} control)",
+                                       "include": "_speech_template_yaml", **overrides, **extra[control],
+                                       "metadata": meta})
+    write(folder, f"{pair}_controls.yaml", {"group": f"{pair}_controls", "group_alias": f"{alias} (controls)",
+                                            "task": names, "metadata": {"version": VERSION, "pair": pair}})
+    return names
+
+
+#: Each family folder's audio function (set by write_templates) and its deranging process_docs.
+folder_audio_fn: dict[str, str] = {}
+CONTROL_DOCS = {"mmlu_audio": "shuffled_mmlu_docs", "question_audio": "shuffled_question_docs",
+                "openbookqa_audio": "shuffled_openbookqa_docs", "recorded_audio": "shuffled_voicebench_docs"}
 
 
 def write_modality_groups(folder: Path, group: str, tasks: dict[str, list[str]], metrics: list[str],
@@ -138,6 +167,7 @@ def fresh(folder_name: str) -> Path:
 def write_templates(folder: Path, base: dict, text_prompt: str, speech_prompt: str, audio_fn: str) -> None:
     """``_default_template_yaml`` holds what both twins share (data, choices, target, metrics); the
     text and speech templates add only their prompt, and the speech one its ``doc_to_audio``."""
+    folder_audio_fn[folder.name] = audio_fn
     write(folder, "_default_template_yaml", base)
     write(folder, "_text_template_yaml", {"include": "_default_template_yaml", "doc_to_text": text_prompt})
     write(folder, "_speech_template_yaml", {"include": "_default_template_yaml", "doc_to_text": speech_prompt,
@@ -191,6 +221,10 @@ def generate_mmlu() -> None:
     demo = [MMLU_SUBJECTS.index(s) for s in DEMO_SUBJECTS]
     write_modality_groups(HERE / family, f"{family}_demo", {m: [names[i] for i in demo] for m, names in tasks.items()},
                           ["acc", "acc_norm"], f"{family}_demo")
+    write(HERE / family, f"_{family}_demo_controls.yaml", {
+        "group": f"{family}_demo_controls", "group_alias": f"{family}_demo (prior controls)",
+        "task": [f"{family}_{MMLU_SUBJECTS[i]}_{c}" for i in demo for c in ("shuffled", "silence")],
+        "metadata": {"version": VERSION}})
 
 
 def generate_arc_openbookqa() -> None:

@@ -9,6 +9,7 @@ uses this imported module rather than a second copy loaded from the file's path.
 
 from __future__ import annotations
 
+import json
 import re
 
 import datasets
@@ -114,3 +115,65 @@ def sdqa_process_results(doc: dict, results: list[str]) -> dict:
     reference = _normalize(doc["reference"])
     out["contains"] = float(bool(reference) and f" {reference} " in f" {_normalize(results[0])} ")
     return out
+
+
+# ---- prior controls: another item's audio (fixed derangement) and silence of the item's length
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A seeded permutation with no fixed point (Sattolo's algorithm: one random n-cycle)."""
+    if n < 2:
+        raise ValueError(f"a shuffled-audio control needs at least 2 items, the task has {n}")
+    rng = np.random.default_rng(seed)
+    perm = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(0, i))
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def _with_control_audio(dataset: datasets.Dataset, audio_fn) -> datasets.Dataset:
+    """Adds ``control_from`` (the other item's index) and ``control_audio`` (its audio refs, JSON)."""
+    perm = derangement(len(dataset))
+    refs = [json.dumps(audio_fn(dataset[j])) for j in perm]
+    return dataset.add_column("control_from", perm).add_column("control_audio", refs)
+
+
+def shuffled_mmlu_docs(dataset):
+    return _with_control_audio(dataset, mmlu_audio)
+
+
+def shuffled_question_docs(dataset):
+    return _with_control_audio(dataset, question_audio)
+
+
+def shuffled_openbookqa_docs(dataset):
+    return _with_control_audio(dataset, openbookqa_audio)
+
+
+def shuffled_voicebench_docs(dataset):
+    return _with_control_audio(voicebench_docs(dataset), recorded_audio)
+
+
+def control_audio(doc: dict) -> list[dict]:
+    return json.loads(doc["control_audio"])
+
+
+def _silence(refs: list[dict]) -> list[dict]:
+    return [{"silence_like": ref} for ref in refs]
+
+
+def silence_mmlu_audio(doc):
+    return _silence(mmlu_audio(doc))
+
+
+def silence_question_audio(doc):
+    return _silence(question_audio(doc))
+
+
+def silence_openbookqa_audio(doc):
+    return _silence(openbookqa_audio(doc))
+
+
+def silence_recorded_audio(doc):
+    return _silence(recorded_audio(doc))

@@ -1,0 +1,79 @@
+"""Prior controls (issue 15, part): another item's audio and silence, over the speech twin's doc ids."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from lm_eval.tasks import TaskManager
+
+from lmeval_speech.audio import resolve_audio
+from lmeval_speech.tasks import prompts
+
+PAIR = "speech_mmlu_continuation_high_school_geography"
+
+
+def test_derangement_never_maps_an_item_to_itself():
+    for n in range(2, 60):
+        perm = prompts.derangement(n)
+        assert sorted(perm) == list(range(n)) and all(perm[i] != i for i in range(n))
+        assert perm == prompts.derangement(n)  # fixed (seeded)
+    with pytest.raises(ValueError, match="at least 2"):
+        prompts.derangement(1)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    tm = TaskManager()
+    return tm.load([f"{PAIR}_{m}" for m in ("text", "speech", "shuffled", "silence")])["tasks"]
+
+
+def test_controls_cover_the_same_items_and_targets(loaded):
+    docs = {m: list(loaded[f"{PAIR}_{m}"].test_docs()) for m in ("text", "speech", "shuffled", "silence")}
+    n = len(docs["text"])
+    assert all(len(d) == n for d in docs.values())
+    targets = {m: [loaded[f"{PAIR}_{m}"].doc_to_target(d) for d in ds] for m, ds in docs.items()}
+    assert targets["shuffled"] == targets["silence"] == targets["speech"] == targets["text"]
+    speech, shuffled = loaded[f"{PAIR}_speech"], loaded[f"{PAIR}_shuffled"]
+    for i, doc in enumerate(docs["shuffled"][:20]):
+        j = doc["control_from"]
+        assert j != i
+        assert shuffled.doc_to_audio(doc) == speech.doc_to_audio(docs["speech"][j]) != speech.doc_to_audio(docs["speech"][i])
+        assert shuffled.doc_to_text(doc) == speech.doc_to_text(docs["speech"][i])  # same prompt, other audio
+    silence = loaded[f"{PAIR}_silence"]
+    assert silence.doc_to_audio(docs["silence"][0]) == [{"silence_like": speech.doc_to_audio(docs["speech"][0])[0]}]
+
+
+def test_silence_is_as_long_as_the_items_own_audio(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path))
+    own = prompts.question_audio({"question": "Which river is the longest?"})[0]
+    speech, rate, _ = resolve_audio(own)
+    silent, rate2, info = resolve_audio({"silence_like": own})
+    assert rate == rate2 and silent.shape == speech.shape and not silent.any() and info["source"] == "silence"
+
+
+def test_report_measures_hearing_against_each_control(tiny_qwen2_audio_dir, tmp_path):
+    from lmeval_speech.report import report
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LMEVAL_SPEECH_CACHE": str(tmp_path / "tts")}
+    proc = subprocess.run(["lm_eval", "--model", "lslm", "--model_args", f"pretrained={tiny_qwen2_audio_dir}",
+                           "--tasks", f"{PAIR},{PAIR}_controls", "--limit", "4", "--device", "cpu", "--batch_size", "8",
+                           "--log_samples", "--output_path", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep, _ = report.build_report(report.load_run(tmp_path / "out"), n_boot=500)
+    c = rep["controls"][PAIR]
+    assert set(c) == {"shuffled", "silence"}
+    (res,) = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
+    results = json.load(open(res))["results"]
+    for control, v in c.items():
+        assert v["n"] == 4
+        assert v["control_acc"] == pytest.approx(results[f"{PAIR}_{control}"]["acc,none"])
+        assert v["speech_acc"] == pytest.approx(results[f"{PAIR}_speech"]["acc,none"])
+        assert v["hearing"] == pytest.approx(v["speech_acc"] - v["control_acc"])
+    assert "Does the model hear?" in report.markdown(rep)
+    assert np.isfinite(rep["overall"]["gap"]) and rep["overall"]["n"] == 4  # the text/speech gap is unchanged
