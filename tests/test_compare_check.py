@@ -90,7 +90,7 @@ def _report(path):
 
     assert not (path / "gap_report").exists()
     rep, _ = report_mod.build_report(load_run(path))
-    return json.loads(json.dumps(report_mod._jsonable(rep)))
+    return json.loads(json.dumps(report_mod.jsonable(rep)))
 
 
 def test_leaderboard_values_are_the_reports_values(runs, board):

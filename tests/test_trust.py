@@ -89,7 +89,8 @@ def _wav_bytes(array, sr=16000) -> bytes:
 
 def voicebench_run(tmp_path, tiny_qwen2_audio_dir, extra_args=(), model_args="", kill_after=None, cache=None):
     """A VoiceBench MCQ pair on a local parquet in VoiceBench's layout (audio, prompt, reference):
-    doc 0 (gold A) has an unreadable recording, doc 1 lasts 31 s (past Qwen2-Audio's 30 s), docs 2-3 are fine."""
+    doc 0 (gold A) has an unreadable recording, doc 1 lasts 31 s (past the 30 s that ``max_audio_seconds=30``
+    allows), docs 2-3 are fine."""
     data = tmp_path / "vb.parquet"
     if not data.exists():
         audio = [{"bytes": b"RIFF not really a wav", "path": "0.wav"},
@@ -108,7 +109,8 @@ def voicebench_run(tmp_path, tiny_qwen2_audio_dir, extra_args=(), model_args="",
                 "dataset_name": None, "test_split": "test",
                 "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(tmp_path / "hf")}}))
     out = tmp_path / "results"
-    cmd = ["lm_eval", "--model", "lslm", "--model_args", f"pretrained={tiny_qwen2_audio_dir}{model_args}",
+    cmd = ["lm_eval", "--model", "lslm", "--model_args",
+           f"pretrained={tiny_qwen2_audio_dir},max_audio_seconds=30{model_args}",
            "--include_path", str(tmp_path / "tasks"), "--tasks", f"{PAIR}_text,{PAIR}_speech",
            "--device", "cpu", "--batch_size", "1", "--log_samples", "--output_path", str(out), *extra_args]
     env = {"LMEVAL_SPEECH_CACHE": str(cache or tmp_path / "audio_cache")}

@@ -110,6 +110,7 @@ class LSLM(TemplateLM):
         add_bos_token: bool | None = None,
         prefix_token_id: int | None = None,
         audio_overflow: str = "truncate",
+        max_audio_seconds: float | None = None,
         fail_fast: bool = False,
         tts_engine: str | None = None,
         tts_voice: str | None = None,
@@ -153,6 +154,9 @@ class LSLM(TemplateLM):
         self.add_bos_token = None if add_bos_token is None else _as_bool(add_bos_token)
         self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
         self.audio_overflow = audio_overflow
+        # at most the backend's own limit; lower it to compare models on the same audio length
+        limit = self.backend_impl.max_audio_seconds
+        self.max_audio_seconds = limit if max_audio_seconds in (None, "") else min(float(max_audio_seconds), limit)
         self.fail_fast = _as_bool(fail_fast)
         self.tts_override = {
             k: v for k, v in {"engine": tts_engine, "voice": tts_voice,
@@ -255,7 +259,7 @@ class LSLM(TemplateLM):
         """lm-eval writes this into ``results["config"]``: the model's side of the run manifest."""
         return {"lmeval_speech": {
             "model": self.identity,
-            "settings": {"audio_overflow": self.audio_overflow, "max_audio_seconds": self.backend_impl.max_audio_seconds,
+            "settings": {"audio_overflow": self.audio_overflow, "max_audio_seconds": self.max_audio_seconds,
                          "tts_override": self.tts_override or None, "fail_fast": self.fail_fast,
                          "max_length": self.max_length, "batch_size": self.batch_size},
             "hooks": {"capture": None if self.capture is None else self.capture.spec(),

@@ -104,9 +104,9 @@ class Planner:
 
         lm, b = self.lm, self.lm.backend_impl
         array, sr, info = resolve_audio(item, override=lm.tts_override or None)
-        limit = b.max_audio_seconds if lm.audio_overflow == "truncate" else None
-        if lm.audio_overflow == "error" and len(array) > b.max_audio_seconds * sr:
-            raise AudioRequestError(f"audio of {len(array) / sr:.1f}s exceeds {b.max_audio_seconds}s "
+        limit = lm.max_audio_seconds if lm.audio_overflow == "truncate" else None
+        if lm.audio_overflow == "error" and len(array) > lm.max_audio_seconds * sr:
+            raise AudioRequestError(f"audio of {len(array) / sr:.1f}s exceeds {lm.max_audio_seconds}s "
                                     "(audio_overflow=error)")
         array, fixes = prepare_audio(array, sr, target_rate=b.sampling_rate, max_seconds=limit)
         return array, {**info, "fixes": list(info.get("fixes", [])) + fixes, "seconds": len(array) / b.sampling_rate}

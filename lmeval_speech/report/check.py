@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from lmeval_speech.fileio import atomic_write
+from lmeval_speech.report.schema import jsonable
 from lmeval_speech.report import compare
-from lmeval_speech.report import report as report_mod
 
 SCHEMA_VERSION = 1
 KIND = "lmeval-speech baseline"
@@ -86,7 +86,7 @@ def main(args) -> int:
         current = make_baseline(rep, path, notes)
         if args.update:
             Path(args.baseline).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(Path(args.baseline), json.dumps(report_mod._jsonable(current), indent=2,
+            atomic_write(Path(args.baseline), json.dumps(jsonable(current), indent=2,
                                                                       allow_nan=False) + "\n")
             print(f"wrote baseline {args.baseline} from {path}")
             print(_values_line(current["metrics"]))

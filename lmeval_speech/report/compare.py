@@ -48,6 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from lmeval_speech.fileio import atomic_write
+from lmeval_speech.report.render import fmt, fmt_p
+from lmeval_speech.report.schema import jsonable, read_report
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -138,15 +140,11 @@ def load_report(arg) -> tuple[dict, Path]:
     # built in memory: compare reads its inputs and writes only into --out
     rep, _ = report_mod.build_report(load_run(path))
     print(f"built a report for {results} in memory (write it with lmeval-speech report)", file=sys.stderr)
-    return json.loads(json.dumps(report_mod._jsonable(rep))), results
+    return json.loads(json.dumps(jsonable(rep))), results
 
 
 def _read_report(path: Path) -> dict:
-    rep = json.loads(path.read_text(encoding="utf-8"))
-    if rep.get("schema_version") != report_mod.SCHEMA_VERSION:
-        raise ValueError(f"{path}: report schema_version {rep.get('schema_version')!r}, this version reads "
-                         f"{report_mod.SCHEMA_VERSION} (rebuild it with lmeval-speech report)")
-    return rep
+    return read_report(path)
 
 
 # ----------------------------------------------------------------------------------- settings
@@ -438,7 +436,7 @@ def _cell(text: str) -> str:
 
 
 def _row(names: list[str], r: dict) -> str:
-    f, p = report_mod._f, report_mod._p
+    f, p = fmt, fmt_p
     return (f"| {' | '.join(map(_cell, names))} | {r['n']} | {f(r['text_acc'])} | {f(r['speech_acc'])} | "
             f"{f(r['gap'])} | "
             f"[{f(r['ci_low'])}, {f(r['ci_high'])}] | {p(r['mcnemar_p'])} | {f(r['S_cos'])} | {f(r['S_euc'])} | "
@@ -462,8 +460,8 @@ def markdown(board: dict) -> str:
         lines += [f"![gap vs APS]({board['files']['plot']})", ""]
     lines += ["| fit | n | slope | R² | p | runs | note |", "|---|---:|---:|---:|---:|---|---|"]
     for name, fit in board["fits"].items():
-        lines.append(f"| {name} | {fit['n']} | {report_mod._f(fit['slope'])} | {report_mod._f(fit['r2'])} | "
-                     f"{report_mod._p(fit['p'])} | {_cell(', '.join(fit['runs']))} | {fit['note'] or ''} |")
+        lines.append(f"| {name} | {fit['n']} | {fmt(fit['slope'])} | {fmt(fit['r2'])} | "
+                     f"{fmt_p(fit['p'])} | {_cell(', '.join(fit['runs']))} | {fit['note'] or ''} |")
     lines += ["", "## Comparability", ""]
     diffs = board["comparability"]["differences"]
     if not diffs:
@@ -485,7 +483,7 @@ def write_outputs(board: dict, out) -> None:
         board["files"]["plot"] = Path(gap_vs_aps_plot(board, out / "gap_vs_aps.png")).name
     else:
         board["notes"].append("no run has token-level states (capture=tokens): no APS, no gap_vs_aps.png")
-    clean = report_mod._jsonable(board)
+    clean = jsonable(board)
     atomic_write(out / "leaderboard.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
     atomic_write(out / "leaderboard.csv", to_csv(clean))
     atomic_write(out / "leaderboard.md", markdown(clean))
@@ -493,7 +491,7 @@ def write_outputs(board: dict, out) -> None:
 
 def summary(board: dict) -> str:
     """The stdout view: one line per run, the fits, and each comparability problem."""
-    f = report_mod._f
+    f = fmt
     width = max(len(r["label"]) for r in board["runs"])
     lines = [f"{'run':<{width}}  {'n':>6}  {'text':>6}  {'speech':>6}  {'gap':>7}  {'95% CI':>17}  {'S_cos':>6}  "
              f"{'APS':>6}  flags"]

@@ -1,0 +1,313 @@
+"""Owns computing a report: one pass over a run's paired items (and its capture store) that
+returns the ``report.json`` dict (``report.schema``) without writing anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lmeval_speech import twins
+from lmeval_speech.capture.store import CaptureReader
+from lmeval_speech.manifest import build_manifest, manifest_path
+from lmeval_speech.metrics import (
+
+    alignment_path_score,
+    argmax_path,
+    critical_tokens,
+    dtw_path,
+    layer_similarity,
+    logistic_fit,
+    paired_gap,
+    path_scores,
+    point_biserial,
+    similarity_matrix,
+)
+from lmeval_speech.report.runs import control_items, pair_items, run_settings
+from lmeval_speech.report.schema import GAP_FIELDS, N_CRITICAL, SCHEMA_VERSION
+
+
+def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", item=None, layer=None,
+                 n_boot=10000, seed=0, include_truncated=False) -> tuple[dict, dict | None]:
+    """The report dict (schema above) and the chosen item's heat-map data (or None)."""
+    if not run["pairs"]:
+        raise ValueError(f"{run['results_file']} has no text/speech task pair "
+                         f"(tasks: {sorted(run['tasks']) or 'none with a pair'})")
+    notes = []
+    if run["unpaired"]:
+        notes.append(f"tasks without a twin in this run, not scored: {run['unpaired']}")
+    manifest = {**build_manifest(run), "path": str(manifest_path(run))}
+    items_by_pair = {p: pair_items(run, p, include_truncated=include_truncated) for p in run["pairs"]}
+    for p, it in items_by_pair.items():
+        if it["excluded"]:
+            notes.append(f"{p}: left out of the gap, by reason: {it['excluded']} (doc ids {it['excluded_doc_ids']}); "
+                         "n counts only items valid in both twins")
+    if item is not None and (item[0] not in items_by_pair or item[1] not in items_by_pair[item[0]]["doc_ids"]):
+        raise ValueError(f"--item {item[0]}:{item[1]} is not a paired item of this run "
+                         f"(pairs: {sorted(items_by_pair)})")
+
+    pairs, overall = _gap_sections(items_by_pair, n_boot, seed)
+    controls = _control_sections(run, include_truncated, n_boot, seed, notes)
+    rows = _item_rows(items_by_pair)
+    settings = run_settings(run)
+    reader, capture_dir = _open_capture(settings, capture, notes)
+    similarity = alignment = correlation = heatmap = None
+    if reader is not None:
+        similarity, alignment, per_pair = _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes)
+        for pair, sections in per_pair.items():
+            pairs[pair].update(sections)
+        if alignment is not None:
+            alignment["item"], heatmap = _item_detail(reader, rows, items_by_pair, item, layer, measure, path, notes)
+        elif item is not None:
+            notes.append(f"--item {item[0]}:{item[1]} ignored: no token-level states to align")
+        correlation = _correlation(rows, notes) if similarity is not None else None
+    elif item is not None:
+        notes.append(f"--item {item[0]}:{item[1]} ignored: no capture")
+
+    results = run["results"]
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "run": {"results_file": run["results_file"],
+                "samples_files": {t: info["samples_file"] for t, info in run["tasks"].items()},
+                "timestamp": run["timestamp"], "date": results.get("date"), "capture_dir": capture_dir,
+                "manifest": manifest["path"], "include_truncated": include_truncated,
+                **settings, "unpaired_tasks": run["unpaired"]},
+        "overall": overall,
+        "pairs": pairs,
+        "controls": controls,
+        "similarity": similarity,
+        "alignment": alignment,
+        "correlation": correlation,
+        "items": rows,
+        "files": {"report_md": "report.md", "plots": {}},
+        "notes": notes,
+    }
+    return report, heatmap
+
+
+def _gap_sections(items_by_pair: dict, n_boot: int, seed: int) -> tuple[dict, dict]:
+    pairs = {}
+    for pair, it in items_by_pair.items():
+        pairs[pair] = {"text_task": it["text_task"], "speech_task": it["speech_task"], "metric": it["metric"],
+                       "filter": it["filter"], "excluded": it["excluded"],
+                       **paired_gap(it["text_correct"], it["speech_correct"], n_boot=n_boot, seed=seed),
+                       "similarity": None, "alignment": None}
+    text = np.concatenate([it["text_correct"] for it in items_by_pair.values()])
+    speech = np.concatenate([it["speech_correct"] for it in items_by_pair.values()])
+    sizes = np.array([pairs[p]["n"] for p in pairs], dtype=float)
+    excluded: dict[str, int] = {}
+    for it in items_by_pair.values():
+        for reason, k in it["excluded"].items():
+            excluded[reason] = excluded.get(reason, 0) + k
+    overall = {**paired_gap(text, speech, n_boot=n_boot, seed=seed), "n_pairs": len(pairs), "excluded": excluded,
+               "weighted_mean": {k: float(np.average([pairs[p][k] for p in pairs], weights=sizes)) for k in GAP_FIELDS},
+               "macro_mean": {k: float(np.mean([pairs[p][k] for p in pairs])) for k in GAP_FIELDS}}
+    return pairs, overall
+
+
+def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int, notes: list) -> dict | None:
+    """Hearing = speech accuracy minus a prior control's (another item's audio, or silence), paired
+    item by item; ``None`` when the run has no control twin."""
+    out = {}
+    for pair, names in run["pairs"].items():
+        for control in twins.CONTROLS:
+            if control not in names:
+                continue
+            it = control_items(run, pair, control, include_truncated)
+            g = paired_gap(it["speech_correct"], it["control_correct"], n_boot=n_boot, seed=seed)
+            out.setdefault(pair, {})[control] = {
+                "control_task": it["control_task"], "n": g["n"], "speech_acc": g["text_acc"],
+                "control_acc": g["speech_acc"], "hearing": g["gap"], "ci_low": g["ci_low"], "ci_high": g["ci_high"],
+                "mcnemar_p": g["mcnemar"]["p"], "excluded": it["excluded"]}
+    if not out:
+        return None
+    notes.append("controls: hearing = speech accuracy - control accuracy on the same items (paired bootstrap CI)")
+    return out
+
+
+def _item_rows(items_by_pair: dict) -> list[dict]:
+    rows = []
+    for pair, it in items_by_pair.items():
+        for doc_id, target, t, s in zip(it["doc_ids"], it["targets"], it["text_correct"], it["speech_correct"]):
+            rows.append({"pair": pair, "doc_id": doc_id, "target": target, "text_correct": bool(t),
+                         "speech_correct": bool(s), "speech_only_error": bool(t and not s),
+                         "cosine": None, "euclidean": None, "aps": None, "monotonicity": None})
+    return rows
+
+
+def _open_capture(settings: dict, capture, notes: list) -> tuple[CaptureReader | None, str | None]:
+    """The capture reader: ``--capture`` must exist; a dir found in model_args may have moved."""
+    model_args = settings["model_args_parsed"]
+    if capture is None:
+        capture = model_args.get("capture_dir")
+        if not capture:
+            notes.append("no capture: similarity, alignment and correlation omitted (run with "
+                         "model_args capture=pooled|tokens,capture_dir=DIR, or pass --capture DIR)")
+            return None, None
+        if not Path(capture).is_dir():
+            notes.append(f"capture dir {capture} from model_args not found: similarity, alignment and "
+                         "correlation omitted (pass --capture DIR)")
+            return None, str(capture)
+    elif not Path(capture).is_dir():
+        raise FileNotFoundError(f"--capture {capture} is not a directory")
+    reader = CaptureReader(capture)
+    captured_by = reader.meta.get("pretrained")
+    if captured_by and model_args.get("pretrained") and str(captured_by) != str(model_args["pretrained"]):
+        notes.append(f"the capture was written by pretrained={captured_by} but this run used "
+                     f"pretrained={model_args['pretrained']}: states may not belong to these scores")
+    return reader, str(capture)
+
+
+def _common_layers(rec_s: dict, rec_t: dict) -> list[int]:
+    return [layer for layer in rec_s.get("token_layers") or [] if layer in (rec_t.get("token_layers") or [])]
+
+
+def _token_states(arrays: dict, record: dict, layers: list[int]) -> list[np.ndarray]:
+    return [arrays["tokens"][record["token_layers"].index(layer)] for layer in layers]
+
+
+def _mean_or_none(values) -> float | None:
+    """Mean of the finite values (None counts as missing), None when there is none."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else None
+
+
+def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
+    """One pass over the captured items: pooled similarity per layer and, with tokens, APS.
+
+    Each item's arrays are loaded once and dropped, so memory stays at one item whatever the run size.
+    """
+    records = {(r["task"], r["doc_id"]): r for r in reader.records}
+    cos, euc, sim_pairs = [], [], []
+    aps_layers: dict[int, list[float]] = {}
+    missing, no_tokens = 0, 0
+    for row in rows:
+        it = items_by_pair[row["pair"]]
+        rec_s, rec_t = records.get((it["speech_task"], row["doc_id"])), records.get((it["text_task"], row["doc_id"]))
+        if rec_s is None or rec_t is None:
+            missing += 1
+            continue
+        speech, text = reader.load(rec_s), reader.load(rec_t)
+        if cos and speech["pooled"].shape[0] != len(cos[0]):
+            raise ValueError(f"{row['pair']} doc {row['doc_id']}: {speech['pooled'].shape[0]} hidden states, "
+                             f"other items have {len(cos[0])}: the capture dir mixes models")
+        sim = layer_similarity(speech["pooled"], text["pooled"])
+        cos.append(sim["cosine"])
+        euc.append(sim["euclidean"])
+        sim_pairs.append(row["pair"])
+        row["cosine"], row["euclidean"] = float(sim["cosine"].mean()), float(sim["euclidean"].mean())
+        layers = _common_layers(rec_s, rec_t) if "tokens" in speech and "tokens" in text else []
+        if not layers:
+            no_tokens += 1
+            continue
+        res = alignment_path_score(_token_states(speech, rec_s, layers), _token_states(text, rec_t, layers),
+                                   measure=measure, path=path)
+        row["aps"], row["monotonicity"] = res["aps"], _mean_or_none(res["monotonicity"])
+        for layer, value in zip(layers, res["per_layer"]):
+            aps_layers.setdefault(layer, []).append(float(value))
+    if missing:
+        notes.append(f"{missing} of {len(rows)} paired items lack a captured state for one or both twins "
+                     "(capture_limit, an interrupted run, or another task selection): left out of "
+                     "similarity and alignment")
+    if not cos:
+        notes.append("the capture holds no item of this run's pairs: similarity, alignment and "
+                     "correlation omitted")
+        return None, None, {}
+    cos, euc = np.array(cos), np.array(euc)
+    similarity = {"layers": list(range(cos.shape[1])),
+                  "cosine_mean": cos.mean(0), "cosine_std": cos.std(0),
+                  "euclidean_mean": euc.mean(0), "euclidean_std": euc.std(0),
+                  "S_cos": float(cos.mean()), "S_euc": float(euc.mean()), "n_items": len(cos)}
+    per_pair = {}
+    for pair in items_by_pair:
+        mask = np.array([p == pair for p in sim_pairs])
+        aligned = [r for r in rows if r["pair"] == pair and r["aps"] is not None]
+        per_pair[pair] = {
+            "similarity": {"S_cos": float(cos[mask].mean()), "S_euc": float(euc[mask].mean()),
+                           "n_items": int(mask.sum())} if mask.any() else None,
+            "alignment": {"aps": _mean_or_none([r["aps"] for r in aligned]),
+                          "monotonicity": _mean_or_none([r["monotonicity"] for r in aligned]),
+                          "n_items": len(aligned)} if aligned else None}
+    alignment = None
+    aligned = [r for r in rows if r["aps"] is not None]
+    if aligned:
+        token_layers = sorted(aps_layers)
+        alignment = {"measure": measure, "path": path, "aps": _mean_or_none([r["aps"] for r in aligned]),
+                     "aps_per_layer": [float(np.mean(aps_layers[layer])) for layer in token_layers],
+                     "layers": token_layers,
+                     "monotonicity": _mean_or_none([r["monotonicity"] for r in aligned]),
+                     "n_items": len(aligned)}
+        if no_tokens:
+            notes.append(f"{no_tokens} captured items have no token-level states for both twins "
+                         "(capture=pooled or capture_limit): left out of alignment")
+    else:
+        notes.append("no token-level states (capture=pooled, or capture_limit reached): alignment "
+                     "(APS, monotonicity, critical tokens) omitted")
+    return similarity, alignment, per_pair
+
+
+def _item_detail(reader, rows, items_by_pair, item, layer, measure, path, notes):
+    """Bottom-3 critical speech positions per layer and the heat map data for one item.
+
+    Without ``--item`` the item with the lowest APS is shown: the worst-aligned one is the most
+    informative picture of where speech fails to reach the text representation.
+    """
+    if item is None:
+        worst = min((r for r in rows if r["aps"] is not None), key=lambda r: r["aps"])
+        item, chosen_by = (worst["pair"], worst["doc_id"]), "lowest APS"
+    else:
+        chosen_by = "--item"
+    pair, doc_id = item
+    row = next(r for r in rows if r["pair"] == pair and r["doc_id"] == doc_id)
+    if row["aps"] is None:
+        notes.append(f"--item {pair}:{doc_id} has no token-level states for both twins: no heat map")
+        return None, None
+    it = items_by_pair[pair]
+    records = {(r["task"], r["doc_id"]): r for r in reader.records}
+    rec_s, rec_t = records[(it["speech_task"], doc_id)], records[(it["text_task"], doc_id)]
+    speech, text = reader.load(rec_s), reader.load(rec_t)
+    layers = _common_layers(rec_s, rec_t)
+    if layer is None:
+        layer = layers[-1]
+    elif layer not in layers:
+        notes.append(f"--layer {layer} was not captured at token level (token layers: {layers}): "
+                     f"heat map drawn at layer {layers[-1]}")
+        layer = layers[-1]
+    s_layers, t_layers = _token_states(speech, rec_s, layers), _token_states(text, rec_t, layers)
+    res = alignment_path_score(s_layers, t_layers, measure=measure, path=path)
+    critical, heatmap = [], None
+    for k, (lay, s, t) in enumerate(zip(layers, s_layers, t_layers)):
+        A = similarity_matrix(s, t, measure)
+        token_path = res["paths"][k]
+        positions = critical_tokens(A, token_path, k=N_CRITICAL)
+        scores = path_scores(A, token_path)
+        critical.append({"layer": lay, "positions": positions,
+                         "scores": [float(scores[token_path == p].min()) for p in positions],
+                         "text_tokens": [np.flatnonzero(token_path == p) for p in positions]})
+        if lay == layer:
+            heatmap = {"A": A, "argmax_path": argmax_path(A), "dtw": dtw_path(A) if path == "dtw" else None,
+                       "critical": positions, "pair": pair, "doc_id": doc_id, "layer": lay,
+                       "aps_layer": float(res["per_layer"][k]), "measure": measure}
+    detail = {"pair": pair, "doc_id": doc_id, "chosen_by": chosen_by, "layer": layer, "aps": res["aps"],
+              "n_speech": int(s_layers[0].shape[0]), "n_text": int(t_layers[0].shape[0]),
+              "critical_tokens": critical, "plot": f"alignment_{pair}_{doc_id}.png"}
+    return detail, heatmap
+
+
+def _correlation(rows: list[dict], notes: list) -> dict:
+    """Point-biserial r and a logistic fit of speech-only error on each item's closeness."""
+    out = {"target": "speech_only_error (text right, speech wrong)"}
+    captured = [r for r in rows if r["cosine"] is not None]
+    y = np.array([r["speech_only_error"] for r in captured], dtype=float)
+    out["n_items"], out["n_speech_only_errors"] = len(captured), int(y.sum())
+    for key in ("cosine", "euclidean", "aps"):
+        x = np.array([np.nan if r[key] is None else r[key] for r in captured], dtype=float)
+        if not np.isfinite(x).any():
+            continue
+        out[key] = {"point_biserial": point_biserial(y, x), "logistic": logistic_fit(x, y)}
+    if out["n_speech_only_errors"] == 0:
+        notes.append("no speech-only errors among captured items: correlations are undefined")
+    return out
+
+

@@ -1,0 +1,176 @@
+"""Owns rendering a report: ``report.md`` tables, the summary line, plots, and writing the files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from lmeval_speech.fileio import atomic_write
+from lmeval_speech.outcomes import FLAG_METRICS
+from lmeval_speech.report import plots
+from lmeval_speech.report.schema import N_CRITICAL, dumps, jsonable
+
+HOW_TO_READ = """\
+**Gap** is text accuracy minus speech accuracy on the *same* items, so a positive gap is what the
+model loses by hearing the question instead of reading it. The 95% CI comes from a paired bootstrap
+over items and McNemar's p from the items only one modality got right (`text-only` vs
+`speech-only`); both respect the pairing, which is why a few points of gap can be significant.
+**Layer similarity** compares, at every depth, the speech positions' mean hidden state with the
+mean state of the text twin's question tokens: a cosine that rises (distance that falls) with depth
+means the model maps speech onto its text representation as it goes; the layer where it stays low
+is where the modality gap lives. **APS** (Alignment Path Score) matches every text token to its most
+similar speech position and averages that similarity: 1 means each word has a speech frame
+represented like it; monotonicity near 1 means those matches follow word order. The **Bottom-3
+speech positions** of an item are the frames that align worst, candidates for interventions.
+**Correlation** asks whether items whose speech states sit further from text are the ones lost to
+speech (point-biserial r; for cosine and APS a negative r means lower similarity goes with more
+speech-only errors)."""
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def write_outputs(report: dict, heatmap: dict | None, out) -> None:
+    """PNGs first (their names go into the report), then report.json and report.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = report["files"]["plots"]
+    files["gap"] = Path(plots.gap_plot(report["pairs"], report["overall"], out / "gap.png")).name
+    if report["similarity"]:
+        files["layers"] = Path(plots.layers_plot(report["similarity"], report["alignment"], out / "layers.png")).name
+    if heatmap:
+        title = (f"{heatmap['pair']} doc {heatmap['doc_id']}\nA_l at hidden state {heatmap['layer']} "
+                 f"({heatmap['measure']}), APS at this layer {heatmap['aps_layer']:.3f}")
+        files["alignment"] = Path(plots.alignment_plot(
+            heatmap["A"], heatmap["argmax_path"], out / report["alignment"]["item"]["plot"], title=title,
+            measure=heatmap["measure"], dtw=heatmap["dtw"], critical=heatmap["critical"])).name
+    atomic_write(out / "report.json", dumps(report))
+    atomic_write(out / "report.md", markdown(jsonable(report)))
+
+
+def fmt(x, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def fmt_p(x) -> str:
+    return "–" if x is None else (f"{x:.2g}" if x >= 1e-4 else "<1e-4")
+
+
+def _gap_row(name: str, g: dict) -> str:
+    t = g["table"]
+    return (f"| {name} | {g['n']} | {fmt(g['text_acc'])} | {fmt(g['speech_acc'])} | {fmt(g['gap'])} | "
+            f"[{fmt(g['ci_low'])}, {fmt(g['ci_high'])}] | {fmt_p(g['mcnemar']['p'])} | "
+            f"{t['text_only']} / {t['speech_only']} |")
+
+
+def markdown(report: dict) -> str:
+    """report.md: the same numbers as report.json, as tables a person reads."""
+    run, overall = report["run"], report["overall"]
+    lines = ["# Modality gap report", "",
+             f"- model: `{run['model']}` with model_args `{run['model_args']}`",
+             f"- results: `{run['results_file']}` (run {run['timestamp']})",
+             f"- capture: `{run['capture_dir'] or 'none'}`", "",
+             "## How to read this", "", HOW_TO_READ, "",
+             "## Modality gap", "", "![gap](gap.png)", "",
+             "| pair | n | text acc | speech acc | gap | 95% CI | McNemar p | text-only / speech-only |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
+    lines += [_gap_row(pair, g) for pair, g in report["pairs"].items()]
+    lines.append(_gap_row("**overall (pooled)**", overall))
+    dropped = {p: g["excluded"] for p, g in report["pairs"].items() if g.get("excluded")}
+    if dropped:
+        lines += ["", "Items left out of the gap (not valid in both twins; `audio_failed` = the audio could not be "
+                  "used, never scored; `audio_truncated` = cut to the model's limit, kept with --include-truncated):", "",
+                  "| pair | " + " | ".join(FLAG_METRICS) + " |", "|---|" + "---:|" * len(FLAG_METRICS)]
+        lines += [f"| {p} | " + " | ".join(str(d.get(m, 0)) for m in FLAG_METRICS) + " |" for p, d in dropped.items()]
+    macro = overall["macro_mean"]
+    lines += ["", f"Mean over the {overall['n_pairs']} pairs, each counted once: text {fmt(macro['text_acc'])}, "
+              f"speech {fmt(macro['speech_acc'])}, gap {fmt(macro['gap'])} (weighted by size it is the pooled row).", ""]
+
+    if report.get("controls"):
+        lines += ["## Does the model hear? Prior controls", "",
+                  "The speech twin against the same prompt with another item's audio (`shuffled`) or silence "
+                  "of the same length (`silence`): their accuracy is what answer priors alone give, and "
+                  "**hearing** = speech accuracy - control accuracy (paired, same items).", "",
+                  "| pair | control | n | speech acc | control acc | hearing | 95% CI | McNemar p |",
+                  "|---|---|---:|---:|---:|---:|---|---:|"]
+        lines += [f"| {pair} | {c} | {v['n']} | {fmt(v['speech_acc'])} | {fmt(v['control_acc'])} | {fmt(v['hearing'])} | "
+                  f"[{fmt(v['ci_low'])}, {fmt(v['ci_high'])}] | {fmt_p(v['mcnemar_p'])} |"
+                  for pair, cs in report["controls"].items() for c, v in cs.items()]
+        lines.append("")
+
+    sim = report["similarity"]
+    lines += ["## Layer similarity (pooled states)", ""]
+    if sim:
+        lines += ["![layers](layers.png)", "",
+                  f"S_cos = {fmt(sim['S_cos'])}, S_euc = {fmt(sim['S_euc'])} over {sim['n_items']} items "
+                  "(means over layers).", "",
+                  "| hidden state | cosine mean | cosine std | Euclidean mean | Euclidean std |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {layer} | {fmt(cm)} | {fmt(cs)} | {fmt(em)} | {fmt(es)} |" for layer, cm, cs, em, es in
+                  zip(sim["layers"], sim["cosine_mean"], sim["cosine_std"], sim["euclidean_mean"],
+                      sim["euclidean_std"])]
+        lines += ["", "| pair | S_cos | S_euc | n |", "|---|---:|---:|---:|"]
+        lines += [f"| {pair} | {fmt(p['similarity']['S_cos'])} | {fmt(p['similarity']['S_euc'])} | "
+                  f"{p['similarity']['n_items']} |" for pair, p in report["pairs"].items() if p["similarity"]]
+    else:
+        lines.append("Omitted: no captured hidden states (see notes).")
+    lines.append("")
+
+    al = report["alignment"]
+    lines += ["## Alignment Path Score", ""]
+    if al:
+        lines += [f"APS = {fmt(al['aps'])} ({al['measure']}, {al['path']} path) over {al['n_items']} items; "
+                  f"path monotonicity (Spearman) = {fmt(al['monotonicity'])}.", "",
+                  "| hidden state | APS |", "|---:|---:|"]
+        lines += [f"| {layer} | {fmt(v)} |" for layer, v in zip(al["layers"], al["aps_per_layer"])]
+        lines += ["", "| pair | APS | monotonicity | n |", "|---|---:|---:|---:|"]
+        lines += [f"| {pair} | {fmt(p['alignment']['aps'])} | {fmt(p['alignment']['monotonicity'])} | "
+                  f"{p['alignment']['n_items']} |" for pair, p in report["pairs"].items() if p["alignment"]]
+        item = al.get("item")
+        if item:
+            lines += ["", f"### Item {item['pair']}:{item['doc_id']} ({item['chosen_by']})", "",
+                      f"![alignment]({item['plot']})", "",
+                      f"APS {fmt(item['aps'])}; {item['n_speech']} speech positions, {item['n_text']} text tokens. "
+                      f"Bottom-{N_CRITICAL} speech positions (worst first):", "",
+                      "| hidden state | speech positions | scores | aligned text tokens |", "|---:|---|---|---|"]
+            lines += [f"| {c['layer']} | {c['positions']} | {[round(s, 3) for s in c['scores']]} | {c['text_tokens']} |"
+                      for c in item["critical_tokens"]]
+    else:
+        lines.append("Omitted: no token-level hidden states (see notes).")
+    lines.append("")
+
+    corr = report["correlation"]
+    lines += ["## Closeness vs speech-only errors", ""]
+    if corr:
+        lines += [f"{corr['n_speech_only_errors']} speech-only errors among {corr['n_items']} captured items.", "",
+                  "| value | n | point-biserial r | p | logistic coef | p | note |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for key in ("cosine", "euclidean", "aps"):
+            if key in corr:
+                pb, lg = corr[key]["point_biserial"], corr[key]["logistic"]
+                lines.append(f"| {key} | {pb['n']} | {fmt(pb['r'])} | {fmt_p(pb['p'])} | {fmt(lg['coef'])} | "
+                             f"{fmt_p(lg['p'])} | {pb['note'] or lg['note'] or ''} |")
+    else:
+        lines.append("Omitted: no captured hidden states (see notes).")
+    lines += ["", "## Notes", ""]
+    lines += [f"- {n}" for n in report["notes"]] or ["- none"]
+    return "\n".join(lines) + "\n"
+
+
+def summary(report: dict) -> str:
+    """The stdout table: gap per pair and overall, then the hidden-state headline numbers."""
+    names = list(report["pairs"])
+    labels = plots.short_labels(names) + ["overall"]
+    width = max(len(s) for s in labels)
+    lines = [f"{'pair':<{width}}  {'n':>5}  {'text':>6}  {'speech':>6}  {'gap':>7}  {'95% CI':>17}  {'p':>7}"]
+    for label, g in zip(labels, [report["pairs"][n] for n in names] + [report["overall"]]):
+        lines.append(f"{label:<{width}}  {g['n']:>5}  {g['text_acc']:>6.3f}  {g['speech_acc']:>6.3f}  "
+                     f"{g['gap']:>+7.3f}  [{g['ci_low']:>+6.3f}, {g['ci_high']:>+6.3f}]  {fmt_p(g['mcnemar']['p']):>7}")
+    sim, al = report["similarity"], report["alignment"]
+    if sim:
+        lines.append(f"\nS_cos {fmt(sim['S_cos'])}  S_euc {fmt(sim['S_euc'])}  (n = {sim['n_items']})")
+    if al:
+        lines.append(f"APS {fmt(al['aps'])} ({al['measure']}, {al['path']})  monotonicity "
+                     f"{fmt(al['monotonicity'])}  (n = {al['n_items']})")
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""Owns the report format: ``report.json``'s documented schema, its version, and strict-JSON I/O.
+
+The report is made by ``report.compute`` (one pass over a run, returning the dict below), rendered
+by ``report.render`` (markdown and plots) and read by ``compare`` and ``check``.
+
+The command: ``lmeval-speech report RUN_DIR`` (``report/report.py``).
+
+    lmeval-speech report RUN_DIR [--capture DIR] [--out DIR] [--measure cosine|euclidean]
+                         [--path argmax|dtw] [--item PAIR:DOC_ID] [--layer L] [--n-boot N] [--seed S]
+
+RUN_DIR is lm-eval's ``--output_path`` (or its model folder, or one ``results_*.json``) of a run
+with ``--log_samples``. The capture dir is read from ``capture_dir=`` in the run's ``model_args``
+unless ``--capture`` is given. Writes ``report.json``, ``report.md`` and PNGs to ``--out``
+(default ``RUN_DIR/gap_report``) and prints a summary. A section whose inputs are missing (no
+capture, no token-level states) is left out with a line in ``notes``.
+
+``report.json`` schema (version 1). Keys are only ever added within a version; ``null`` stands for
+a value that is undefined (nan: a constant input, fewer than 3 items, ...) or a section left out.
+
+==================  ===========================================================================
+key                 content
+==================  ===========================================================================
+schema_version      1
+run                 ``results_file``, ``samples_files`` {task: path}, ``timestamp`` (lm-eval's
+                    date id), ``date`` (unix start time), ``capture_dir``, ``model``,
+                    ``model_args`` (as recorded), ``model_args_parsed``, ``limit``,
+                    ``lm_eval_version``, ``tasks`` {task: {pair, modality, doc_to_text,
+                    n_samples, and for speech twins prompt, tts / spoken or recorded_audio}},
+                    ``unpaired_tasks`` (tasks without a twin, not scored). ``compare`` diffs
+                    ``model_args``/``tasks`` to flag runs that are not comparable.
+overall             ``paired_gap`` over all paired items pooled: n, text_acc, speech_acc,
+                    text_stderr, speech_stderr, gap, gap_stderr, ci_low, ci_high (paired
+                    bootstrap, percentile), n_boot, alpha, seed, mcnemar {method, statistic, p,
+                    discordant}, table {both_right, text_only, speech_only, both_wrong}; plus
+                    n_pairs, ``weighted_mean`` {text_acc, speech_acc, gap} (pairs weighted by
+                    size: lm-eval's ``weight_by_size`` group score, equal to the pooled values by
+                    construction) and ``macro_mean`` {text_acc, speech_acc, gap} (each pair once).
+pairs               {pair: paired_gap fields as in ``overall`` plus text_task, speech_task,
+                    metric (per-item score used, e.g. acc), filter, ``similarity`` {S_cos, S_euc,
+                    n_items} and ``alignment`` {aps, monotonicity, n_items} (null when absent)}
+similarity          pooled states, all captured items: layers (hidden-state indices, 0 =
+                    embeddings), cosine_mean, cosine_std, euclidean_mean, euclidean_std (per
+                    layer, mean and population std over items), S_cos, S_euc (means over
+                    layers), n_items. null without a capture.
+alignment           token states: measure, path, aps (mean over items of the item APS), aps_per_layer,
+                    layers (token-level hidden-state indices), monotonicity (mean over items of
+                    the Spearman rho of the path, averaged over layers), n_items, and ``item``
+                    {pair, doc_id, chosen_by, layer, aps, n_speech, n_text, critical_tokens
+                    [{layer, positions (Bottom-3 speech positions, worst first), scores,
+                    text_tokens (text indices aligned to each)}], plot}. With --measure
+                    euclidean, A and so APS are *negative* distances. null without token states.
+correlation         does closeness predict a speech-only error (text right, speech wrong)? target,
+                    n_items, n_speech_only_errors, and per available value (cosine = item mean
+                    over layers, euclidean = item mean distance, aps) {point_biserial {r, p, n,
+                    note}, logistic {coef, intercept, se, z, p, n, note}}. null without capture.
+items               one row per paired item: pair, doc_id, target, text_correct, speech_correct,
+                    speech_only_error, cosine, euclidean, aps, monotonicity (null if not captured)
+files               report_md and plots {gap, layers, alignment} (file names in --out)
+notes               list of strings: sections left out and why, data problems found
+==================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+N_CRITICAL = 3
+GAP_FIELDS = ("text_acc", "speech_acc", "gap")
+
+
+def jsonable(obj):
+    """numpy -> Python, and nan/inf -> null so the file is strict JSON any parser reads."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def read_report(path) -> dict:
+    """A report.json of this schema version (an older one is refused with what to do)."""
+    path = Path(path)
+    rep = json.loads(path.read_text(encoding="utf-8"))
+    if rep.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: report schema_version {rep.get('schema_version')!r}, this version reads "
+                         f"{SCHEMA_VERSION} (rebuild it with lmeval-speech report)")
+    return rep
+
+
+def dumps(obj) -> str:
+    """Strict JSON (nan/inf as null) of a report or anything made of its values."""
+    return json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
