@@ -165,7 +165,7 @@ def test_bad_and_odd_audio_inputs_are_fixed_or_reported(tiny_qwen2_audio_dir, tm
         "inf": {"array": np.full(1600, np.inf, dtype=np.float32), "sampling_rate": 16000},
         "unreadable_file": {"path": str(garbage)},
     }
-    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=4)
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=4, max_audio_seconds=30)
     res = lm.loglikelihood([req("Q: <audio>\nA:", " x", {"audio": [a]}) for a in cases.values()])
     got = dict(zip(cases, res))
     for ok in ("tiny", "ten_minutes", "stereo_44k"):
@@ -193,3 +193,13 @@ def test_one_token_choices_share_one_forward(tiny_llama_dir):
     expected = HFLM(pretrained=tiny_llama_dir, device="cpu", dtype="float32", batch_size=1).loglikelihood(reqs)
     assert len(calls) == 1
     np.testing.assert_allclose([g for g, _ in got], [e for e, _ in expected], atol=1e-4)
+
+
+def test_audio_that_does_not_fit_max_length_fails_its_item_only(tiny_qwen2_audio_dir):
+    """Ten minutes for Qwen2-Audio are cut to its 300 s (7,500 positions): past max_length=2048 that
+    item is not scored (and says why); the other item is."""
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", max_length=2048)
+    res = lm.loglikelihood([req("Q: <audio>\nA:", " x", {"audio": [{"array": np.tile(tone(1.0), 600),
+                                                                    "sampling_rate": 16000}]}),
+                            speech_requests(seconds=(1.0,))[0]])
+    assert np.isnan(res[0][0]) and "max_length=2048" in res[0][0].failed and np.isfinite(res[1][0])

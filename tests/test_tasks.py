@@ -45,18 +45,24 @@ def pair_names(pair: str) -> list[str]:
     return [pair, f"{pair}_text", f"{pair}_speech"]
 
 
+def control_names(pair: str) -> list[str]:
+    """A leaf pair's opt-in prior controls and their group."""
+    return [f"{pair}_shuffled", f"{pair}_silence", f"{pair}_controls"]
+
+
 def expected_names() -> set[str]:
     names = set()
     for family in FAMILIES:
         names.update(pair_names(family))  # the top group and its two modality groups
         for subject in gen.MMLU_SUBJECTS:
-            names.update(pair_names(f"{family}_{subject}"))
-    names.update(pair_names("speech_mmlu_continuation_demo"))
-    for pair in ("speech_arc_easy", "speech_arc_challenge", "speech_openbookqa", "speech_voicebench_mmsu",
+            names.update(pair_names(f"{family}_{subject}") + control_names(f"{family}_{subject}"))
+    names.update(pair_names("speech_mmlu_continuation_demo") + ["speech_mmlu_continuation_demo_controls"])
+    names.update(pair_names("speech_voicebench_mmsu"))
+    for pair in ("speech_arc_easy", "speech_arc_challenge", "speech_openbookqa",
                  "speech_voicebench_openbookqa", f"speech_voicebench_sdqa_{gen.SDQA_REGION}"):
-        names.update(pair_names(pair))
+        names.update(pair_names(pair) + control_names(pair))
     for domain in gen.MMSU_DOMAINS:
-        names.update(pair_names(f"speech_voicebench_mmsu_{domain}"))
+        names.update(pair_names(f"speech_voicebench_mmsu_{domain}") + control_names(f"speech_voicebench_mmsu_{domain}"))
     return names
 
 
@@ -155,7 +161,7 @@ def test_every_expected_name_is_indexed(tm):
             assert set(cfg["task"]) <= indexed, name
             if name.endswith(("_text", "_speech")):  # modality groups aggregate ...
                 assert cfg["aggregate_metric_list"], name
-            else:  # ... pairs and top groups must not mix the two modalities
+            else:  # ... pairs, control groups and top groups must not mix modalities
                 assert "aggregate_metric_list" not in cfg, name
 
 

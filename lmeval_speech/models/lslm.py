@@ -475,9 +475,15 @@ class LSLM(TemplateLM):
             if failed:  # never a score: the task's process_results leaves it out and counts it
                 out[i] = outcomes.failed(failed)
                 continue
+            try:
+                seqs.append(self.planner.build(i, req.args[0], req.args[1], keys, req, want_span))
+            except AudioRequestError as err:  # e.g. the audio does not fit max_length: this item only
+                if self.fail_fast or not keys:
+                    raise
+                out[i] = outcomes.failed(f"AudioRequestError: {err}")
+                continue
             if truncated:
                 marks[i] = truncated
-            seqs.append(self.planner.build(i, req.args[0], req.args[1], keys, req, want_span))
         phases = [seqs] if self.intervener is None else self._oracle_phases(seqs)
         pending = []
 
