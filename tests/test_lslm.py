@@ -203,3 +203,18 @@ def test_audio_that_does_not_fit_max_length_fails_its_item_only(tiny_qwen2_audio
                                                                     "sampling_rate": 16000}]}),
                             speech_requests(seconds=(1.0,))[0]])
     assert np.isnan(res[0][0]) and "max_length=2048" in res[0][0].failed and np.isfinite(res[1][0])
+
+
+def test_batched_generation_equals_batch_1_token_for_token(tiny_qwen2_audio_dir):
+    """Left-padded batches of different lengths (speech and text) give the batch-1 outputs exactly,
+    and each row stops at its own stop string."""
+    kw = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}
+    kw2 = {"until": ["e"], "max_gen_toks": 6, "do_sample": False}
+    reqs = [req("Question: <audio>\nAnswer:", kw, {"audio": [{"array": tone(s, seed=i), "sampling_rate": 16000}]},
+                kind="generate_until") for i, s in enumerate((0.6, 1.7, 1.1))]
+    reqs += [req(t, k, kind="generate_until") for t, k in (("The following are questions", kw), ("the quick", kw2),
+                                                           ("Question: What is the capital of France?\nAnswer:", kw))]
+    one = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=1).generate_until(reqs)
+    batched = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=4).generate_until(reqs)
+    assert batched == one and any(len(t) > 0 for t in one)
+    assert "\n" not in "".join(one[:3]) and "e" not in one[4]

@@ -551,38 +551,71 @@ class LSLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
         return out
 
+    def _left_padded(self, seqs: list[Seq], items):
+        """Left-padded ``inputs_embeds`` and mask for generation (as lm-eval's ``hf`` pads for it)."""
+        width = max(len(s.tokens) for s in seqs)
+        shifted = [Seq(s.index, [self._pad_id] * (width - len(s.tokens)) + s.tokens, [],
+                       [(start + width - len(s.tokens), k, n) for start, k, n in s.audio]) for s in seqs]
+        _, _, embeds = self._embed(shifted, items)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            mask[i, width - len(s.tokens):] = 1
+        return embeds, mask
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.eot_token_id
+
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False):
-        b = self.backend_impl
+        """Batched greedy/sampled generation: requests with the same generation kwargs are batched
+        (lm-eval's ``Collator``, longest first), left-padded, and every row stops at its stop
+        strings during generation (lm-eval's stopping criteria); each audio is encoded once."""
+        from lm_eval.models.utils import Collator
+        from lm_eval.models.utils_hf import stop_sequences_criteria
+
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         items, per_request, status = self._plan(requests)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        out = []
-        for req, keys in tqdm(list(zip(requests, per_request)), desc="Running generate_until requests",
-                              disable=disable_tqdm or self.rank != 0):
-            context, gen_kwargs = req.args[0], dict(req.args[1])
-            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        out: list = [None] * len(requests)
+        todo = []
+        for i, (req, keys) in enumerate(zip(requests, per_request, strict=True)):
+            failed, truncated = self._outcome(keys, status)
+            if failed:  # an empty generation marked as failed, never an answer
+                out[i] = outcomes.ScoredText("", failed=failed)
+                continue
+            todo.append((i, req, keys, truncated))
+        pbar = tqdm(total=len(todo), desc="Running generate_until requests", disable=disable_tqdm or self.rank != 0)
+        collator = Collator([(i, req.args[0], req.args[1]) for i, req, _, _ in todo],
+                            sort_fn=lambda x: (-len(x[1]), x[1]), group_by="gen_kwargs", group_fn=lambda x: x[2])
+        info = {i: (req, keys, truncated) for i, req, keys, truncated in todo}
+        for chunk in collator.get_batched(n=max(1, self.batch_size), batch_fn=None):
+            kwargs = normalize_gen_kwargs(dict(chunk[0][2]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = kwargs.pop("max_gen_toks")
             kwargs.pop("max_length", None)
-            failed, truncated = self._outcome(keys, status)
-            if failed:  # an empty generation marked as failed, never an answer
-                out.append(outcomes.ScoredText("", failed=failed))
-                continue
-            if keys:
-                context = self.planner.place_audio(context, len(keys))
-            tokens, spans = self.planner.expand(self.tok_encode(context), keys)
-            cut = max(0, len(tokens) - (self.max_length - max_new))
-            if cut and spans and spans[0][0] < cut:
-                raise AudioRequestError(f"prompt of {len(tokens)} tokens leaves no room for the audio within max_length")
-            seq = Seq(0, tokens[cut:], [], [(s - cut, k, n) for s, k, n in spans])
-            _, mask, embeds = self._embed([seq], items)
-            gen = b.language_model.generate(
-                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad, **kwargs,
-            )
-            text = postprocess_generated_text(self.tok_decode(gen[0].tolist()), stop=until, think_end_token=None)
-            if truncated:
-                text = outcomes.ScoredText(text, truncated=truncated)
-            out.append(text)
-            self.cache_hook.add_partial("generate_until", (req.args[0], req.args[1]), text)
+            seqs = []
+            for index, context, _ in chunk:
+                req, keys, _ = info[index]
+                if keys:
+                    context = self.planner.place_audio(context, len(keys))
+                tokens, spans = self.planner.expand(self.tok_encode(context), keys)
+                cut = max(0, len(tokens) - (self.max_length - max_new))
+                if cut and spans and spans[0][0] < cut:
+                    raise AudioRequestError(f"prompt of {len(tokens)} tokens leaves no room for the audio within max_length")
+                seqs.append(Seq(index, tokens[cut:], [], [(s - cut, k, n) for s, k, n in spans]))
+            embeds, mask = self._left_padded(seqs, items)
+            stopping = stop_sequences_criteria(self.tokenizer, until, 0, len(seqs))
+            gen = self.backend_impl.language_model.generate(
+                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new, pad_token_id=self._pad_id,
+                stopping_criteria=stopping, **kwargs)
+            for row, s in enumerate(seqs):
+                req, _, truncated = info[s.index]
+                text = postprocess_generated_text(self.tok_decode(gen[row].tolist()), stop=until, think_end_token=None)
+                if truncated:
+                    text = outcomes.ScoredText(text, truncated=truncated)
+                out[s.index] = text
+                self.cache_hook.add_partial("generate_until", (req.args[0], req.args[1]), text)
+            pbar.update(len(seqs))
+        pbar.close()
         return out
