@@ -218,3 +218,50 @@ def test_batched_generation_equals_batch_1_token_for_token(tiny_qwen2_audio_dir)
     batched = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=4).generate_until(reqs)
     assert batched == one and any(len(t) > 0 for t in one)
     assert "\n" not in "".join(one[:3]) and "e" not in one[4]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_audio_chat_dir(tmp_path_factory, tokenizer):
+    """The tiny Qwen2-Audio with its processor's real chat template (transformers' Qwen2-Audio one)."""
+    from transformers import AutoProcessor, Qwen2AudioProcessor
+
+    from conftest import save_tiny_qwen2_audio
+
+    path = save_tiny_qwen2_audio(tmp_path_factory.mktemp("qwen2_audio_chat"), tokenizer)
+    proc = AutoProcessor.from_pretrained(path)
+    proc.chat_template = Qwen2AudioProcessor.default_chat_template.fget(proc)
+    proc.save_pretrained(path)
+    return path
+
+
+def test_chat_template_is_the_processors_with_audio_content_and_its_own_system_prompt(tiny_qwen2_audio_chat_dir):
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    proc = AutoProcessor.from_pretrained(tiny_qwen2_audio_chat_dir)
+    lm = LSLM(pretrained=tiny_qwen2_audio_chat_dir, device="cpu")
+    desc = "The following are questions (with answers) about geography."
+    speech = lm.apply_chat_template([{"role": "system", "content": desc},
+                                     {"role": "user", "content": "Question: <audio>\nAnswer:"}])
+    expected = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": f"{desc}\n\nQuestion: "}, {"type": "audio"},
+                                      {"type": "text", "text": "\nAnswer:"}]}], tokenize=False, add_generation_prompt=True)
+    placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    assert speech == expected.replace(placeholder, "<audio>")
+    assert "You are a helpful assistant." in speech and f"Audio 1: <audio>" in speech  # the model's own wrapper
+    text = lm.apply_chat_template([{"role": "system", "content": desc},
+                                   {"role": "user", "content": "Question: Which river is longest?\nAnswer:"}])
+    assert text == speech.replace("Audio 1: <audio>\n", "Which river is longest?")  # same wrapper, text inside
+    assert lm.chat_template(True) == proc.chat_template
+    # and the rendered speech prompt scores like the real processor + model on the same string
+    audio = tone(1.2, seed=5)
+    (ll, _), = lm.loglikelihood([req(speech, "Paris", {"audio": [{"array": audio, "sampling_rate": 16000}]})])
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_qwen2_audio_chat_dir, dtype=torch.float32).eval()
+    prompt = speech.replace("<audio>", placeholder)
+    full = proc(text=prompt + "Paris", audio=[audio], sampling_rate=16000, return_tensors="pt")
+    # lm-eval moves the context's trailing whitespace ("assistant\n") into the continuation
+    n_ctx = proc(text=prompt.rstrip(), audio=[audio], sampling_rate=16000, return_tensors="pt")["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(**full).logits[0].float()
+    ids = full["input_ids"][0]
+    direct = float(torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None])[n_ctx - 1:, 0].sum())
+    assert abs(direct - ll) < 1e-4

@@ -162,6 +162,7 @@ class LSLM(TemplateLM):
             k: v for k, v in {"engine": tts_engine, "voice": tts_voice,
                               "rate": None if tts_rate is None else int(tts_rate)}.items() if v is not None
         }
+        self._chat_applied = self._chat_warned = False
         self.embeddings = SpeechEmbeddings(self.backend_impl, audio_cache_size)
         self.planner = Planner(self)
         self.identity = model_identity(self.pretrained, revision, self.backend_impl, self._device)
@@ -308,17 +309,22 @@ class LSLM(TemplateLM):
         return str(getattr(self.tokenizer, "name_or_path", self.pretrained)).replace("/", "__")
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        """The template text lm-eval records (and hashes): the default one, or the one named
-        (``--apply_chat_template NAME``), looked up by the tokenizer as transformers does."""
+        """The template text lm-eval records (and hashes): the processor's when it has one (see
+        ``models/chat.py``), else the tokenizer's default or the one named (``--apply_chat_template NAME``)."""
         if chat_template is False or chat_template is None:
             return None
+        from lmeval_speech.models.chat import template_owner
+
+        owner = template_owner(self.backend_impl)
+        if owner is not self.tokenizer and chat_template is True:
+            return owner.chat_template
         return self.tokenizer.get_chat_template(None if chat_template is True else chat_template)
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt,
-        )
+        from lmeval_speech.models.chat import render
+
+        self._chat_applied = True
+        return render(self.backend_impl, chat_history, add_generation_prompt)
 
     def special_token_kwargs(self, string: str, add_special_tokens=None) -> dict:
         """lm-eval ``hf``'s rule for adding BOS (shared by ``tok_encode`` and the span offsets)."""
@@ -448,6 +454,7 @@ class LSLM(TemplateLM):
         """Audio keys per request and each distinct audio's outcome (resolved once). A prompt whose
         ``<audio>`` markers do not match its audios (few-shot exemplars of a speech twin) stops the
         run here, before any audio is synthesized."""
+        self._warn_if_instruct_without_chat_template()
         items: dict[str, dict] = {}
         per_request = []
         for req in requests:
@@ -458,6 +465,14 @@ class LSLM(TemplateLM):
             items.update(zip(keys, audio))
             per_request.append(keys)
         return items, per_request, self.planner.resolve(items)
+
+    def _warn_if_instruct_without_chat_template(self) -> None:
+        if self._chat_applied or self._chat_warned or "instruct" not in self.pretrained.lower():
+            return
+        self._chat_warned = True
+        log.warning("%s is an instruct checkpoint evaluated without its chat template; its authors prompt it "
+                    "through the template: add --apply_chat_template (the gap may otherwise be a prompting "
+                    "artefact)", self.pretrained)
 
     @staticmethod
     def _outcome(keys, status) -> tuple[str, str]:
