@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import (
+    Collator,
     _add_special_kwargs,
     handle_stop_sequences,
     has_bos_prefix,
@@ -411,12 +412,11 @@ class LSLM(TemplateLM):
         shared: dict[tuple, list[Seq]] = {}
         for s in seqs:
             shared.setdefault((tuple(s.tokens), tuple(s.audio)), []).append(s)
-        groups = list(shared.values())
-        order = sorted(range(len(groups)), key=lambda i: (-len(groups[i][0].tokens) - max(len(s.cont) for s in groups[i]), i))
-        bs = max(1, self.batch_size)
+        # lm-eval's Collator orders the groups longest first (so a batch's padding is small and an
+        # out-of-memory error comes first) and cuts them into batches
+        collator = Collator(list(shared.values()), sort_fn=lambda g: -len(g[0].tokens) - max(len(s.cont) for s in g))
         pbar = tqdm(total=len(seqs), desc=desc, disable=disable_tqdm or self.rank != 0)
-        for start in range(0, len(order), bs):
-            batch_groups = [groups[i] for i in order[start : start + bs]]
+        for batch_groups in collator.get_batched(n=max(1, self.batch_size)):
             batch = [g[0] for g in batch_groups]
             ids, mask, embeds = self._embed(batch, items)
             # every sequence of a shared group that wants capture (e.g. two items with the same
@@ -587,7 +587,6 @@ class LSLM(TemplateLM):
         """Batched greedy/sampled generation: requests with the same generation kwargs are batched
         (lm-eval's ``Collator``, longest first), left-padded, and every row stops at its stop
         strings during generation (lm-eval's stopping criteria); each audio is encoded once."""
-        from lm_eval.models.utils import Collator
         from lm_eval.models.utils_hf import stop_sequences_criteria
 
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)

@@ -34,14 +34,13 @@ log = logging.getLogger(__name__)
 
 
 def _htk_mel_filters(n_freqs: int, n_mels: int, sample_rate: int) -> torch.Tensor:
-    """``torchaudio.functional.melscale_fbanks(n_freqs, 0, sample_rate // 2, n_mels, sample_rate)`` (HTK, no norm)."""
-    all_freqs = torch.linspace(0, sample_rate // 2, n_freqs)
-    m_max = 2595.0 * math.log10(1.0 + float(sample_rate // 2) / 700.0)
-    f_pts = 700.0 * (10.0 ** (torch.linspace(0.0, m_max, n_mels + 2) / 2595.0) - 1.0)
-    f_diff = f_pts[1:] - f_pts[:-1]
-    slopes = f_pts.unsqueeze(0) - all_freqs.unsqueeze(1)
-    down, up = (-1.0 * slopes[:, :-2]) / f_diff[:-1], slopes[:, 2:] / f_diff[1:]
-    return torch.max(torch.zeros(1), torch.min(down, up))
+    """``torchaudio.functional.melscale_fbanks(n_freqs, 0, sample_rate // 2, n_mels, sample_rate)`` (HTK,
+    no norm), from ``transformers.audio_utils`` (equal to torchaudio's to 1e-5)."""
+    from transformers.audio_utils import mel_filter_bank
+
+    return torch.from_numpy(mel_filter_bank(
+        num_frequency_bins=n_freqs, num_mel_filters=n_mels, min_frequency=0.0, max_frequency=float(sample_rate // 2),
+        sampling_rate=sample_rate, norm=None, mel_scale="htk")).float()
 
 
 def granite_log_mel(audio, *, sample_rate=16000, n_fft=512, win_length=400, hop_length=160, n_mels=80):

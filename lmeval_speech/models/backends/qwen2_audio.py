@@ -33,8 +33,10 @@ class Qwen2AudioBackend(WhisperStyleBackend, ComposedSpeechBackend):
         return cls(model, processor.tokenizer, processor)
 
     def num_audio_tokens(self, num_samples: int) -> int:
+        """The audio tower's own output-length rule applied to the mel frames of one window."""
         frames = whisper_frames(num_samples, self.sampling_rate, self.segment_seconds)
-        return (((frames - 1) // 2 + 1) - 2) // 2 + 1
+        _, out_len = self.model.model.audio_tower._get_feat_extract_output_lengths(torch.tensor(frames))
+        return int(out_len)
 
     @torch.no_grad()
     def encode_audio(self, arrays):
