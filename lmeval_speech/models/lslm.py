@@ -1,15 +1,14 @@
-"""``lslm``: lm-eval's model class for speech LLMs (and their text twins).
+"""Owns ``lslm``, lm-eval's model class for speech LLMs (and their text twins): model args, loading,
+data-parallel set-up and lm-eval's API; the batched scoring loop that runs a backend with its hooks.
 
-One code path for every request. A request is ``(context, continuation[, {"audio": [...]}])``.
-Each audio is resolved (a lazy TTS reference is synthesized through the on-disk cache; a dataset
-array is normalized), its ``<audio>`` marker in the prompt becomes the backend's placeholder, the
-placeholder token is expanded to as many positions as the encoder yields, and the sequence is
-scored by log-likelihood: token embeddings with the speech token embeddings scattered in, the
-LLM decoder, and the LM head on the continuation positions only.
-
-Each distinct audio is encoded once per call (an LRU of speech embeddings), so the four choices
-of a multiple-choice item cost one encoder pass. Text-only requests follow lm-eval's ``hf`` model
-token for token (``_encode_pair``, left truncation, right padding), which the parity test checks.
+A request is ``(context, continuation[, {"audio": [...]}])``. ``models/plan.py`` turns requests into
+sequences (audio resolved once and keyed by content, failures and truncations recorded, spans);
+here each batch (lm-eval's ``Collator``, longest first) becomes token embeddings with the speech
+embeddings scattered in (``SpeechEmbeddings``: each audio encoded once for all its choices), the
+LLM decoder under the capture and intervention hooks, and the LM head on the continuation
+positions only. An item whose audio failed is returned as NaN carrying its reason
+(``outcomes.py``), never as a score. Text-only requests follow lm-eval's ``hf`` model token for
+token (``_encode_pair``, left truncation, right padding), which the parity test checks.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Per-document functions of the paired tasks: what a speech twin speaks, and recorded audio.
+"""Owns the per-document functions that the task YAMLs name: audio references, gold answers and
+choices, ``process_results``, and the prior controls' derangement and silence.
 
-A speech twin's prompt is its text twin's prompt with the spoken part replaced by
-``lmeval_speech.AUDIO_MARKER``; the functions here give that spoken part, as lazy ``spoken()``
+What is spoken is defined in ``lmeval_speech.twins``; the functions here wrap it in lazy ``spoken()``
 references (never waveforms: a 14k-item run would not fit in memory) that the model adapter
-synthesizes through its cache. The YAMLs reference them by their full module path, so lm-eval
-uses this imported module rather than a second copy loaded from the file's path.
+synthesizes through its cache, or in content-addressed ``recorded()`` references for a dataset's own
+recordings. The YAMLs reference them by their full module path, so lm-eval uses this imported
+module rather than a second copy loaded from the file's path.
 """
 
 from __future__ import annotations
