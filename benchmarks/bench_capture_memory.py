@@ -46,23 +46,29 @@ def run(model_dir: str, n: int, capture_dir: str | None):
     reqs = [Instance("loglikelihood", {"question": "q"},
                      ("Question: <audio>\nAnswer:", " x", {"audio": [{"array": tone(0.3, seed=i), "sampling_rate": 16000}]}),
                      0, ("bench_speech", i, 1)) for i in range(n)]
+    quarters, dur, _ = measure(lambda: lm.loglikelihood(reqs, disable_tqdm=True))
+    return quarters, dur
+
+
+def measure(call, probe=lambda: 0, every: float = 0.2):
+    """Run ``call()`` while sampling RSS (and ``probe()``) every ``every`` s: RSS at 25/50/75/100% of
+    the run, its seconds, and the largest ``probe()`` value seen."""
     samples, done = [], threading.Event()
 
     def sample():
         while not done.is_set():
-            samples.append((time.time(), rss_mb()))
-            time.sleep(0.2)
+            samples.append((time.time(), rss_mb(), probe()))
+            time.sleep(every)
 
     t = threading.Thread(target=sample)
     t.start()
     t0 = time.time()
-    lm.loglikelihood(reqs, disable_tqdm=True)
+    call()
     done.set()
     t.join()
-    dur = time.time() - t0
-    run_samples = [r for ts, r in samples if ts >= t0]
-    quarters = [run_samples[min(len(run_samples) - 1, int(q * len(run_samples)) - 1)] for q in (0.25, 0.5, 0.75, 1.0)]
-    return quarters, dur
+    run_samples = [(r, p) for ts, r, p in samples if ts >= t0] or [(rss_mb(), probe())]
+    quarters = [run_samples[min(len(run_samples) - 1, int(q * len(run_samples)) - 1)][0] for q in (0.25, 0.5, 0.75, 1.0)]
+    return quarters, time.time() - t0, max(p for _, p in run_samples)
 
 
 def main():

@@ -14,14 +14,13 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_capture_memory import build_tiny, rss_mb  # noqa: E402
+from bench_capture_memory import build_tiny, measure  # noqa: E402
 
 TASK = "speech_mmlu_continuation_bench"
 
@@ -40,25 +39,9 @@ def run(model_dir: str, n: int, intervene: bool):
         audio = {"audio": [{"array": tone(0.3, seed=i), "sampling_rate": 16000}]}
         reqs.append(Instance("loglikelihood", doc, ("Question: <audio>\nAnswer:", " x", audio), 0, (f"{TASK}_speech", i, 1)))
         reqs.append(Instance("loglikelihood", doc, (f"Question: {doc['question']}\nAnswer:", " x"), 0, (f"{TASK}_text", i, 1)))
-    samples, done = [], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            held = len(lm.intervener.text_states) if lm.intervener else 0
-            samples.append((time.time(), rss_mb(), held))
-            time.sleep(0.1)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    t0 = time.time()
-    lm.loglikelihood(reqs, disable_tqdm=True)
-    done.set()
-    t.join()
-    run_samples = [(r, h) for ts, r, h in samples if ts >= t0]
-    quarters = [run_samples[min(len(run_samples) - 1, int(q * len(run_samples)) - 1)][0] for q in (0.25, 0.5, 0.75, 1.0)]
-    held = max((h for _, h in run_samples), default=0)
-    left = len(lm.intervener.text_states) if lm.intervener else 0
-    return quarters, time.time() - t0, held, left
+    held_now = lambda: len(lm.intervener.text_states) if lm.intervener else 0  # noqa: E731
+    quarters, dur, held = measure(lambda: lm.loglikelihood(reqs, disable_tqdm=True), held_now, every=0.1)
+    return quarters, dur, held, held_now()
 
 
 def main():

@@ -3,16 +3,7 @@
 The report is made by ``report.compute`` (one pass over a run, returning the dict below), rendered
 by ``report.render`` (markdown and plots) and read by ``compare`` and ``check``.
 
-The command: ``lmeval-speech report RUN_DIR`` (``report/report.py``).
-
-    lmeval-speech report RUN_DIR [--capture DIR] [--out DIR] [--measure cosine|euclidean]
-                         [--path argmax|dtw] [--item PAIR:DOC_ID] [--layer L] [--n-boot N] [--seed S]
-
-RUN_DIR is lm-eval's ``--output_path`` (or its model folder, or one ``results_*.json``) of a run
-with ``--log_samples``. The capture dir is read from ``capture_dir=`` in the run's ``model_args``
-unless ``--capture`` is given. Writes ``report.json``, ``report.md`` and PNGs to ``--out``
-(default ``RUN_DIR/gap_report``) and prints a summary. A section whose inputs are missing (no
-capture, no token-level states) is left out with a line in ``notes``.
+The command is ``lmeval-speech report RUN_DIR`` (``report/report.py``).
 
 ``report.json`` schema (version 1). Keys are only ever added within a version; ``null`` stands for
 a value that is undefined (nan: a constant input, fewer than 3 items, ...) or a section left out.
