@@ -2,6 +2,12 @@
 (for speech: the adapter/projector output), i = the output of decoder layer i (1-based), as in
 ``transformers``' ``output_hidden_states``. Capture and interventions both use it.
 
+One difference remains at the last index: ``transformers`` reports the final hidden state *after*
+the decoder's final norm, and that is what capture stores; an intervention there edits the last
+layer's output *before* the norm (a forward hook on the layer). Capture reads ``output_hidden_states``
+while interventions are forward hooks: making both one hook protocol would change the captured last
+layer, so it is left as is and documented (see the session note).
+
 Syntax (it must survive lm-eval's ``--model_args``, which splits on commas): ``auto``, ``all``,
 ``last``, ``input`` (= 0), one index, a list joined by ``/`` (``0/4/8``) and ranges ``a-b``
 (inclusive), e.g. ``capture_layers=0/10-12/last``. An index outside ``0..n_layers`` is an error.

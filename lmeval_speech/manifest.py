@@ -17,16 +17,25 @@ from pathlib import Path
 from lmeval_speech.fileio import atomic_write_json
 
 SCHEMA_VERSION = 1
+#: The model args that re-voice every speech twin, and the TTS field each sets.
+TTS_OVERRIDES = {"tts_engine": "engine", "tts_voice": "voice", "tts_rate": "rate"}
+#: Prompt settings of a task config that change what the model reads.
+PROMPT_KEYS = ("description", "target_delimiter", "fewshot_delimiter", "doc_to_choice")
+#: Run-level chat settings lm-eval records.
+CHAT_KEYS = ("system_instruction", "chat_template", "fewshot_as_multiturn")
 #: What must be equal for two runs' numbers to be compared (``compare --allow-mismatch`` overrides).
-COMPARED = ("prompt", "speech_prompt", "audio")
+COMPARED = ("prompt", "speech_prompt", "audio", *PROMPT_KEYS, "n_shot")
 
 
 def _audio_spec(meta: dict, tts_override: dict | None) -> dict | None:
     from lmeval_speech.audio import TTSSpec
 
     if meta.get("tts"):
-        spec = TTSSpec.from_dict(meta["tts"]).with_overrides(**(tts_override or {}))
-        return {"tts": spec.to_dict(), "spoken": meta.get("spoken")}
+        try:
+            spec = TTSSpec.from_dict(meta["tts"]).with_overrides(**(tts_override or {})).to_dict()
+        except ValueError:  # an engine this install does not know: the recorded fields as they are
+            spec = {**meta["tts"], **(tts_override or {})}
+        return {"tts": spec, "spoken": meta.get("spoken")}
     if meta.get("recorded_audio"):
         return {"recorded": meta["recorded_audio"]}
     return None
@@ -41,6 +50,10 @@ def build_manifest(run: dict) -> dict:
     ours = config.get("lmeval_speech") or {}
     settings = ours.get("settings") or {}
     model_args = parse_model_args(run["model_args"])
+    # lslm reports its effective override; a run it did not describe falls back to its model args
+    tts_override = settings.get("tts_override") if "tts_override" in settings else \
+        {field: model_args[key] for key, field in TTS_OVERRIDES.items() if model_args.get(key)} or None
+    n_shot = results.get("n-shot") or {}
     tasks = {}
     for task, info in run["tasks"].items():
         meta = info["config"].get("metadata") or {}
@@ -53,9 +66,9 @@ def build_manifest(run: dict) -> dict:
         tasks[task] = {
             "pair": info["pair"], "modality": info["modality"],
             "prompt": info["config"].get("doc_to_text"), "speech_prompt": meta.get("prompt"),
-            "description": info["config"].get("description"),
-            "num_fewshot": info["config"].get("num_fewshot"),
-            "audio": _audio_spec(meta, settings.get("tts_override")) if info["modality"] == "speech" else None,
+            **{k: info["config"].get(k) for k in PROMPT_KEYS},
+            "n_shot": n_shot.get(task, info["config"].get("num_fewshot")),
+            "audio": _audio_spec(meta, tts_override) if info["modality"] not in ("text",) else None,
             "n_samples": (results.get("n-samples") or {}).get(task),
             "failures": failures, "truncations": truncations,
         }
@@ -70,6 +83,7 @@ def build_manifest(run: dict) -> dict:
         "chat_template": {"applied": bool(results.get("chat_template")),
                           "sha": results.get("chat_template_sha"),
                           "system_instruction_sha": results.get("system_instruction_sha")},
+        "chat": {k: results.get(k) for k in CHAT_KEYS},
         "limit": config.get("limit"),
         "tasks": tasks,
     }

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from lmeval_speech.fileio import atomic_write
+from lmeval_speech.manifest import PROMPT_KEYS
 from lmeval_speech.report.render import fmt, fmt_p
 from lmeval_speech.report.schema import jsonable, read_report
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -61,9 +62,6 @@ from lmeval_speech.report.runs import find_results_file, load_run
 SCHEMA_VERSION = 1
 METRICS = ("n", "text_acc", "speech_acc", "gap", "ci_low", "ci_high", "mcnemar_p", "S_cos", "S_euc", "aps")
 FIT_VALUES = {"gap_vs_aps": "aps", "gap_vs_S_cos": "S_cos", "gap_vs_S_euc": "S_euc"}
-RESULTS_PROMPT_KEYS = ("description", "target_delimiter", "fewshot_delimiter", "doc_to_choice")
-CHAT_KEYS = ("system_instruction", "chat_template", "fewshot_as_multiturn")
-TTS_OVERRIDES = {"tts_engine": "engine", "tts_voice": "voice", "tts_rate": "rate"}
 #: What a bad input raises (ValueError covers UnpairedError and invalid JSON): exit 2 with the message.
 ERRORS = (ValueError, OSError, CaptureCorruptError)
 
@@ -164,50 +162,23 @@ def _expand(ranges) -> set[int]:
     return {d for lo, hi in ranges for d in range(lo, hi + 1)}
 
 
-def _effective_tts(task: dict, model_args: dict):
-    """What the speech twin was voiced with: a recorded source, or the task spec after overrides."""
-    if "recorded_audio" in task:
-        return {"recorded_audio": task["recorded_audio"]}
-    if "tts" not in task:
-        return None
-    from lmeval_speech.audio import TTSSpec
-
-    overrides = {field: model_args[key] for key, field in TTS_OVERRIDES.items() if model_args.get(key)}
-    try:
-        return TTSSpec.from_dict(task["tts"]).with_overrides(**overrides).to_dict()
-    except ValueError:  # an engine this install does not know: compare the recorded fields as they are
-        return {**task["tts"], **overrides}
-
-
-def _results_prompt(results_file) -> tuple[dict, dict] | None:
-    """Prompt settings only the results file holds: per task config keys and n-shot, chat options."""
-    try:
-        results = json.loads(Path(results_file).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    n_shot = results.get("n-shot") or {}
-    per_task = {t: {**{k: c.get(k) for k in RESULTS_PROMPT_KEYS}, "n_shot": n_shot.get(t, c.get("num_fewshot"))}
-                for t, c in (results.get("configs") or {}).items()}
-    return per_task, {k: results.get(k) for k in CHAT_KEYS}
-
-
 def _tts_specs(rep: dict) -> dict:
-    """{pair: effective TTS spec of its speech twin} (None when the task records none)."""
-    run = rep["run"]
-    model_args = run.get("model_args_parsed") or {}
-    return {pair: _effective_tts(run["tasks"].get(p["speech_task"], {}), model_args)
-            for pair, p in rep["pairs"].items()}
+    """{pair: effective audio spec of its speech twin, from the run manifest} (None when none)."""
+    tasks = rep["manifest"]["tasks"]
+    out = {}
+    for pair, p in rep["pairs"].items():
+        audio = (tasks.get(p["speech_task"]) or {}).get("audio") or {}
+        out[pair] = audio.get("tts") or ({"recorded_audio": audio["recorded"]} if "recorded" in audio else None)
+    return out
 
 
 def settings(rep: dict, notes: list | None = None) -> dict:
-    """What must match for two runs' numbers to be compared (the aspects in the module docstring)."""
-    run = rep["run"]
-    from_results = _results_prompt(run["results_file"])
-    if from_results is None and notes is not None:
-        notes.append(f"results file {run['results_file']} not readable: description, n-shot and chat "
-                     "template are not compared for this run")
-    per_task, chat = from_results or ({}, dict.fromkeys(CHAT_KEYS))
-    missing = dict.fromkeys((*RESULTS_PROMPT_KEYS, "n_shot"))
+    """What must match for two runs' numbers to be compared (the aspects in the module docstring),
+    read from the run manifest the report embeds: a pure function of ``report.json``."""
+    if "manifest" not in rep:
+        raise ValueError(f"{rep['run'].get('results_file')}: this report has no run manifest (made by an older "
+                         "lmeval-speech); rebuild it with lmeval-speech report")
+    man = rep["manifest"]
     ids = {}
     for row in rep["items"]:
         ids.setdefault(row["pair"], []).append(row["doc_id"])
@@ -216,15 +187,15 @@ def settings(rep: dict, notes: list | None = None) -> dict:
     for pair, p in rep["pairs"].items():
         prompt = {}
         for modality in ("text", "speech"):
-            task = p[f"{modality}_task"]
-            meta = run["tasks"].get(task, {})
-            prompt[modality] = {"doc_to_text": meta.get("doc_to_text"), **per_task.get(task, missing)}
+            task = man["tasks"].get(p[f"{modality}_task"], {})
+            prompt[modality] = {"doc_to_text": task.get("prompt"), **{k: task.get(k) for k in PROMPT_KEYS},
+                                "n_shot": task.get("n_shot")}
             if modality == "speech":
-                prompt[modality] |= {"prompt": meta.get("prompt"), "spoken": meta.get("spoken")}
-        pairs[pair] = {"prompt": {**prompt, "chat": chat}, "tts": tts[pair], "items": _ranges(ids.get(pair, []))}
+                prompt[modality] |= {"prompt": task.get("speech_prompt"), "spoken": (task.get("audio") or {}).get("spoken")}
+        pairs[pair] = {"prompt": {**prompt, "chat": man.get("chat")}, "tts": tts[pair], "items": _ranges(ids.get(pair, []))}
     al = rep.get("alignment")
     return {"tasks": sorted(t for p in rep["pairs"].values() for t in (p["text_task"], p["speech_task"])),
-            "limit": run.get("limit"), "aps_method": [al["measure"], al["path"]] if al else None, "pairs": pairs}
+            "limit": rep["run"].get("limit"), "aps_method": [al["measure"], al["path"]] if al else None, "pairs": pairs}
 
 
 def _key(value) -> str:

@@ -75,6 +75,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         "overall": overall,
         "pairs": pairs,
         "controls": controls,
+        "manifest": manifest,
         "similarity": similarity,
         "alignment": alignment,
         "correlation": correlation,

@@ -46,6 +46,12 @@ correlation         does closeness predict a speech-only error (text right, spee
                     note}, logistic {coef, intercept, se, z, p, n, note}}. null without capture.
 items               one row per paired item: pair, doc_id, target, text_correct, speech_correct,
                     speech_only_error, cosine, euclidean, aps, monotonicity (null if not captured)
+controls            {pair: {shuffled|silence: {control_task, n, speech_acc, control_acc, hearing
+                    (= speech_acc - control_acc), ci_low, ci_high, mcnemar_p, excluded}}}, or null
+                    when the run has no prior-control twin
+manifest            the run manifest (``lmeval_speech/manifest.py``: model identity, settings, hooks,
+                    chat, per task pair, modality, prompt settings, effective audio spec, failures
+                    and truncations) and its ``path``; ``compare`` and ``check`` read settings here
 files               report_md and plots {gap, layers, alignment} (file names in --out)
 notes               list of strings: sections left out and why, data problems found
 ==================  ===========================================================================
