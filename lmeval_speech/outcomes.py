@@ -20,14 +20,16 @@ FLAG_METRICS = ("audio_failed", "audio_truncated")
 
 
 class Scored(float):
-    """A float carrying what happened to its item's audio (``failed`` reason, ``truncated`` note)."""
+    """A float carrying what happened to its item's audio (``failed`` reason, ``truncated`` note,
+    and for a cascade twin the ASR ``transcript`` that was read instead of the audio)."""
 
     failed: str
     truncated: str
+    transcript: str
 
-    def __new__(cls, value: float, failed: str = "", truncated: str = ""):
+    def __new__(cls, value: float, failed: str = "", truncated: str = "", transcript: str = ""):
         obj = super().__new__(cls, value)
-        obj.failed, obj.truncated = failed, truncated
+        obj.failed, obj.truncated, obj.transcript = failed, truncated, transcript
         return obj
 
     def __repr__(self) -> str:
@@ -67,12 +69,22 @@ def count_flagged(values) -> int:
     return int(sum(1 for v in values if v))
 
 
-def mc_results(gold: Callable[[dict], int], choices: Callable[[dict], list], norm: bool) -> Callable:
+def mc_results(gold: Callable[[dict], int], choices: Callable[[dict], list], norm: bool,
+               spoken: Callable[[dict], str] | None = None) -> Callable:
     """A multiple-choice ``process_results``: lm-eval's ``acc`` (and ``acc_norm``), except that an
-    item whose audio failed gets no accuracy at all (so it is neither right nor wrong) and is counted."""
+    item whose audio failed gets no accuracy at all (so it is neither right nor wrong) and is counted.
+    With ``spoken`` (a cascade twin) it also reports the ASR transcript and its word error rate
+    against what was spoken (``asr_wer``)."""
 
     def process_results(doc: dict, results) -> dict:
         out = flags(results)
+        if spoken is not None:
+            from lmeval_speech.audio.asr import word_error_rate
+
+            transcript = next((getattr(r[0], "transcript", "") for r in results), "")
+            out["asr_transcript"] = transcript
+            if not out["audio_failed"]:
+                out["asr_wer"] = word_error_rate(spoken(doc), transcript)
         if out["audio_failed"]:
             return out
         lls = np.array([float(r[0]) for r in results])

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 MODALITIES = ("text", "speech")
 #: Prior-control twins of the speech twin: another item's audio, silence of the same length.
 CONTROLS = ("shuffled", "silence")
+#: The ASR-cascade twin: the speech twin's audio transcribed, read by the same LLM as text.
+CASCADE = "cascade"
+#: Every twin suffix, text and speech first.
+ALL_TWINS = MODALITIES + CONTROLS + (CASCADE,)
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ def twin_of(task_name: str | None, has_audio: bool = False) -> Twin:
     """``P_text`` -> (P, text), ``P_speech`` -> (P, speech); another name is its own pair, with the
     modality given by whether its requests carry audio."""
     name = task_name or "unknown"
-    for modality in MODALITIES + CONTROLS:
+    for modality in ALL_TWINS:
         if name.endswith(f"_{modality}"):
             return Twin(name[: -len(modality) - 1], modality)
     return Twin(name, "speech" if has_audio else "text")

@@ -77,3 +77,34 @@ def test_report_measures_hearing_against_each_control(tiny_qwen2_audio_dir, tmp_
         assert v["hearing"] == pytest.approx(v["speech_acc"] - v["control_acc"])
     assert "Does the model hear?" in report.markdown(rep)
     assert np.isfinite(rep["overall"]["gap"]) and rep["overall"]["n"] == 4  # the text/speech gap is unchanged
+
+
+def test_cascade_decomposition_adds_up_and_records_the_transcript(tiny_qwen2_audio_dir, tmp_path):
+    """The cascade twin: the speech twin's audio through Whisper tiny.en (faster-whisper), the transcript
+    read as text; the report's recognition + misalignment equal text - speech on the same items."""
+    from lmeval_speech.audio import get_audio
+    from lmeval_speech.audio.asr import word_error_rate
+    from lmeval_speech.report import report
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LMEVAL_SPEECH_CACHE": str(tmp_path / "tts")}
+    proc = subprocess.run(["lm_eval", "--model", "lslm", "--model_args", f"pretrained={tiny_qwen2_audio_dir}",
+                           "--tasks", f"{PAIR},{PAIR}_cascade,{PAIR}_shuffled", "--limit", "4", "--device", "cpu",
+                           "--batch_size", "8", "--log_samples", "--output_path", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (samples,) = glob.glob(str(tmp_path / "out" / "*" / f"samples_{PAIR}_cascade_*.jsonl"))
+    rows = [json.loads(line) for line in open(samples)]
+    for row in rows:
+        spoken = row["doc"]["question"].strip()
+        assert row["asr_transcript"] and row["asr_wer"] == pytest.approx(word_error_rate(spoken, row["asr_transcript"]))
+        assert row["asr_wer"] < 0.8  # Whisper heard the espeak question
+    rep, _ = report.build_report(report.load_run(tmp_path / "out"), n_boot=300)
+    d = rep["decomposition"][PAIR]
+    assert d["n"] == 4 and d["recognition"]["gap"] + d["misalignment"]["gap"] == pytest.approx(d["gap"]["gap"])
+    assert d["gap"]["gap"] == pytest.approx(rep["pairs"][PAIR]["gap"])
+    (res,) = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
+    assert d["cascade_acc"] == pytest.approx(json.load(open(res))["results"][f"{PAIR}_cascade"]["acc,none"])
+    assert d["hearing"]["hearing"] == pytest.approx(rep["controls"][PAIR]["shuffled"]["hearing"])
+    out = tmp_path / "rep"
+    report.write_outputs(rep, None, out)
+    assert (out / "decomposition.png").stat().st_size > 1000 and "Where the gap comes from" in (out / "report.md").read_text()

@@ -46,8 +46,8 @@ def pair_names(pair: str) -> list[str]:
 
 
 def control_names(pair: str) -> list[str]:
-    """A leaf pair's opt-in prior controls and their group."""
-    return [f"{pair}_shuffled", f"{pair}_silence", f"{pair}_controls"]
+    """A leaf pair's opt-in twins: prior controls and their group, and (multiple choice) the ASR cascade."""
+    return [f"{pair}_shuffled", f"{pair}_silence", f"{pair}_controls"] + ([] if "sdqa" in pair else [f"{pair}_cascade"])
 
 
 def expected_names() -> set[str]:
@@ -56,7 +56,8 @@ def expected_names() -> set[str]:
         names.update(pair_names(family))  # the top group and its two modality groups
         for subject in gen.MMLU_SUBJECTS:
             names.update(pair_names(f"{family}_{subject}") + control_names(f"{family}_{subject}"))
-    names.update(pair_names("speech_mmlu_continuation_demo") + ["speech_mmlu_continuation_demo_controls"])
+    names.update(pair_names("speech_mmlu_continuation_demo") + ["speech_mmlu_continuation_demo_controls",
+                                                                 "speech_mmlu_continuation_demo_cascade"])
     names.update(pair_names("speech_voicebench_mmsu"))
     for pair in ("speech_arc_easy", "speech_arc_challenge", "speech_openbookqa",
                  "speech_voicebench_openbookqa", f"speech_voicebench_sdqa_{gen.SDQA_REGION}"):

@@ -496,13 +496,17 @@ class LSLM(TemplateLM):
                     raise
                 out[i] = outcomes.failed(f"AudioRequestError: {err}")
                 continue
-            if truncated:
-                marks[i] = truncated
+            transcript = " | ".join(status[k].transcript for k in keys if status[k].transcript is not None)
+            if truncated or transcript:
+                marks[i] = (truncated, transcript)
         phases = [seqs] if self.intervener is None else self._oracle_phases(seqs)
         pending = []
 
         def mark(index, res):
-            return (outcomes.Scored(res[0], truncated=marks[index]), res[1]) if index in marks else res
+            if index not in marks:
+                return res
+            truncated, transcript = marks[index]
+            return (outcomes.Scored(res[0], truncated=truncated, transcript=transcript), res[1])
 
         def persist(batch_results, final=False):
             # A result enters lm-eval's cache only once its captured states are on disk too, so a

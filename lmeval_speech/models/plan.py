@@ -31,6 +31,8 @@ def audio_key(item) -> str:
         raise AudioRequestError(f"an audio item must be a dict, got {type(item).__name__}")
     if item.get("silence_like") is not None:
         return "silence:" + audio_key(item["silence_like"])
+    if item.get("transcribe") is not None:
+        return "asr:" + json.dumps([audio_key(item["transcribe"]), item.get("asr")], sort_keys=True)
     if "tts_text" in item:
         return "tts:" + json.dumps({"t": item["tts_text"], "s": item.get("tts")}, sort_keys=True)
     if item.get("recorded") is not None:
@@ -65,6 +67,7 @@ class AudioStatus:
     error: str = ""
     truncated: str = ""
     notes: dict = field(default_factory=dict)
+    transcript: str | None = None  # a cascade item: what the ASR heard (read as text, not as audio)
 
 
 @dataclass
@@ -122,7 +125,7 @@ class Planner:
         from lmeval_speech.audio import TTSEngineMissing
 
         lm, b = self.lm, self.lm.backend_impl
-        if items and not b.supports_audio:
+        if not b.supports_audio and any(it.get("transcribe") is None for it in items.values()):
             raise AudioRequestError(
                 f"{type(b).__name__} ({lm.pretrained}) takes no audio; speech tasks need a speech LLM "
                 "(see lmeval_speech.models.backends.SPEECH_BACKENDS)")
@@ -130,6 +133,9 @@ class Planner:
         content_dependent = getattr(b, "content_dependent_audio_tokens", False)
         for key, item in tqdm(todo.items(), desc="Preparing audio", disable=len(todo) < 2 or lm.rank != 0):
             try:
+                if item.get("transcribe") is not None:  # cascade twin: the model reads the ASR transcript
+                    self.status[key] = self._transcribe(item)
+                    continue
                 array, notes = self.load(item)
                 n = lm.embeddings.count(key, array) if content_dependent else b.count_tokens(len(array))
             except TTSEngineMissing as err:
@@ -148,6 +154,15 @@ class Planner:
             raise AudioRequestError(f"every audio of this run failed ({len(bad)} of {len(items)}); nothing was "
                                     f"scored. First error: {bad[0]}")
         return {k: self.status[k] for k in items}
+
+    def _transcribe(self, item: dict) -> AudioStatus:
+        from lmeval_speech.audio import prepare_audio, resolve_audio
+        from lmeval_speech.audio.asr import ASRSpec, transcribe
+
+        array, sr, info = resolve_audio(item["transcribe"], override=self.lm.tts_override or None)
+        array, fixes = prepare_audio(array, sr, target_rate=16000)
+        text = transcribe(array, audio_key(item["transcribe"]), ASRSpec.from_dict(item.get("asr")))
+        return AudioStatus(notes={**info, "fixes": fixes, "asr": item.get("asr")}, transcript=text)
 
     # ------------------------------------------------------------------ sequences
     def place_audio(self, context: str, n_audio: int) -> str:
@@ -179,6 +194,13 @@ class Planner:
 
     def build(self, index, context, continuation, keys, request=None, want_span=False) -> Seq:
         lm = self.lm
+        heard = [k for k in keys if self.status[k].transcript is not None]
+        if heard:  # cascade: each marker becomes its transcript, and the sequence is text only
+            if len(heard) != len(keys) or context.count(AUDIO_MARKER) != len(keys):
+                raise AudioRequestError("a cascade prompt needs one <audio> marker per transcribed audio")
+            for k in keys:
+                context = context.replace(AUDIO_MARKER, self.status[k].transcript, 1)
+            keys = []
         if keys:
             context = self.place_audio(context, len(keys))
         if context == "":

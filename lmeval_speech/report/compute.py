@@ -24,6 +24,7 @@ from lmeval_speech.metrics import (
     similarity_matrix,
 )
 from lmeval_speech.report.runs import control_items, pair_items, run_settings
+from lmeval_speech.report.runs import twin_rows as runs_twin_rows
 from lmeval_speech.report.schema import GAP_FIELDS, N_CRITICAL, SCHEMA_VERSION
 
 
@@ -48,6 +49,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
 
     pairs, overall = _gap_sections(items_by_pair, n_boot, seed)
     controls = _control_sections(run, include_truncated, n_boot, seed, notes)
+    decomposition = _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed, notes)
     rows = _item_rows(items_by_pair)
     settings = run_settings(run)
     reader, capture_dir = _open_capture(settings, capture, notes)
@@ -75,6 +77,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         "overall": overall,
         "pairs": pairs,
         "controls": controls,
+        "decomposition": decomposition,
         "manifest": manifest,
         "similarity": similarity,
         "alignment": alignment,
@@ -124,6 +127,46 @@ def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int
         return None
     notes.append("controls: hearing = speech accuracy - control accuracy on the same items (paired bootstrap CI)")
     return out
+
+
+def _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed, notes) -> dict | None:
+    """Where the gap comes from, per pair with a cascade twin, on the items valid in text, cascade
+    and speech: recognition = text - cascade (what ASR errors cost), misalignment = cascade - speech
+    (what the end-to-end path loses beyond recognition); they add up to text - speech on those items.
+    hearing = speech - shuffled control (its own items), modality recovery rate = speech / text."""
+    out = {}
+    for pair, names in run["pairs"].items():
+        if twins.CASCADE not in names:
+            continue
+        it = items_by_pair[pair]
+        metric = it["metric"]
+        casc = control_items(run, pair, twins.CASCADE, include_truncated)  # speech vs cascade, valid in both
+        valid = sorted(set(it["doc_ids"]) & set(casc["doc_ids"]))
+        pos_t, pos_c = {d: i for i, d in enumerate(it["doc_ids"])}, {d: i for i, d in enumerate(casc["doc_ids"])}
+        text = np.array([it["text_correct"][pos_t[d]] for d in valid], dtype=bool)
+        speech = np.array([it["speech_correct"][pos_t[d]] for d in valid], dtype=bool)
+        cascade = np.array([casc["control_correct"][pos_c[d]] for d in valid], dtype=bool)
+        rows = runs_twin_rows(run, pair, twins.CASCADE)
+        wer = np.array([float(rows[d].get("asr_wer", np.nan)) for d in valid], dtype=float)
+        steps = {name: paired_gap(a, b, n_boot=n_boot, seed=seed)
+                 for name, (a, b) in {"recognition": (text, cascade), "misalignment": (cascade, speech),
+                                      "gap": (text, speech)}.items()}
+        shuffled = (controls or {}).get(pair, {}).get("shuffled")
+        speech_only = text & ~speech
+        out[pair] = {
+            "n": len(valid), "metric": metric, "text_acc": float(text.mean()) if valid else None,
+            "cascade_acc": float(cascade.mean()) if valid else None, "speech_acc": float(speech.mean()) if valid else None,
+            **{name: {k: g[k] for k in ("gap", "ci_low", "ci_high")} | {"p": g["mcnemar"]["p"]} for name, g in steps.items()},
+            "hearing": None if shuffled is None else {k: shuffled[k] for k in ("hearing", "ci_low", "ci_high", "n")},
+            "recovery_rate": float(speech.mean() / text.mean()) if valid and text.mean() > 0 else None,
+            "asr_wer_mean": float(np.nanmean(wer)) if np.isfinite(wer).any() else None,
+            "wer_vs_speech_only_error": point_biserial(speech_only.astype(float), wer) if len(valid) > 2 else None,
+        }
+        assert abs(out[pair]["recognition"]["gap"] + out[pair]["misalignment"]["gap"] - out[pair]["gap"]["gap"]) < 1e-9
+    if out:
+        notes.append("decomposition: recognition + misalignment = text - speech exactly, on the items valid in "
+                     "text, cascade and speech twins (forgetting needs a base-LLM run: not implemented yet)")
+    return out or None
 
 
 def _item_rows(items_by_pair: dict) -> list[dict]:

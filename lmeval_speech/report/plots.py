@@ -111,3 +111,29 @@ def alignment_plot(A, argmax_path, path, *, title: str, measure: str, dtw=None, 
     ax.set_title(title, fontsize="medium")
     ax.legend(loc="upper left", fontsize="small", framealpha=0.7)
     return _save(fig, path)
+
+
+def decomposition_plot(decomposition: dict, path) -> str:
+    """A waterfall per pair: text accuracy, minus recognition (ASR errors), is the cascade's; minus
+    misalignment is speech accuracy; the shuffled-audio control below it shows what hearing adds."""
+    names = list(decomposition)
+    fig = Figure(figsize=(max(5.0, 3.2 * len(names)), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name, label in zip(axes, names, short_labels(names)):
+        d = decomposition[name]
+        text, casc, speech = _nan(d["text_acc"]), _nan(d["cascade_acc"]), _nan(d["speech_acc"])
+        hearing = d.get("hearing")
+        bars = [("text", 0.0, text, TEXT_COLOR), ("recognition", casc, text - casc, GAP_COLOR),
+                ("cascade", 0.0, casc, "#8172b3"), ("misalignment", speech, casc - speech, GAP_COLOR),
+                ("speech", 0.0, speech, SPEECH_COLOR)]
+        if hearing is not None:
+            bars.append(("hearing", speech - _nan(hearing["hearing"]), _nan(hearing["hearing"]), DTW_COLOR))
+        for i, (what, bottom, height, color) in enumerate(bars):
+            ax.bar(i, height, bottom=bottom, color=color, edgecolor="black", linewidth=0.5)
+            ax.annotate(f"{height:+.2f}" if what in ("recognition", "misalignment", "hearing") else f"{height:.2f}",
+                        (i, bottom + max(height, 0)), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{label} (n={d['n']})", fontsize=9)
+    axes[0].set_ylabel("accuracy")
+    return _save(fig, path)

@@ -36,6 +36,8 @@ def write_outputs(report: dict, heatmap: dict | None, out) -> None:
     out.mkdir(parents=True, exist_ok=True)
     files = report["files"]["plots"]
     files["gap"] = Path(plots.gap_plot(report["pairs"], report["overall"], out / "gap.png")).name
+    if report.get("decomposition"):
+        files["decomposition"] = Path(plots.decomposition_plot(report["decomposition"], out / "decomposition.png")).name
     if report["similarity"]:
         files["layers"] = Path(plots.layers_plot(report["similarity"], report["alignment"], out / "layers.png")).name
     if heatmap:
@@ -85,6 +87,23 @@ def markdown(report: dict) -> str:
     macro = overall["macro_mean"]
     lines += ["", f"Mean over the {overall['n_pairs']} pairs, each counted once: text {fmt(macro['text_acc'])}, "
               f"speech {fmt(macro['speech_acc'])}, gap {fmt(macro['gap'])} (weighted by size it is the pooled row).", ""]
+
+    if report.get("decomposition"):
+        lines += ["## Where the gap comes from", "", "![decomposition](decomposition.png)", "",
+                  "On the items valid in the text, ASR-cascade and speech twins: **recognition** = text - cascade "
+                  "(what ASR errors cost), **misalignment** = cascade - speech (what the end-to-end speech path "
+                  "loses beyond recognition); they add up to the gap on those items. **hearing** = speech - "
+                  "shuffled-audio control; **recovery** = speech / text. 95% paired bootstrap CIs.", "",
+                  "| pair | n | text | cascade | speech | recognition | misalignment | gap | hearing | recovery | ASR WER |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+        def step(x):
+            return "–" if not x else f"{fmt(x.get('gap', x.get('hearing')))} [{fmt(x['ci_low'])}, {fmt(x['ci_high'])}]"
+
+        lines += [f"| {pair} | {d['n']} | {fmt(d['text_acc'])} | {fmt(d['cascade_acc'])} | {fmt(d['speech_acc'])} | "
+                  f"{step(d['recognition'])} | {step(d['misalignment'])} | {step(d['gap'])} | {step(d['hearing'])} | "
+                  f"{fmt(d['recovery_rate'])} | {fmt(d['asr_wer_mean'])} |" for pair, d in report["decomposition"].items()]
+        lines.append("")
 
     if report.get("controls"):
         lines += ["## Does the model hear? Prior controls", "",

@@ -68,9 +68,9 @@ def _twin(task: str, config: dict) -> tuple[str, str] | None:
     """(pair, modality) from the task config's metadata (written by tasks/_generate.py), else from
     the ``_text``/``_speech`` name (``twins.twin_of``); None for a task that is no twin."""
     meta = config.get("metadata") or {}
-    if meta.get("pair") and meta.get("modality") in twins.MODALITIES + twins.CONTROLS:
+    if meta.get("pair") and meta.get("modality") in twins.ALL_TWINS:
         return meta["pair"], meta["modality"]
-    if task.endswith(tuple(f"_{m}" for m in twins.MODALITIES + twins.CONTROLS)):
+    if task.endswith(tuple(f"_{m}" for m in twins.ALL_TWINS)):
         twin = twins.twin_of(task)
         return twin.pair, twin.modality
     return None
@@ -228,3 +228,10 @@ def control_items(run: dict, pair: str, control: str, include_truncated: bool = 
     it = pair_items(run, pair, include_truncated, first="speech", second=control)
     return {**it, "speech_task": it["text_task"], "control_task": it["speech_task"], "control": control,
             "speech_correct": it["text_correct"], "control_correct": it["speech_correct"]}
+
+
+def twin_rows(run: dict, pair: str, twin: str) -> dict:
+    """{doc_id: sample row} of one twin of a pair (its chosen filter)."""
+    task = run["pairs"][pair][twin]
+    _, _, rows = _choose(run["tasks"][task]["samples"], task)
+    return {r["doc_id"]: r for r in rows}

@@ -21,7 +21,7 @@ import yaml
 from lmeval_speech import AUDIO_MARKER
 from lmeval_speech.audio import TTSSpec
 from lmeval_speech.outcomes import FLAG_METRICS
-from lmeval_speech.tasks.prompts import TTS
+from lmeval_speech.tasks.prompts import ASR, TTS
 
 HERE = Path(__file__).resolve().parent
 VERSION = 1.0
@@ -134,8 +134,30 @@ def write_controls(folder: Path, pair: str, overrides: dict, speech_meta: dict, 
                                        "metadata": meta})
     write(folder, f"{pair}_controls.yaml", {"group": f"{pair}_controls", "group_alias": f"{alias} (controls)",
                                             "task": names, "metadata": {"version": VERSION, "pair": pair}})
+    results = CASCADE_RESULTS.get(folder.name)
+    if results is not None:  # the cascade twin (multiple-choice families): ASR transcript read as text
+        base = {k: v for k, v in speech_meta.items() if k not in ("tts", "spoken", "recorded_audio")}
+        write(folder, f"{pair}_cascade.yaml", {
+            "task": f"{pair}_cascade", "task_alias": f"{alias} (ASR cascade)", "include": "_speech_template_yaml",
+            **overrides, "doc_to_audio": fn(f"prompts.cascade_{audio_fn}"), "process_results": fn(f"prompts.{results}"),
+            "metric_list": METRICS_BY_FOLDER[folder.name] + CASCADE_METRICS,
+            "metadata": {**base, **{k: speech_meta[k] for k in ("tts", "spoken", "recorded_audio") if k in speech_meta},
+                         "modality": "cascade", "asr": ASR}})
     return names
 
+
+#: process_results of each multiple-choice family's cascade twin, by family folder (SD-QA has none yet).
+CASCADE_RESULTS = {"speech_mmlu": "mmlu_cascade_results", "speech_mmlu_continuation": "mmlu_continuation_cascade_results",
+                   "speech_arc": "arc_cascade_results", "speech_openbookqa": "openbookqa_cascade_results",
+                   "speech_voicebench": "voicebench_cascade_results"}
+
+
+#: Each family folder's metric list (set by write_templates).
+METRICS_BY_FOLDER: dict[str, list] = {}
+#: What a cascade twin adds: the ASR's word error rate against the spoken text, and its transcript.
+CASCADE_METRICS = [{"metric": "asr_wer", "aggregation": "mean", "higher_is_better": False},
+                   {"metric": "asr_transcript", "aggregation": _Function("lmeval_speech.tasks.prompts.count_flagged"),
+                    "higher_is_better": True}]
 
 #: Each family folder's audio function (set by write_templates) and its deranging process_docs.
 folder_audio_fn: dict[str, str] = {}
@@ -168,6 +190,7 @@ def write_templates(folder: Path, base: dict, text_prompt: str, speech_prompt: s
     """``_default_template_yaml`` holds what both twins share (data, choices, target, metrics); the
     text and speech templates add only their prompt, and the speech one its ``doc_to_audio``."""
     folder_audio_fn[folder.name] = audio_fn
+    METRICS_BY_FOLDER[folder.name] = base.get("metric_list", [])
     write(folder, "_default_template_yaml", base)
     write(folder, "_text_template_yaml", {"include": "_default_template_yaml", "doc_to_text": text_prompt})
     write(folder, "_speech_template_yaml", {"include": "_default_template_yaml", "doc_to_text": speech_prompt,
@@ -225,6 +248,9 @@ def generate_mmlu() -> None:
         "group": f"{family}_demo_controls", "group_alias": f"{family}_demo (prior controls)",
         "task": [f"{family}_{MMLU_SUBJECTS[i]}_{c}" for i in demo for c in ("shuffled", "silence")],
         "metadata": {"version": VERSION}})
+    write(HERE / family, f"_{family}_demo_cascade.yaml", {
+        "group": f"{family}_demo_cascade", "group_alias": f"{family}_demo (ASR cascade)",
+        "task": [f"{family}_{MMLU_SUBJECTS[i]}_cascade" for i in demo], "metadata": {"version": VERSION}})
 
 
 def generate_arc_openbookqa() -> None:

@@ -178,3 +178,36 @@ def silence_openbookqa_audio(doc):
 
 def silence_recorded_audio(doc):
     return _silence(recorded_audio(doc))
+
+
+# ---- cascade twin: the speech twin's own audio, transcribed by ASR, read by the LLM as text
+
+#: The ASR every cascade task asks for (``lmeval_speech.audio.asr.ASRSpec``).
+ASR = {"engine": "faster-whisper", "model": "tiny.en", "beam_size": 1, "language": "en"}
+
+
+def _transcribed(refs: list[dict]) -> list[dict]:
+    return [{"transcribe": ref, "asr": ASR} for ref in refs]
+
+
+def cascade_mmlu_audio(doc):
+    return _transcribed(mmlu_audio(doc))
+
+
+def cascade_question_audio(doc):
+    return _transcribed(question_audio(doc))
+
+
+def cascade_openbookqa_audio(doc):
+    return _transcribed(openbookqa_audio(doc))
+
+
+def cascade_recorded_audio(doc):
+    return _transcribed(recorded_audio(doc))
+
+
+mmlu_cascade_results = mc_results(mmlu_gold, letters, norm=False, spoken=twins.mmlu_letter_spoken)
+mmlu_continuation_cascade_results = mc_results(mmlu_gold, mmlu_choices, norm=False, spoken=twins.question_spoken)
+arc_cascade_results = mc_results(labelled_gold, labelled_choices, norm=True, spoken=twins.question_spoken)
+openbookqa_cascade_results = mc_results(labelled_gold, labelled_choices, norm=True, spoken=twins.question_stem_spoken)
+voicebench_cascade_results = mc_results(voicebench_gold, letters, norm=False, spoken=twins.voicebench_spoken)
