@@ -108,3 +108,52 @@ def test_cascade_decomposition_adds_up_and_records_the_transcript(tiny_qwen2_aud
     out = tmp_path / "rep"
     report.write_outputs(rep, None, out)
     assert (out / "decomposition.png").stat().st_size > 1000 and "Where the gap comes from" in (out / "report.md").read_text()
+
+
+def test_forgetting_from_a_base_run_completes_the_decomposition(tmp_path):
+    """Hand-made runs: base text 1,1,1,1,0,1 / LSLM text 1,1,0,1,0,1 / cascade 1,0,0,1,0,1 / speech
+    0,0,0,1,0,1: forgetting 1/6, recognition 1/6, misalignment 1/6, and they add up to base - speech."""
+    from test_report import _config, _sample, write_samples
+
+    from lmeval_speech.report import report
+
+    def run(out, tasks):
+        model_dir = out / "lslm__m"
+        model_dir.mkdir(parents=True)
+        configs = {}
+        for task, (modality, scores) in tasks.items():
+            configs[task] = _config(task, "speech_toy_a", "speech" if modality != "text" else "text")
+            configs[task]["metadata"]["modality"] = modality
+            write_samples(model_dir / f"samples_{task}_2025-01-01T00-00-00.000001.jsonl", [_sample(d, c) for d, c in enumerate(scores)])
+        (model_dir / "results_2025-01-01T00-00-00.000001.json").write_text(json.dumps(
+            {"results": {t: {} for t in tasks}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
+        return out
+
+    lslm = run(tmp_path / "lslm", {"speech_toy_a_text": ("text", [1, 1, 0, 1, 0, 1]),
+                                   "speech_toy_a_speech": ("speech", [0, 0, 0, 1, 0, 1]),
+                                   "speech_toy_a_cascade": ("cascade", [1, 0, 0, 1, 0, 1])})
+    base = run(tmp_path / "base", {"speech_toy_a_text": ("text", [1, 1, 1, 1, 0, 1])})
+    rep, _ = report.build_report(report.load_run(lslm), n_boot=200, base=report.load_run(base))
+    d = rep["decomposition"]["speech_toy_a"]
+    assert d["n"] == 6 and d["base_text_acc"] == pytest.approx(5 / 6)
+    for step in ("forgetting", "recognition", "misalignment"):
+        assert d[step]["gap"] == pytest.approx(1 / 6), step
+    assert d["base_gap"]["gap"] == pytest.approx(3 / 6) and d["gap"]["gap"] == pytest.approx(2 / 6)
+    assert d["recovery_rate"] == pytest.approx((2 / 6) / (4 / 6))
+    rep2, _ = report.build_report(report.load_run(lslm), n_boot=200)
+    assert rep2["decomposition"]["speech_toy_a"]["forgetting"] is None
+
+
+@pytest.mark.slow
+def test_mini_base_is_the_embedded_models_text_path():
+    """``pretrained=mini-base`` is SmolLM2 itself through the causal-LM backend: the embedded model's
+    text twin scores are its base LLM's to 1e-5, so its forgetting is exactly 0."""
+    from lm_eval.api.instance import Instance
+
+    from lmeval_speech.models.lslm import LSLM
+
+    reqs = [Instance("loglikelihood", {}, ("Question: What is the capital city of France?\nAnswer:", c), 0)
+            for c in (" Paris", " Rome")]
+    mini, base = LSLM(pretrained="mini", device="cpu"), LSLM(pretrained="mini-base", device="cpu")
+    assert type(base.backend_impl).__name__ == "CausalLMBackend"
+    np.testing.assert_allclose([r[0] for r in mini.loglikelihood(reqs)], [r[0] for r in base.loglikelihood(reqs)], atol=1e-5)

@@ -232,6 +232,10 @@ class LSLM(TemplateLM):
             from lmeval_speech.mini.build import load_mini_backend
 
             return load_mini_backend(dtype=dtype)
+        if pretrained == "mini-base":  # the embedded model's base LLM (SmolLM2-135M-Instruct), for --base
+            from lmeval_speech.mini.build import smollm2_fp32_dir
+
+            pretrained = str(smollm2_fp32_dir())
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)

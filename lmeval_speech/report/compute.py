@@ -29,7 +29,7 @@ from lmeval_speech.report.schema import GAP_FIELDS, N_CRITICAL, SCHEMA_VERSION
 
 
 def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", item=None, layer=None,
-                 n_boot=10000, seed=0, include_truncated=False) -> tuple[dict, dict | None]:
+                 n_boot=10000, seed=0, include_truncated=False, base: dict | None = None) -> tuple[dict, dict | None]:
     """The report dict (schema above) and the chosen item's heat-map data (or None)."""
     if not run["pairs"]:
         raise ValueError(f"{run['results_file']} has no text/speech task pair "
@@ -49,7 +49,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
 
     pairs, overall = _gap_sections(items_by_pair, n_boot, seed)
     controls = _control_sections(run, include_truncated, n_boot, seed, notes)
-    decomposition = _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed, notes)
+    decomposition = _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed, notes, base)
     rows = _item_rows(items_by_pair)
     settings = run_settings(run)
     reader, capture_dir = _open_capture(settings, capture, notes)
@@ -129,11 +129,21 @@ def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int
     return out
 
 
-def _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed, notes) -> dict | None:
-    """Where the gap comes from, per pair with a cascade twin, on the items valid in text, cascade
-    and speech: recognition = text - cascade (what ASR errors cost), misalignment = cascade - speech
-    (what the end-to-end path loses beyond recognition); they add up to text - speech on those items.
-    hearing = speech - shuffled control (its own items), modality recovery rate = speech / text."""
+def _base_text(base: dict | None, pair: str, metric: str, doc_ids) -> dict[int, bool] | None:
+    """{doc_id: correct} of the base LLM's run of this pair's text twin (``report --base``)."""
+    task = f"{pair}_text"
+    if base is None or task not in base["tasks"]:
+        return None
+    rows = {r["doc_id"]: r for r in base["tasks"][task]["samples"] if r.get("filter", "none") == "none"}
+    return {d: bool(float(rows[d][metric])) for d in doc_ids if d in rows and metric in rows[d]}
+
+
+def _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed, notes, base=None) -> dict | None:
+    """Where the gap comes from, per pair with a cascade twin, on the items valid in every twin used:
+    forgetting = base LLM text - LSLM text (with ``--base``), recognition = text - cascade (what ASR
+    errors cost), misalignment = cascade - speech (what the end-to-end path loses beyond recognition);
+    they add up to (base) text - speech on those items. hearing = speech - shuffled control (its own
+    items), modality recovery rate = speech / text."""
     out = {}
     for pair, names in run["pairs"].items():
         if twins.CASCADE not in names:
@@ -142,30 +152,42 @@ def _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed
         metric = it["metric"]
         casc = control_items(run, pair, twins.CASCADE, include_truncated)  # speech vs cascade, valid in both
         valid = sorted(set(it["doc_ids"]) & set(casc["doc_ids"]))
+        base_correct = _base_text(base, pair, metric, valid)
+        if base is not None and base_correct is None:
+            notes.append(f"--base run has no {pair}_text: forgetting left out for {pair}")
+        if base_correct is not None:
+            valid = [d for d in valid if d in base_correct]
         pos_t, pos_c = {d: i for i, d in enumerate(it["doc_ids"])}, {d: i for i, d in enumerate(casc["doc_ids"])}
         text = np.array([it["text_correct"][pos_t[d]] for d in valid], dtype=bool)
         speech = np.array([it["speech_correct"][pos_t[d]] for d in valid], dtype=bool)
         cascade = np.array([casc["control_correct"][pos_c[d]] for d in valid], dtype=bool)
         rows = runs_twin_rows(run, pair, twins.CASCADE)
         wer = np.array([float(rows[d].get("asr_wer", np.nan)) for d in valid], dtype=float)
-        steps = {name: paired_gap(a, b, n_boot=n_boot, seed=seed)
-                 for name, (a, b) in {"recognition": (text, cascade), "misalignment": (cascade, speech),
-                                      "gap": (text, speech)}.items()}
+        pairs_of = {"recognition": (text, cascade), "misalignment": (cascade, speech), "gap": (text, speech)}
+        if base_correct is not None:
+            base_text = np.array([base_correct[d] for d in valid], dtype=bool)
+            pairs_of |= {"forgetting": (base_text, text), "base_gap": (base_text, speech)}
+        steps = {name: paired_gap(a, b, n_boot=n_boot, seed=seed) for name, (a, b) in pairs_of.items()}
         shuffled = (controls or {}).get(pair, {}).get("shuffled")
         speech_only = text & ~speech
         out[pair] = {
             "n": len(valid), "metric": metric, "text_acc": float(text.mean()) if valid else None,
             "cascade_acc": float(cascade.mean()) if valid else None, "speech_acc": float(speech.mean()) if valid else None,
+            "base_text_acc": float(base_text.mean()) if base_correct is not None and valid else None,
+            "forgetting": None, "base_gap": None,
             **{name: {k: g[k] for k in ("gap", "ci_low", "ci_high")} | {"p": g["mcnemar"]["p"]} for name, g in steps.items()},
             "hearing": None if shuffled is None else {k: shuffled[k] for k in ("hearing", "ci_low", "ci_high", "n")},
             "recovery_rate": float(speech.mean() / text.mean()) if valid and text.mean() > 0 else None,
             "asr_wer_mean": float(np.nanmean(wer)) if np.isfinite(wer).any() else None,
             "wer_vs_speech_only_error": point_biserial(speech_only.astype(float), wer) if len(valid) > 2 else None,
         }
-        assert abs(out[pair]["recognition"]["gap"] + out[pair]["misalignment"]["gap"] - out[pair]["gap"]["gap"]) < 1e-9
+        d = out[pair]
+        assert abs(d["recognition"]["gap"] + d["misalignment"]["gap"] - d["gap"]["gap"]) < 1e-9
+        if d["forgetting"] is not None:
+            assert abs(d["forgetting"]["gap"] + d["gap"]["gap"] - d["base_gap"]["gap"]) < 1e-9
     if out:
-        notes.append("decomposition: recognition + misalignment = text - speech exactly, on the items valid in "
-                     "text, cascade and speech twins (forgetting needs a base-LLM run: not implemented yet)")
+        notes.append("decomposition: (forgetting +) recognition + misalignment = (base) text - speech exactly, on "
+                     "the items valid in every twin used" + ("" if base else "; forgetting needs --base BASE_RUN"))
     return out or None
 
 

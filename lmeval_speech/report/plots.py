@@ -123,14 +123,18 @@ def decomposition_plot(decomposition: dict, path) -> str:
         d = decomposition[name]
         text, casc, speech = _nan(d["text_acc"]), _nan(d["cascade_acc"]), _nan(d["speech_acc"])
         hearing = d.get("hearing")
-        bars = [("text", 0.0, text, TEXT_COLOR), ("recognition", casc, text - casc, GAP_COLOR),
+        bars = []
+        if d.get("forgetting"):
+            base = _nan(d["base_text_acc"])
+            bars += [("base LLM text", 0.0, base, "#937860"), ("forgetting", text, base - text, GAP_COLOR)]
+        bars += [("text", 0.0, text, TEXT_COLOR), ("recognition", casc, text - casc, GAP_COLOR),
                 ("cascade", 0.0, casc, "#8172b3"), ("misalignment", speech, casc - speech, GAP_COLOR),
                 ("speech", 0.0, speech, SPEECH_COLOR)]
         if hearing is not None:
             bars.append(("hearing", speech - _nan(hearing["hearing"]), _nan(hearing["hearing"]), DTW_COLOR))
         for i, (what, bottom, height, color) in enumerate(bars):
             ax.bar(i, height, bottom=bottom, color=color, edgecolor="black", linewidth=0.5)
-            ax.annotate(f"{height:+.2f}" if what in ("recognition", "misalignment", "hearing") else f"{height:.2f}",
+            ax.annotate(f"{height:+.2f}" if what in ("forgetting", "recognition", "misalignment", "hearing") else f"{height:.2f}",
                         (i, bottom + max(height, 0)), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1.05)

@@ -90,17 +90,20 @@ def markdown(report: dict) -> str:
 
     if report.get("decomposition"):
         lines += ["## Where the gap comes from", "", "![decomposition](decomposition.png)", "",
-                  "On the items valid in the text, ASR-cascade and speech twins: **recognition** = text - cascade "
+                  "On the items valid in every twin used: **forgetting** = base LLM text - LSLM text (with "
+                  "`--base`), **recognition** = text - cascade "
                   "(what ASR errors cost), **misalignment** = cascade - speech (what the end-to-end speech path "
                   "loses beyond recognition); they add up to the gap on those items. **hearing** = speech - "
                   "shuffled-audio control; **recovery** = speech / text. 95% paired bootstrap CIs.", "",
-                  "| pair | n | text | cascade | speech | recognition | misalignment | gap | hearing | recovery | ASR WER |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| pair | n | base text | forgetting | text | cascade | speech | recognition | misalignment | gap | "
+                  "hearing | recovery | ASR WER |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
         def step(x):
             return "–" if not x else f"{fmt(x.get('gap', x.get('hearing')))} [{fmt(x['ci_low'])}, {fmt(x['ci_high'])}]"
 
-        lines += [f"| {pair} | {d['n']} | {fmt(d['text_acc'])} | {fmt(d['cascade_acc'])} | {fmt(d['speech_acc'])} | "
+        lines += [f"| {pair} | {d['n']} | {fmt(d.get('base_text_acc'))} | {step(d.get('forgetting'))} | "
+                  f"{fmt(d['text_acc'])} | {fmt(d['cascade_acc'])} | {fmt(d['speech_acc'])} | "
                   f"{step(d['recognition'])} | {step(d['misalignment'])} | {step(d['gap'])} | {step(d['hearing'])} | "
                   f"{fmt(d['recovery_rate'])} | {fmt(d['asr_wer_mean'])} |" for pair, d in report["decomposition"].items()]
         lines.append("")

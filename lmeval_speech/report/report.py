@@ -58,6 +58,9 @@ def add_arguments(parser) -> None:
                         help="hidden-state index of the heat map (default: deepest token layer)")
     parser.add_argument("--n-boot", type=_positive_int, default=10000, help="bootstrap resamples for the gap CI")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--base", default=None, metavar="BASE_RUN",
+                        help="a run of the base LLM's text twins (e.g. lslm pretrained=mini-base on the *_text tasks): "
+                        "adds forgetting = base text - LSLM text to the decomposition")
     parser.add_argument("--include-truncated", action="store_true",
                         help="keep items whose audio was cut to the model's limit in the gap (left out by default)")
 
@@ -68,7 +71,8 @@ def main(args) -> int:
         out = Path(args.out) if args.out else _default_out(args.run_dir)
         report, heatmap = build_report(run, capture=args.capture, measure=args.measure, path=args.path,
                                        item=args.item, layer=args.layer, n_boot=args.n_boot, seed=args.seed,
-                                       include_truncated=args.include_truncated)
+                                       include_truncated=args.include_truncated,
+                                       base=load_run(args.base) if args.base else None)
     except (UnpairedError, ValueError, FileNotFoundError, CaptureCorruptError) as err:
         print(f"lmeval-speech report: error: {err}", file=sys.stderr)
         return 2

@@ -49,7 +49,8 @@ items               one row per paired item: pair, doc_id, target, text_correct,
 controls            {pair: {shuffled|silence: {control_task, n, speech_acc, control_acc, hearing
                     (= speech_acc - control_acc), ci_low, ci_high, mcnemar_p, excluded}}}, or null
                     when the run has no prior-control twin
-decomposition       {pair: {n, metric, text_acc, cascade_acc, speech_acc, recognition, misalignment,
+decomposition       {pair: {n, metric, base_text_acc, forgetting, base_gap (with --base, else null),
+                    text_acc, cascade_acc, speech_acc, recognition, misalignment,
                     gap (each {gap, ci_low, ci_high, p}; recognition + misalignment = gap exactly, on
                     the items valid in text, cascade and speech), hearing (the shuffled control's,
                     or null), recovery_rate (speech / text), asr_wer_mean, wer_vs_speech_only_error
