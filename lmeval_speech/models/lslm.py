@@ -115,6 +115,9 @@ class LSLM(TemplateLM):
         tts_engine: str | None = None,
         tts_voice: str | None = None,
         tts_rate: int | None = None,
+        noise: str | None = None,
+        snr_db: float | None = None,
+        noise_seed: int = 0,
         audio_cache_size: int = 256,
         capture: str = "none",
         capture_dir: str | None = None,
@@ -163,6 +166,13 @@ class LSLM(TemplateLM):
                               "rate": None if tts_rate is None else int(tts_rate)}.items() if v is not None
         }
         self._chat_applied = self._chat_warned = False
+        self.noise = None
+        if noise not in (None, "", "none"):
+            from lmeval_speech.audio.noise import NoiseSpec
+
+            if snr_db in (None, ""):
+                raise ValueError("noise=... needs snr_db=DB (the signal-to-noise ratio of the mixed audio)")
+            self.noise = NoiseSpec(str(noise), float(snr_db), int(noise_seed))
         self.embeddings = SpeechEmbeddings(self.backend_impl, audio_cache_size)
         self.planner = Planner(self)
         self.identity = model_identity(self.pretrained, revision, self.backend_impl, self._device)
@@ -266,6 +276,7 @@ class LSLM(TemplateLM):
             "model": self.identity,
             "settings": {"audio_overflow": self.audio_overflow, "max_audio_seconds": self.max_audio_seconds,
                          "tts_override": self.tts_override or None, "fail_fast": self.fail_fast,
+                         "noise": None if self.noise is None else self.noise.to_dict(),
                          "max_length": self.max_length, "batch_size": self.batch_size},
             "hooks": {"capture": None if self.capture is None else self.capture.spec(),
                       "intervention": None if self.intervener is None else self.intervener.spec.to_dict()},

@@ -99,6 +99,7 @@ class Planner:
     def __init__(self, lm):
         self.lm = lm
         self.status: dict[str, AudioStatus] = {}  # audio key -> outcome, for every audio seen
+        self._items, self._decoded = {}, {}  # this run's audio items; decoded babble sources
 
     # ------------------------------------------------------------------ audio
     def load(self, item: dict):
@@ -107,12 +108,37 @@ class Planner:
 
         lm, b = self.lm, self.lm.backend_impl
         array, sr, info = resolve_audio(item, override=lm.tts_override or None)
+        if lm.noise is not None:  # a perturbation sweep: the clean clip plus seeded noise at an SNR
+            from lmeval_speech.audio.noise import mix
+
+            array = mix(array, lm.noise, audio_key(item), self._babble_pool(item, sr))
+            info = {**info, "noise": lm.noise.to_dict()}
         limit = lm.max_audio_seconds if lm.audio_overflow == "truncate" else None
         if lm.audio_overflow == "error" and len(array) > lm.max_audio_seconds * sr:
             raise AudioRequestError(f"audio of {len(array) / sr:.1f}s exceeds {lm.max_audio_seconds}s "
                                     "(audio_overflow=error)")
         array, fixes = prepare_audio(array, sr, target_rate=b.sampling_rate, max_seconds=limit)
         return array, {**info, "fixes": list(info.get("fixes", [])) + fixes, "seconds": len(array) / b.sampling_rate}
+
+    def _babble_pool(self, item: dict, rate: int) -> list:
+        """Other TTS items of this run (up to 16, in a fixed order) for babble noise."""
+        if self.lm.noise.kind != "babble":
+            return []
+        from lmeval_speech.audio import resolve_audio
+
+        me = audio_key(item)
+        others = sorted((k, it) for k, it in self._items.items() if "tts_text" in it and k != me)[:16]
+        pool = []
+        for k, it in others:
+            if k not in self._decoded:
+                self._decoded[k] = resolve_audio(it, override=self.lm.tts_override or None)[:2]
+            a, r = self._decoded[k]
+            if r == rate:
+                pool.append(a)
+        return pool
+
+    _items: dict = {}
+    _decoded: dict = {}
 
     def resolve(self, items: dict[str, dict]) -> dict[str, AudioStatus]:
         """Resolve every distinct audio once (synthesizing cache misses) and count its tokens.
@@ -130,6 +156,7 @@ class Planner:
                 f"{type(b).__name__} ({lm.pretrained}) takes no audio; speech tasks need a speech LLM "
                 "(see lmeval_speech.models.backends.SPEECH_BACKENDS)")
         todo = {k: v for k, v in items.items() if k not in self.status}
+        self._items = {**self._items, **items}
         content_dependent = getattr(b, "content_dependent_audio_tokens", False)
         for key, item in tqdm(todo.items(), desc="Preparing audio", disable=len(todo) < 2 or lm.rank != 0):
             try:

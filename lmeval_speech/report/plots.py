@@ -141,3 +141,22 @@ def decomposition_plot(decomposition: dict, path) -> str:
         ax.set_title(f"{label} (n={d['n']})", fontsize=9)
     axes[0].set_ylabel("accuracy")
     return _save(fig, path)
+
+
+def sweep_plot(rows: list[dict], path) -> str:
+    """Speech accuracy, gap, S_cos and APS against each swept axis (mean over the other axes)."""
+    axes_names = [a for a in ("voice", "rate", "snr_db") if len({str(r[a]) for r in rows}) > 1] or ["snr_db"]
+    metrics = [m for m in ("speech_acc", "gap", "S_cos", "aps") if any(r.get(m) is not None for r in rows)]
+    fig = Figure(figsize=(3.2 * len(metrics), 2.8 * len(axes_names)), layout="constrained")
+    grid = fig.subplots(len(axes_names), len(metrics), squeeze=False)
+    for i, axis in enumerate(axes_names):
+        keys = list(dict.fromkeys(r[axis] for r in rows))
+        labels = ["clean" if (axis == "snr_db" and k is None) else str(k) for k in keys]
+        for j, metric in enumerate(metrics):
+            ax = grid[i][j]
+            ys = [np.nanmean([_nan(r.get(metric)) for r in rows if r[axis] == k]) for k in keys]
+            ax.plot(range(len(keys)), ys, marker="o", color=SPEECH_COLOR if metric == "speech_acc" else GAP_COLOR)
+            ax.set_xticks(range(len(keys)), labels, fontsize=8)
+            ax.set_xlabel("SNR (dB)" if axis == "snr_db" else axis, fontsize=8)
+            ax.set_title(metric, fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,57 @@
+"""Perturbation sweeps (issue 15, part): seeded noise at an exact SNR, and one run per condition."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import tone
+from lmeval_speech.audio.noise import NoiseSpec, mix, snr_db
+
+
+@pytest.mark.parametrize("kind", ["white", "babble"])
+@pytest.mark.parametrize("target", [20.0, 10.0, 0.0, -5.0])
+def test_noise_is_mixed_at_the_requested_snr_and_deterministic(kind, target):
+    clean = tone(2.0, seed=1)
+    others = [tone(1.3, freq=150 + 40 * i, seed=10 + i) for i in range(6)]
+    spec = NoiseSpec(kind, target, seed=3)
+    mixed = mix(clean, spec, "item-1", others)
+    assert abs(snr_db(clean, mixed) - target) < 0.1
+    np.testing.assert_array_equal(mixed, mix(clean, spec, "item-1", others))  # same spec, same samples
+    assert not np.array_equal(mixed, mix(clean, NoiseSpec(kind, target, seed=4), "item-1", others))
+    assert not np.array_equal(mixed, mix(clean, spec, "item-2", others))  # each item its own noise
+
+
+def test_noise_needs_an_snr_and_a_known_kind(tiny_qwen2_audio_dir):
+    from lmeval_speech.models.lslm import LSLM
+
+    with pytest.raises(ValueError, match="snr_db"):
+        LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", noise="white")
+    with pytest.raises(ValueError, match="noise must be one of"):
+        LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", noise="pink", snr_db=10)
+
+
+def test_sweep_runs_each_condition_and_records_the_noise(tiny_qwen2_audio_dir, tmp_path):
+    task = "speech_mmlu_continuation_high_school_geography"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LMEVAL_SPEECH_CACHE": str(tmp_path / "tts")}
+    cmd = [sys.executable, "-m", "lmeval_speech.cli", "sweep", "--tasks", task, "--rates", "130,200",
+           "--snr", "none,5", "--noise", "babble", "--out", str(tmp_path / "sw"), "--n-boot", "200", "--",
+           "--model_args", f"pretrained={tiny_qwen2_audio_dir}", "--limit", "3", "--device", "cpu", "--batch_size", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [(r["rate"], r["snr_db"]) for r in sweep["runs"]] == [(130, None), (130, 5.0), (200, None), (200, 5.0)]
+    assert all(r["n"] == 3 for r in sweep["runs"]) and (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
+    from lmeval_speech.manifest import load_manifest
+
+    noisy = load_manifest(tmp_path / "sw" / "voice-task_rate-200_babble-snr5")
+    assert noisy["settings"]["noise"] == {"kind": "babble", "snr_db": 5.0, "seed": 0}
+    assert noisy["tasks"][f"{task}_speech"]["audio"]["tts"]["rate"] == 200
+    # a rerun reuses every finished condition
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and again.stderr.count("already run") == 4
