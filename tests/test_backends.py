@@ -166,7 +166,7 @@ def voxtral_reference(path, reqs):
             return_tensors="pt")
         # mistral-common's count: pad to whole 30 s, one token per 8 mel frames (12.5 Hz)
         n = math.ceil(math.ceil(len(audio) / 480000) * 480000 / 160 / 8)
-        prompt = ctx.replace("<audio>", "[BEGIN_AUDIO]" + "[AUDIO]" * n)
+        prompt = tok.bos_token + ctx.replace("<audio>", "[BEGIN_AUDIO]" + "[AUDIO]" * n)  # mistral-common's <s>
         out.append(_score(tok, lambda ids: model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
                                                  input_features=feats).logits, prompt, cont))
     return out
@@ -361,3 +361,29 @@ def test_a_45_second_clip_is_never_cut(tiny_qwen2_audio_dir, tiny_voxtral_dir, t
             assert status.n_tokens == 750
         else:
             np.testing.assert_allclose([r[0] for r in res], granite_reference(path, reqs), atol=1e-4)
+
+
+def test_every_voxtral_prompt_starts_with_bos(tiny_voxtral_dir):
+    """Mistral's tokenizer starts every prompt with <s>; the tiny Voxtral's tokenizer adds none by itself."""
+    lm = LSLM(pretrained=tiny_voxtral_dir, device="cpu")
+    bos = lm.tokenizer.bos_token_id
+    assert lm.tokenizer.encode("Question:", add_special_tokens=True)[0] != bos  # so lslm must add it
+    seen = []
+    real = lm.backend_impl.run_decoder
+    lm.backend_impl.run_decoder = lambda embeds, mask, ids, **k: seen.append(ids) or real(embeds, mask, ids, **k)
+    lm.loglikelihood(speech_requests((1.0,)) + [req("Question: What is the capital of France?\nAnswer:", " Paris")])
+    assert seen and all(int(row[0]) == bos for ids in seen for row in ids)
+    assert lm.tok_encode("x")[0] == bos and lm.tok_encode(lm.tokenizer.bos_token + "x").count(bos) == 1
+
+
+def test_a_tekken_checkpoint_without_mistral_common_names_the_extra(tiny_voxtral_dir, tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+
+    path = tmp_path / "voxtral_tekken"
+    shutil.copytree(tiny_voxtral_dir, path)
+    (path / "tekken.json").write_text("{}")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mistral_common" else real(name, *a))
+    with pytest.raises(ImportError, match=r"lmeval-speech\[voxtral\]"):
+        LSLM(pretrained=str(path), device="cpu")

@@ -350,6 +350,10 @@ class LSLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None, **kwargs):
         enc = self.tokenizer.encode(string, **self.special_token_kwargs(string, add_special_tokens))
+        bos = self.tokenizer.bos_token_id
+        if self.backend_impl.requires_bos and add_special_tokens is not False and bos is not None \
+                and (not enc or enc[0] != bos):
+            enc = [bos] + list(enc)
         return enc[-left_truncate_len:] if left_truncate_len else enc
 
     def tok_decode(self, tokens, skip_special_tokens=True):

@@ -269,7 +269,9 @@ class Planner:
             return None
         end = start + len(target)
         enc = self.lm.tokenizer(stripped, return_offsets_mapping=True, **self.lm.special_token_kwargs(stripped))
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        if list(ctx_enc) == [self.lm.tokenizer.bos_token_id] + ids:  # a BOS the backend requires (Voxtral)
+            ids, offsets = [ctx_enc[0]] + ids, [(0, 0)] + offsets
         if ids != list(ctx_enc):
             raise AudioRequestError(f"{request.task_name}: the tokenizer's offsets do not match the scored tokens")
         positions = [i for i, (a, b) in enumerate(offsets) if b > start and a < end and b > a]

@@ -40,6 +40,8 @@ class Backend:
     #: Encoder window: a longer clip is encoded as consecutive windows of this length, concatenated
     #: in order under its one placeholder (``None``: the encoder takes the clip whole).
     segment_seconds: ClassVar[float | None] = None
+    #: Every prompt starts with the tokenizer's BOS (added when its tokenizer does not add it itself).
+    requires_bos: ClassVar[bool] = False
 
     def __init__(self, model, tokenizer, processor=None):
         self.model = model

@@ -54,9 +54,27 @@ class _ControlTokenText:
         return ids
 
 
+def _require_mistral_common(path, revision=None) -> None:
+    """A checkpoint with ``tekken.json`` is tokenized as its authors do only through mistral-common."""
+    import importlib.util
+    from pathlib import Path
+
+    local = Path(path)
+    has_tekken = (local / "tekken.json").is_file() if local.is_dir() else True  # hub Voxtral ships tekken.json
+    if has_tekken and importlib.util.find_spec("mistral_common") is None:
+        raise ImportError(
+            f"{path} is a Voxtral checkpoint with a Tekken tokenizer (tekken.json): without mistral-common, "
+            "transformers' conversion adds no BOS and changes the prompt. Install the extra: "
+            "pip install 'lmeval-speech[voxtral]' (mistral-common needs numpy<2.4 on Python <= 3.12)")
+
+
 class VoxtralBackend(ComposedSpeechBackend):
+    """Mistral's tokenizer starts every prompt with ``<s>``; transformers' conversion of ``tekken.json``
+    adds none, so BOS is added here (``requires_bos``) and a Tekken checkpoint needs mistral-common."""
+
     audio_placeholder = "[BEGIN_AUDIO][AUDIO]"
     max_audio_seconds = 1800.0
+    requires_bos = True
 
     def __init__(self, model, tokenizer, processor=None):
         ids = tokenizer.encode(self.audio_placeholder, add_special_tokens=False)
@@ -73,6 +91,7 @@ class VoxtralBackend(ComposedSpeechBackend):
         from transformers import AutoTokenizer, VoxtralForConditionalGeneration, WhisperFeatureExtractor
 
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
+        _require_mistral_common(path, revision)
         model = VoxtralForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         processor = SimpleNamespace(tokenizer=tokenizer, feature_extractor=WhisperFeatureExtractor.from_pretrained(path, **kw))
