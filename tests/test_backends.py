@@ -387,3 +387,65 @@ def test_a_tekken_checkpoint_without_mistral_common_names_the_extra(tiny_voxtral
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mistral_common" else real(name, *a))
     with pytest.raises(ImportError, match=r"lmeval-speech\[voxtral\]"):
         LSLM(pretrained=str(path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_granite_lora_dirs(tmp_path_factory, tiny_granite_dir):
+    """The tiny Granite Speech with a random speech LoRA saved as released checkpoints carry it
+    (adapter_config.json + adapter_model.safetensors next to the base weights), and its base."""
+    pytest.importorskip("peft")
+    import shutil
+
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+    from transformers import GraniteSpeechForConditionalGeneration
+
+    path = tmp_path_factory.mktemp("tiny_granite_lora")
+    shutil.copytree(tiny_granite_dir, path, dirs_exist_ok=True)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["has_lora_adapter"] = True
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(path)
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    inject_adapter_in_model(lora, model)  # peft's layer API (transformers 5.24's add_adapter wants peft >= 0.22)
+    lora.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()},
+              str(path / "adapter_model.safetensors"))
+    return str(path), tiny_granite_dir
+
+
+def test_granite_speech_lora_is_on_for_audio_only(tiny_granite_lora_dirs):
+    """Text log-likelihoods equal the base model's; speech ones equal the LoRA model's (a direct forward
+    with the adapter on), in the same run, whatever the batch holds; and generation follows the same rule."""
+    from transformers import GraniteSpeechForConditionalGeneration
+
+    lora_dir, base_dir = tiny_granite_lora_dirs
+    lm = LSLM(pretrained=lora_dir, device="cpu", batch_size=8)
+    assert getattr(lm.model, "_hf_peft_config_loaded", False)
+    text = [req("Question: What is the capital of France?\nAnswer:", c) for c in (" Paris", " Rome")]
+    speech = speech_requests((1.0, 0.7))
+    got = lm.loglikelihood(speech + text)
+    base = LSLM(pretrained=base_dir, device="cpu").loglikelihood(text)
+    np.testing.assert_allclose([r[0] for r in got[len(speech):]], [r[0] for r in base], atol=1e-5)
+    expected = granite_reference(lora_dir, speech)  # the LoRA model as transformers loads it (adapter on)
+    np.testing.assert_allclose([r[0] for r in got[:len(speech)]], expected, atol=1e-4)
+    no_lora = granite_reference(base_dir, speech)
+    assert np.abs(np.array(expected) - np.array(no_lora)).max() > 1e-3  # the adapter matters for speech
+    kw = {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}
+    mixed = lm.generate_until([req("Question: <audio>\nAnswer:", kw, speech[0].args[2], kind="generate_until"),
+                               req("Question: hi\nAnswer:", kw, kind="generate_until")])
+    assert mixed[1] == LSLM(pretrained=base_dir, device="cpu").generate_until(
+        [req("Question: hi\nAnswer:", kw, kind="generate_until")])[0]
+
+
+def test_granite_adapter_declared_but_missing_is_an_error(tiny_granite_dir, tmp_path):
+    import shutil
+
+    path = tmp_path / "granite_no_adapter"
+    shutil.copytree(tiny_granite_dir, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["has_lora_adapter"] = True
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ImportError, match="speech LoRA adapter"):
+        LSLM(pretrained=str(path), device="cpu")

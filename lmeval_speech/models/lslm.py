@@ -13,6 +13,7 @@ token (``_encode_pair``, left truncation, right padding), which the parity test 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 
@@ -440,6 +441,7 @@ class LSLM(TemplateLM):
             # every sequence of a shared group that wants capture (e.g. two items with the same
             # question text) is recorded from the one forward pass
             rows = [(r, s) for r, g in enumerate(batch_groups) for s in g if self._captures(s)]
+            self._set_modality(batch)
             with self._intervening(batch, embeds):
                 out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows))
             for r, s in rows:
@@ -462,6 +464,14 @@ class LSLM(TemplateLM):
                 hook(self, done)
         pbar.close()
         return [results[id(s)] for s in seqs]
+
+    def _set_modality(self, batch: list[Seq]) -> None:
+        b = self.backend_impl
+        if b.modality_dependent:
+            kinds = {bool(s.audio) for s in batch}
+            if len(kinds) != 1:
+                raise RuntimeError("a batch mixes audio and text rows for a modality-dependent backend")
+            b.set_modality(kinds.pop())
 
     #: Callables ``hook(lm, [(seq, result), ...])`` run after every scored batch (tests use one to
     #: interrupt a run at a chosen batch; nothing in the package installs one).
@@ -519,6 +529,8 @@ class LSLM(TemplateLM):
             if truncated or transcript:
                 marks[i] = (truncated, transcript)
         phases = [seqs] if self.intervener is None else self._oracle_phases(seqs)
+        if self.backend_impl.modality_dependent:  # never one batch of audio and text rows (Granite's LoRA)
+            phases = [part for ph in phases for part in ([s for s in ph if not s.audio], [s for s in ph if s.audio]) if part]
         pending = []
 
         def mark(index, res):
@@ -622,8 +634,11 @@ class LSLM(TemplateLM):
                 continue
             todo.append((i, req, keys, truncated))
         pbar = tqdm(total=len(todo), desc="Running generate_until requests", disable=disable_tqdm or self.rank != 0)
-        collator = Collator([(i, req.args[0], req.args[1]) for i, req, _, _ in todo],
-                            sort_fn=lambda x: (-len(x[1]), x[1]), group_by="gen_kwargs", group_fn=lambda x: x[2])
+        # batches share generation kwargs and modality (a modality-dependent model, e.g. Granite's
+        # speech LoRA, is switched per batch)
+        collator = Collator([(i, req.args[0], req.args[1], bool(keys)) for i, req, keys, _ in todo],
+                            sort_fn=lambda x: (-len(x[1]), x[1]), group_by="gen_kwargs",
+                            group_fn=lambda x: (json.dumps(x[2], sort_keys=True, default=str), x[3]))
         info = {i: (req, keys, truncated) for i, req, keys, truncated in todo}
         for chunk in collator.get_batched(n=max(1, self.batch_size), batch_fn=None):
             kwargs = normalize_gen_kwargs(dict(chunk[0][2]), self.max_gen_toks)
@@ -631,7 +646,7 @@ class LSLM(TemplateLM):
             max_new = kwargs.pop("max_gen_toks")
             kwargs.pop("max_length", None)
             seqs = []
-            for index, context, _ in chunk:
+            for index, context, _, _ in chunk:
                 req, keys, _ = info[index]
                 if keys:
                     context = self.planner.place_audio(context, len(keys))
@@ -641,8 +656,9 @@ class LSLM(TemplateLM):
                     raise AudioRequestError(f"prompt of {len(tokens)} tokens leaves no room for the audio within max_length")
                 seqs.append(Seq(index, tokens[cut:], [], [(s - cut, k, n) for s, k, n in spans]))
             embeds, mask = self._left_padded(seqs, items)
+            self._set_modality(seqs)
             stopping = stop_sequences_criteria(self.tokenizer, until, 0, len(seqs))
-            gen = self.backend_impl.language_model.generate(
+            gen = self.backend_impl.generate(
                 inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new, pad_token_id=self._pad_id,
                 stopping_criteria=stopping, **kwargs)
             for row, s in enumerate(seqs):

@@ -42,6 +42,16 @@ class Backend:
     segment_seconds: ClassVar[float | None] = None
     #: Every prompt starts with the tokenizer's BOS (added when its tokenizer does not add it itself).
     requires_bos: ClassVar[bool] = False
+    #: The model behaves differently for audio and text inputs (Granite's speech LoRA): batches never
+    #: mix the two, and ``set_modality`` is called before each one.
+    modality_dependent: ClassVar[bool] = False
+
+    def set_modality(self, has_audio: bool) -> None:
+        """Put the model in its state for audio (True) or text-only (False) inputs."""
+
+    def generate(self, **kwargs):
+        """``generate`` from ``inputs_embeds`` (speech already scattered in)."""
+        return self.language_model.generate(**kwargs)
 
     def __init__(self, model, tokenizer, processor=None):
         self.model = model

@@ -17,8 +17,12 @@ What is specific to this family:
   forward did through transformers 4.x; transformers 5's ``GraniteSpeechForConditionalGeneration``
   applies ``lm_head`` alone (log-probabilities ``logits_scaling`` times too sharp; argmax unchanged).
 * The audio placeholder id may lie outside the embedding table; like the model, it is embedded as 0.
-* Released checkpoints carry a LoRA adapter for audio inputs; it is loaded by transformers when
-  ``peft`` is installed, and scores without it are wrong (a warning says so).
+* Released checkpoints carry a LoRA adapter for audio inputs only (the model card: do not use it for
+  text). It is loaded by transformers through ``peft`` (the ``[granite]`` extra; a checkpoint that
+  declares an adapter which is not loaded is an error). ``set_modality`` switches every LoRA layer on
+  for a batch with audio and off for a text-only batch, through peft's layer API
+  (``BaseTunerLayer.enable_adapters``), which works with the peft releases that transformers 5's
+  model-level ``disable_adapters()`` refuses.
 """
 
 from __future__ import annotations
@@ -94,6 +98,22 @@ class _RealGraniteFeatures:
 class GraniteSpeechBackend(ComposedSpeechBackend):
     audio_placeholder = "<|audio|>"
     max_audio_seconds = 600.0
+    modality_dependent = True
+
+    def generate(self, **kwargs):
+        # GraniteSpeechForConditionalGeneration.generate switches the adapter off when it gets no
+        # input_features (always, here: speech arrives as inputs_embeds) through the model-level API
+        # that needs peft >= 0.22; set_modality has set the state for this batch, so go around it.
+        return super(type(self.model), self.model).generate(**kwargs)
+
+    def set_modality(self, has_audio: bool) -> None:
+        if not getattr(self.model, "_hf_peft_config_loaded", False):
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(has_audio)
 
     @classmethod
     def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
@@ -103,8 +123,12 @@ class GraniteSpeechBackend(ComposedSpeechBackend):
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
         model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
         if model.config.has_lora_adapter and not getattr(model, "_hf_peft_config_loaded", False):
-            log.warning("%s expects a LoRA adapter for audio inputs but none is loaded (is peft installed?); "
-                        "its speech scores will be wrong", path)
+            import importlib.util
+
+            why = ("peft is not installed: pip install 'lmeval-speech[granite]'" if importlib.util.find_spec("peft") is None
+                   else "the checkpoint has no adapter_config.json / adapter_model.safetensors")
+            raise ImportError(f"{path} declares a speech LoRA adapter (has_lora_adapter) that is not loaded ({why}); "
+                              "its speech scores would be wrong")
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         features = (_RealGraniteFeatures if is_torchaudio_available() else _TorchGraniteFeatures)(path, revision=revision)
         return cls(model, tokenizer, features)
