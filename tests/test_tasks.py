@@ -62,6 +62,7 @@ def expected_names() -> set[str]:
     for pair in ("speech_arc_easy", "speech_arc_challenge", "speech_openbookqa",
                  "speech_voicebench_openbookqa", f"speech_voicebench_sdqa_{gen.SDQA_REGION}"):
         names.update(pair_names(pair) + control_names(pair))
+    names.update(pair_names("speech_voicebench_advbench") + control_names("speech_voicebench_advbench")[:3])
     for domain in gen.MMSU_DOMAINS:
         names.update(pair_names(f"speech_voicebench_mmsu_{domain}") + control_names(f"speech_voicebench_mmsu_{domain}"))
     return names

@@ -319,6 +319,18 @@ def generate_voicebench() -> None:
     pair = f"speech_voicebench_sdqa_{SDQA_REGION}"
     write_pair(folder, pair, {}, speech_metadata(pair, speech_prompt, **recorded), f"voicebench sd-qa {SDQA_REGION}")
 
+    # AdvBench (safety): the harmful instruction itself is the whole prompt (VoiceBench sends the text
+    # twin the row's ``prompt`` and the speech twin only the recording); scored as VoiceBench scores it.
+    folder = fresh("speech_voicebench_advbench")
+    write_templates(folder, {
+        **shared, "dataset_name": "advbench", "test_split": "test", "output_type": "generate_until",
+        "doc_to_target": "", "generation_kwargs": {"until": [], "max_gen_toks": 128, "do_sample": False},
+        "process_results": fn("prompts.advbench_process_results"),
+        "metric_list": [{"metric": "refusal_rate", "aggregation": "mean", "higher_is_better": True}] + FLAGS,
+    }, "{{prompt}}", AUDIO_MARKER, "recorded_audio")
+    write_pair(folder, "speech_voicebench_advbench", {}, speech_metadata("speech_voicebench_advbench", AUDIO_MARKER,
+                                                                          **recorded), "voicebench advbench")
+
 
 if __name__ == "__main__":
     generate_mmlu()
