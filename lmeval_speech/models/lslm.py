@@ -1,24 +1,21 @@
 """Owns ``lslm``, lm-eval's model class for speech LLMs (and their text twins): model args, loading,
-data-parallel set-up and lm-eval's API; the batched scoring loop that runs a backend with its hooks.
+data-parallel set-up and lm-eval's API (``loglikelihood``, ``loglikelihood_rolling``,
+``generate_until``, chat templates).
 
 A request is ``(context, continuation[, {"audio": [...]}])``. ``models/plan.py`` turns requests into
 sequences (audio resolved once and keyed by content, failures and truncations recorded, spans);
-here each batch (lm-eval's ``Collator``, longest first) becomes token embeddings with the speech
-embeddings scattered in (``SpeechEmbeddings``: each audio encoded once for all its choices), the
-LLM decoder under the capture and intervention hooks, and the LM head on the continuation
-positions only. An item whose audio failed is returned as NaN carrying its reason
-(``outcomes.py``), never as a score. Text-only requests follow lm-eval's ``hf`` model token for
-token (``_encode_pair``, left truncation, right padding), which the parity test checks.
+``models/runner.py`` runs them in batches under the capture and intervention hooks. An item whose
+audio failed is returned as NaN carrying its reason (``outcomes.py``), never as a score. Text-only
+requests follow lm-eval's ``hf`` model token for token (``_encode_pair``, left truncation, right
+padding), which the parity test checks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import (
@@ -33,6 +30,7 @@ from tqdm import tqdm
 
 from lmeval_speech import AUDIO_MARKER, outcomes
 from lmeval_speech.models.plan import AudioRequestError, Planner, Seq, audio_items, audio_key
+from lmeval_speech.models.runner import BatchRunner, SpeechEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -61,40 +59,7 @@ def model_identity(pretrained: str, revision, backend, device) -> dict:
     return ident
 
 
-class SpeechEmbeddings:
-    """Speech token embeddings by audio key: an LRU, so each item's audio is encoded once for all
-    its choices (and, for a backend whose token count depends on the content, once for counting)."""
-
-    def __init__(self, backend, size: int):
-        self.backend, self.size = backend, int(size)
-        self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def count(self, key: str, array) -> int:
-        if key not in self._lru:
-            self._put(key, self.backend.encode([array])[0])
-        return int(self._lru[key].shape[0])
-
-    def get(self, keys: list[str], load) -> dict[str, torch.Tensor]:
-        missing = [k for k in dict.fromkeys(keys) if k not in self._lru]
-        if missing:
-            for k, emb in zip(missing, self.backend.encode([load(k) for k in missing]), strict=True):
-                self._put(k, emb)
-        out = {}
-        for k in keys:
-            self._lru.move_to_end(k)
-            out[k] = self._lru[k]
-        return out
-
-    def _put(self, key, emb) -> None:
-        self._lru[key] = emb
-        while len(self._lru) > max(self.size, 1):
-            self._lru.popitem(last=False)
-
-    def clear(self) -> None:
-        self._lru.clear()
-
-
-class LSLM(TemplateLM):
+class LSLM(BatchRunner, TemplateLM):
     MULTIMODAL = True
     _DEFAULT_MAX_LENGTH = 2048
 
@@ -360,123 +325,6 @@ class LSLM(TemplateLM):
     def tok_decode(self, tokens, skip_special_tokens=True):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
-    # ------------------------------------------------------------------ forward
-    def _embed(self, seqs: list[Seq], items):
-        """Right-padded ``inputs_embeds`` with speech embeddings in place, plus masks."""
-        b = self.backend_impl
-        width = max(len(s.tokens) for s in seqs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s.tokens)] = torch.tensor(s.tokens)
-            mask[i, : len(s.tokens)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        embeds = b.embed_tokens(ids)
-        keys = [k for s in seqs for _, k, _ in s.audio]
-        if keys:
-            speech = self.embeddings.get(keys, lambda k: self.planner.load(items[k])[0])
-            embeds = embeds.clone()
-            for i, s in enumerate(seqs):
-                for start, k, n in s.audio:
-                    e = speech[k]
-                    if e.shape[0] != n:
-                        raise AudioRequestError(f"audio encoded to {e.shape[0]} positions, planned {n}")
-                    embeds[i, start : start + n] = e.to(embeds.dtype)
-        return ids, mask, embeds
-
-    def _intervening(self, batch: list[Seq], embeds):
-        """Text twins record their reference states; speech rows get edited (see interventions.hooks)."""
-        import contextlib
-
-        iv = self.intervener
-        if iv is None:
-            return contextlib.nullcontext()
-        rows = []
-        for s in batch:
-            if s.audio:
-                rows.append((s.twin_key, s.speech_positions))
-            elif s.span is not None and s.request.idx == 0 and iv.spec.mode == "oracle":
-                rows.append((s.twin_key, list(range(*s.span))))
-            else:
-                rows.append(None)
-        if any(s.audio for s in batch):
-            return iv.editing_speech([r if s.audio else None for r, s in zip(rows, batch)], embeds)
-        return iv.recording_text(rows, embeds)
-
-    def _captures(self, s: Seq) -> bool:
-        if self.capture is None or not self.capture.wants(s.request):
-            return False
-        return bool(s.audio) or s.span is not None
-
-    def _capture_row(self, s: Seq, hidden_states, row: int) -> None:
-        if s.audio:
-            positions = s.speech_positions
-            audio_notes = [self.planner.status[k].notes for _, k, _ in s.audio]
-        else:
-            positions = list(range(*s.span))
-            audio_notes = []
-        self.capture.add(s.request, bool(s.audio), [h[row] for h in hidden_states], positions, audio_notes)
-
-    @torch.no_grad()
-    def _score(self, seqs: list[Seq], items, desc: str, disable_tqdm=False, on_batch=None):
-        """Log-likelihood and greedy flag of each sequence's continuation, in ``seqs`` order.
-
-        ``on_batch([(seq, result), ...])`` runs after every batch, so results can be persisted as
-        they come (lm-eval's ``--use_cache``) and an interrupted run loses at most one batch.
-        """
-        results: dict[int, tuple[float, bool]] = {}
-        # Sequences with the same model input (e.g. the four one-token choices " A".." D" of an
-        # item) share one forward pass; each then reads its own continuation's log-probabilities.
-        shared: dict[tuple, list[Seq]] = {}
-        for s in seqs:
-            shared.setdefault((tuple(s.tokens), tuple(s.audio)), []).append(s)
-        # lm-eval's Collator orders the groups longest first (so a batch's padding is small and an
-        # out-of-memory error comes first) and cuts them into batches
-        collator = Collator(list(shared.values()), sort_fn=lambda g: -len(g[0].tokens) - max(len(s.cont) for s in g))
-        pbar = tqdm(total=len(seqs), desc=desc, disable=disable_tqdm or self.rank != 0)
-        for batch_groups in collator.get_batched(n=max(1, self.batch_size)):
-            batch = [g[0] for g in batch_groups]
-            ids, mask, embeds = self._embed(batch, items)
-            # every sequence of a shared group that wants capture (e.g. two items with the same
-            # question text) is recorded from the one forward pass
-            rows = [(r, s) for r, g in enumerate(batch_groups) for s in g if self._captures(s)]
-            self._set_modality(batch)
-            with self._intervening(batch, embeds):
-                out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows))
-            for r, s in rows:
-                self._capture_row(s, out.hidden_states, r)
-            done = []
-            for row, group in enumerate(batch_groups):
-                for s in group:
-                    n, c = len(s.tokens), len(s.cont)
-                    logp = F.log_softmax(self.backend_impl.logits(out.last_hidden[row, n - c : n]).float(), dim=-1)
-                    cont = torch.tensor(s.cont, device=logp.device)
-                    ll = float(logp.gather(1, cont[:, None]).sum())
-                    results[id(s)] = (ll, bool((logp.argmax(-1) == cont).all()))
-                    done.append((s, results[id(s)]))
-            if self.intervener is not None:
-                self.intervener.scored([s.twin_key for g in batch_groups for s in g if s.audio])
-            pbar.update(len(done))
-            if on_batch is not None:
-                on_batch(done)
-            for hook in self.after_batch_hooks:
-                hook(self, done)
-        pbar.close()
-        return [results[id(s)] for s in seqs]
-
-    def _set_modality(self, batch: list[Seq]) -> None:
-        b = self.backend_impl
-        if b.modality_dependent:
-            kinds = {bool(s.audio) for s in batch}
-            if len(kinds) != 1:
-                raise RuntimeError("a batch mixes audio and text rows for a modality-dependent backend")
-            b.set_modality(kinds.pop())
-
-    #: Callables ``hook(lm, [(seq, result), ...])`` run after every scored batch (tests use one to
-    #: interrupt a run at a chosen batch; nothing in the package installs one).
-    after_batch_hooks: list = []
-
     # ------------------------------------------------------------------ lm-eval API
     def _plan(self, requests):
         """Audio keys per request and each distinct audio's outcome (resolved once). A prompt whose
@@ -558,21 +406,6 @@ class LSLM(TemplateLM):
             self.intervener.save_calibration(self)
         return out
 
-    #: Items per oracle chunk: their text twins' states are held until their speech twins are scored.
-    ORACLE_CHUNK = 256
-
-    def _oracle_phases(self, seqs: list[Seq]) -> list[list[Seq]]:
-        """With an intervention, each chunk of items runs its text twins first (the oracle's
-        references), then its speech twins, whose scoring frees the references: memory is bounded
-        by the chunk, not the run."""
-        chunks: dict[int, tuple[list, list]] = {}
-        index: dict = {}
-        for s in seqs:
-            c = index.setdefault(s.twin_key, len(index)) // self.ORACLE_CHUNK
-            chunks.setdefault(c, ([], []))[bool(s.audio)].append(s)
-        self.intervener.expect([s.twin_key for s in seqs if s.audio])
-        return [phase for c in sorted(chunks) for phase in chunks[c] if phase]
-
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """TemplateLM's token-level entry point (text only), for callers that pre-tokenize."""
         seqs = []
@@ -599,22 +432,6 @@ class LSLM(TemplateLM):
             out.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
         return out
-
-    def _left_padded(self, seqs: list[Seq], items):
-        """Left-padded ``inputs_embeds`` and mask for generation (as lm-eval's ``hf`` pads for it)."""
-        width = max(len(s.tokens) for s in seqs)
-        shifted = [Seq(s.index, [self._pad_id] * (width - len(s.tokens)) + s.tokens, [],
-                       [(start + width - len(s.tokens), k, n) for start, k, n in s.audio]) for s in seqs]
-        _, _, embeds = self._embed(shifted, items)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
-        for i, s in enumerate(seqs):
-            mask[i, width - len(s.tokens):] = 1
-        return embeds, mask
-
-    @property
-    def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.eot_token_id
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False):
