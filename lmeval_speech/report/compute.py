@@ -55,7 +55,9 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
     reader, capture_dir = _open_capture(settings, capture, notes)
     similarity = alignment = correlation = heatmap = None
     if reader is not None:
-        similarity, alignment, per_pair = _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes)
+        similarity, alignment, per_pair, per_item = _hidden_state_sections(reader, rows, items_by_pair, measure,
+                                                                          path, notes)
+        rows = [{**r, **per_item.get((r["pair"], r["doc_id"]), {})} for r in rows]
         for pair, sections in per_pair.items():
             pairs[pair].update(sections)
         if alignment is not None:
@@ -243,8 +245,11 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
     """One pass over the captured items: pooled similarity per layer and, with tokens, APS.
 
     Each item's arrays are loaded once and dropped, so memory stays at one item whatever the run size.
+    Returns (similarity, alignment, per-pair sections, per-item values {(pair, doc_id): {cosine,
+    euclidean, aps, monotonicity}}); the item rows themselves are not changed.
     """
     records = {(r["task"], r["doc_id"]): r for r in reader.records}
+    per_item: dict[tuple, dict] = {}
     cos, euc, sim_pairs = [], [], []
     aps_layers: dict[int, list[float]] = {}
     missing, no_tokens = 0, 0
@@ -262,14 +267,15 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
         cos.append(sim["cosine"])
         euc.append(sim["euclidean"])
         sim_pairs.append(row["pair"])
-        row["cosine"], row["euclidean"] = float(sim["cosine"].mean()), float(sim["euclidean"].mean())
+        values = per_item.setdefault((row["pair"], row["doc_id"]), {})
+        values["cosine"], values["euclidean"] = float(sim["cosine"].mean()), float(sim["euclidean"].mean())
         layers = _common_layers(rec_s, rec_t) if "tokens" in speech and "tokens" in text else []
         if not layers:
             no_tokens += 1
             continue
         res = alignment_path_score(_token_states(speech, rec_s, layers), _token_states(text, rec_t, layers),
                                    measure=measure, path=path)
-        row["aps"], row["monotonicity"] = res["aps"], _mean_or_none(res["monotonicity"])
+        values["aps"], values["monotonicity"] = res["aps"], _mean_or_none(res["monotonicity"])
         for layer, value in zip(layers, res["per_layer"]):
             aps_layers.setdefault(layer, []).append(float(value))
     if missing:
@@ -279,7 +285,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
     if not cos:
         notes.append("the capture holds no item of this run's pairs: similarity, alignment and "
                      "correlation omitted")
-        return None, None, {}
+        return None, None, {}, per_item
     cos, euc = np.array(cos), np.array(euc)
     similarity = {"layers": list(range(cos.shape[1])),
                   "cosine_mean": cos.mean(0), "cosine_std": cos.std(0),
@@ -288,7 +294,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
     per_pair = {}
     for pair in items_by_pair:
         mask = np.array([p == pair for p in sim_pairs])
-        aligned = [r for r in rows if r["pair"] == pair and r["aps"] is not None]
+        aligned = [v for (p, _), v in per_item.items() if p == pair and v.get("aps") is not None]
         per_pair[pair] = {
             "similarity": {"S_cos": float(cos[mask].mean()), "S_euc": float(euc[mask].mean()),
                            "n_items": int(mask.sum())} if mask.any() else None,
@@ -296,7 +302,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
                           "monotonicity": _mean_or_none([r["monotonicity"] for r in aligned]),
                           "n_items": len(aligned)} if aligned else None}
     alignment = None
-    aligned = [r for r in rows if r["aps"] is not None]
+    aligned = [v for v in per_item.values() if v.get("aps") is not None]
     if aligned:
         token_layers = sorted(aps_layers)
         alignment = {"measure": measure, "path": path, "aps": _mean_or_none([r["aps"] for r in aligned]),
@@ -310,7 +316,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
     else:
         notes.append("no token-level states (capture=pooled, or capture_limit reached): alignment "
                      "(APS, monotonicity, critical tokens) omitted")
-    return similarity, alignment, per_pair
+    return similarity, alignment, per_pair, per_item
 
 
 def _item_detail(reader, rows, items_by_pair, item, layer, measure, path, notes):
