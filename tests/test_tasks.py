@@ -57,7 +57,8 @@ def expected_names() -> set[str]:
         for subject in gen.MMLU_SUBJECTS:
             names.update(pair_names(f"{family}_{subject}") + control_names(f"{family}_{subject}"))
     names.update(pair_names("speech_mmlu_continuation_demo") + ["speech_mmlu_continuation_demo_controls",
-                                                                 "speech_mmlu_continuation_demo_cascade"])
+                                                                 "speech_mmlu_continuation_demo_cascade",
+                                                                 "speech_mmlu_continuation_demo_shuffled"])
     names.update(pair_names("speech_voicebench_mmsu"))
     for pair in ("speech_arc_easy", "speech_arc_challenge", "speech_openbookqa",
                  "speech_voicebench_openbookqa", f"speech_voicebench_sdqa_{gen.SDQA_REGION}"):

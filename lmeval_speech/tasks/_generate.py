@@ -248,6 +248,9 @@ def generate_mmlu() -> None:
         "group": f"{family}_demo_controls", "group_alias": f"{family}_demo (prior controls)",
         "task": [f"{family}_{MMLU_SUBJECTS[i]}_{c}" for i in demo for c in ("shuffled", "silence")],
         "metadata": {"version": VERSION}})
+    write(HERE / family, f"_{family}_demo_shuffled.yaml", {
+        "group": f"{family}_demo_shuffled", "group_alias": f"{family}_demo (shuffled-audio control)",
+        "task": [f"{family}_{MMLU_SUBJECTS[i]}_shuffled" for i in demo], "metadata": {"version": VERSION}})
     write(HERE / family, f"_{family}_demo_cascade.yaml", {
         "group": f"{family}_demo_cascade", "group_alias": f"{family}_demo (ASR cascade)",
         "task": [f"{family}_{MMLU_SUBJECTS[i]}_cascade" for i in demo], "metadata": {"version": VERSION}})
