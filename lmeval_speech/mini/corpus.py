@@ -6,7 +6,10 @@ Sources (all read from installed files, nothing downloaded):
 * Python's standard library: module/class/function docstrings (parsed with ``ast``, never
   imported) and ``pydoc_data.topics`` (the language reference);
 * vim's help files (``/usr/share/vim/*/doc/*.txt``), when vim is installed;
-* the package's previous training texts (MMLU *dev* exemplars and few-shot exemplars from lm-eval).
+* the package's previous training texts (MMLU *dev* exemplars and few-shot exemplars from lm-eval);
+* WordNet 3.0 (Debian ``wordnet-base``): noun definitions as sentences ("A giraffe is ...") and
+  usage examples; the fortune-cookie files (Debian ``fortunes``). Both are optional: a missing
+  source is skipped and reported in the stats.
 
 Kept: ASCII sentences of 5-30 words that start with a capital letter, end with ``.``, ``?`` or
 ``!`` and consist of ordinary words (no code, paths or markup). Decontamination rule: a sentence is
@@ -135,6 +138,40 @@ def package_doc_texts():
             yield from _docstrings(Path(spec.origin).parent)
 
 
+def wordnet_texts():
+    """WordNet (Debian ``wordnet-base``): each noun's definition as a sentence, and every usage example."""
+    for pos in ("noun", "verb", "adj", "adv"):
+        path = Path(f"/usr/share/wordnet/data.{pos}")
+        if not path.exists():
+            continue
+        for line in path.read_text(errors="ignore").splitlines():
+            if line.startswith("  ") or "|" not in line:
+                continue
+            head, gloss = line.split("|", 1)
+            parts = head.split()
+            word = parts[4].replace("_", " ")
+            definition, *examples = [g.strip() for g in gloss.split(";")]
+            for ex in examples:
+                ex = ex.strip().strip('"').strip()
+                if ex and ex[0].isalpha():
+                    ex = ex[0].upper() + ex[1:]
+                    yield ex if ex[-1] in ".?!" else ex + "."
+            if pos == "noun" and definition and "(" not in definition:
+                if word[0].isupper():
+                    yield f"{word} is {definition}."
+                else:
+                    art = "An" if word[0] in "aeiou" else "A"
+                    yield f"{art} {word} is {definition}."
+
+
+def fortune_texts():
+    """The classic fortune-cookie files (Debian ``fortunes``)."""
+    for path in sorted(glob.glob("/usr/share/games/fortunes/*")):
+        if "." not in Path(path).name:
+            for quote in Path(path).read_text(errors="ignore").split("\n%\n"):
+                yield quote
+
+
 def vim_texts():
     for path in sorted(glob.glob("/usr/share/vim/vim*/doc/*.txt")):
         if "version" not in Path(path).name:  # skip the change logs ("Problem: ... Solution: ...")
@@ -207,19 +244,27 @@ def contamination_ngrams() -> set[tuple[str, ...]]:
     return grams
 
 
+# At most this many sentences per source (a seeded sample): general vocabulary (WordNet, fortunes,
+# lm-eval's exemplars) outweighs technical prose (docstrings, vim's help).
+CAPS = {"python_docs": 6000, "package_docs": 8000, "vim_help": 4000, "wordnet": 30000}
+
+
 def build_corpus() -> tuple[list[str], dict]:
-    """(sentences, stats): deduplicated, decontaminated, in a fixed order."""
+    """(sentences, stats): deduplicated, decontaminated, capped per source, in a fixed order."""
+    import random
+
     sources = {"lm_eval": lm_eval_texts, "python_docs": python_doc_texts, "package_docs": package_doc_texts, "vim_help": vim_texts,
-               "legacy": legacy_texts}
+               "legacy": legacy_texts, "wordnet": wordnet_texts, "fortunes": fortune_texts}
     seen, out, stats = set(), [], {}
     bad = contamination_ngrams()
     for name, fn in sources.items():
-        kept = dropped = 0
+        dropped = 0
         try:
             texts = list(fn())
         except Exception as err:  # a missing optional source
             stats[name] = {"error": f"{type(err).__name__}: {err}"}
             continue
+        mine = []
         for text in texts:
             for s in split_sentences(text):
                 if s in seen:
@@ -228,9 +273,12 @@ def build_corpus() -> tuple[list[str], dict]:
                 if ngrams(s) & bad:
                     dropped += 1
                     continue
-                out.append(s)
-                kept += 1
-        stats[name] = {"kept": kept, "dropped_contaminated": dropped}
+                mine.append(s)
+        kept = len(mine)
+        if name in CAPS and len(mine) > CAPS[name]:
+            mine = random.Random(0).sample(mine, CAPS[name])
+        out += mine
+        stats[name] = {"kept": len(mine), "available": kept, "dropped_contaminated": dropped}
     return out, stats
 
 

@@ -113,10 +113,16 @@ class MiniCTCProjector(nn.Module):
             x = layer(x, src_key_padding_mask=pad_mask)
         return self.linear2(self.norm(x))
 
-    def ctc_logits(self, h: torch.Tensor, emb_weight: torch.Tensor) -> torch.Tensor:
-        """``[..., V' + 1]``: dot products with the vocabulary subset's embeddings, blank last."""
-        vocab = emb_weight[self.vocab_ids].to(h.dtype)
-        return torch.cat([h @ vocab.T, self.blank(h)], dim=-1)
+    def ctc_logits(self, h: torch.Tensor, emb_weight: torch.Tensor | None = None,
+                   vocab_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """``[..., V' + 1]`` float logits: dot products with the vocabulary subset's embeddings, blank last.
+
+        ``vocab_emb`` (the subset's rows, e.g. pre-cast to bfloat16 for fast CPU training) replaces
+        ``emb_weight[vocab_ids]``; the product is computed in its dtype."""
+        if vocab_emb is None:
+            vocab_emb = emb_weight[self.vocab_ids].to(h.dtype)
+        scores = (h.to(vocab_emb.dtype) @ vocab_emb.T).float()
+        return torch.cat([scores, self.blank(h).float()], dim=-1)
 
     def speech_embeddings(self, h: torch.Tensor, emb_weight: torch.Tensor) -> torch.Tensor:
         """``[T, d]`` adapter output of one clip -> ``[n, d]`` posterior-weighted embeddings (n >= 1)."""

@@ -352,7 +352,12 @@ class LSLM(TemplateLM):
                 log.error("audio item skipped (scored -inf): %s", self.audio_log[key]["error"])
                 continue
             self.audio_log[key] = notes
-            n_tokens[key] = self.backend_impl.num_audio_tokens(len(array))
+            if getattr(b, "content_dependent_audio_tokens", False):  # the count is the encoded length
+                if key not in self._audio_embeds:
+                    self._audio_embeds[key] = b.encode_audio([array])[0]
+                n_tokens[key] = int(self._audio_embeds[key].shape[0])
+            else:
+                n_tokens[key] = self.backend_impl.num_audio_tokens(len(array))
         return n_tokens
 
     def _speech_embeddings(self, keys: list[str], items: dict[str, dict]) -> dict[str, torch.Tensor]:
