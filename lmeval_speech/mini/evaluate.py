@@ -117,11 +117,15 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="first N easy questions only (smoke test)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--temperature", type=float, default=None, help="override the CTC adapter's posterior temperature")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     lm = make_lm(args.adapter)
-    res = {"adapter": str(args.adapter or "shipped"), "easy": three_way(lm, load_easy()[: args.limit])}
+    if args.temperature is not None:
+        lm.backend_impl.model.multi_modal_projector.temperature = args.temperature
+        lm._audio_embeds.clear()
+    res = {"adapter": str(args.adapter or "shipped"), "temperature": args.temperature, "easy": three_way(lm, load_easy()[: args.limit])}
     print(json.dumps(res["easy"], indent=1), flush=True)
     if not args.skip_demo:
         items, groups = demo_items(args.per_subject)

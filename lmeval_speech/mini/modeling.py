@@ -44,7 +44,7 @@ class MiniLSLMConfig(PretrainedConfig):
     sub_configs = {"audio_config": WhisperConfig, "text_config": AutoConfig}
 
     def __init__(self, audio_config=None, text_config=None, stack=5, audio_token_id=0, adapter_type="mlp",
-                 ctc_layers=2, ctc_vocab_size=0, **kwargs):
+                 ctc_layers=2, ctc_vocab_size=0, ctc_temperature=1.0, **kwargs):
         if isinstance(audio_config, dict):
             audio_config = WhisperConfig(**audio_config)
         if isinstance(text_config, dict):
@@ -59,6 +59,7 @@ class MiniLSLMConfig(PretrainedConfig):
         self.adapter_type = adapter_type
         self.ctc_layers = ctc_layers
         self.ctc_vocab_size = ctc_vocab_size
+        self.ctc_temperature = ctc_temperature  # posteriors = softmax(logits / T) for the LLM's input
         super().__init__(**kwargs)
 
 
@@ -104,6 +105,7 @@ class MiniCTCProjector(nn.Module):
         self.linear2 = nn.Linear(d_text, d_text)
         self.blank = nn.Linear(d_text, 1)
         self.register_buffer("vocab_ids", torch.zeros(config.ctc_vocab_size, dtype=torch.long))
+        self.temperature = float(getattr(config, "ctc_temperature", 1.0))
 
     def forward(self, frames: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T, d_audio]`` (T % stack == 0) -> ``[B, T / stack, d_text]``; pad_mask True = padding."""
@@ -126,7 +128,7 @@ class MiniCTCProjector(nn.Module):
 
     def speech_embeddings(self, h: torch.Tensor, emb_weight: torch.Tensor) -> torch.Tensor:
         """``[T, d]`` adapter output of one clip -> ``[n, d]`` posterior-weighted embeddings (n >= 1)."""
-        post = torch.softmax(self.ctc_logits(h, emb_weight).float(), dim=-1)
+        post = torch.softmax(self.ctc_logits(h, emb_weight).float() / self.temperature, dim=-1)
         best = post.argmax(-1)
         blank = post.shape[-1] - 1
         keep = best != blank
