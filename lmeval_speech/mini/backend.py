@@ -13,17 +13,20 @@ from .modeling import MiniLSLMForConditionalGeneration, speech_tokens_for
 class MiniProcessor:
     """Tokenizer + Whisper feature extractor, with Qwen2-Audio's calling convention."""
 
-    def __init__(self, tokenizer, feature_extractor):
+    def __init__(self, tokenizer, feature_extractor, count_tokens=None):
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
+        # tokens per clip: from its length (MLP adapter) or, for the CTC adapter, from its content
+        self.count_tokens = count_tokens
 
     def __call__(self, text: str, audio: list[np.ndarray] | None = None, sampling_rate=16000):
         audio = audio or []
         placeholder = MiniBackend.audio_placeholder
         if text.count(placeholder) != len(audio):
             raise ValueError(f"{text.count(placeholder)} placeholders for {len(audio)} audios")
-        for a in audio:
-            text = text.replace(placeholder, "\0" * speech_tokens_for(len(a)), 1)
+        counts = self.count_tokens(audio) if self.count_tokens and audio else [speech_tokens_for(len(a)) for a in audio]
+        for n in counts:
+            text = text.replace(placeholder, "\0" * n, 1)
         text = text.replace("\0", placeholder)
         out = dict(self.tokenizer(text, return_tensors="pt", add_special_tokens=False))
         if audio:
@@ -39,6 +42,10 @@ class MiniBackend(WhisperStyleBackend):
     # SmolLM2's <|endoftext|> (id 0) never occurs in prompts; reusing it keeps the text path
     # bit-identical to SmolLM2 (no vocabulary resize).
     audio_placeholder = "<|endoftext|>"
+    # The CTC adapter drops blank frames and merges repeats, so a clip's number of speech tokens
+    # depends on what is said: lslm must encode the audio to count them (encode_audio gives
+    # [n_i, D] tensors). True for every mini model; with the MLP adapter n_i is simply length-based.
+    content_dependent_audio_tokens = True
 
     @classmethod
     def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
@@ -47,7 +54,9 @@ class MiniBackend(WhisperStyleBackend):
         model = MiniLSLMForConditionalGeneration.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
         processor = MiniProcessor(tokenizer, WhisperFeatureExtractor.from_pretrained(path))
-        return cls(model, tokenizer, processor)
+        backend = cls(model, tokenizer, processor)
+        processor.count_tokens = lambda arrays: [int(e.shape[0]) for e in backend.encode_audio(arrays)]
+        return backend
 
     @property
     def audio_token_id(self) -> int:
@@ -58,6 +67,8 @@ class MiniBackend(WhisperStyleBackend):
         return self.model.language_model
 
     def num_audio_tokens(self, num_samples: int) -> int:
+        """Length-based count: exact for the MLP adapter, an upper bound for the CTC adapter
+        (``content_dependent_audio_tokens``: the real count is the encoded length)."""
         return speech_tokens_for(num_samples)
 
     @torch.no_grad()

@@ -102,13 +102,19 @@ def build_mini(adapter: Path | None = ADAPTER_FILE, seed: int = 0) -> Path:
         llm_dir = smollm2_fp32_dir()
         llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
         encoder = load_whisper_encoder_from_ct2(dtype=torch.float32)
-        config = MiniLSLMConfig(audio_config=encoder.config, text_config=llm.config, stack=5, audio_token_id=0)
+        state = load_file(str(adapter)) if adapter is not None else None
+        kind = {}
+        if state is not None and "blank.weight" in state:  # the CTC / LegoSLM adapter
+            temperature = state.pop("ctc_temperature", torch.ones(())).item()
+            kind = {"adapter_type": "ctc", "ctc_vocab_size": int(state["vocab_ids"].numel()), "ctc_temperature": temperature,
+                    "ctc_layers": len({k.split(".")[1] for k in state if k.startswith("layers.")})}
+        config = MiniLSLMConfig(audio_config=encoder.config, text_config=llm.config, stack=5, audio_token_id=0, **kind)
         torch.manual_seed(seed)
         model = MiniLSLMForConditionalGeneration(config)
         model.audio_tower.load_state_dict(encoder.state_dict())
         model.language_model.load_state_dict(llm.state_dict())
         if adapter is not None:
-            model.multi_modal_projector.load_state_dict(load_file(str(adapter)))
+            model.multi_modal_projector.load_state_dict(state)
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(llm_dir).save_pretrained(tmp)
         WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins).save_pretrained(tmp)

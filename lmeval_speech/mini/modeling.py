@@ -43,7 +43,8 @@ class MiniLSLMConfig(PretrainedConfig):
     model_type = MODEL_TYPE
     sub_configs = {"audio_config": WhisperConfig, "text_config": AutoConfig}
 
-    def __init__(self, audio_config=None, text_config=None, stack=5, audio_token_id=0, **kwargs):
+    def __init__(self, audio_config=None, text_config=None, stack=5, audio_token_id=0, adapter_type="mlp",
+                 ctc_layers=2, ctc_vocab_size=0, ctc_temperature=1.0, **kwargs):
         if isinstance(audio_config, dict):
             audio_config = WhisperConfig(**audio_config)
         if isinstance(text_config, dict):
@@ -52,6 +53,13 @@ class MiniLSLMConfig(PretrainedConfig):
         self.text_config = text_config
         self.stack = stack
         self.audio_token_id = audio_token_id
+        # "mlp": the adapter output is the speech embedding (the first shipped adapter).
+        # "ctc": a CTC recognizer over the LLM's own vocabulary; the LLM receives posterior-weighted
+        # token embeddings (LegoSLM), blank frames dropped and repeats merged.
+        self.adapter_type = adapter_type
+        self.ctc_layers = ctc_layers
+        self.ctc_vocab_size = ctc_vocab_size
+        self.ctc_temperature = ctc_temperature  # posteriors = softmax(logits / T) for the LLM's input
         super().__init__(**kwargs)
 
 
@@ -72,6 +80,72 @@ class MiniLSLMProjector(nn.Module):
         return self.linear2(self.act(self.linear1(stacked)))
 
 
+class MiniCTCProjector(nn.Module):
+    """Stacked encoder frames -> Linear-GELU -> small Transformer -> Linear: one vector per 100 ms.
+
+    Trained with CTC whose logits are the output's dot products with the LLM's frozen input
+    embeddings of a vocabulary subset (``vocab_ids``, the tokens of the training text) plus one
+    learned blank logit. :meth:`speech_embeddings` turns the posteriors into what the LLM reads:
+    frames whose best class is blank are dropped, runs of the same best token are merged (their
+    posteriors averaged), and each remaining position is the posterior-weighted average of the
+    token embeddings (LegoSLM, arXiv 2505.11352).
+    """
+
+    def __init__(self, config: MiniLSLMConfig):
+        super().__init__()
+        self.stack = config.stack
+        d_audio, d_text = config.audio_config.d_model, config.text_config.hidden_size
+        self.linear1 = nn.Linear(d_audio * self.stack, d_text)
+        self.act = nn.GELU()
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_text, nhead=8, dim_feedforward=2 * d_text, dropout=0.1, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(config.ctc_layers))
+        self.norm = nn.LayerNorm(d_text)
+        self.linear2 = nn.Linear(d_text, d_text)
+        self.blank = nn.Linear(d_text, 1)
+        self.register_buffer("vocab_ids", torch.zeros(config.ctc_vocab_size, dtype=torch.long))
+        self.temperature = float(getattr(config, "ctc_temperature", 1.0))
+
+    def forward(self, frames: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T, d_audio]`` (T % stack == 0) -> ``[B, T / stack, d_text]``; pad_mask True = padding."""
+        b, t, d = frames.shape
+        x = self.act(self.linear1(frames.reshape(b, t // self.stack, d * self.stack)))
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=pad_mask)
+        return self.linear2(self.norm(x))
+
+    def ctc_logits(self, h: torch.Tensor, emb_weight: torch.Tensor | None = None,
+                   vocab_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """``[..., V' + 1]`` float logits: dot products with the vocabulary subset's embeddings, blank last.
+
+        ``vocab_emb`` (the subset's rows, e.g. pre-cast to bfloat16 for fast CPU training) replaces
+        ``emb_weight[vocab_ids]``; the product is computed in its dtype."""
+        if vocab_emb is None:
+            vocab_emb = emb_weight[self.vocab_ids].to(h.dtype)
+        scores = (h.to(vocab_emb.dtype) @ vocab_emb.T).float()
+        return torch.cat([scores, self.blank(h).float()], dim=-1)
+
+    def speech_embeddings(self, h: torch.Tensor, emb_weight: torch.Tensor) -> torch.Tensor:
+        """``[T, d]`` adapter output of one clip -> ``[n, d]`` posterior-weighted embeddings (n >= 1)."""
+        post = torch.softmax(self.ctc_logits(h, emb_weight).float() / self.temperature, dim=-1)
+        best = post.argmax(-1)
+        blank = post.shape[-1] - 1
+        keep = best != blank
+        if not bool(keep.any()):
+            keep = torch.zeros_like(keep)
+            keep[post[:, blank].argmin()] = True
+        idx = keep.nonzero().squeeze(-1)
+        # merge runs of the same best token over consecutive kept frames
+        new_run = torch.ones_like(idx, dtype=torch.bool)
+        new_run[1:] = (best[idx[1:]] != best[idx[:-1]]) | (idx[1:] != idx[:-1] + 1)
+        run = torch.cumsum(new_run.long(), 0) - 1
+        tok = post[idx, :blank]
+        summed = torch.zeros(int(run[-1]) + 1, blank, dtype=tok.dtype).index_add_(0, run, tok)
+        probs = summed / summed.sum(-1, keepdim=True)
+        return (probs @ emb_weight[self.vocab_ids].float()).to(emb_weight.dtype)
+
+
 class MiniLSLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
     config_class = MiniLSLMConfig
     base_model_prefix = "mini"
@@ -80,7 +154,8 @@ class MiniLSLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MiniLSLMConfig):
         super().__init__(config)
         self.audio_tower = WhisperEncoder(config.audio_config)
-        self.multi_modal_projector = MiniLSLMProjector(config)
+        is_ctc = getattr(config, "adapter_type", "mlp") == "ctc"
+        self.multi_modal_projector = MiniCTCProjector(config) if is_ctc else MiniLSLMProjector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
@@ -110,7 +185,10 @@ class MiniLSLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             window = feats[:, : n_tok * FRAMES_PER_TOKEN]
             if window.shape[-1] < n_tok * FRAMES_PER_TOKEN:  # pad the last partial token with silence
                 window = nn.functional.pad(window, (0, n_tok * FRAMES_PER_TOKEN - window.shape[-1]), value=float(feats.min()))
-            out.append(self.multi_modal_projector(self.encode_frames(window[None]))[0])
+            h = self.multi_modal_projector(self.encode_frames(window[None]))[0]
+            if isinstance(self.multi_modal_projector, MiniCTCProjector):
+                h = self.multi_modal_projector.speech_embeddings(h, self.get_input_embeddings().weight)
+            out.append(h)
         return out
 
     def forward(

@@ -1,0 +1,140 @@
+"""Does the mini model hear the question? The checks of issue 13, for any adapter file.
+
+* **Easy questions** (``tests/data/easy_questions.jsonl``, written for this check, not MMLU):
+  cloze accuracy (``acc``: the option with the highest log-likelihood) with the question as text,
+  spoken (espeak-ng en-us 160, passed as a plain audio array), and spoken *shuffled* (another
+  item's audio: a fixed derangement). Paired bootstrap CI of speech - shuffled.
+* **Demo subjects** (MMLU test items of ``speech_mmlu_continuation_demo``'s 6 subjects): the same
+  three accuracies, and the *nats* measure: log p(right answer | its own spoken question) minus
+  log p(right answer | another item's spoken question of the same subject), mean and share > 0.
+
+    python -m lmeval_speech.mini.evaluate [--adapter FILE] [--per-subject 20] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+EASY = Path(__file__).resolve().parents[2] / "tests" / "data" / "easy_questions.jsonl"
+PROMPT_TEXT = "Question: {q}\nAnswer:"
+PROMPT_SPEECH = "Question: <audio>\nAnswer:"
+
+
+def load_easy(path: Path = EASY) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def derangement(n: int, groups: list[int] | None = None) -> list[int]:
+    """Item i takes the audio of item i+1 (within its group, cyclically): nobody keeps its own."""
+    groups = groups or [0] * n
+    out = list(range(n))
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    for idx in members.values():
+        for k, i in enumerate(idx):
+            out[i] = idx[(k + 1) % len(idx)]
+    return out
+
+
+def make_lm(adapter: Path | None):
+    from lmeval_speech.models.lslm import LSLM
+
+    if adapter is None:
+        return LSLM(pretrained="mini", device="cpu", batch_size=8)
+    from lmeval_speech.mini.build import build_mini
+
+    return LSLM(pretrained=str(build_mini(Path(adapter))), device="cpu", batch_size=8)
+
+
+def option_loglik(lm, items: list[dict], audio_of: list[str] | None) -> np.ndarray:
+    """``[n, 4]`` log-likelihood of each option; ``audio_of[i]`` is the text spoken for item i (None: text twin)."""
+    from lm_eval.api.instance import Instance
+
+    from lmeval_speech.audio import spoken
+
+    reqs = []
+    for i, it in enumerate(items):
+        for opt in it["options"]:
+            if audio_of is None:
+                reqs.append(Instance("loglikelihood", {}, (PROMPT_TEXT.format(q=it["question"].strip()), " " + opt), 0))
+            else:
+                reqs.append(Instance("loglikelihood", {}, (PROMPT_SPEECH, " " + opt, {"audio": [spoken(audio_of[i])]}), 0))
+    ll = np.array([x for x, _ in lm.loglikelihood(reqs, disable_tqdm=True)])
+    return ll.reshape(len(items), len(items[0]["options"]))
+
+
+def three_way(lm, items: list[dict], groups: list[int] | None = None) -> dict:
+    from lmeval_speech.metrics.gap import paired_gap
+
+    answers = np.array([it["answer"] for it in items])
+    perm = derangement(len(items), groups)
+    ll_text = option_loglik(lm, items, None)
+    ll_speech = option_loglik(lm, items, [it["question"] for it in items])
+    ll_shuf = option_loglik(lm, items, [items[j]["question"] for j in perm])
+    right = np.arange(len(items))
+    text_c, speech_c, shuf_c = (ll.argmax(1) == answers for ll in (ll_text, ll_speech, ll_shuf))
+    vs_shuffled = paired_gap(speech_c, shuf_c, n_boot=10000, seed=0)  # "gap" = speech - shuffled here
+    nats = ll_speech[right, answers] - ll_shuf[right, answers]
+    return {
+        "n": len(items),
+        "text_acc": float(text_c.mean()), "speech_acc": float(speech_c.mean()), "shuffled_acc": float(shuf_c.mean()),
+        "speech_minus_shuffled": vs_shuffled["gap"],
+        "speech_minus_shuffled_ci": [vs_shuffled["ci_low"], vs_shuffled["ci_high"]],
+        "text_minus_speech": float(text_c.mean() - speech_c.mean()),
+        "nats_own_minus_other_mean": float(nats.mean()), "nats_share_positive": float((nats > 0).mean()),
+        "nats_ci": [float(x) for x in np.quantile(
+            [np.random.default_rng(s).choice(nats, len(nats)).mean() for s in range(2000)], [0.025, 0.975])],
+    }
+
+
+def demo_items(per_subject: int) -> tuple[list[dict], list[int]]:
+    from lmeval_speech.tasks._generate import DEMO_SUBJECTS
+    from lmeval_speech.tasks.mmlu_data import load_mmlu
+
+    items, groups = [], []
+    for g, subject in enumerate(DEMO_SUBJECTS):
+        ds = load_mmlu(subject)["test"]
+        for r in ds.select(range(min(per_subject, len(ds)))):
+            items.append({"question": r["question"].strip(), "options": [str(c) for c in r["choices"]],
+                          "answer": int(r["answer"])})
+            groups.append(g)
+    return items, groups
+
+
+def main(argv=None):
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--adapter", type=Path, default=None, help="adapter safetensors (default: the shipped one)")
+    ap.add_argument("--per-subject", type=int, default=20)
+    ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--limit", type=int, default=None, help="first N easy questions only (smoke test)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--temperature", type=float, default=None, help="override the CTC adapter's posterior temperature")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    lm = make_lm(args.adapter)
+    if args.temperature is not None:
+        lm.backend_impl.model.multi_modal_projector.temperature = args.temperature
+        lm._audio_embeds.clear()
+    res = {"adapter": str(args.adapter or "shipped"), "temperature": args.temperature, "easy": three_way(lm, load_easy()[: args.limit])}
+    print(json.dumps(res["easy"], indent=1), flush=True)
+    if not args.skip_demo:
+        items, groups = demo_items(args.per_subject)
+        res["demo"] = three_way(lm, items, groups)
+        print(json.dumps(res["demo"], indent=1), flush=True)
+    res["seconds"] = round(time.time() - t0, 1)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The CTC / LegoSLM adapter of the mini model, on tiny configs (fast: no real weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, WhisperConfig
+
+from lmeval_speech.mini.modeling import MiniCTCProjector, MiniLSLMConfig
+
+
+def tiny_projector(vocab=(3, 5, 7)):
+    cfg = MiniLSLMConfig(audio_config=WhisperConfig(d_model=8, encoder_layers=1, encoder_attention_heads=2),
+                         text_config=LlamaConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
+                                                 intermediate_size=32, vocab_size=10),
+                         adapter_type="ctc", ctc_layers=1, ctc_vocab_size=len(vocab))
+    proj = MiniCTCProjector(cfg).eval()
+    proj.vocab_ids.copy_(torch.tensor(vocab))
+    return proj
+
+
+def test_speech_embeddings_drop_blanks_and_merge_repeats(monkeypatch):
+    proj = tiny_projector()
+    emb = torch.randn(10, 16)
+    # frames' best classes: blank, tok0, tok0, blank, tok0, tok2, tok2, blank  -> tok0 | tok0 | tok2
+    best = [3, 0, 0, 3, 0, 2, 2, 3]
+    logits = torch.full((8, 4), -20.0)
+    for i, b in enumerate(best):
+        logits[i, b] = 5.0
+    monkeypatch.setattr(proj, "ctc_logits", lambda h, e: logits)
+    out = proj.speech_embeddings(torch.zeros(8, 16), emb)
+    assert out.shape == (3, 16)
+    torch.testing.assert_close(out, emb[[3, 3, 7]], atol=1e-4, rtol=1e-4)
+
+
+def test_speech_embeddings_never_empty(monkeypatch):
+    proj = tiny_projector()
+    logits = torch.zeros(5, 4)
+    logits[:, 3] = 10.0
+    logits[2, 3] = 1.0  # the least-blank frame is kept
+    logits[2, 1] = 0.5
+    monkeypatch.setattr(proj, "ctc_logits", lambda h, e: logits)
+    out = proj.speech_embeddings(torch.zeros(5, 16), torch.randn(10, 16))
+    assert out.shape == (1, 16)
+
+
+def test_ctc_logits_bf16_close_to_fp32():
+    proj = tiny_projector()
+    emb = torch.randn(10, 16)
+    h = proj(torch.randn(2, 10, 8))
+    full = proj.ctc_logits(h, emb)
+    fast = proj.ctc_logits(h, vocab_emb=emb[proj.vocab_ids].bfloat16())
+    assert full.shape == (2, 2, 4) and full.dtype == torch.float32
+    torch.testing.assert_close(fast, full, atol=0.1, rtol=0.05)
+
+
+def test_mel_on_clip_equals_padded_then_cropped():
+    from transformers import WhisperFeatureExtractor
+
+    from lmeval_speech.mini.features import check_mel_equivalence
+
+    rng = np.random.default_rng(0)
+    fe = WhisperFeatureExtractor(feature_size=80)
+    for n in (1234, 16000, 37483):
+        assert check_mel_equivalence(fe, (0.1 * rng.standard_normal(n)).astype(np.float32)) < 1e-5
+
+
+def test_corpus_filter_and_decontamination_rule():
+    from lmeval_speech.mini.corpus import good_sentence, ngrams
+
+    assert good_sentence("The quick brown fox jumps over the lazy dog.")
+    assert not good_sentence("Use foo_bar(x) to call it now.")
+    assert not good_sentence("Too short.")
+    q = "Which of the following is the body cavity that contains the pituitary gland?"
+    s = "Remember: which of the following is the body cavity that holds it."
+    assert ngrams(q) & ngrams(s)  # 8 shared consecutive words: dropped
+    assert not ngrams(q) & ngrams("The body cavity contains many glands of the following kinds.")
+
+
+@pytest.mark.parametrize("groups", [None, [0, 0, 1, 1, 1]])
+def test_derangement_has_no_fixed_point(groups):
+    from lmeval_speech.mini.evaluate import derangement
+
+    perm = derangement(5, groups)
+    assert all(p != i for i, p in enumerate(perm)) and sorted(perm) == list(range(5))
