@@ -38,7 +38,6 @@ class MiniProcessor:
 
 
 class MiniBackend(WhisperStyleBackend):
-    model_types = ("lmeval_speech_mini",)
     # SmolLM2's <|endoftext|> (id 0) never occurs in prompts; reusing it keeps the text path
     # bit-identical to SmolLM2 (no vocabulary resize).
     audio_placeholder = "<|endoftext|>"
@@ -46,6 +45,10 @@ class MiniBackend(WhisperStyleBackend):
     # depends on what is said: lslm must encode the audio to count them (encode_audio gives
     # [n_i, D] tensors). True for every mini model; with the MLP adapter n_i is simply length-based.
     content_dependent_audio_tokens = True
+    # A clip longer than the encoder's 30 s window is encoded as consecutive 30 s windows whose
+    # speech tokens are concatenated in order (the adapter was trained on clips of at most 30 s).
+    segment_seconds = 30.0
+    max_audio_seconds = 300.0
 
     @classmethod
     def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
