@@ -136,3 +136,22 @@ def test_demo_questions_are_heard(mini):
     assert res["speech_minus_shuffled_ci"][0] > 0, res
     assert res["nats_own_minus_other_mean"] >= 1.0, res
     assert res["nats_share_positive"] >= 0.75, res
+
+
+def test_processor_and_forward_use_the_content_dependent_token_count():
+    """The CTC adapter drops blank frames, so a clip's speech-token count is its encoded length: the
+    processor's placeholders, encode_audio and the model's own forward must agree."""
+    import torch
+
+    from lmeval_speech.audio import get_audio
+    from lmeval_speech.mini.backend import MiniBackend
+    from lmeval_speech.mini.build import load_mini_backend
+
+    assert MiniBackend.content_dependent_audio_tokens
+    b = load_mini_backend()
+    audio = get_audio("What is the capital city of France?")
+    inputs = b.processor("Question: <|endoftext|>\nAnswer: Paris", audio=[audio])
+    n = int((inputs["input_ids"] == b.audio_token_id).sum())
+    assert n == b.encode_audio([audio])[0].shape[0] <= b.num_audio_tokens(len(audio))
+    with torch.no_grad():
+        assert b.model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]

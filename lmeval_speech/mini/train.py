@@ -5,7 +5,7 @@ Recipe (issue 13's measured findings):
 * the adapter (5-frame stacking -> Linear-GELU -> 2 Transformer layers -> Linear, one vector per
   100 ms) is scored against SmolLM2's *frozen input embedding matrix*: the CTC logits of a frame are
   its dot products with the embeddings of the vocabulary subset seen in the training text, plus one
-  learned blank logit. No LLM pass is needed, so a step costs ~0.5 s of one CPU core;
+  learned blank logit. No LLM pass is needed: a step of 16 utterances costs ~1.6 s of one CPU core;
 * at inference the LLM receives posterior-weighted embeddings (LegoSLM): blank frames dropped,
   repeats merged, each position the posterior-weighted average of the token embeddings
   (:meth:`lmeval_speech.mini.modeling.MiniCTCProjector.speech_embeddings`).
