@@ -418,7 +418,6 @@ def tiny_granite_lora_dirs(tmp_path_factory, tiny_granite_dir):
 def test_granite_speech_lora_is_on_for_audio_only(tiny_granite_lora_dirs):
     """Text log-likelihoods equal the base model's; speech ones equal the LoRA model's (a direct forward
     with the adapter on), in the same run, whatever the batch holds; and generation follows the same rule."""
-    from transformers import GraniteSpeechForConditionalGeneration
 
     lora_dir, base_dir = tiny_granite_lora_dirs
     lm = LSLM(pretrained=lora_dir, device="cpu", batch_size=8)

@@ -82,7 +82,6 @@ def test_report_measures_hearing_against_each_control(tiny_qwen2_audio_dir, tmp_
 def test_cascade_decomposition_adds_up_and_records_the_transcript(tiny_qwen2_audio_dir, tmp_path):
     """The cascade twin: the speech twin's audio through Whisper tiny.en (faster-whisper), the transcript
     read as text; the report's recognition + misalignment equal text - speech on the same items."""
-    from lmeval_speech.audio import get_audio
     from lmeval_speech.audio.asr import word_error_rate
     from lmeval_speech.report import report
 

@@ -247,7 +247,7 @@ def test_chat_template_is_the_processors_with_audio_content_and_its_own_system_p
                                       {"type": "text", "text": "\nAnswer:"}]}], tokenize=False, add_generation_prompt=True)
     placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
     assert speech == expected.replace(placeholder, "<audio>")
-    assert "You are a helpful assistant." in speech and f"Audio 1: <audio>" in speech  # the model's own wrapper
+    assert "You are a helpful assistant." in speech and "Audio 1: <audio>" in speech  # the model's own wrapper
     text = lm.apply_chat_template([{"role": "system", "content": desc},
                                    {"role": "user", "content": "Question: Which river is longest?\nAnswer:"}])
     assert text == speech.replace("Audio 1: <audio>\n", "Which river is longest?")  # same wrapper, text inside
