@@ -333,11 +333,12 @@ class LSLM(BatchRunner, TemplateLM):
         self._warn_if_instruct_without_chat_template()
         items: dict[str, dict] = {}
         per_request = []
+        key_of: dict[int, str] = {}  # the choices of an item share one audio dict: hash its samples once
         for req in requests:
             audio = audio_items(req.args)
             if audio and req.args[0].count(AUDIO_MARKER) not in (0, len(audio)):
                 self.planner.place_audio(req.args[0], len(audio))  # raises the clear error
-            keys = [audio_key(a) for a in audio]
+            keys = [key_of[id(a)] if id(a) in key_of else key_of.setdefault(id(a), audio_key(a)) for a in audio]
             items.update(zip(keys, audio))
             per_request.append(keys)
         return items, per_request, self.planner.resolve(items)

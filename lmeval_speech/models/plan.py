@@ -100,6 +100,7 @@ class Planner:
         self.lm = lm
         self.status: dict[str, AudioStatus] = {}  # audio key -> outcome, for every audio seen
         self._items, self._decoded = {}, {}  # this run's audio items; decoded babble sources
+        self._babble_keys: list[str] = []  # this run's TTS items' keys, sorted (babble candidates)
 
     # ------------------------------------------------------------------ audio
     def load(self, item: dict):
@@ -127,18 +128,14 @@ class Planner:
         from lmeval_speech.audio import resolve_audio
 
         me = audio_key(item)
-        others = sorted((k, it) for k, it in self._items.items() if "tts_text" in it and k != me)[:16]
         pool = []
-        for k, it in others:
+        for k in [k for k in self._babble_keys[:17] if k != me][:16]:
             if k not in self._decoded:
-                self._decoded[k] = resolve_audio(it, override=self.lm.tts_override or None)[:2]
+                self._decoded[k] = resolve_audio(self._items[k], override=self.lm.tts_override or None)[:2]
             a, r = self._decoded[k]
             if r == rate:
                 pool.append(a)
         return pool
-
-    _items: dict = {}
-    _decoded: dict = {}
 
     def resolve(self, items: dict[str, dict]) -> dict[str, AudioStatus]:
         """Resolve every distinct audio once (synthesizing cache misses) and count its tokens.
@@ -156,7 +153,10 @@ class Planner:
                 f"{type(b).__name__} ({lm.pretrained}) takes no audio; speech tasks need a speech LLM "
                 "(see lmeval_speech.models.backends.SPEECH_BACKENDS)")
         todo = {k: v for k, v in items.items() if k not in self.status}
-        self._items = {**self._items, **items}
+        new_tts = [k for k, it in items.items() if k not in self._items and "tts_text" in it]
+        self._items.update(items)
+        if new_tts:  # sorted once per call, not once per item
+            self._babble_keys = sorted(self._babble_keys + new_tts)
         content_dependent = getattr(b, "content_dependent_audio_tokens", False)
         for key, item in tqdm(todo.items(), desc="Preparing audio", disable=len(todo) < 2 or lm.rank != 0):
             try:
