@@ -1,4 +1,5 @@
-"""Speech-path throughput of ``lslm``: batch 1 vs batch 8, and the cost of hidden-state capture.
+"""Speech-path throughput of ``lslm``: batch 1 vs batch 8, prefix sharing vs whole sequences, and
+the cost of hidden-state capture.
 
     python benchmarks/bench_speech.py [--quick] [--model tiny|mini|DIR] [--audio espeak|tone] [--threads 1]
 
@@ -41,8 +42,11 @@ QUESTIONS = ["What is the capital of France?", "Which river is the longest in th
              "Which city hosted the first modern Olympic games?", "What is the largest desert on Earth?",
              "Which planet is closest to the sun?", "Who wrote the play Hamlet?",
              "What is the boiling point of water at sea level?", "Which ocean lies between Africa and Australia?"]
-CONFIGS = [("batch 1, capture off", 1, None), ("batch 8, capture off", 8, None),
-           ("batch 8, capture=pooled", 8, "pooled"), ("batch 8, capture=tokens", 8, "tokens")]
+# (name, batch size, capture, prefix_cache): "whole" runs every choice's sequence from scratch (the
+# path before prefix sharing), the baseline of the prefix-cache row
+CONFIGS = [("batch 8, whole sequences", 8, None, False), ("batch 1, capture off", 1, None, True),
+           ("batch 8, capture off", 8, None, True), ("batch 8, capture=pooled", 8, "pooled", True),
+           ("batch 8, capture=tokens", 8, "tokens", True)]
 
 
 def tiny_qwen2_audio(path: Path) -> str:
@@ -73,10 +77,11 @@ def make_requests(clips):
             for d, clip in enumerate(clips) for i, choice in enumerate(CHOICES)]
 
 
-def timed(model: str, requests, batch_size: int, capture: str | None, capture_dir: Path) -> tuple[float, list[float]]:
+def timed(model: str, requests, batch_size: int, capture: str | None, capture_dir: Path,
+          prefix_cache: bool = True) -> tuple[float, list[float]]:
     """Seconds for one ``loglikelihood`` call on a freshly loaded model (loading is not timed)."""
     shutil.rmtree(capture_dir, ignore_errors=True)
-    lm = LSLM(pretrained=model, device="cpu", batch_size=batch_size,
+    lm = LSLM(pretrained=model, device="cpu", batch_size=batch_size, prefix_cache=prefix_cache,
               **({"capture": capture, "capture_dir": str(capture_dir)} if capture else {}))
     start = time.perf_counter()
     res = lm.loglikelihood(requests, disable_tqdm=True)
@@ -106,10 +111,10 @@ def main() -> None:
         n_params = sum(p.numel() for p in lm.model.parameters())
         del lm
         timed(model, reqs[: 2 * len(CHOICES)], 8, "tokens", tmp / "capture")  # lazy imports, first allocations
-        best, lls = {name: float("inf") for name, _, _ in CONFIGS}, {}
+        best, lls = {name: float("inf") for name, *_ in CONFIGS}, {}
         for _ in range(repeats):
-            for name, batch_size, capture in CONFIGS:
-                seconds, lls[name] = timed(model, reqs, batch_size, capture, tmp / "capture")
+            for name, batch_size, capture, prefix in CONFIGS:
+                seconds, lls[name] = timed(model, reqs, batch_size, capture, tmp / "capture", prefix)
                 best[name] = min(best[name], seconds)
     diff = max(float(np.max(np.abs(np.subtract(v, lls[CONFIGS[0][0]])))) for v in lls.values())
 
@@ -121,9 +126,10 @@ def main() -> None:
     head = "| config                  | items/s | requests/s | ms/item | time vs batch 8, capture off |"
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
-    for name, _, _ in CONFIGS:
+    for name, *_ in CONFIGS:
         print(f"| {name:<23} | {n_items / best[name]:>7.2f} | {len(reqs) / best[name]:>10.2f} | "
               f"{1000 * best[name] / n_items:>7.1f} | {best[name] / ref:>27.2f}x |")
+    print(f"prefix sharing vs whole sequences (batch 8): {best['batch 8, whole sequences'] / ref:.2f}x requests/s")
     print(f"batch 8 vs batch 1: {best['batch 1, capture off'] / ref:.2f}x items/s; capture overhead: pooled "
           f"{100 * (best['batch 8, capture=pooled'] / ref - 1):+.1f}% (goal <= 10%), tokens "
           f"{100 * (best['batch 8, capture=tokens'] / ref - 1):+.1f}%; max abs diff of log-likelihoods "

@@ -102,14 +102,17 @@ def test_capture_requires_a_dir(tiny_qwen2_audio_dir):
         LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", capture="pooled")
 
 
-def test_items_with_identical_prompts_are_both_captured(tiny_qwen2_audio_dir, tmp_path):
+@pytest.mark.parametrize("prefix_cache, passes", [(True, 1), (False, 2)])
+def test_items_with_identical_prompts_are_both_captured(tiny_qwen2_audio_dir, tmp_path, prefix_cache, passes):
     """Two docs with the same question share one forward pass; each still gets its record."""
     reqs = mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX, 1) + mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX, 2)
-    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", capture="pooled", capture_dir=str(tmp_path / "c"))
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", capture="pooled", capture_dir=str(tmp_path / "c"),
+              prefix_cache=prefix_cache)
     calls = []
     real = lm.backend_impl.run_decoder
     lm.backend_impl.run_decoder = lambda *a, **k: calls.append(1) or real(*a, **k)
     lm.loglikelihood(reqs)
     recs = CaptureReader(tmp_path / "c").records
     assert sorted(r["doc_id"] for r in recs) == [1, 2]
-    assert len(calls) == 2  # 4 requests, 2 distinct model inputs
+    # 4 requests: 1 shared context (prefix cache) or 2 distinct model inputs (whole sequences)
+    assert len(calls) == passes

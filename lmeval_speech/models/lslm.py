@@ -85,6 +85,7 @@ class LSLM(BatchRunner, TemplateLM):
         snr_db: float | None = None,
         noise_seed: int = 0,
         audio_cache_size: int = 256,
+        prefix_cache: bool = True,
         capture: str = "none",
         capture_dir: str | None = None,
         capture_layers: str = "auto",
@@ -140,6 +141,7 @@ class LSLM(BatchRunner, TemplateLM):
                 raise ValueError("noise=... needs snr_db=DB (the signal-to-noise ratio of the mixed audio)")
             self.noise = NoiseSpec(str(noise), float(snr_db), int(noise_seed))
         self.embeddings = SpeechEmbeddings(self.backend_impl, audio_cache_size)
+        self.prefix_cache = _as_bool(prefix_cache)
         self.planner = Planner(self)
         self.identity = model_identity(self.pretrained, revision, self.backend_impl, self._device)
         self.capture = self._make_capture(capture, capture_dir, capture_layers, capture_limit, int(capture_shard_size))

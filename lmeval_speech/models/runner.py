@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -112,43 +113,42 @@ class BatchRunner:
             audio_notes = []
         self.capture.add(s.request, bool(s.audio), [h[row] for h in hidden_states], positions, audio_notes)
 
+    @staticmethod
+    def _context(s: Seq) -> list[int]:
+        """The tokens up to the last context token: the last of them predicts the first continuation token."""
+        return s.tokens[: len(s.tokens) - len(s.cont) + 1] if s.cont else s.tokens
+
     @torch.no_grad()
     def _score(self, seqs: list[Seq], items, desc: str, disable_tqdm=False, on_batch=None):
         """Log-likelihood and greedy flag of each sequence's continuation, in ``seqs`` order.
+
+        With ``prefix_cache`` (the default), sequences with the same context and audio (the choices
+        of one item) form one group: the context runs through the decoder once, with hooks (capture,
+        interventions) on that pass, and the continuations extend its key/value cache. Without it,
+        only sequences with the same model input (e.g. the one-token choices " A".." D") share a
+        forward pass and each other sequence runs whole.
 
         ``on_batch([(seq, result), ...])`` runs after every batch, so results can be persisted as
         they come (lm-eval's ``--use_cache``) and an interrupted run loses at most one batch.
         """
         results: dict[int, tuple[float, bool]] = {}
-        # Sequences with the same model input (e.g. the four one-token choices " A".." D" of an
-        # item) share one forward pass; each then reads its own continuation's log-probabilities.
         shared: dict[tuple, list[Seq]] = {}
         for s in seqs:
-            shared.setdefault((tuple(s.tokens), tuple(s.audio)), []).append(s)
+            key = tuple(self._context(s)) if self.prefix_cache else tuple(s.tokens)
+            shared.setdefault((key, tuple(s.audio)), []).append(s)
         # lm-eval's Collator orders the groups longest first (so a batch's padding is small and an
         # out-of-memory error comes first) and cuts them into batches
         collator = Collator(list(shared.values()), sort_fn=lambda g: -len(g[0].tokens) - max(len(s.cont) for s in g))
         pbar = tqdm(total=len(seqs), desc=desc, disable=disable_tqdm or self.rank != 0)
         for batch_groups in collator.get_batched(n=max(1, self.batch_size)):
-            batch = [g[0] for g in batch_groups]
-            ids, mask, embeds = self._embed(batch, items)
-            # every sequence of a shared group that wants capture (e.g. two items with the same
-            # question text) is recorded from the one forward pass
-            rows = [(r, s) for r, g in enumerate(batch_groups) for s in g if self._captures(s)]
-            self._set_modality(batch)
-            with self._intervening(batch, embeds):
-                out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows))
-            for r, s in rows:
-                self._capture_row(s, out.hidden_states, r)
+            if self.prefix_cache:
+                scored = self._score_prefix_batch(batch_groups, items)
+            else:
+                scored = self._score_whole_batch(batch_groups, items)
             done = []
-            for row, group in enumerate(batch_groups):
-                for s in group:
-                    n, c = len(s.tokens), len(s.cont)
-                    logp = F.log_softmax(self.backend_impl.logits(out.last_hidden[row, n - c : n]).float(), dim=-1)
-                    cont = torch.tensor(s.cont, device=logp.device)
-                    ll = float(logp.gather(1, cont[:, None]).sum())
-                    results[id(s)] = (ll, bool((logp.argmax(-1) == cont).all()))
-                    done.append((s, results[id(s)]))
+            for s, res in scored:
+                results[id(s)] = res
+                done.append((s, res))
             if self.intervener is not None:
                 self.intervener.scored([s.twin_key for g in batch_groups for s in g if s.audio])
             pbar.update(len(done))
@@ -159,6 +159,67 @@ class BatchRunner:
         pbar.close()
         return [results[id(s)] for s in seqs]
 
+    def _hooked_forward(self, batch: list[Seq], batch_groups, items, use_cache=False):
+        """One decoder pass over ``batch`` (one row per group) under the capture and intervention
+        hooks; every sequence of a group that wants capture is recorded from it."""
+        ids, mask, embeds = self._embed(batch, items)
+        rows = [(r, s) for r, g in enumerate(batch_groups) for s in g if self._captures(s)]
+        self._set_modality(batch)
+        with self._intervening(batch, embeds):
+            out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows), use_cache=use_cache)
+        for r, s in rows:
+            self._capture_row(s, out.hidden_states, r)
+        return out, mask
+
+    @staticmethod
+    def _read(logits: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+        logp = F.log_softmax(logits.float(), dim=-1)
+        cont = torch.tensor(cont, device=logp.device, dtype=torch.long)
+        return float(logp.gather(1, cont[:, None]).sum()), bool((logp.argmax(-1) == cont).all())
+
+    def _score_whole_batch(self, batch_groups, items):
+        out, _ = self._hooked_forward([g[0] for g in batch_groups], batch_groups, items)
+        scored = []
+        for row, group in enumerate(batch_groups):
+            for s in group:
+                n, c = len(s.tokens), len(s.cont)
+                scored.append((s, self._read(self.backend_impl.logits(out.last_hidden[row, n - c : n]), s.cont)))
+        return scored
+
+    def _score_prefix_batch(self, batch_groups, items):
+        b = self.backend_impl
+        prefixes = [replace(g[0], tokens=self._context(g[0]), cont=[]) for g in batch_groups]
+        tails = [(r, s) for r, g in enumerate(batch_groups) for s in g if len(s.cont) > 1]
+        out, mask = self._hooked_forward(prefixes, batch_groups, items, use_cache=bool(tails))
+        lens = torch.tensor([len(p.tokens) for p in prefixes], device=out.last_hidden.device)
+        first = b.logits(out.last_hidden[torch.arange(len(prefixes), device=lens.device), lens - 1])
+        hidden: dict[int, torch.Tensor] = {}
+        # the continuations, in chunks of at most batch_size rows (each holds a copy of its prefix's cache)
+        step = max(1, self.batch_size)
+        for lo in range(0, len(tails), step):
+            chunk = tails[lo : lo + step]
+            width = max(len(s.cont) - 1 for _, s in chunk)
+            ids = torch.full((len(chunk), width), self._pad_id, dtype=torch.long)
+            tail_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, (_, s) in enumerate(chunk):
+                ids[i, : len(s.cont) - 1] = torch.tensor(s.tokens[len(s.tokens) - len(s.cont) + 1 :])
+                tail_mask[i, : len(s.cont) - 1] = 1
+            rows = torch.tensor([r for r, _ in chunk], device=mask.device)
+            h = b.run_continuation(out, mask, rows, ids.to(mask.device), tail_mask.to(mask.device))
+            for i, (_, s) in enumerate(chunk):
+                hidden[id(s)] = h[i, : len(s.cont) - 1]
+        scored = []
+        for r, g in enumerate(batch_groups):
+            for s in g:
+                if not s.cont:
+                    scored.append((s, (0.0, True)))
+                    continue
+                logits = first[r : r + 1]
+                if len(s.cont) > 1:
+                    logits = torch.cat([logits, b.logits(hidden[id(s)])])
+                scored.append((s, self._read(logits, s.cont)))
+        return scored
+
     def _set_modality(self, batch: list[Seq]) -> None:
         b = self.backend_impl
         if b.modality_dependent:
@@ -166,6 +227,9 @@ class BatchRunner:
             if len(kinds) != 1:
                 raise RuntimeError("a batch mixes audio and text rows for a modality-dependent backend")
             b.set_modality(kinds.pop())
+
+    #: Score all choices of an item from one pass over their shared context (``prefix_cache`` model arg).
+    prefix_cache: bool = True
 
     #: Callables ``hook(lm, [(seq, result), ...])`` run after every scored batch (tests use one to
     #: interrupt a run at a chosen batch; nothing in the package installs one).

@@ -26,6 +26,17 @@ import torch
 class DecoderOutput:
     last_hidden: torch.Tensor  # [B, T, D]
     hidden_states: tuple[torch.Tensor, ...] | None  # embeddings + one per layer, when asked
+    past: object = None  # the decoder's key/value cache, when asked (``use_cache=True``)
+    next_position: torch.Tensor | None = None  # [B] position id of the token after each row's last
+
+
+def select_rows(cache, rows: torch.Tensor):
+    """A new ``DynamicCache`` holding ``cache``'s batch rows ``rows`` (repeats allowed), so several
+    continuations can extend one shared prefix without copying it into each other."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
+                                        for layer in cache.layers])
 
 
 class Backend:
@@ -96,14 +107,36 @@ class Backend:
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
 
-    def run_decoder(self, inputs_embeds, attention_mask, input_ids, output_hidden_states=False) -> DecoderOutput:
+    def run_decoder(self, inputs_embeds, attention_mask, input_ids, output_hidden_states=False,
+                    use_cache=False) -> DecoderOutput:
+        """The decoder on right-padded rows; with ``use_cache`` also its cache and each row's next
+        position, for ``run_continuation``."""
         out = self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             output_hidden_states=output_hidden_states,
-            use_cache=False,
+            use_cache=use_cache,
         )
-        return DecoderOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None)
+        return DecoderOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None,
+                             out.cache if use_cache else None,
+                             attention_mask.sum(-1) if use_cache else None)
+
+    def continuation_positions(self, start: torch.Tensor, width: int) -> torch.Tensor:
+        """Position ids of ``width`` text tokens following positions ``start`` ([B])."""
+        return start[:, None] + torch.arange(width, device=start.device)[None]
+
+    def run_continuation(self, prefix: DecoderOutput, prefix_mask, rows, input_ids, attention_mask) -> torch.Tensor:
+        """Last hidden states of text tokens ``input_ids`` [N, C] (right-padded, ``attention_mask``)
+        appended to the cached prefix rows ``rows`` [N] of ``prefix``: the same numbers as running
+        prefix + tokens from scratch, without recomputing the prefix for each continuation."""
+        out = self.decoder(
+            inputs_embeds=self.embed_tokens(input_ids),
+            attention_mask=torch.cat([prefix_mask.index_select(0, rows), attention_mask], dim=1),
+            position_ids=self.continuation_positions(prefix.next_position.index_select(0, rows), input_ids.shape[1]),
+            cache=select_rows(prefix.past, rows),
+            use_cache=True,
+        )
+        return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_output_embeddings()(hidden)
