@@ -202,3 +202,75 @@ def test_ifeval_pair_runs_both_twins_through_lm_eval(tiny_qwen2_audio_dir, tmp_p
     (text_samples,) = glob.glob(str(tmp_path / "out" / "*" / f"samples_{IFEVAL}_text_*.jsonl"))
     first = json.loads(open(text_samples).readline())
     assert first["arguments"]["gen_args_0"]["arg_0"] == IFEVAL_DOCS[first["doc_id"]]["prompt"]
+
+
+# ------------------------------------------------------------------------------------- SD-QA ----
+
+
+def test_sdqa_group_reports_every_region_and_pools_them(tmp_path):
+    """``speech_voicebench_sdqa`` runs all of VoiceBench's sd-qa regions (one split each) and reports
+    each region and the pooled ``contains_proxy`` per modality, never text and speech together."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    from lmeval_speech.tasks import _generate as gen
+
+    assert gen.SDQA_REGIONS == ["aus", "gbr", "ind_n", "ind_s", "irl", "kenya", "nga", "nzl", "phl", "usa", "zaf"]
+    inc = tmp_path / "tasks"
+    inc.mkdir()
+    sizes = {}
+    for i, region in enumerate(gen.SDQA_REGIONS):
+        n = 1 + i % 3  # 1, 2 or 3 questions; only the first answer is "Paris"
+        sizes[region] = n
+        data = tmp_path / f"{region}.parquet"
+        datasets.Dataset.from_dict({
+            "audio": [{"bytes": _wav_bytes(tone(0.5, seed=k)), "path": f"{k}.wav"} for k in range(n)],
+            "prompt": [f"Question {k} from {region}?" for k in range(n)],
+            "reference": ["Paris"] + ["Rome"] * (n - 1)}).cast_column("audio", datasets.Audio()).to_parquet(str(data))
+        for m in ("text", "speech"):
+            task = f"speech_voicebench_sdqa_{region}_{m}"
+            (inc / f"{task}.yaml").write_text(yaml.safe_dump({
+                "include": str(TASKS_DIR / "speech_voicebench_sdqa" / f"{task}.yaml"), "dataset_path": "parquet",
+                "dataset_name": None, "test_split": "test",
+                "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(tmp_path / "hf")}}))
+
+    class ParisLM(LM):
+        MULTIMODAL = True
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return ["It is Paris, I think." for _ in requests]
+
+    out = simple_evaluate(model=ParisLM(), tasks=["speech_voicebench_sdqa"],
+                          task_manager=TaskManager(include_path=str(inc)))
+    res = out["results"]
+    for m in ("text", "speech"):
+        assert out["group_subtasks"][f"speech_voicebench_sdqa_{m}"] == [
+            f"speech_voicebench_sdqa_{r}_{m}" for r in gen.SDQA_REGIONS]
+        for region, n in sizes.items():
+            assert res[f"speech_voicebench_sdqa_{region}_{m}"]["contains_proxy,none"] == pytest.approx(1 / n)
+        pooled = len(sizes) / sum(sizes.values())  # one right answer per region, weighted by region size
+        assert res[f"speech_voicebench_sdqa_{m}"]["contains_proxy,none"] == pytest.approx(pooled)
+        assert pooled != pytest.approx(sum(1 / n for n in sizes.values()) / len(sizes))
+    assert "contains_proxy,none" not in res["speech_voicebench_sdqa"]  # text and speech are never averaged
+    assert out["configs"]["speech_voicebench_sdqa_kenya_speech"]["test_split"] == "test"  # overridden here ...
+    real = yaml.safe_load((TASKS_DIR / "speech_voicebench_sdqa" / "speech_voicebench_sdqa_kenya_text.yaml").read_text())
+    assert real["test_split"] == "kenya"  # ... the real task reads the region's split
+
+
+def test_voicebench_suite_group_is_the_paper_s_five_pairs():
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager()
+    cfg = tm.task_index["speech_voicebench"].cfg
+    assert cfg["task"] == ["speech_voicebench_advbench", "speech_voicebench_ifeval", "speech_voicebench_openbookqa",
+                           "speech_voicebench_mmsu", "speech_voicebench_sdqa_usa"]
+    assert "aggregate_metric_list" not in cfg
+    for pair in cfg["task"]:
+        assert tm.task_index[pair].cfg["task"][-2:] == [f"{pair}_text", f"{pair}_speech"]
