@@ -274,3 +274,67 @@ def test_voicebench_suite_group_is_the_paper_s_five_pairs():
     assert "aggregate_metric_list" not in cfg
     for pair in cfg["task"]:
         assert tm.task_index[pair].cfg["task"][-2:] == [f"{pair}_text", f"{pair}_speech"]
+
+
+# ------------------------------------------------------------------------------- Overall ----
+
+VB_RESULTS = {  # lm-eval results entries of a run of speech_voicebench (numbers chosen by hand)
+    **{f"speech_voicebench_advbench_{t}": {"refusal_rate,none": v} for t, v in (("text", 0.9), ("speech", 0.8))},
+    **{f"speech_voicebench_ifeval_{t}": {"prompt_level_strict_acc,none": ps, "inst_level_strict_acc,none": i_s,
+                                         "prompt_level_loose_acc,none": pl, "inst_level_loose_acc,none": il}
+       for t, ps, i_s, pl, il in (("text", 0.4, 0.5, 0.6, 0.7), ("speech", 0.2, 0.3, 0.3, 0.4))},
+    **{f"speech_voicebench_openbookqa_{t}": {"acc,none": v} for t, v in (("text", 0.7), ("speech", 0.5))},
+    # MMSU: the group's pooled acc (its 12 leaves' plain mean would be 0.6 / 0.45)
+    **{f"speech_voicebench_mmsu_{t}": {"acc,none": v} for t, v in (("text", 0.5), ("speech", 0.4))},
+    **{f"speech_voicebench_mmsu_{d}_{t}": {"acc,none": v, "sample_len": 10}
+       for d in ("biology", "law") for t, v in (("text", 0.6), ("speech", 0.45))},
+    # SD-QA: the usa region's proxy (another region must not enter)
+    **{f"speech_voicebench_sdqa_usa_{t}": {"contains_proxy,none": v} for t, v in (("text", 0.3), ("speech", 0.1))},
+    **{f"speech_voicebench_sdqa_aus_{t}": {"contains_proxy,none": 0.9} for t in ("text", "speech")},
+}
+
+
+def test_voicebench_overall_is_voicebench_s_mean_of_five_subsets():
+    from lmeval_speech.report.voicebench import voicebench_overall
+
+    vb = voicebench_overall(VB_RESULTS)
+    # text: (90 + (40+50)/2 + 70 + 50 + 30) / 5 = 57; speech: (80 + 25 + 50 + 40 + 10) / 5 = 41
+    assert vb["overall"] == pytest.approx({"text": 57.0, "speech": 41.0, "gap": 16.0})
+    assert vb["subsets"]["ifeval"] == pytest.approx({"text": 45.0, "speech": 25.0, "gap": 20.0})
+    assert vb["subsets"]["ifeval_loose"] == pytest.approx({"text": 65.0, "speech": 35.0, "gap": 30.0})
+    assert vb["subsets"]["sdqa"] == pytest.approx({"text": 30.0, "speech": 10.0, "gap": 20.0})
+    assert vb["missing"] == [] and "issue #2" in vb["source"]
+
+
+def test_voicebench_overall_pools_mmsu_leaves_and_refuses_a_partial_mean():
+    from lmeval_speech.report.voicebench import MMSU_DOMAINS, voicebench_overall
+
+    leaves = {f"speech_voicebench_mmsu_{d}_{t}": {"acc,none": 1.0 if i == 0 else 0.0, "sample_len": 30 if i == 0 else 10}
+              for i, d in enumerate(MMSU_DOMAINS) for t in ("text", "speech")}
+    no_group = {k: v for k, v in VB_RESULTS.items() if not k.startswith("speech_voicebench_mmsu")} | leaves
+    vb = voicebench_overall(no_group)
+    assert vb["subsets"]["mmsu"]["text"] == pytest.approx(100 * 30 / (30 + 11 * 10))  # pooled by size, not 100/12
+    partial = {k: v for k, v in VB_RESULTS.items() if not k.startswith("speech_voicebench_ifeval_speech")}
+    vb = voicebench_overall(partial)
+    assert vb["overall"] is None and vb["missing"] == ["ifeval (speech)"]
+    assert voicebench_overall({"speech_mmlu_anatomy_text": {"acc,none": 1.0}}) is None
+
+
+def test_report_gives_voicebench_overall(tmp_path):
+    from test_report import write_run
+
+    from lmeval_speech.report.compute import build_report
+    from lmeval_speech.report.render import markdown
+    from lmeval_speech.report.runs import load_run
+    from lmeval_speech.report.schema import jsonable
+
+    write_run(tmp_path, "pretrained=mini", correct={"speech_voicebench_openbookqa": ([1, 0, 1, 1], [0, 0, 1, 1])})
+    (path,) = glob.glob(str(tmp_path / "*" / "results_*.json"))
+    results = json.load(open(path))
+    results["results"] = {**VB_RESULTS, **results["results"]}  # the run's own openbookqa: 0.75 / 0.5
+    Path(path).write_text(json.dumps(results))
+    rep, _ = build_report(load_run(tmp_path), n_boot=200)
+    assert rep["voicebench"]["overall"] == pytest.approx({"text": 58.0, "speech": 41.0, "gap": 17.0})
+    md = markdown(jsonable(rep))
+    assert "## VoiceBench Overall" in md and "| **Overall** | 58.00 | 41.00 | 17.00 |" in md
+    assert "| sdqa (proxy) | 30.00 | 10.00 | 20.00 |" in md
