@@ -149,15 +149,18 @@ def test_ifeval_without_its_extra_names_the_extra(monkeypatch):
         prompts.ifeval_process_results(IFEVAL_DOCS[0], ["x"])
 
 
-def test_offline_punkt_tab_is_nltk_s_english_model(tmp_path):
-    """The written folder loads through NLTK's own reader, and splits as NLTK's English Punkt does."""
-    from nltk.tokenize.punkt import PunktSentenceTokenizer, load_punkt_params
+def test_offline_punkt_tab_is_nltk_s_english_model(tmp_path, monkeypatch):
+    """The written folder is found and read by NLTK itself (only it on the data path), and splits as
+    NLTK's English Punkt does."""
+    import nltk
+    from nltk.tokenize.punkt import PunktTokenizer
 
     from lmeval_speech.nltk_data import write_punkt_tab
 
-    params = load_punkt_params(str(write_punkt_tab(tmp_path)))
-    assert {"mr", "p.m", "dr", "jan", "u.s"} <= params.abbrev_types
-    tok = PunktSentenceTokenizer(params)
+    write_punkt_tab(tmp_path)
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    tok = PunktTokenizer("english")
+    assert {"mr", "p.m", "dr", "jan", "u.s"} <= tok._params.abbrev_types
     assert tok.tokenize("Mr. Smith arrived at 5 p.m. on Monday. He met Dr. Jones. They left.") == [
         "Mr. Smith arrived at 5 p.m. on Monday.", "He met Dr. Jones.", "They left."]
 
