@@ -205,6 +205,13 @@ def test_ifeval_pair_runs_both_twins_through_lm_eval(tiny_qwen2_audio_dir, tmp_p
     (text_samples,) = glob.glob(str(tmp_path / "out" / "*" / f"samples_{IFEVAL}_text_*.jsonl"))
     first = json.loads(open(text_samples).readline())
     assert first["arguments"]["gen_args_0"]["arg_0"] == IFEVAL_DOCS[first["doc_id"]]["prompt"]
+    # the gap report pairs the twins on prompt-level strict accuracy, without the unscored item
+    from lmeval_speech.report.compute import build_report
+    from lmeval_speech.report.runs import load_run
+
+    rep, _ = build_report(load_run(tmp_path / "out"), n_boot=200)
+    gap = rep["pairs"][IFEVAL]
+    assert gap["metric"] == "prompt_level_strict_acc" and gap["n"] == 2 and gap["excluded"] == {"audio_failed": 1}
 
 
 # ------------------------------------------------------------------------------------- SD-QA ----
