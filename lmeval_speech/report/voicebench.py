@@ -17,6 +17,10 @@ scores). For the five subsets of the seed paper's table (AdvBench, IFEval, OpenB
     mmsu       = 100 * acc over the 12 domains pooled (the group ``speech_voicebench_mmsu_<twin>``)
     sdqa       = 100 * contains_proxy on the ``usa`` split (the region VoiceBench's leaderboard reports)
 
+(``usa``: VoiceBench's README has one SD-QA column and counts 553 sd-qa samples, one region's split; a
+leaderboard submission its maintainer accepted states "the reported results are on the usa subset",
+VoiceBench issue #29.)
+
 Where this differs from VoiceBench, so the numbers are not expected to match its leaderboard: IFEval's
 strict/loose setting is not stated in the source (strict, the setting its IFEvaluator reports first, is
 used; loose is reported beside it); multiple choice is scored by log-likelihood of the letter (VoiceBench
