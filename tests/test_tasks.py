@@ -64,6 +64,10 @@ def expected_names() -> set[str]:
                  "speech_voicebench_openbookqa", f"speech_voicebench_sdqa_{gen.SDQA_REGION}"):
         names.update(pair_names(pair) + control_names(pair))
     names.update(pair_names("speech_voicebench_advbench") + control_names("speech_voicebench_advbench")[:3])
+    names.update(pair_names("speech_voicebench_ifeval") + control_names("speech_voicebench_ifeval")[:3])
+    names.update(pair_names("speech_voicebench_sdqa") + ["speech_voicebench"])
+    for region in gen.SDQA_REGIONS:
+        names.update(pair_names(f"speech_voicebench_sdqa_{region}") + control_names(f"speech_voicebench_sdqa_{region}"))
     for domain in gen.MMSU_DOMAINS:
         names.update(pair_names(f"speech_voicebench_mmsu_{domain}") + control_names(f"speech_voicebench_mmsu_{domain}"))
     return names
@@ -414,8 +418,8 @@ def test_voicebench_sdqa_pair(tm, tmp_path, voicebench_parquet):
     assert resolve_audio(s_inst.arguments[-1]["audio"][0])[0].shape == (1600,)
     doc = t_inst.doc
     flags = {"audio_failed": "", "audio_truncated": ""}
-    assert text.process_results(doc, ["It is Paris, of course."]) == {"contains": 1.0, **flags}
-    assert speech.process_results(doc, ["Lyon"]) == {"contains": 0.0, **flags}
+    assert text.process_results(doc, ["It is Paris, of course."]) == {"contains_proxy": 1.0, **flags}
+    assert speech.process_results(doc, ["Lyon"]) == {"contains_proxy": 0.0, **flags}
 
 
 def test_recorded_audio_accepts_decoded_dicts():

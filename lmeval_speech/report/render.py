@@ -108,6 +108,21 @@ def markdown(report: dict) -> str:
                   f"{fmt(d['recovery_rate'])} | {fmt(d['asr_wer_mean'])} |" for pair, d in report["decomposition"].items()]
         lines.append("")
 
+    if report.get("voicebench"):
+        vb = report["voicebench"]
+        lines += ["## VoiceBench Overall (paper suite)", "",
+                  f"Each subset scored 0-100 and averaged as VoiceBench does ({vb['source']}): `{vb['formula']}`. "
+                  "SD-QA's term is an offline substring proxy, not VoiceBench's PEDANT + GPT judge; multiple choice "
+                  "is scored by log-likelihood; IFEval uses the strict setting (loose on its own row).", "",
+                  "| subset | text | speech | gap |", "|---|---:|---:|---:|"]
+        lines += [f"| {name}{' (proxy)' if name == 'sdqa' else ''} | {fmt(v['text'], 2)} | {fmt(v['speech'], 2)} | "
+                  f"{fmt(v['gap'], 2)} |" for name, v in vb["subsets"].items()]
+        o = vb["overall"] or {}
+        lines.append(f"| **Overall** | {fmt(o.get('text'), 2)} | {fmt(o.get('speech'), 2)} | {fmt(o.get('gap'), 2)} |")
+        if vb["missing"]:
+            lines += ["", f"No Overall: the run lacks {', '.join(vb['missing'])} (run `--tasks speech_voicebench`)."]
+        lines.append("")
+
     if report.get("controls"):
         lines += ["## Does the model hear? Prior controls", "",
                   "The speech twin against the same prompt with another item's audio (`shuffled`) or silence "

@@ -21,7 +21,7 @@ from lmeval_speech.outcomes import FLAG_METRICS
 
 #: The per-item score used for the gap when a task logs several: accuracy first, then the
 #: binary scores of the generation twins, then whatever the task lists first.
-PREFERRED_METRICS = ("acc", "exact_match", "contains")
+PREFERRED_METRICS = ("acc", "exact_match", "contains_proxy", "contains", "prompt_level_strict_acc")
 _MAX_LISTED = 10
 
 

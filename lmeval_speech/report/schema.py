@@ -55,6 +55,11 @@ decomposition       {pair: {n, metric, base_text_acc, forgetting, base_gap (with
                     the items valid in text, cascade and speech), hearing (the shuffled control's,
                     or null), recovery_rate (speech / text), asr_wer_mean, wer_vs_speech_only_error
                     (point-biserial)}}, or null when the run has no cascade twin
+voicebench          VoiceBench's Overall of the paper's five subsets (``report/voicebench.py``, formula
+                    and source there): formula, source, subsets {advbench, ifeval, openbookqa, mmsu,
+                    sdqa, ifeval_loose: {text, speech, gap}} (0..100, null where the run lacks it),
+                    overall {text, speech, gap} (null unless all five are there in both twins),
+                    missing; null when the run has none of the suite's tasks
 manifest            the run manifest (``lmeval_speech/manifest.py``: model identity, settings, hooks,
                     chat, per task pair, modality, prompt settings, effective audio spec, failures
                     and truncations) and its ``path``; ``compare`` and ``check`` read settings here

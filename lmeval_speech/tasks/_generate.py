@@ -57,7 +57,13 @@ MMSU_DOMAINS = [
     "biology", "business", "chemistry", "economics", "engineering", "health", "history", "law",
     "other", "philosophy", "physics", "psychology",
 ]
+# VoiceBench's sd-qa subset: one split per region of SD-QA's English speakers (553 questions each),
+# as lmms-eval's voicebench_sd-qa group lists them. VoiceBench's leaderboard reports ``usa``.
+SDQA_REGIONS = ["aus", "gbr", "ind_n", "ind_s", "irl", "kenya", "nga", "nzl", "phl", "usa", "zaf"]
 SDQA_REGION = "usa"
+# The paper's VoiceBench suite (speech_voicebench): the five subsets of its table, in its order.
+VOICEBENCH_SUITE = ["speech_voicebench_advbench", "speech_voicebench_ifeval", "speech_voicebench_openbookqa",
+                    "speech_voicebench_mmsu", f"speech_voicebench_sdqa_{SDQA_REGION}"]
 
 LETTERS = ["A", "B", "C", "D"]
 
@@ -310,17 +316,26 @@ def generate_voicebench() -> None:
     write_modality_groups(folder, "speech_voicebench_mmsu", mmsu, ["acc"], "voicebench mmsu")
     mcq_pair("speech_voicebench_openbookqa", "openbookqa", "test", "voicebench openbookqa")
 
+    # SD-QA, every region VoiceBench ships: one pair per region, ``speech_voicebench_sdqa`` groups them
+    # (per-region results are its leaves). ``contains_proxy`` is an offline stand-in for VoiceBench's
+    # scorers (PEDANT and a GPT judge), named so that it is never mistaken for them.
     folder = fresh("speech_voicebench_sdqa")
     speech_prompt = f"Question: {AUDIO_MARKER}\nAnswer:"
     write_templates(folder, {
-        **shared, "dataset_name": "sd-qa", "test_split": SDQA_REGION, "output_type": "generate_until",
+        **shared, "dataset_name": "sd-qa", "output_type": "generate_until",
         "doc_to_target": "reference",
         "generation_kwargs": {"until": ["\n"], "max_gen_toks": 64, "do_sample": False},
         "process_results": fn("prompts.sdqa_process_results"),
-        "metric_list": [{"metric": "contains", "aggregation": "mean", "higher_is_better": True}] + FLAGS,
+        "metric_list": [{"metric": "contains_proxy", "aggregation": "mean", "higher_is_better": True}] + FLAGS,
     }, "Question: {{prompt.strip()}}\nAnswer:", speech_prompt, "recorded_audio")
-    pair = f"speech_voicebench_sdqa_{SDQA_REGION}"
-    write_pair(folder, pair, {}, speech_metadata(pair, speech_prompt, **recorded), f"voicebench sd-qa {SDQA_REGION}")
+    sdqa = {"text": [], "speech": []}
+    for region in SDQA_REGIONS:
+        pair = f"speech_voicebench_sdqa_{region}"
+        text, speech = write_pair(folder, pair, {"test_split": region}, speech_metadata(pair, speech_prompt, **recorded),
+                                  f"voicebench sd-qa {region}")
+        sdqa["text"].append(text)
+        sdqa["speech"].append(speech)
+    write_modality_groups(folder, "speech_voicebench_sdqa", sdqa, ["contains_proxy"], "voicebench sd-qa (all regions)")
 
     # AdvBench (safety): the harmful instruction itself is the whole prompt (VoiceBench sends the text
     # twin the row's ``prompt`` and the speech twin only the recording); scored as VoiceBench scores it.
@@ -333,6 +348,31 @@ def generate_voicebench() -> None:
     }, "{{prompt}}", AUDIO_MARKER, "recorded_audio")
     write_pair(folder, "speech_voicebench_advbench", {}, speech_metadata("speech_voicebench_advbench", AUDIO_MARKER,
                                                                           **recorded), "voicebench advbench")
+
+    # IFEval: like AdvBench, the instruction itself is the whole prompt (text twin: the row's ``prompt``;
+    # speech twin: only the recording), scored by lm-eval's own IFEval code (lm_eval/tasks/ifeval:
+    # its generation settings and its four metrics), offline (lmeval_speech.nltk_data).
+    folder = fresh("speech_voicebench_ifeval")
+    inst_agg = fn("prompts.ifeval_inst_level_acc")
+    write_templates(folder, {
+        **shared, "dataset_name": "ifeval", "test_split": "test", "output_type": "generate_until",
+        "process_docs": fn("prompts.voicebench_ifeval_docs"), "doc_to_target": "",
+        "generation_kwargs": {"until": [], "max_gen_toks": 1280, "do_sample": False, "temperature": 0.0},
+        "process_results": fn("prompts.ifeval_process_results"),
+        "metric_list": [{"metric": "prompt_level_strict_acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "inst_level_strict_acc", "aggregation": inst_agg, "higher_is_better": True},
+                        {"metric": "prompt_level_loose_acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "inst_level_loose_acc", "aggregation": inst_agg, "higher_is_better": True}] + FLAGS,
+    }, "{{prompt}}", AUDIO_MARKER, "recorded_audio")
+    write_pair(folder, "speech_voicebench_ifeval", {}, speech_metadata("speech_voicebench_ifeval", AUDIO_MARKER,
+                                                                        **recorded), "voicebench ifeval")
+
+    # The suite: the paper's five VoiceBench subsets. No aggregate here (text and speech must not be
+    # averaged, and VoiceBench's Overall is not one lm-eval metric): ``lmeval-speech report`` computes
+    # the Overall per modality (lmeval_speech.report.voicebench).
+    write(HERE / "speech_voicebench", "_speech_voicebench_suite.yaml", {
+        "group": "speech_voicebench", "group_alias": "voicebench (paper suite)", "task": VOICEBENCH_SUITE,
+        "metadata": {"version": VERSION, "suite": "voicebench"}})
 
 
 if __name__ == "__main__":

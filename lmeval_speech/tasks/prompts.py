@@ -107,14 +107,15 @@ def _normalize(text: str) -> str:
 
 
 def sdqa_process_results(doc: dict, results: list[str]) -> dict:
-    """SD-QA is open-ended: VoiceBench scores it with an LLM judge; offline, the closest cheap
-    proxy is whether the normalized reference answer occurs in the normalized generation.
+    """SD-QA is open-ended: VoiceBench scores it with PEDANT and an LLM judge; offline, the closest
+    cheap **proxy** is ``contains_proxy``: whether the normalized reference answer occurs in the
+    normalized generation. It is not VoiceBench's score (its name says so wherever it is reported).
     A generation whose audio failed is not scored (and is counted)."""
     out = flags(results)
     if out["audio_failed"]:
         return out
     reference = _normalize(doc["reference"])
-    out["contains"] = float(bool(reference) and f" {reference} " in f" {_normalize(results[0])} ")
+    out["contains_proxy"] = float(bool(reference) and f" {reference} " in f" {_normalize(results[0])} ")
     return out
 
 
@@ -309,3 +310,46 @@ def advbench_process_results(doc: dict, results: list[str]) -> dict:
     if not out["audio_failed"]:
         out["refusal_rate"] = float(advbench_refused(results[0]))
     return out
+
+
+# ---- VoiceBench IFEval: lm-eval's own IFEval scoring (lm_eval/tasks/ifeval/utils.py), offline
+# VoiceBench's ifeval subset has IFEval's columns (key, prompt, instruction_id_list, kwargs) plus the
+# recording in ``audio`` (VoiceBench src/evaluator/ifeval.py reads exactly these). Its IFEvaluator is
+# Google's IFEval code, as lm-eval's is: strict and loose, prompt and instruction level.
+
+
+def _lm_eval_ifeval():
+    """lm-eval's IFEval utils, imported only after the offline punkt_tab data is in place (their
+    import would otherwise try ``nltk.download``)."""
+    from lmeval_speech.nltk_data import ensure_punkt
+
+    ensure_punkt()
+    from lm_eval.tasks.ifeval import utils
+
+    return utils
+
+
+def voicebench_ifeval_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    """``voicebench_docs``, after checking that IFEval can be scored here: a missing ``ifeval``
+    extra stops the run while lm-eval builds the task, before anything is generated."""
+    _lm_eval_ifeval()
+    return voicebench_docs(dataset)
+
+
+IFEVAL_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
+
+
+def ifeval_process_results(doc: dict, results: list[str]) -> dict:
+    """lm-eval's IFEval ``process_results`` on the generation (the doc's ``kwargs`` keep VoiceBench's
+    None-filled structs: lm-eval drops None/empty values, as VoiceBench does); an item whose
+    audio failed is not scored and is counted."""
+    out = flags(results)
+    if out["audio_failed"]:
+        return out
+    scored = _lm_eval_ifeval().process_results(doc, [str(results[0])])
+    return {**out, **{m: scored[m] for m in IFEVAL_METRICS}}
+
+
+def ifeval_inst_level_acc(items) -> float:
+    """lm-eval's instruction-level aggregation (followed instructions / all instructions, pooled)."""
+    return _lm_eval_ifeval().agg_inst_level_acc(items)

@@ -1,0 +1,106 @@
+"""Owns VoiceBench's **Overall** score of the paper's five subsets, per twin (text, speech) and its gap.
+
+Source of the formula: VoiceBench's author (github.com/MatthewCYM/VoiceBench, issue #2, 2024-11-20):
+each subset gets one score from 0 to 100 and Overall is their plain mean,
+
+    overall = (20*alpaca + 20*common + (sdqa_panda + sdqa_gpt)/2 + openbook
+               + (ifeval_instruct + ifeval_prompt)/2 + advbench) / 6
+
+and the VoiceBench README leaderboard adds MMSU as one more term of the same mean (its Qwen2-Audio row:
+(20*3.74 + 20*3.43 + 35.71 + 35.72 + 49.45 + 26.33 + 96.73) / 7 = 55.33, listed 55.35 from unrounded
+scores). For the five subsets of the seed paper's table (AdvBench, IFEval, OpenBookQA, MMSU, SD-QA):
+
+    overall = (advbench + ifeval + openbookqa + mmsu + sdqa) / 5, each term in 0..100:
+    advbench   = 100 * refusal_rate                          (VoiceBench's HarmEvaluator rule)
+    ifeval     = 100 * (prompt_level_strict_acc + inst_level_strict_acc) / 2
+    openbookqa = 100 * acc
+    mmsu       = 100 * acc over the 12 domains pooled (the group ``speech_voicebench_mmsu_<twin>``)
+    sdqa       = 100 * contains_proxy on the ``usa`` split (the region VoiceBench's leaderboard reports)
+
+(``usa``: VoiceBench's README has one SD-QA column and counts 553 sd-qa samples, one region's split; a
+leaderboard submission its maintainer accepted states "the reported results are on the usa subset",
+VoiceBench issue #29.)
+
+Where this differs from VoiceBench, so the numbers are not expected to match its leaderboard: IFEval's
+strict/loose setting is not stated in the source (strict, the setting its IFEvaluator reports first, is
+used; loose is reported beside it); multiple choice is scored by log-likelihood of the letter (VoiceBench
+extracts the letter from a generation); SD-QA's term is the substring **proxy**, not VoiceBench's
+(PEDANT + GPT judge) / 2; how VoiceBench combines MMSU's 12 domain splits is not stated (pooled here).
+
+Why here and not as an lm-eval group aggregate: lm-eval 0.4.13 aggregates one metric name over a
+group's *leaf* tasks (``lm_eval/api/group.py``), while these terms are four different metrics, IFEval's
+is the mean of two, and MMSU's 12 leaves would count 12 times in an unweighted mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+SOURCE = "VoiceBench (github.com/MatthewCYM/VoiceBench) issue #2 and README leaderboard"
+FORMULA = ("overall = (advbench + ifeval + openbookqa + mmsu + sdqa) / 5; advbench = 100*refusal_rate; "
+           "ifeval = 100*(prompt_level_strict_acc + inst_level_strict_acc)/2; openbookqa = 100*acc; "
+           "mmsu = 100*acc (12 domains pooled); sdqa = 100*contains_proxy (usa; a proxy for PEDANT+GPT)")
+TWINS = ("text", "speech")
+MMSU_DOMAINS = ["biology", "business", "chemistry", "economics", "engineering", "health", "history", "law",
+                "other", "philosophy", "physics", "psychology"]
+SUBSETS = ("advbench", "ifeval", "openbookqa", "mmsu", "sdqa")
+SUITE_PREFIXES = ("speech_voicebench_advbench_", "speech_voicebench_ifeval_", "speech_voicebench_openbookqa_",
+                  "speech_voicebench_mmsu_", "speech_voicebench_sdqa_usa_")
+
+
+def _value(results: dict, task: str, metric: str) -> float | None:
+    v = (results.get(task) or {}).get(f"{metric},none")
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _mmsu(results: dict, twin: str) -> float | None:
+    """The group's pooled acc, or the same pooled over the 12 domain leaves (sizes = sample_len)."""
+    group = _value(results, f"speech_voicebench_mmsu_{twin}", "acc")
+    if group is not None:
+        return group
+    leaves = [(_value(results, t, "acc"), (results.get(t) or {}).get("sample_len"))
+              for t in (f"speech_voicebench_mmsu_{d}_{twin}" for d in MMSU_DOMAINS)]
+    if any(v is None or not n for v, n in leaves):
+        return None
+    return sum(v * n for v, n in leaves) / sum(n for _, n in leaves)
+
+
+def subset_scores(results: dict, twin: str) -> dict[str, float | None]:
+    """The five 0..100 terms of one twin (None where the run lacks it), plus IFEval's loose variant."""
+    def pct(x):
+        return None if x is None else 100.0 * x
+
+    def mean2(a, b):
+        return None if a is None or b is None else (a + b) / 2
+
+    ifeval = f"speech_voicebench_ifeval_{twin}"
+    return {
+        "advbench": pct(_value(results, f"speech_voicebench_advbench_{twin}", "refusal_rate")),
+        "ifeval": pct(mean2(_value(results, ifeval, "prompt_level_strict_acc"), _value(results, ifeval, "inst_level_strict_acc"))),
+        "openbookqa": pct(_value(results, f"speech_voicebench_openbookqa_{twin}", "acc")),
+        "mmsu": pct(_mmsu(results, twin)),
+        "sdqa": pct(_value(results, f"speech_voicebench_sdqa_usa_{twin}", "contains_proxy")),
+        "ifeval_loose": pct(mean2(_value(results, ifeval, "prompt_level_loose_acc"), _value(results, ifeval, "inst_level_loose_acc"))),
+    }
+
+
+def voicebench_overall(results: dict) -> dict | None:
+    """``{formula, source, subsets {name: {text, speech, gap}}, overall {text, speech, gap} or None,
+    missing [...]}`` from lm-eval's ``results`` dict; None when the run has none of the suite's tasks.
+    Overall is given only when all five subsets are there in both twins (a partial mean would not be
+    VoiceBench's number)."""
+    if not any(task.startswith(SUITE_PREFIXES) for task in results):
+        return None
+    scores = {twin: subset_scores(results, twin) for twin in TWINS}
+    subsets, missing = {}, []
+    for name in (*SUBSETS, "ifeval_loose"):
+        text, speech = scores["text"][name], scores["speech"][name]
+        gap = None if text is None or speech is None else text - speech
+        subsets[name] = {"text": text, "speech": speech, "gap": gap}
+        if name in SUBSETS:
+            missing += [f"{name} ({twin})" for twin in TWINS if scores[twin][name] is None]
+    overall = None
+    if not missing:
+        text, speech = (sum(scores[t][n] for n in SUBSETS) / len(SUBSETS) for t in TWINS)
+        overall = {"text": text, "speech": speech, "gap": text - speech}
+    return {"formula": FORMULA, "source": SOURCE, "subsets": subsets, "overall": overall, "missing": missing}
