@@ -24,8 +24,8 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "default-cache"))
 
 
-def flac_files(root):
-    return sorted(root.rglob("*.flac"))
+def cache_files(root):
+    return sorted(root.rglob("*.pcm"))
 
 
 def test_synthesize_sentence(tmp_path):
@@ -33,8 +33,9 @@ def test_synthesize_sentence(tmp_path):
     assert audio.dtype == np.float32 and audio.ndim == 1
     assert 0.5 < len(audio) / 16000 < 10
     assert np.sqrt(np.mean(audio**2)) > 1e-3
-    [path] = flac_files(tmp_path)
-    assert sf.info(str(path)).samplerate == 16000
+    [path] = cache_files(tmp_path)
+    meta = json.loads(path.read_bytes().split(b"\n", 1)[0])
+    assert (meta["sample_rate"], meta["frames"]) == (16000, len(audio))
 
 
 def test_second_call_is_identical_cache_hit(tmp_path):
@@ -58,7 +59,7 @@ def test_rate_and_voice_change_the_key(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "overwrite", "garbage"])
 def test_corrupt_file_is_detected_and_resynthesized(tmp_path, caplog, damage):
     first = get_audio(SENTENCE, cache_dir=tmp_path)
-    [path] = flac_files(tmp_path)
+    [path] = cache_files(tmp_path)
     data = bytearray(path.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]
@@ -77,16 +78,48 @@ def test_corrupt_file_is_detected_and_resynthesized(tmp_path, caplog, damage):
     assert cache_stats()["hits"] == before["hits"] + 1
 
 
-def test_checksum_catches_valid_flac_with_wrong_samples(tmp_path):
-    """A file that decodes fine but holds other samples (e.g. a bad copy) is not trusted."""
+def test_checksum_catches_a_file_with_wrong_samples(tmp_path):
+    """A file whose header and length are right but whose samples are not (e.g. a bad copy) is not trusted."""
     first = get_audio(SENTENCE, cache_dir=tmp_path)
-    [path] = flac_files(tmp_path)
-    with sf.SoundFile(str(path)) as f:
-        comment, pcm = f.comment, f.read(dtype="int16")
-    with sf.SoundFile(str(path), "w", 16000, 1, subtype="PCM_16", format="FLAC") as f:
-        f.comment = comment
-        f.write(pcm[::-1].copy())
+    [path] = cache_files(tmp_path)
+    head, body = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(head + b"\n" + body[::-1])
+    before = cache_stats()
     assert np.array_equal(get_audio(SENTENCE, cache_dir=tmp_path), first)
+    assert cache_stats()["corrupt"] == before["corrupt"] + 1
+
+
+def _legacy_flac(path, pcm, damaged=False):
+    """A cache file as versions before the .pcm format wrote it: FLAC with a sha256 in its comment
+    (``damaged``: the checksum of other samples)."""
+    import hashlib
+
+    digest = hashlib.sha256((pcm[::-1] if damaged else pcm).astype("<i2").tobytes()).hexdigest()
+    meta = json.dumps({"key": path.stem, "frames": len(pcm), "sha256": digest})
+    with sf.SoundFile(str(path), "w", 16000, 1, subtype="PCM_16", format="FLAC") as f:
+        f.comment = meta
+        f.write(pcm)
+
+
+@pytest.mark.parametrize("intact", [True, False])
+def test_a_cache_written_as_flac_is_read_checked_and_migrated(tmp_path, intact):
+    first = get_audio(SENTENCE, cache_dir=tmp_path)
+    [path] = cache_files(tmp_path)
+    pcm = np.round(first * 32768).astype(np.int16)
+    path.unlink()
+    # another recording under this key: a hit must return it (and not re-synthesize)
+    legacy = pcm[::-1].copy() if intact else pcm
+    _legacy_flac(path.with_suffix(".flac"), legacy, damaged=not intact)
+    before = cache_stats()
+    again = get_audio(SENTENCE, cache_dir=tmp_path)
+    after = cache_stats()
+    if intact:
+        assert np.array_equal(again, legacy.astype(np.float32) / 32768)
+        assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 0)
+        assert [p.suffix for p in tmp_path.rglob("*") if p.is_file()] == [".pcm"]  # migrated
+        assert np.array_equal(get_audio(SENTENCE, cache_dir=tmp_path), again)
+    else:
+        assert np.array_equal(again, first) and after["corrupt"] == before["corrupt"] + 1
 
 
 def _race_target(cache_dir, barrier, queue):
@@ -106,7 +139,7 @@ def test_two_processes_same_key(tmp_path):
         assert p.exitcode == 0
     assert results[0] == results[1]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) == 1 and files[0].suffix == ".flac"
+    assert len(files) == 1 and files[0].suffix == ".pcm"
     assert get_audio("Two processes render this sentence at once.", cache_dir=tmp_path).tobytes() == results[0]
 
 
@@ -120,8 +153,8 @@ def test_non_ascii_and_empty_text(tmp_path):
 
 def test_text_cannot_escape_cache_dir(tmp_path):
     get_audio("../../etc/passwd", cache_dir=tmp_path / "c")
-    [path] = flac_files(tmp_path)
-    assert re.fullmatch(r"[0-9a-f]{64}\.flac", path.name)
+    [path] = cache_files(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{64}\.pcm", path.name)
     assert path.parent.name == path.name[:2] and path.parent.parent == tmp_path / "c"
 
 

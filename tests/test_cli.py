@@ -43,7 +43,7 @@ def cli_run(tiny_qwen2_audio_dir, tmp_path_factory):
            "--tasks", TASK, "--device", "cpu", "--limit", "3", "--batch_size", "4",
            "--log_samples", "--output_path", str(out / "results")]
     first = sh(*cmd, env_extra={"LMEVAL_SPEECH_CACHE": str(cache)})
-    files = {p: os.path.getmtime(p) for p in glob.glob(str(cache / "**/*.flac"), recursive=True)}
+    files = {p: os.path.getmtime(p) for p in glob.glob(str(cache / "**/*.pcm"), recursive=True)}
     cmd[cmd.index("--output_path") + 1] = str(out / "results_again")
     cmd[cmd.index("--model_args") + 1] = f"pretrained={tiny_qwen2_audio_dir}"
     second = sh(*cmd, env_extra={"LMEVAL_SPEECH_CACHE": str(cache)})
@@ -66,7 +66,7 @@ def test_cli_writes_results_and_samples_for_both_twins(cli_run):
 def test_second_run_synthesizes_nothing(cli_run):
     _, _, _, files, cache = cli_run
     assert len(files) == 3  # 3 spoken questions
-    after = {p: os.path.getmtime(p) for p in glob.glob(str(cache / "**/*.flac"), recursive=True)}
+    after = {p: os.path.getmtime(p) for p in glob.glob(str(cache / "**/*.pcm"), recursive=True)}
     assert after == files
 
 

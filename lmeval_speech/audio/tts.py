@@ -12,6 +12,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -110,9 +111,17 @@ class EspeakEngine:
     name = "espeak-ng"
     default_voice = _DEFAULT_VOICE
 
-    @staticmethod
-    def _exe() -> str:
-        exe = shutil.which("espeak-ng")  # looked up per call, so PATH changes are honoured
+    _found: dict[str, str] = {}  # PATH -> espeak-ng found on it (a cache hit must not scan PATH)
+
+    @classmethod
+    def _exe(cls) -> str:
+        path = os.environ.get("PATH", "")  # keyed by PATH, so PATH changes are honoured
+        exe = cls._found.get(path) or shutil.which("espeak-ng")
+        if exe is not None and os.path.isfile(exe):
+            cls._found[path] = exe
+        else:
+            cls._found.pop(path, None)
+            exe = None
         if exe is None:
             raise TTSEngineMissing("espeak-ng is not installed: apt-get install -y espeak-ng")
         return exe
