@@ -132,16 +132,17 @@ class BatchRunner:
         they come (lm-eval's ``--use_cache``) and an interrupted run loses at most one batch.
         """
         results: dict[int, tuple[float, bool]] = {}
+        prefix = self.prefix_cache and self.backend_impl.supports_prefix_cache
         shared: dict[tuple, list[Seq]] = {}
         for s in seqs:
-            key = tuple(self._context(s)) if self.prefix_cache else tuple(s.tokens)
+            key = tuple(self._context(s)) if prefix else tuple(s.tokens)
             shared.setdefault((key, tuple(s.audio)), []).append(s)
         # lm-eval's Collator orders the groups longest first (so a batch's padding is small and an
         # out-of-memory error comes first) and cuts them into batches
         collator = Collator(list(shared.values()), sort_fn=lambda g: -len(g[0].tokens) - max(len(s.cont) for s in g))
         pbar = tqdm(total=len(seqs), desc=desc, disable=disable_tqdm or self.rank != 0)
         for batch_groups in collator.get_batched(n=max(1, self.batch_size)):
-            if self.prefix_cache:
+            if prefix:
                 scored = self._score_prefix_batch(batch_groups, items)
             else:
                 scored = self._score_whole_batch(batch_groups, items)

@@ -56,6 +56,10 @@ class Backend:
     #: The model behaves differently for audio and text inputs (Granite's speech LoRA): batches never
     #: mix the two, and ``set_modality`` is called before each one.
     modality_dependent: ClassVar[bool] = False
+    #: ``run_decoder(use_cache=True)`` + ``run_continuation`` give the whole-sequence numbers, so the
+    #: runner may score an item's choices from one pass over their context (tested per backend in
+    #: tests/test_prefix_cache.py); a backend that is not tested that way sets False.
+    supports_prefix_cache: ClassVar[bool] = True
 
     def set_modality(self, has_audio: bool) -> None:
         """Put the model in its state for audio (True) or text-only (False) inputs."""
