@@ -221,7 +221,7 @@ def test_loglikelihood_matches_direct_forward(family, request):
     np.testing.assert_allclose(one, got, atol=1e-4)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_omni_dir", "tiny_voxtral_dir", "tiny_granite_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_omni_dir", "tiny_voxtral_dir", "tiny_granite_dir", "tiny_af3_dir"])
 def test_generate_until_with_audio(fixture, request):
     lm = LSLM(pretrained=request.getfixturevalue(fixture), device="cpu")
     audio = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
@@ -448,3 +448,218 @@ def test_granite_adapter_declared_but_missing_is_an_error(tiny_granite_dir, tmp_
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ImportError, match="speech LoRA adapter"):
         LSLM(pretrained=str(path), device="cpu")
+
+
+# ---------------------------------------------------------------- issue 14: more audio LLM families
+# Shared checks for the backends added by issue 14: each runs the real processor and the real model.
+
+def processor_reference(model, proc, reqs, placeholder, **call):
+    """(log-likelihoods, audio tokens per clip) from ``model(**proc(text=..., audio=[clip]))``: the
+    real processor expands the placeholder and computes the features; nothing of the backend is used."""
+    audio_id = model.config.audio_token_id
+    scores, counts = [], []
+    for r in reqs:
+        ctx, cont, extra = r.args
+        audio = extra["audio"][0]["array"]
+        prompt = ctx.replace("<audio>", placeholder)
+        full = proc(text=prompt + cont, audio=[audio], return_tensors="pt", **call)
+        n_ctx = proc(text=prompt, audio=[audio], return_tensors="pt", **call)["input_ids"].shape[1]
+        with torch.no_grad():
+            logits = model(**full).logits[0].float()
+        ids = full["input_ids"][0]
+        scores.append(float(torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None])[n_ctx - 1:, 0].sum()))
+        counts.append(int((ids == audio_id).sum()))
+    return scores, counts
+
+
+def audio_statuses(lm, reqs):
+    """The planner's outcome of each distinct clip of ``reqs``, in request order."""
+    from lmeval_speech.models.plan import audio_key
+
+    keys = list(dict.fromkeys(audio_key(r.args[2]["audio"][0]) for r in reqs))
+    return [lm.planner.status[k] for k in keys]
+
+
+def check_parity(path, reqs, reference):
+    """lslm's speech log-likelihoods and token counts equal the real processor + model's, at batch 4 and 1,
+    and the audio matters (scores differ between clips)."""
+    expected, counts = reference(path, reqs)
+    lm = LSLM(pretrained=path, device="cpu", batch_size=4)
+    got = [ll for ll, _ in lm.loglikelihood(reqs)]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert [s.n_tokens for s in audio_statuses(lm, reqs)] == counts[::CHOICES]
+    n = len(reqs) // CHOICES
+    if n > 1:
+        assert (np.ptp(np.array(got).reshape(n, CHOICES), axis=0) > 1e-5).all()
+    one = [ll for ll, _ in LSLM(pretrained=path, device="cpu", batch_size=1).loglikelihood(reqs)]
+    np.testing.assert_allclose(one, got, atol=1e-4)
+    return lm
+
+
+def check_capture(path, tmp_path, hidden_states):
+    """Captured states (every hidden-state index) at the speech positions equal ``hidden_states(prompt,
+    audio)`` there, and at the question's tokens equal the text twin's direct forward there.
+    ``hidden_states(prompt, audio or None) -> (tuple of [T, D], speech positions)``."""
+    from lmeval_speech.capture.store import CaptureReader
+    from test_capture import QUESTION, SPEECH_CTX, TEXT_CTX, mc_requests
+
+    audio = tone(1.3, seed=3)
+    extra = {"audio": [{"array": audio, "sampling_rate": 16000}]}
+    reqs = (mc_requests("speech_mmlu_continuation_geo_speech", SPEECH_CTX, 7, extra)
+            + mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX, 7))
+    lm = LSLM(pretrained=path, device="cpu", batch_size=3, capture="tokens", capture_dir=str(tmp_path / "cap"),
+              capture_layers="all")
+    plain = LSLM(pretrained=path, device="cpu", batch_size=3).loglikelihood(reqs)
+    np.testing.assert_allclose([r[0] for r in lm.loglikelihood(reqs)], [r[0] for r in plain], atol=1e-6)
+    reader = CaptureReader(tmp_path / "cap")
+    (speech,) = [r for r in reader.records if r["modality"] == "speech"]
+    (text,) = [r for r in reader.records if r["modality"] == "text"]
+    hs, where = hidden_states(SPEECH_CTX, audio)
+    arrays = reader.load(speech)
+    assert speech["n_positions"] == len(where) > 0 and len(hs) == len(lm.backend_impl.decoder_layers) + 1
+    np.testing.assert_allclose(arrays["pooled"], np.stack([h[where].mean(0).numpy() for h in hs]), atol=1e-4)
+    np.testing.assert_allclose(arrays["tokens"][-1].astype(np.float32), hs[-1][where].numpy(), atol=2e-2)
+    hs, _ = hidden_states(TEXT_CTX, None)
+    enc = lm.tokenizer(TEXT_CTX, return_offsets_mapping=True, add_special_tokens=False)
+    start = TEXT_CTX.index(QUESTION)
+    q = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < start + len(QUESTION)]
+    offset = len(lm.tok_encode(TEXT_CTX)) - len(enc["input_ids"])  # a BOS the backend adds
+    q = [i + offset for i in q]
+    assert text["n_positions"] == len(q)
+    np.testing.assert_allclose(reader.load(text)["pooled"], np.stack([h[q].mean(0).numpy() for h in hs]), atol=1e-4)
+
+
+def check_interventions(path):
+    from test_interventions import check_decoder_layer_edit, run
+
+    plain = run(LSLM(pretrained=path, device="cpu"))
+    for kind in ("angle", "length"):
+        check_decoder_layer_edit(path, plain, kind)
+
+
+# ---------------------------------------------------------------- Audio Flamingo 3
+# The processor chat template released checkpoints carry (transformers' convert_audioflamingo3_to_hf.py).
+AF3_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages if m['content'] is not none %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% set audio = namespace(found=False) %}{% set text_buf = namespace(v='') %}"
+    "{% for c in m['content'] %}{% if c.get('type') == 'audio' or 'audio' in c %}{% set audio.found = True %}"
+    "{% elif c.get('type') == 'text' or 'text' in c %}{% set text_buf.v = text_buf.v + c['text'] %}{% endif %}"
+    "{% endfor %}{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_af3(path, max_audio_len=600):
+    from transformers import (AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor,
+                              WhisperFeatureExtractor)
+
+    tok = build_tokenizer()
+    tok.add_tokens(["<sound>"], special_tokens=True)
+    torch.manual_seed(0)
+    cfg = AudioFlamingo3Config(
+        audio_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                          num_mel_bins=128, max_source_positions=1500),
+        text_config=dict(model_type="qwen2", **_text_config(tok)),
+        audio_token_id=tok.convert_tokens_to_ids("<sound>"),
+    )
+    AudioFlamingo3ForConditionalGeneration(cfg).save_pretrained(path)
+    AudioFlamingo3Processor(feature_extractor=WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
+                            tokenizer=tok, chat_template=AF3_CHAT_TEMPLATE, max_audio_len=max_audio_len).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_af3_dir(tmp_path_factory):
+    return save_tiny_af3(tmp_path_factory.mktemp("tiny_audioflamingo3"))
+
+
+def af3_reference(path, reqs):
+    from transformers import AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor
+
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return processor_reference(model, AudioFlamingo3Processor.from_pretrained(path), reqs, "<sound>")
+
+
+def test_af3_loglikelihood_matches_the_processor_and_model(tiny_af3_dir):
+    """Clips of 1 s, 31 s (two 30 s windows: 750 + 25 tokens, as the processor counts) and 0.7 s."""
+    from lmeval_speech.models.backends.audioflamingo3 import AudioFlamingo3Backend
+
+    lm = check_parity(tiny_af3_dir, speech_requests((1.0, 31.0, 0.7)), af3_reference)
+    assert type(lm.backend_impl) is AudioFlamingo3Backend
+    assert [s.n_tokens for s in lm.planner.status.values()] == [25, 775, 17]
+
+
+def test_af3_captures_speech_and_text_states(tiny_af3_dir, tmp_path):
+    from transformers import AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor
+
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_af3_dir, dtype=torch.float32).eval()
+    proc = AudioFlamingo3Processor.from_pretrained(tiny_af3_dir)
+
+    def hidden_states(prompt, audio):
+        if audio is None:
+            inputs = proc.tokenizer(prompt, return_tensors="pt")
+        else:
+            inputs = proc(text=prompt.replace("<audio>", "<sound>"), audio=[audio], return_tensors="pt")
+        with torch.no_grad():
+            hs = model(**inputs, output_hidden_states=True).hidden_states
+        where = (inputs["input_ids"][0] == model.config.audio_token_id).nonzero()[:, 0].tolist()
+        return [h[0] for h in hs], where
+
+    check_capture(tiny_af3_dir, tmp_path, hidden_states)
+
+
+def test_af3_interventions_are_exact_and_local(tiny_af3_dir):
+    check_interventions(tiny_af3_dir)
+
+
+def test_af3_45_second_clip_is_never_cut(tiny_af3_dir):
+    """45 s: two windows (30 s + 15 s), 750 + 375 tokens under one <sound>, as the processor gives, same scores."""
+    clip = tone(45.0, seed=9)
+    reqs = speech_requests((45.0,))
+    for r in reqs:
+        r.arguments[2]["audio"][0]["array"] = clip
+    lm = check_parity(tiny_af3_dir, reqs, af3_reference)
+    (status,) = lm.planner.status.values()
+    assert status.n_tokens == 1125 and status.notes["seconds"] == 45.0 and not status.truncated
+
+
+def test_af3_audio_past_the_processor_limit_is_cut_as_it_cuts_and_flagged(tmp_path):
+    """A processor whose max_audio_len is 60 s cuts a 75 s clip at 60 s (a log warning); lslm cuts at the same
+    point, scores as the processor + model do, and flags the item; audio_overflow=error refuses it."""
+    path = save_tiny_af3(tmp_path / "af3_60s", max_audio_len=60)
+    clip = tone(75.0, seed=4)
+    reqs = speech_requests((75.0,))
+    for r in reqs:
+        r.arguments[2]["audio"][0]["array"] = clip
+    lm = check_parity(path, reqs, af3_reference)
+    assert lm.max_audio_seconds == 60.0
+    (status,) = lm.planner.status.values()
+    assert status.n_tokens == 1500 and status.truncated and status.notes["seconds"] == 60.0
+    assert all(getattr(r[0], "truncated", "") for r in lm.loglikelihood(reqs))
+    from lmeval_speech.models.plan import AudioRequestError
+
+    with pytest.raises(AudioRequestError, match=r"75.0s exceeds 60.0s"):
+        LSLM(pretrained=path, device="cpu", audio_overflow="error").loglikelihood(reqs)
+
+
+def test_af3_chat_template_is_the_processors(tiny_af3_dir):
+    from transformers import AudioFlamingo3Processor
+
+    proc = AudioFlamingo3Processor.from_pretrained(tiny_af3_dir)
+    lm = LSLM(pretrained=tiny_af3_dir, device="cpu")
+    desc = "The following are questions (with answers) about geography."
+    speech = lm.apply_chat_template([{"role": "system", "content": desc},
+                                     {"role": "user", "content": "Question: <audio>\nAnswer:"}])
+    expected = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": f"{desc}\n\nQuestion: "}, {"type": "audio"},
+                                      {"type": "text", "text": "\nAnswer:"}]}], tokenize=False, add_generation_prompt=True)
+    assert speech == expected.replace("<sound>", "<audio>")
+    assert speech.startswith("<|im_start|>system\nYou are a helpful assistant.") and "user\n<audio>The following" in speech
+    audio = tone(1.2, seed=5)
+    reqs = [req(speech, "Paris", {"audio": [{"array": audio, "sampling_rate": 16000}]})]
+    (ll, _), = lm.loglikelihood(reqs)
+    # lm-eval moves the context's trailing whitespace ("assistant\n") into the continuation
+    moved = [req(speech.rstrip(), speech[len(speech.rstrip()):] + "Paris", reqs[0].args[2])]
+    np.testing.assert_allclose(ll, af3_reference(tiny_af3_dir, moved)[0][0], atol=1e-4)

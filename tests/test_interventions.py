@@ -67,7 +67,13 @@ def plain(tiny_qwen2_audio_dir):
 
 @pytest.mark.parametrize("kind", ["angle", "length"])
 def test_decoder_layer_edit_is_exact_and_local(tiny_qwen2_audio_dir, plain, kind):
-    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention=kind, intervene_layers="1", critical="bottom2")
+    check_decoder_layer_edit(tiny_qwen2_audio_dir, plain, kind)
+
+
+def check_decoder_layer_edit(path, plain, kind):
+    """Hidden state 1 of the speech twin edited at the 2 critical positions the plain run's states
+    give, exactly as the op says; everything else bit-identical; the text twin's score untouched."""
+    lm = LSLM(pretrained=path, device="cpu", intervention=kind, intervene_layers="1", critical="bottom2")
     res, speech, _ = run(lm)
     p_res, p_speech, p_text = plain
     sp, tp = speech_positions(lm), text_positions(lm)
