@@ -663,3 +663,229 @@ def test_af3_chat_template_is_the_processors(tiny_af3_dir):
     # lm-eval moves the context's trailing whitespace ("assistant\n") into the continuation
     moved = [req(speech.rstrip(), speech[len(speech.rstrip()):] + "Paris", reqs[0].args[2])]
     np.testing.assert_allclose(ll, af3_reference(tiny_af3_dir, moved)[0][0], atol=1e-4)
+
+
+# ---------------------------------------------------------------- Gemma 3n (audio path)
+# The processor chat template of released Gemma 3n checkpoints.
+GEMMA3N_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'audio' -%}\n"
+    "                {{ '<audio_soft_token>' }}\n"
+    "            {%- elif item['type'] == 'image' -%}\n"
+    "                {{ '<image_soft_token>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+
+def gemma3n_tokenizer():
+    """The test BPE laid out as Gemma 3n's vocabulary: text ids (the per-layer table), then the vision and the
+    audio vocabularies (``<end_of_audio>`` first, ``<audio_soft_token>`` next, as released); BOS added, as Gemma's."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    base = build_tokenizer()
+    n = len(base)
+    base.add_tokens(["<start_of_audio>", "<start_of_image>", "<start_of_turn>", "<end_of_turn>",  # text
+                     "<image_soft_token>", "<end_of_image>", "<vision_2>", "<vision_3>",  # vision vocab
+                     "<end_of_audio>", "<audio_soft_token>", "<audio_2>", "<audio_3>"], special_tokens=True)  # audio
+    backend = base.backend_tokenizer
+    bos = base.convert_tokens_to_ids("<|im_start|>")
+    backend.post_processor = TemplateProcessing(single="<|im_start|> $A", pair="<|im_start|> $A $B",
+                                                special_tokens=[("<|im_start|>", bos)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>", extra_special_tokens={
+            "boa_token": "<start_of_audio>", "boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
+            "eoi_token": "<end_of_image>", "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>"})
+    return tok, n + 4  # text vocabulary size (ids below it have per-layer embeddings)
+
+
+def save_tiny_gemma3n(path):
+    from transformers import (Gemma3nAudioFeatureExtractor, Gemma3nConfig, Gemma3nForConditionalGeneration,
+                              Gemma3nProcessor, SiglipImageProcessorPil)
+
+    from lmeval_speech.models.backends.gemma3n import without_vision_tower
+
+    tok, n_text = gemma3n_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    # 6 layers, the last 2 reusing earlier layers' K/V (as released models do). Gemma 3n normalizes q, k and v,
+    # so a position's K/V ignore its norm: a length edit reaches the score only through layers with their own K/V.
+    cfg = Gemma3nConfig(
+        text_config=dict(vocab_size=n_text + 8, vocab_size_per_layer_input=n_text, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         hidden_size_per_layer_input=8, layer_types=["sliding_attention", "full_attention"] * 3,
+                         sliding_window=64, activation_sparsity_pattern=[0.95] + [0.0] * 5, num_kv_shared_layers=2,
+                         laurel_rank=4, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, final_logit_softcapping=5.0),
+        vision_config=dict(hidden_size=32, vocab_size=4, vocab_offset=n_text),
+        audio_config=dict(hidden_size=32, conf_num_attention_heads=4, conf_num_hidden_layers=2,
+                          sscp_conv_channel_size=[8, 8], vocab_size=4, vocab_offset=n_text + 4),
+        audio_token_id=ids("<audio_soft_token>"), boa_token_id=ids("<start_of_audio>"), eoa_token_id=ids("<end_of_audio>"),
+        image_token_id=ids("<image_soft_token>"), boi_token_id=ids("<start_of_image>"), eoi_token_id=ids("<end_of_image>"),
+    )
+    torch.manual_seed(0)
+    with without_vision_tower():  # its vision tower is a timm model (needs torchvision); the audio path has none
+        model = Gemma3nForConditionalGeneration(cfg)
+    with torch.no_grad():  # zero-initialized scales (AltUp's correct_output_scale: it gates the per-layer inputs)
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(path)
+    Gemma3nProcessor(feature_extractor=Gemma3nAudioFeatureExtractor(), image_processor=SiglipImageProcessorPil(),
+                     tokenizer=tok, chat_template=GEMMA3N_CHAT_TEMPLATE).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3n_dir(tmp_path_factory):
+    return save_tiny_gemma3n(tmp_path_factory.mktemp("tiny_gemma3n"))
+
+
+def _gemma3n(path):
+    from transformers import AutoProcessor, Gemma3nForConditionalGeneration
+
+    from lmeval_speech.models.backends.gemma3n import without_vision_tower
+
+    with without_vision_tower():
+        model = Gemma3nForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def gemma3n_reference(path, reqs, **call):
+    model, proc = _gemma3n(path)
+    return processor_reference(model, proc, reqs, "<audio_soft_token>", **call)
+
+
+def test_gemma3n_loglikelihood_matches_the_processor_and_model(tiny_gemma3n_dir):
+    """188 soft tokens per clip whatever its length (the encoder gives fewer; the model pads them)."""
+    from lmeval_speech.models.backends.gemma3n import Gemma3nBackend
+
+    lm = check_parity(tiny_gemma3n_dir, speech_requests((1.0, 2.3, 0.7)), gemma3n_reference)
+    assert type(lm.backend_impl) is Gemma3nBackend
+    assert [s.n_tokens for s in lm.planner.status.values()] == [188, 188, 188]
+    assert lm.tok_encode("Question:")[0] == lm.tokenizer.bos_token_id
+
+
+def test_gemma3n_text_twin_matches_the_model(tiny_gemma3n_dir):
+    """Text only (per-layer inputs, soft-capped logits, an <end_of_audio> id from the audio vocabulary)."""
+    model, proc = _gemma3n(tiny_gemma3n_dir)
+    pairs = [("Question: What is the capital of France?\nAnswer:", " Paris"), ("A. Paris B. Rome<end_of_audio>", " C")]
+    got = [ll for ll, _ in LSLM(pretrained=tiny_gemma3n_dir, device="cpu", batch_size=2).loglikelihood(
+        [req(c, x) for c, x in pairs])]
+    expected = [_score(proc.tokenizer, lambda ids: model(**ids).logits, c, x) for c, x in pairs]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_gemma3n_captures_speech_and_text_states(tiny_gemma3n_dir, tmp_path):
+    model, proc = _gemma3n(tiny_gemma3n_dir)
+    active = model.config.text_config.altup_active_idx
+
+    def hidden_states(prompt, audio):
+        if audio is None:
+            inputs = proc.tokenizer(prompt, return_tensors="pt")
+        else:
+            inputs = proc(text=prompt.replace("<audio>", "<audio_soft_token>"), audio=[audio], return_tensors="pt")
+        with torch.no_grad():
+            hs = model(**inputs, output_hidden_states=True).hidden_states
+        where = (inputs["input_ids"][0] == model.config.audio_token_id).nonzero()[:, 0].tolist()
+        return [h[active, 0] for h in hs], where  # layers output [streams, B, T, D]
+
+    check_capture(tiny_gemma3n_dir, tmp_path, hidden_states)
+
+
+def test_gemma3n_interventions_are_exact_and_local(tiny_gemma3n_dir):
+    check_interventions(tiny_gemma3n_dir)
+
+
+def test_gemma3n_45_second_clip_is_cut_at_30_s_as_its_extractor_cuts_and_flagged(tiny_gemma3n_dir):
+    clip = tone(45.0, seed=9)
+    reqs = speech_requests((45.0,))
+    for r in reqs:
+        r.arguments[2]["audio"][0]["array"] = clip
+    lm = check_parity(tiny_gemma3n_dir, reqs, gemma3n_reference)  # the processor cuts at 30 s too
+    (status,) = lm.planner.status.values()
+    assert status.truncated and status.notes["seconds"] == 30.0 and status.n_tokens == 188
+
+
+def test_gemma3n_chat_template_and_generation(tiny_gemma3n_dir):
+    model, proc = _gemma3n(tiny_gemma3n_dir)
+    lm = LSLM(pretrained=tiny_gemma3n_dir, device="cpu", batch_size=2)
+    desc = "The following are questions (with answers) about geography."
+    speech = lm.apply_chat_template([{"role": "system", "content": desc},
+                                     {"role": "user", "content": "Question: <audio>\nAnswer:"}])
+    expected = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": f"{desc}\n\nQuestion: "}, {"type": "audio"},
+                                      {"type": "text", "text": "\nAnswer:"}]}], tokenize=False, add_generation_prompt=True)
+    assert speech == expected.replace("<audio_soft_token>", "<audio>")
+    assert speech.startswith("<|im_start|><start_of_turn>user\n") and "Question:<audio>Answer:" in speech
+    audio = tone(1.2, seed=5)
+    extra = {"audio": [{"array": audio, "sampling_rate": 16000}]}
+    (ll, _), = lm.loglikelihood([req(speech, "Paris", extra)])
+    moved = [req(speech.rstrip(), speech[len(speech.rstrip()):] + "Paris", extra)]
+    # the template wrote BOS: no second one (as the processor's apply_chat_template(tokenize=True) does)
+    np.testing.assert_allclose(ll, gemma3n_reference(tiny_gemma3n_dir, moved, add_special_tokens=False)[0][0],
+                               atol=1e-4)
+    # greedy generation equals the model's own generate on the processor's output (per-layer inputs included)
+    kw = {"until": ["<|im_end|>"], "max_gen_toks": 5, "do_sample": False}
+    texts = ["Question: What is the capital of France?\nAnswer:", "the quick"]
+    got = lm.generate_until([req(speech, kw, extra, kind="generate_until")] + [req(t, kw, kind="generate_until")
+                                                                               for t in texts])
+    inputs = proc(text=speech.replace("<audio>", "<audio_soft_token>"), audio=[audio], return_tensors="pt",
+                  add_special_tokens=False)
+    expected = [model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, inputs["input_ids"].shape[1]:]]
+    for t in texts:
+        ids = proc.tokenizer(t, return_tensors="pt")
+        expected.append(model.generate(**ids, max_new_tokens=5, do_sample=False)[0, ids["input_ids"].shape[1]:])
+    assert got == [proc.tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+
+
+def test_gemma3n_generate_gets_the_prompts_per_layer_inputs(tiny_gemma3n_dir):
+    """Generation from embeddings: the step scores equal the model's generate on the ids; without the
+    prompt's ids (no per-layer inputs on the prefill step) they would not."""
+    model, _ = _gemma3n(tiny_gemma3n_dir)
+    b = LSLM(pretrained=tiny_gemma3n_dir, device="cpu").backend_impl
+    ids = torch.tensor([b.tokenizer.encode("Question: What is the capital of France?\nAnswer:")])
+    mask = torch.ones_like(ids)
+    kw = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = torch.stack(model.generate(input_ids=ids, attention_mask=mask, **kw).scores)
+        ours = torch.stack(b.generate(prompt_ids=ids, inputs_embeds=b.embed_tokens(ids), attention_mask=mask, **kw).scores)
+        blind = torch.stack(b.generate(inputs_embeds=b.embed_tokens(ids), attention_mask=mask, **kw).scores)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    assert (blind - ref).abs().max() > 1e-3

@@ -28,8 +28,13 @@ def requests():
 def record_layer_inputs(lm):
     """Pre-hooks (registered by the test, not the adapter) keep every decoder layer's input per call."""
     seen = {i: [] for i in range(len(lm.backend_impl.decoder_layers))}
+    stream = lm.backend_impl.layer_output_stream  # layers that carry [streams, B, T, D] (Gemma 3n): its hidden state
+
+    def state(h):
+        return (h[stream] if stream is not None and h.dim() == 4 else h).detach().clone()
+
     handles = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: seen[i].append(
-        (kw.get("hidden_states", a[0] if a else None)).detach().clone()), with_kwargs=True)
+        state(kw.get("hidden_states", a[0] if a else None))), with_kwargs=True)
         for i, layer in enumerate(lm.backend_impl.decoder_layers)]
     return seen, handles
 

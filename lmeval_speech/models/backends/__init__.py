@@ -12,6 +12,7 @@ SPEECH_BACKENDS = {
     "voxtral": "lmeval_speech.models.backends.voxtral:VoxtralBackend",
     "granite_speech": "lmeval_speech.models.backends.granite_speech:GraniteSpeechBackend",
     "audioflamingo3": "lmeval_speech.models.backends.audioflamingo3:AudioFlamingo3Backend",
+    "gemma3n": "lmeval_speech.models.backends.gemma3n:Gemma3nBackend",
     "lmeval_speech_mini": "lmeval_speech.mini.backend:MiniBackend",
 }
 TEXT_BACKEND = "lmeval_speech.models.backends.causal_lm:CausalLMBackend"
