@@ -221,7 +221,7 @@ def test_loglikelihood_matches_direct_forward(family, request):
     np.testing.assert_allclose(one, got, atol=1e-4)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_omni_dir", "tiny_voxtral_dir", "tiny_granite_dir", "tiny_af3_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_omni_dir", "tiny_voxtral_dir", "tiny_granite_dir", "tiny_af3_dir", "tiny_gemma3n_dir", "tiny_qwen3_omni_dir"])
 def test_generate_until_with_audio(fixture, request):
     lm = LSLM(pretrained=request.getfixturevalue(fixture), device="cpu")
     audio = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
@@ -889,3 +889,169 @@ def test_gemma3n_generate_gets_the_prompts_per_layer_inputs(tiny_gemma3n_dir):
         blind = torch.stack(b.generate(inputs_embeds=b.embed_tokens(ids), attention_mask=mask, **kw).scores)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     assert (blind - ref).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- Qwen3-Omni-MoE thinker
+QWEN3_OMNI_TOKENS = dict(audio_token="<|audio_pad|>", audio_bos_token="<|audio_start|>", audio_eos_token="<|audio_end|>",
+                         image_token="<|image_pad|>", video_token="<|video_pad|>", vision_bos_token="<|vision_start|>",
+                         vision_eos_token="<|vision_end|>")
+
+
+def save_tiny_qwen3_omni(path):
+    """A random-weight Qwen3-Omni thinker (MoE LLM: 4 experts, top 2) with its tokenizer and feature extractor
+    (its processor needs torchvision for its image and video processors)."""
+    from transformers import (PreTrainedTokenizerFast, Qwen3OmniMoeThinkerConfig,
+                              Qwen3OmniMoeThinkerForConditionalGeneration, WhisperFeatureExtractor)
+
+    base = build_tokenizer()
+    base.add_tokens(list(QWEN3_OMNI_TOKENS.values()), special_tokens=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                  extra_special_tokens=QWEN3_OMNI_TOKENS)
+    ids = tok.convert_tokens_to_ids
+    cfg = Qwen3OmniMoeThinkerConfig(
+        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                          num_mel_bins=128, output_dim=64, downsample_hidden_size=16, n_window=50, n_window_infer=400),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           deepstack_visual_indexes=[0]),
+        # 3 layers: RMSNorm ahead of every layer makes one layer blind to a position's norm, so a length edit at
+        # hidden state 1 reaches the score through the residual stream of the layers after it
+        text_config=dict(_text_config(tok), num_hidden_layers=3, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                         num_experts_per_tok=2,
+                         decoder_sparse_step=1, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                 "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
+        audio_token_id=ids("<|audio_pad|>"), audio_start_token_id=ids("<|audio_start|>"),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(0)
+    Qwen3OmniMoeThinkerForConditionalGeneration(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_omni_dir(tmp_path_factory):
+    return save_tiny_qwen3_omni(tmp_path_factory.mktemp("tiny_qwen3_omni_thinker"))
+
+
+def _qwen3_omni(path):
+    from transformers import AutoTokenizer, Qwen3OmniMoeThinkerForConditionalGeneration, WhisperFeatureExtractor
+
+    model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path), WhisperFeatureExtractor.from_pretrained(path)
+
+
+def qwen3_omni_audio_inputs(fe, tok, audio):
+    """``Qwen3OmniMoeProcessor._process_audio`` itself (the processor's own audio path, with its default
+    audio kwargs) on an object holding what it reads: the features, the mask, the placeholder expansion."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen3OmniMoeProcessor
+
+    proc = SimpleNamespace(n_window=Qwen3OmniMoeProcessor.n_window, feature_extractor=fe, audio_token=tok.audio_token)
+    proc.replace_audio_token = lambda inputs, audio_idx: Qwen3OmniMoeProcessor.replace_audio_token(proc, inputs, audio_idx)
+    inputs, (replacement,) = Qwen3OmniMoeProcessor._process_audio(proc, [audio], return_tensors="pt",
+                                                                   **Qwen3OmniMoeProcessor.audio_kwargs)
+    return inputs, replacement
+
+
+def qwen3_omni_reference(path, reqs):
+    model, tok, fe = _qwen3_omni(path)
+    scores, counts = [], []
+    for r in reqs:
+        ctx, cont, extra = r.args
+        inputs, replacement = qwen3_omni_audio_inputs(fe, tok, extra["audio"][0]["array"])
+        prompt = ctx.replace("<audio>", "<|audio_start|>" + replacement + "<|audio_end|>")
+        scores.append(_score(tok, lambda ids: model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
+                                                    input_features=inputs["input_features"],
+                                                    feature_attention_mask=inputs["feature_attention_mask"]).logits,
+                             prompt, cont))
+        counts.append(replacement.count(tok.audio_token))
+    return scores, counts
+
+
+def test_qwen3_omni_loglikelihood_matches_the_thinker(tiny_qwen3_omni_dir):
+    """1 s -> 13 tokens (one full 100-frame chunk), 2.3 s -> 30, 0.7 s -> 9, 3.05 s (not a whole number of
+    mel hops: 305 frames, 3 full chunks + 5 frames) -> 40, as the processor's audio path counts them."""
+    from lmeval_speech.models.backends.qwen3_omni_moe import Qwen3OmniMoeThinkerBackend
+
+    reqs = speech_requests((1.0, 2.3, 0.7))
+    odd = speech_requests((3.05,))
+    for r in odd:
+        r.arguments[2]["audio"][0]["array"] = tone(3.05, seed=2)[:48_857]  # 305 hops + 57 samples
+    lm = check_parity(tiny_qwen3_omni_dir, reqs + odd, qwen3_omni_reference)
+    assert type(lm.backend_impl) is Qwen3OmniMoeThinkerBackend
+    assert [s.n_tokens for s in audio_statuses(lm, reqs + odd)] == [13, 30, 9, 40]
+
+
+def test_qwen3_omni_position_ids_follow_the_thinker(tiny_qwen3_omni_dir):
+    """run_decoder's positions are the thinker's own (``compute_3d_position_ids``) for a padded batch."""
+    lm = LSLM(pretrained=tiny_qwen3_omni_dir, device="cpu")
+    b = lm.backend_impl
+    a = b.audio_token_id
+    ids = torch.tensor([[11, 3] + [a] * 5 + [5, 12, 13], [11, 3] + [a] * 2 + [5, 12, 0, 0, 0, 0]])
+    mask = (torch.arange(10) < torch.tensor([[10], [6]])).long()
+    captured = {}
+    real = b.decoder.forward
+    b.decoder.forward = lambda **kw: captured.update(kw) or real(**kw)
+    b.run_decoder(b.embed_tokens(ids), mask, ids)
+    thinker = b.model.model
+    thinker.rope_deltas = None
+    expected = thinker.compute_3d_position_ids(ids, None, None, b.embed_tokens(ids), mask, None)
+    assert torch.equal(captured["position_ids"], expected)
+
+
+def test_qwen3_omni_captures_speech_and_text_states(tiny_qwen3_omni_dir, tmp_path):
+    model, tok, fe = _qwen3_omni(tiny_qwen3_omni_dir)
+
+    def hidden_states(prompt, audio):
+        kw = {}
+        if audio is not None:
+            inputs, replacement = qwen3_omni_audio_inputs(fe, tok, audio)
+            prompt = prompt.replace("<audio>", "<|audio_start|>" + replacement + "<|audio_end|>")
+            kw = dict(input_features=inputs["input_features"], feature_attention_mask=inputs["feature_attention_mask"])
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            hs = model(**ids, **kw, output_hidden_states=True).hidden_states
+        where = (ids["input_ids"][0] == model.config.audio_token_id).nonzero()[:, 0].tolist()
+        return [h[0] for h in hs], where
+
+    check_capture(tiny_qwen3_omni_dir, tmp_path, hidden_states)
+
+
+def test_qwen3_omni_interventions_are_exact_and_local(tiny_qwen3_omni_dir):
+    check_interventions(tiny_qwen3_omni_dir)
+
+
+def test_qwen3_omni_45_second_clip_is_taken_whole(tiny_qwen3_omni_dir):
+    """45 s in one piece (no 30 s window: 45 chunks of 13 tokens), scored as the thinker scores it."""
+    clip = tone(45.0, seed=9)
+    reqs = speech_requests((45.0,))
+    for r in reqs:
+        r.arguments[2]["audio"][0]["array"] = clip
+    lm = check_parity(tiny_qwen3_omni_dir, reqs, qwen3_omni_reference)
+    (status,) = lm.planner.status.values()
+    assert status.n_tokens == 585 and status.notes["seconds"] == 45.0 and not status.truncated
+
+
+def test_full_qwen3_omni_checkpoint_loads_its_thinker(tiny_qwen3_omni_dir, tmp_path):
+    import shutil
+
+    from transformers import (Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration,
+                              Qwen3OmniMoeThinkerForConditionalGeneration)
+
+    thinker = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(tiny_qwen3_omni_dir)
+    full = Qwen3OmniMoeForConditionalGeneration(
+        Qwen3OmniMoeConfig(thinker_config=thinker.config.to_dict(), enable_audio_output=False))
+    full.thinker.load_state_dict(thinker.state_dict())
+    path = tmp_path / "tiny_qwen3_omni"
+    full.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(f"{tiny_qwen3_omni_dir}/{name}", path / name)
+    lm = LSLM(pretrained=str(path), device="cpu", batch_size=4)
+    assert isinstance(lm.model, Qwen3OmniMoeThinkerForConditionalGeneration)
+    reqs = speech_requests((1.0, 0.7))
+    expected = LSLM(pretrained=tiny_qwen3_omni_dir, device="cpu", batch_size=4).loglikelihood(reqs)
+    np.testing.assert_allclose([x for x, _ in lm.loglikelihood(reqs)], [x for x, _ in expected], atol=1e-5)

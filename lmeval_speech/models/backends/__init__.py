@@ -13,6 +13,8 @@ SPEECH_BACKENDS = {
     "granite_speech": "lmeval_speech.models.backends.granite_speech:GraniteSpeechBackend",
     "audioflamingo3": "lmeval_speech.models.backends.audioflamingo3:AudioFlamingo3Backend",
     "gemma3n": "lmeval_speech.models.backends.gemma3n:Gemma3nBackend",
+    "qwen3_omni_moe": "lmeval_speech.models.backends.qwen3_omni_moe:Qwen3OmniMoeThinkerBackend",
+    "qwen3_omni_moe_thinker": "lmeval_speech.models.backends.qwen3_omni_moe:Qwen3OmniMoeThinkerBackend",
     "lmeval_speech_mini": "lmeval_speech.mini.backend:MiniBackend",
 }
 TEXT_BACKEND = "lmeval_speech.models.backends.causal_lm:CausalLMBackend"
