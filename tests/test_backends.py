@@ -221,7 +221,7 @@ def test_loglikelihood_matches_direct_forward(family, request):
     np.testing.assert_allclose(one, got, atol=1e-4)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_omni_dir", "tiny_voxtral_dir", "tiny_granite_dir", "tiny_af3_dir", "tiny_gemma3n_dir", "tiny_qwen3_omni_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_omni_dir", "tiny_voxtral_dir", "tiny_granite_dir", "tiny_af3_dir", "tiny_gemma3n_dir", "tiny_qwen3_omni_dir", "tiny_phi4_dir"])
 def test_generate_until_with_audio(fixture, request):
     lm = LSLM(pretrained=request.getfixturevalue(fixture), device="cpu")
     audio = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
@@ -1055,3 +1055,184 @@ def test_full_qwen3_omni_checkpoint_loads_its_thinker(tiny_qwen3_omni_dir, tmp_p
     reqs = speech_requests((1.0, 0.7))
     expected = LSLM(pretrained=tiny_qwen3_omni_dir, device="cpu", batch_size=4).loglikelihood(reqs)
     np.testing.assert_allclose([x for x, _ in lm.loglikelihood(reqs)], [x for x, _ in expected], atol=1e-5)
+
+
+# ---------------------------------------------------------------- Phi-4-multimodal (audio path)
+# By module name, so it also reaches the audio encoder's feed-forward and attention output layers: a stricter case
+# than an adapter on the LLM's layers only (the encoder must then run in the model's speech state).
+PHI4_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+
+
+def save_tiny_phi4(path, speech_lora=True):
+    """A random-weight Phi-4-multimodal with its tokenizer and feature extractor (its processor needs
+    torchvision), and a random speech LoRA in ``speech-lora/`` as released checkpoints carry it (peft's
+    file format: ``base_model.model.``-prefixed keys)."""
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalFeatureExtractor, Phi4MultimodalForCausalLM
+
+    tok = build_tokenizer()
+    tok.add_tokens(["<|endoftext10|>", "<|endoftext11|>", "<|user|>", "<|end|>", "<|assistant|>"], special_tokens=True)
+    ids = tok.convert_tokens_to_ids
+    cfg = Phi4MultimodalConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14, crop_size=28, image_token_id=ids("<|endoftext10|>")),
+        audio_config=dict(hidden_size=32, intermediate_size=64, num_blocks=2, num_attention_heads=4,
+                          ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=32,
+                          audio_token_id=ids("<|endoftext11|>")),
+    )
+    torch.manual_seed(0)
+    model = Phi4MultimodalForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    Phi4MultimodalFeatureExtractor().save_pretrained(path)
+    if speech_lora:
+        from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+        from safetensors.torch import save_file
+
+        lora = LoraConfig(init_lora_weights=False, **PHI4_LORA)
+        torch.manual_seed(1)
+        inject_adapter_in_model(lora, model)
+        (path / "speech-lora").mkdir()
+        lora.save_pretrained(path / "speech-lora")
+        save_file({f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(model).items()},
+                  str(path / "speech-lora" / "adapter_model.safetensors"))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi4_dir(tmp_path_factory):
+    pytest.importorskip("peft")
+    return save_tiny_phi4(tmp_path_factory.mktemp("tiny_phi4_multimodal"))
+
+
+def _phi4(path, speech_lora):
+    """The model as transformers loads it, with the speech LoRA merged into its weights by hand
+    (W + B A alpha / r, read from the adapter file: no peft) when ``speech_lora``."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, Phi4MultimodalFeatureExtractor, Phi4MultimodalForCausalLM
+
+    model = Phi4MultimodalForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if speech_lora:
+        lora = load_file(f"{path}/speech-lora/adapter_model.safetensors")
+        scale = PHI4_LORA["lora_alpha"] / PHI4_LORA["r"]
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for key in [k for k in lora if k.endswith("lora_A.weight")]:
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                modules[name].weight += lora[key.replace("lora_A", "lora_B")] @ lora[key] * scale
+    return model, AutoTokenizer.from_pretrained(path), Phi4MultimodalFeatureExtractor.from_pretrained(path)
+
+
+def phi4_reference(path, reqs, speech_lora=True):
+    """The processor's audio path by hand (its image processor needs torchvision): the feature extractor's
+    features and ``audio_embed_sizes``, the audio token repeated that many times
+    (``Phi4MultimodalProcessor.replace_audio_token``), then the model's forward."""
+    from types import SimpleNamespace
+
+    from transformers import Phi4MultimodalProcessor
+
+    model, tok, fe = _phi4(path, speech_lora)
+    audio_token = tok.convert_ids_to_tokens(model.config.audio_config.audio_token_id)
+    scores, counts = [], []
+    for r in reqs:
+        ctx, cont, extra = r.args
+        feats = fe([extra["audio"][0]["array"]], sampling_rate=16000, return_tensors="pt")
+        expansion = Phi4MultimodalProcessor.replace_audio_token(SimpleNamespace(audio_token=audio_token), feats, 0)
+        prompt = ctx.replace("<audio>", expansion)
+        scores.append(_score(tok, lambda ids: model(**ids, audio_input_features=feats["audio_input_features"],
+                                                    audio_embed_sizes=feats["audio_embed_sizes"]).logits, prompt, cont))
+        counts.append(expansion.count(audio_token))
+    return scores, counts
+
+
+def test_phi4_speech_uses_the_speech_lora_and_text_the_base_model(tiny_phi4_dir):
+    """Speech twins equal the real model with the speech LoRA (merged by hand), token counts included; text
+    twins in the same run equal the base model; the adapter changes speech scores."""
+    from lmeval_speech.models.backends.phi4_multimodal import Phi4MultimodalBackend
+
+    reqs = speech_requests((1.0, 2.3, 0.7))
+    lm = check_parity(tiny_phi4_dir, reqs, phi4_reference)
+    assert type(lm.backend_impl) is Phi4MultimodalBackend and lm.backend_impl.has_speech_lora
+    assert [s.n_tokens for s in lm.planner.status.values()] == [13, 29, 9]
+    text = [req("Question: What is the capital of France?\nAnswer:", c) for c in (" Paris", " Rome")]
+    got = lm.loglikelihood(reqs + text)
+    model, tok, _ = _phi4(tiny_phi4_dir, speech_lora=False)
+    base = [_score(tok, lambda ids: model(**ids).logits, r.args[0], r.args[1]) for r in text]
+    np.testing.assert_allclose([r[0] for r in got[len(reqs):]], base, atol=1e-4)
+    without = phi4_reference(tiny_phi4_dir, reqs, speech_lora=False)[0]
+    assert np.abs(np.array([r[0] for r in got[:len(reqs)]]) - np.array(without)).max() > 1e-3
+
+
+def test_phi4_audio_after_a_text_batch_is_encoded_with_the_speech_lora(tiny_phi4_dir):
+    lm = LSLM(pretrained=tiny_phi4_dir, device="cpu")
+    lm.loglikelihood([req("Question: What is the capital of France?\nAnswer:", " Paris")])  # adapter off
+    reqs = speech_requests((1.0,))
+    np.testing.assert_allclose([r[0] for r in lm.loglikelihood(reqs)], phi4_reference(tiny_phi4_dir, reqs)[0], atol=1e-4)
+
+
+def test_phi4_captures_speech_and_text_states(tiny_phi4_dir, tmp_path):
+    from transformers import Phi4MultimodalProcessor
+
+    lora, tok, fe = _phi4(tiny_phi4_dir, speech_lora=True)
+    base, _, _ = _phi4(tiny_phi4_dir, speech_lora=False)
+    audio_id = base.config.audio_config.audio_token_id
+
+    def hidden_states(prompt, audio):
+        model, kw = base, {}
+        if audio is not None:
+            from types import SimpleNamespace
+
+            feats = fe([audio], sampling_rate=16000, return_tensors="pt")
+            token = tok.convert_ids_to_tokens(audio_id)
+            prompt = prompt.replace("<audio>", Phi4MultimodalProcessor.replace_audio_token(
+                SimpleNamespace(audio_token=token), feats, 0))
+            model, kw = lora, dict(audio_input_features=feats["audio_input_features"],
+                                   audio_embed_sizes=feats["audio_embed_sizes"])
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            hs = model(**ids, **kw, output_hidden_states=True).hidden_states
+        return [h[0] for h in hs], (ids["input_ids"][0] == audio_id).nonzero()[:, 0].tolist()
+
+    check_capture(tiny_phi4_dir, tmp_path, hidden_states)
+
+
+def test_phi4_interventions_are_exact_and_local(tiny_phi4_dir):
+    check_interventions(tiny_phi4_dir)
+
+
+def test_phi4_45_second_clip_is_taken_whole(tiny_phi4_dir):
+    clip = tone(45.0, seed=9)
+    reqs = speech_requests((45.0,))
+    for r in reqs:
+        r.arguments[2]["audio"][0]["array"] = clip
+    lm = check_parity(tiny_phi4_dir, reqs, phi4_reference)
+    (status,) = lm.planner.status.values()
+    assert status.n_tokens == 563 and status.notes["seconds"] == 45.0 and not status.truncated
+
+
+def test_phi4_without_speech_lora_warns_and_runs_the_base_model(tmp_path, caplog):
+    pytest.importorskip("peft")
+    path = save_tiny_phi4(tmp_path / "phi4_no_lora", speech_lora=False)
+    reqs = speech_requests((1.0,))
+    with caplog.at_level("WARNING"):
+        lm = LSLM(pretrained=path, device="cpu")
+    assert "no speech-lora/" in caplog.text and not lm.backend_impl.has_speech_lora
+    np.testing.assert_allclose([r[0] for r in lm.loglikelihood(reqs)],
+                               phi4_reference(path, reqs, speech_lora=False)[0], atol=1e-4)
+
+
+def test_phi4_speech_lora_that_does_not_fit_is_an_error(tiny_phi4_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "phi4_bad_lora"
+    shutil.copytree(tiny_phi4_dir, path)
+    weights = path / "speech-lora" / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    save_file({k.replace("base_model.model.model.", "base_model.model.decoder."): v for k, v in state.items()},
+              str(weights))
+    with pytest.raises(ValueError, match="does not fit the model"):
+        LSLM(pretrained=str(path), device="cpu")

@@ -15,6 +15,7 @@ SPEECH_BACKENDS = {
     "gemma3n": "lmeval_speech.models.backends.gemma3n:Gemma3nBackend",
     "qwen3_omni_moe": "lmeval_speech.models.backends.qwen3_omni_moe:Qwen3OmniMoeThinkerBackend",
     "qwen3_omni_moe_thinker": "lmeval_speech.models.backends.qwen3_omni_moe:Qwen3OmniMoeThinkerBackend",
+    "phi4_multimodal": "lmeval_speech.models.backends.phi4_multimodal:Phi4MultimodalBackend",
     "lmeval_speech_mini": "lmeval_speech.mini.backend:MiniBackend",
 }
 TEXT_BACKEND = "lmeval_speech.models.backends.causal_lm:CausalLMBackend"
