@@ -63,10 +63,10 @@ class Gemma3nBackend(ComposedSpeechBackend):
 
     def __init__(self, model, tokenizer, processor=None):
         super().__init__(model, tokenizer, processor)
-        tok = tokenizer
-        if getattr(tok, "audio_token", None):  # the tokenizer's own names for the audio tokens
-            self.chat_audio_token = tok.audio_token
-            self.audio_placeholder = f"\n\n{tok.boa_token}{tok.audio_token}{tok.eoa_token}\n\n"
+        boa, audio, eoa = (getattr(tokenizer, n, None) for n in ("boa_token", "audio_token", "eoa_token"))
+        if boa and audio and eoa:  # the tokenizer's own names for the audio tokens (Gemma3nProcessor reads them)
+            self.chat_audio_token = audio
+            self.audio_placeholder = f"\n\n{boa}{audio}{eoa}\n\n"
         fe = getattr(processor, "feature_extractor", None)
         self.sampling_rate = getattr(fe, "sampling_rate", self.sampling_rate)
 

@@ -69,7 +69,10 @@ class Phi4MultimodalBackend(Backend):
 
     def __init__(self, model, tokenizer, processor=None, has_speech_lora: bool = False):
         super().__init__(model, tokenizer, processor)
-        self.audio_placeholder = tokenizer.convert_ids_to_tokens(self.audio_token_id)
+        token = getattr(tokenizer, "audio_token", None)  # the processor's name for it, when the tokenizer has one
+        if not token or tokenizer.convert_tokens_to_ids(token) != self.audio_token_id:
+            token = tokenizer.convert_ids_to_tokens(self.audio_token_id)
+        self.audio_placeholder = token
         self.has_speech_lora = has_speech_lora
         self._audio_mode = True  # peft injects adapters switched on
 

@@ -38,8 +38,9 @@ class Qwen3OmniMoeThinkerBackend(ComposedSpeechBackend):
 
     def __init__(self, model, tokenizer, processor=None):
         super().__init__(model, tokenizer, processor)
-        if getattr(tokenizer, "audio_token", None):  # the tokenizer's own names for its audio tokens
-            self.audio_placeholder = f"{tokenizer.audio_bos_token}{tokenizer.audio_token}{tokenizer.audio_eos_token}"
+        names = [getattr(tokenizer, n, None) for n in ("audio_bos_token", "audio_token", "audio_eos_token")]
+        if all(names):  # the tokenizer's own names for its audio tokens
+            self.audio_placeholder = "".join(names)
 
     @classmethod
     def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
