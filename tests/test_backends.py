@@ -1236,3 +1236,19 @@ def test_phi4_speech_lora_that_does_not_fit_is_an_error(tiny_phi4_dir, tmp_path)
               str(weights))
     with pytest.raises(ValueError, match="does not fit the model"):
         LSLM(pretrained=str(path), device="cpu")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_af3_dir", "tiny_gemma3n_dir", "tiny_qwen3_omni_dir", "tiny_phi4_dir"])
+def test_generation_does_not_depend_on_the_batch(fixture, request):
+    """Left-padded batches of speech and text prompts of different lengths generate what each prompt alone does."""
+    path = request.getfixturevalue(fixture)
+    kw = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
+    clips = [{"audio": [{"array": tone(s, seed=i), "sampling_rate": 16000}]} for i, s in enumerate((1.0, 2.3))]
+    reqs = [req("Question: <audio>\nAnswer:", kw, clips[0], kind="generate_until"),
+            req("The following are questions (with answers) about geography.\n\nQuestion: <audio>\nAnswer:", kw,
+                clips[1], kind="generate_until"),
+            req("the quick", kw, kind="generate_until"),
+            req("Question: What is the capital of France?\nAnswer:", kw, kind="generate_until")]
+    one = LSLM(pretrained=path, device="cpu", batch_size=1).generate_until(reqs)
+    assert LSLM(pretrained=path, device="cpu", batch_size=4).generate_until(reqs) == one
+    assert len(set(one)) == len(one)
