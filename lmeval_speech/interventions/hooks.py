@@ -79,11 +79,14 @@ class InterventionSpec:
 class Intervener:
     """Holds the text-side references and applies the edits for one ``lslm`` instance."""
 
-    def __init__(self, spec: InterventionSpec, layer_modules: list[torch.nn.Module]):
+    def __init__(self, spec: InterventionSpec, layer_modules: list[torch.nn.Module], stream: int | None = None):
         from lmeval_speech.layers import parse_layers
 
         self.spec = spec
         self.modules = layer_modules
+        # layers whose output stacks several streams [S, B, T, D] (Gemma 3n's AltUp): the stream that is
+        # the layer's hidden state is read and edited, the others pass through
+        self.stream = stream
         # hidden-state index h: 0 edits the embeddings entering the LLM, h >= 1 decoder layer h's output
         self.layers = [INPUT if h == 0 else h for h in parse_layers(spec.layers, len(layer_modules), default=INPUT)]
         self.text_states: dict[tuple, dict] = {}  # (pair, doc_id) -> {layer: [Tt, D] tensor}
@@ -165,12 +168,16 @@ class Intervener:
 
         if INPUT in self.layers:
             keep(INPUT, embeds)
-        handles = self._hooks(lambda layer: lambda mod, args, out: keep(layer, out[0] if isinstance(out, tuple) else out))
+        handles = self._hooks(lambda layer: lambda mod, args, out: keep(
+            layer, self._state(out[0] if isinstance(out, tuple) else out)))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+
+    def _state(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[self.stream] if self.stream is not None and hidden.dim() == 4 else hidden
 
     def _accumulate(self, layer, t: torch.Tensor) -> None:
         if not self.spec.save_calibration:
@@ -192,7 +199,7 @@ class Intervener:
             def fn(mod, args, out):
                 hidden = out[0] if isinstance(out, tuple) else out
                 hidden = hidden.clone()
-                self._edit(layer, hidden, rows)
+                self._edit(layer, self._state(hidden), rows)  # a view: edits land in ``hidden``
                 return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
             return fn
 

@@ -60,7 +60,9 @@ def render(backend, chat_history: list[dict], add_generation_prompt: bool = True
                                      continue_final_message=not add_generation_prompt)
     if owner is backend.tokenizer:
         return text  # the markers are still in the text
-    placeholder = backend.audio_placeholder
+    # what the template writes for one audio: the placeholder itself, unless the processor expands a shorter
+    # token (Gemma 3n: ``<audio_soft_token>`` -> ``\n\n<start_of_audio>...<end_of_audio>\n\n``)
+    placeholder = getattr(backend, "chat_audio_token", None) or backend.audio_placeholder
     if text.count(placeholder) != n_audio:
         raise ValueError(f"the chat template of {type(owner).__name__} rendered {text.count(placeholder)} "
                          f"{placeholder!r} for {n_audio} audios; lslm cannot place the audio")

@@ -151,7 +151,8 @@ class LSLM(BatchRunner, TemplateLM):
 
             spec = InterventionSpec.from_args(intervention, intervene_layers, critical, strength,
                                               intervention_mode, calibration, save_calibration)
-            self.intervener = Intervener(spec, self.backend_impl.decoder_layers)
+            self.intervener = Intervener(spec, self.backend_impl.decoder_layers,
+                                         stream=self.backend_impl.layer_output_stream)
 
     @staticmethod
     def _pick_device(device) -> torch.device:
@@ -475,9 +476,11 @@ class LSLM(BatchRunner, TemplateLM):
                 if cut and spans and spans[0][0] < cut:
                     raise AudioRequestError(f"prompt of {len(tokens)} tokens leaves no room for the audio within max_length")
                 seqs.append(Seq(index, tokens[cut:], [], [(s - cut, k, n) for s, k, n in spans]))
-            embeds, mask = self._left_padded(seqs, items)
+            embeds, mask, ids = self._left_padded(seqs, items)
             self._set_modality(seqs)
             stopping = stop_sequences_criteria(self.tokenizer, until, 0, len(seqs))
+            if self.backend_impl.generate_needs_ids:
+                kwargs["prompt_ids"] = ids
             gen = self.backend_impl.generate(
                 inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new, pad_token_id=self._pad_id,
                 stopping_criteria=stopping, **kwargs)

@@ -256,11 +256,11 @@ class BatchRunner:
         width = max(len(s.tokens) for s in seqs)
         shifted = [Seq(s.index, [self._pad_id] * (width - len(s.tokens)) + s.tokens, [],
                        [(start + width - len(s.tokens), k, n) for start, k, n in s.audio]) for s in seqs]
-        _, _, embeds = self._embed(shifted, items)
+        ids, _, embeds = self._embed(shifted, items)
         mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
         for i, s in enumerate(seqs):
             mask[i, width - len(s.tokens):] = 1
-        return embeds, mask
+        return embeds, mask, ids
 
     @property
     def _pad_id(self) -> int:

@@ -11,6 +11,11 @@ SPEECH_BACKENDS = {
     "qwen2_5_omni_thinker": "lmeval_speech.models.backends.qwen2_5_omni:Qwen25OmniThinkerBackend",
     "voxtral": "lmeval_speech.models.backends.voxtral:VoxtralBackend",
     "granite_speech": "lmeval_speech.models.backends.granite_speech:GraniteSpeechBackend",
+    "audioflamingo3": "lmeval_speech.models.backends.audioflamingo3:AudioFlamingo3Backend",
+    "gemma3n": "lmeval_speech.models.backends.gemma3n:Gemma3nBackend",
+    "qwen3_omni_moe": "lmeval_speech.models.backends.qwen3_omni_moe:Qwen3OmniMoeThinkerBackend",
+    "qwen3_omni_moe_thinker": "lmeval_speech.models.backends.qwen3_omni_moe:Qwen3OmniMoeThinkerBackend",
+    "phi4_multimodal": "lmeval_speech.models.backends.phi4_multimodal:Phi4MultimodalBackend",
     "lmeval_speech_mini": "lmeval_speech.mini.backend:MiniBackend",
 }
 TEXT_BACKEND = "lmeval_speech.models.backends.causal_lm:CausalLMBackend"

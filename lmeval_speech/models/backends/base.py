@@ -61,11 +61,20 @@ class Backend:
     #: tests/test_prefix_cache.py); a backend that is not tested that way sets False.
     supports_prefix_cache: ClassVar[bool] = True
 
+    #: Text a processor's chat template writes for one audio, when it is not ``audio_placeholder``.
+    chat_audio_token: ClassVar[str | None] = None
+    #: Decoder layers output several streams ``[S, B, T, D]`` (Gemma 3n's AltUp): the one that is the layer's
+    #: hidden state for capture and interventions (``None``: layers output ``[B, T, D]``).
+    layer_output_stream: int | None = None
+    #: ``generate`` needs the prompt's token ids (``prompt_ids``) besides its embeddings.
+    generate_needs_ids: ClassVar[bool] = False
+
     def set_modality(self, has_audio: bool) -> None:
         """Put the model in its state for audio (True) or text-only (False) inputs."""
 
-    def generate(self, **kwargs):
-        """``generate`` from ``inputs_embeds`` (speech already scattered in)."""
+    def generate(self, prompt_ids=None, **kwargs):
+        """``generate`` from ``inputs_embeds`` (speech already scattered in); ``prompt_ids`` only when
+        ``generate_needs_ids``."""
         return self.language_model.generate(**kwargs)
 
     def __init__(self, model, tokenizer, processor=None):
