@@ -11,7 +11,9 @@ import torch
 from lm_eval.api.instance import Instance
 
 from conftest import tone
-from test_backends import tiny_granite_dir, tiny_omni_dir, tiny_voxtral_dir  # noqa: F401 (fixtures)
+from test_backends import (  # noqa: F401 (fixtures)
+    tiny_af3_dir, tiny_gemma3n_dir, tiny_granite_dir, tiny_omni_dir, tiny_phi4_dir, tiny_qwen3_omni_dir, tiny_voxtral_dir,
+)
 from lmeval_speech.capture.store import CaptureReader
 from lmeval_speech.models.lslm import LSLM
 
@@ -44,28 +46,46 @@ def count_calls(lm):
     return calls
 
 
-BACKENDS = ["tiny_qwen2_audio_dir", "tiny_omni_dir", "tiny_voxtral_dir", "tiny_granite_dir"]
+BACKENDS = ["tiny_qwen2_audio_dir", "tiny_omni_dir", "tiny_voxtral_dir", "tiny_granite_dir", "tiny_af3_dir",
+            "tiny_qwen3_omni_dir", "tiny_phi4_dir"]
 
 
 @pytest.mark.parametrize("fixture", BACKENDS)
 def test_prefix_cache_gives_the_same_loglikelihoods_with_one_pass_per_item(fixture, request):
+    """In float64 the two paths agree exactly; in float32 to rounding (the whole-sequence path itself
+    moves by ~1e-5 between batch sizes)."""
     path = request.getfixturevalue(fixture)
     reqs = cloze_requests()
-    whole = LSLM(pretrained=path, device="cpu", batch_size=2, prefix_cache=False)
-    whole_calls = count_calls(whole)
-    expected = whole.loglikelihood(reqs)
-    for bs in (1, 3):
-        lm = LSLM(pretrained=path, device="cpu", batch_size=bs)
-        calls = count_calls(lm)
-        got = lm.loglikelihood(reqs)
-        np.testing.assert_allclose([g for g, _ in got], [e for e, _ in expected], atol=1e-5, rtol=0)
-        assert [g for _, g in got] == [g for _, g in expected]
-        # one pass over each of the 6 contexts (3 items x speech/text twin), in batches of bs
-        n_prefix = sum(-(-k // bs) for k in ((3, 3) if lm.backend_impl.modality_dependent else (6,)))
-        assert calls["prefix"] == n_prefix
-    # the old path ran each choice whole: 4 passes per context (all continuations differ)
-    assert whole_calls["prefix"] == sum(-(-k // 2) for k in ((12, 12) if whole.backend_impl.modality_dependent else (24,)))
-    assert whole_calls["continuation"] == 0
+    precisions = ((torch.float64, 1e-9, 0), (torch.float32, 1e-5, 1e-6))
+    if fixture == "tiny_qwen3_omni_dir":  # its MoE grouped matmul has no float64 kernel
+        precisions = precisions[1:]
+    for dtype, atol, rtol in precisions:
+        whole = LSLM(pretrained=path, device="cpu", batch_size=2, prefix_cache=False, dtype=dtype)
+        whole_calls = count_calls(whole)
+        expected = whole.loglikelihood(reqs)
+        for bs in (1, 3) if dtype == torch.float64 or len(precisions) == 1 else (3,):
+            lm = LSLM(pretrained=path, device="cpu", batch_size=bs, dtype=dtype)
+            calls = count_calls(lm)
+            got = lm.loglikelihood(reqs)
+            np.testing.assert_allclose([g for g, _ in got], [e for e, _ in expected], atol=atol, rtol=rtol)
+            assert [g for _, g in got] == [g for _, g in expected]
+            # one pass over each of the 6 contexts (3 items x speech/text twin), in batches of bs
+            n_prefix = sum(-(-k // bs) for k in ((3, 3) if lm.backend_impl.modality_dependent else (6,)))
+            assert calls["prefix"] == n_prefix
+        # the old path ran each choice whole: 4 passes per context (all continuations differ)
+        assert whole_calls["prefix"] == sum(-(-k // 2) for k in ((12, 12) if whole.backend_impl.modality_dependent else (24,)))
+        assert whole_calls["continuation"] == 0
+
+
+def test_a_backend_without_prefix_sharing_runs_whole_sequences(tiny_gemma3n_dir):
+    lm = LSLM(pretrained=tiny_gemma3n_dir, device="cpu", batch_size=3)
+    assert not lm.backend_impl.supports_prefix_cache
+    calls = count_calls(lm)
+    reqs = cloze_requests(n_items=1)
+    got = lm.loglikelihood(reqs)
+    assert calls["continuation"] == 0 and calls["prefix"] == -(-8 // 3)  # 8 distinct sequences
+    expected = LSLM(pretrained=tiny_gemma3n_dir, device="cpu", batch_size=3, prefix_cache=False).loglikelihood(reqs)
+    assert got == expected
 
 
 def test_text_only_model_and_one_token_choices(tiny_llama_dir):

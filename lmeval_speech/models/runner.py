@@ -167,7 +167,8 @@ class BatchRunner:
         rows = [(r, s) for r, g in enumerate(batch_groups) for s in g if self._captures(s)]
         self._set_modality(batch)
         with self._intervening(batch, embeds):
-            out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows), use_cache=use_cache)
+            cache = {"use_cache": True} if use_cache else {}  # backends without prefix sharing take no such arg
+            out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows), **cache)
         for r, s in rows:
             self._capture_row(s, out.hidden_states, r)
         return out, mask

@@ -228,3 +228,32 @@ class WhisperStyleBackend(Backend):
             return_tensors="pt",
         )
         return feats["input_features"], feats["attention_mask"]
+
+
+class MRopeBackend:
+    """Mixin for decoders with three-row multimodal RoPE position ids (Qwen2.5-Omni, Qwen3-Omni
+    thinkers): the backend gives the ids of a fresh forward (``rope_positions``); text after a
+    cached prefix continues from the prefix's largest position, on all three rows."""
+
+    def rope_positions(self, input_ids, attention_mask) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_decoder(self, inputs_embeds, attention_mask, input_ids, output_hidden_states=False,
+                    use_cache=False) -> DecoderOutput:
+        position_ids = self.rope_positions(input_ids, attention_mask)
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=output_hidden_states,
+            use_cache=use_cache,
+        )
+        nxt = None
+        if use_cache:
+            last = attention_mask.sum(-1) - 1
+            nxt = position_ids[:, torch.arange(len(last), device=last.device), last].max(0).values + 1
+        return DecoderOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None,
+                             out.cache if use_cache else None, nxt)
+
+    def continuation_positions(self, start, width):
+        return super().continuation_positions(start, width)[None].expand(3, -1, -1)

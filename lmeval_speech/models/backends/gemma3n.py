@@ -60,6 +60,9 @@ class Gemma3nBackend(ComposedSpeechBackend):
     chat_audio_token = "<audio_soft_token>"
     max_audio_seconds = 30.0
     generate_needs_ids = True
+    # its decoder needs per-layer inputs from the token ids and shares key/value caches across layers:
+    # not tested with prefix sharing, so every sequence runs whole
+    supports_prefix_cache = False
 
     def __init__(self, model, tokenizer, processor=None):
         super().__init__(model, tokenizer, processor)

@@ -23,10 +23,10 @@ import math
 
 import torch
 
-from .base import ComposedSpeechBackend, DecoderOutput, WhisperStyleBackend
+from .base import ComposedSpeechBackend, MRopeBackend, WhisperStyleBackend
 
 
-class Qwen25OmniThinkerBackend(WhisperStyleBackend, ComposedSpeechBackend):
+class Qwen25OmniThinkerBackend(MRopeBackend, WhisperStyleBackend, ComposedSpeechBackend):
     audio_placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
     def __init__(self, model, tokenizer, processor=None):
@@ -82,26 +82,8 @@ class Qwen25OmniThinkerBackend(WhisperStyleBackend, ComposedSpeechBackend):
                     run = 0
         return torch.tensor(lengths, dtype=torch.long, device=input_ids.device) if lengths else None
 
-    def run_decoder(self, inputs_embeds, attention_mask, input_ids, output_hidden_states=False,
-                    use_cache=False) -> DecoderOutput:
+    def rope_positions(self, input_ids, attention_mask):
         # Same call as Qwen2_5OmniThinkerModel.compute_3d_position_ids on a fresh forward (no cache, no vision).
-        position_ids, _ = self.model.model.get_rope_index(
+        return self.model.model.get_rope_index(
             input_ids, None, None, attention_mask, False, self._audio_seqlens(input_ids, attention_mask)
-        )
-        out = self.decoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=output_hidden_states,
-            use_cache=use_cache,
-        )
-        nxt = None
-        if use_cache:  # text after the prefix continues from its largest position, on all three rows
-            last = attention_mask.sum(-1) - 1
-            rows = torch.arange(len(last), device=last.device)
-            nxt = position_ids[:, rows, last].max(0).values + 1
-        return DecoderOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None,
-                             out.cache if use_cache else None, nxt)
-
-    def continuation_positions(self, start, width):
-        return super().continuation_positions(start, width)[None].expand(3, -1, -1)
+        )[0]

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import ComposedSpeechBackend, DecoderOutput
+from .base import ComposedSpeechBackend, MRopeBackend
 
 
 def _frames(num_samples: int, hop: int) -> int:
     return int(num_samples) // hop
 
 
-class Qwen3OmniMoeThinkerBackend(ComposedSpeechBackend):
+class Qwen3OmniMoeThinkerBackend(MRopeBackend, ComposedSpeechBackend):
     audio_placeholder = "<|audio_start|><|audio_pad|><|audio_end|>"
     max_audio_seconds = 2400.0
     #: ``audio_kwargs`` of ``Qwen3OmniMoeProcessor``
@@ -85,14 +85,6 @@ class Qwen3OmniMoeThinkerBackend(ComposedSpeechBackend):
             out.append(self.model.model.get_audio_features(x, mask).last_hidden_state)
         return out
 
-    def run_decoder(self, inputs_embeds, attention_mask, input_ids, output_hidden_states=False) -> DecoderOutput:
+    def rope_positions(self, input_ids, attention_mask):
         # The thinker's compute_3d_position_ids on a fresh forward with no image or video
-        position_ids, _ = self.model.model.get_rope_index(input_ids, None, None, attention_mask)
-        out = self.decoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=output_hidden_states,
-            use_cache=False,
-        )
-        return DecoderOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None)
+        return self.model.model.get_rope_index(input_ids, None, None, attention_mask)[0]
