@@ -104,6 +104,18 @@ class Backend:
     def decoder_layers(self) -> list[torch.nn.Module]:
         return list(self.decoder.layers)
 
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        """The decoder's final norm, whose output is ``last_hidden``: the site of the last
+        hidden-state index for capture and interventions (``lmeval_speech.hooks``). ``norm`` in every
+        supported family (Llama, Qwen2, Granite, Qwen2.5-Omni thinker's text model, Voxtral's Llama,
+        the embedded model's Llama); a family that names it otherwise overrides this."""
+        norm = getattr(self.decoder, "norm", None)
+        if not isinstance(norm, torch.nn.Module):
+            raise AttributeError(f"{type(self).__name__}: decoder {type(self.decoder).__name__} has no final norm "
+                                 "attribute `norm`; override Backend.final_norm")
+        return norm
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
 
