@@ -1,6 +1,7 @@
 """One hook protocol (issue 17): capture, interventions and the oracle's references all read or
 edit the decoder's states through ``lmeval_speech.hooks``, at the sites of the hidden-state indices.
-A reader gets exactly what ``output_hidden_states`` reports (bit for bit, on every tiny backend);
+A reader gets exactly what ``output_hidden_states`` reports (bit for bit, on every tiny backend
+and the embedded model);
 capture no longer asks the decoder for all of them; an edit at the last index acts after the final
 norm; hooks never outlive their pass; the manifest records the protocol."""
 
@@ -38,13 +39,13 @@ def text_batch(lm):
     return rows, ids, mask
 
 
-@pytest.mark.parametrize("fixture", BACKENDS)
+@pytest.mark.parametrize("fixture", [*BACKENDS, "mini"])
 def test_reader_sites_are_output_hidden_states_bit_for_bit(fixture, request):
     """Index 0 = layer 0's input, i = layer i's output, n = the final norm's output: the very tensors
     transformers reports, on right-padded rows of different lengths; the final norm is the backend's."""
     from lmeval_speech.hooks import PositionReader, hooked
 
-    lm = LSLM(pretrained=request.getfixturevalue(fixture), device="cpu")
+    lm = LSLM(pretrained="mini" if fixture == "mini" else request.getfixturevalue(fixture), device="cpu")
     b = lm.backend_impl
     assert b.final_norm is b.decoder.norm
     n = len(b.decoder_layers)
