@@ -25,7 +25,7 @@ import torch
 @dataclass
 class DecoderOutput:
     last_hidden: torch.Tensor  # [B, T, D]
-    hidden_states: tuple[torch.Tensor, ...] | None  # embeddings + one per layer, when asked
+    hidden_states: tuple[torch.Tensor, ...] | None  # embeddings + one per layer, when asked (tests only)
     past: object = None  # the decoder's key/value cache, when asked (``use_cache=True``)
     next_position: torch.Tensor | None = None  # [B] position id of the token after each row's last
 
@@ -122,7 +122,8 @@ class Backend:
     def run_decoder(self, inputs_embeds, attention_mask, input_ids, output_hidden_states=False,
                     use_cache=False) -> DecoderOutput:
         """The decoder on right-padded rows; with ``use_cache`` also its cache and each row's next
-        position, for ``run_continuation``."""
+        position, for ``run_continuation``. The adapter never asks for ``output_hidden_states``
+        (capture reads through ``lmeval_speech.hooks``); tests do, to compare."""
         out = self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
