@@ -2,7 +2,8 @@
 
 ``manifest_<date id>.json`` (same date id as ``results_<date id>.json``) holds the model's identity
 (path or hub id, revision, backend, dtype, device, config and adapter SHA-256, as ``lslm`` reported
-it through ``get_model_info``), the model args and settings, the capture and intervention specs,
+it through ``get_model_info``), the model args and settings, the capture and intervention specs (each with its use of the hook protocol: read/edit, hidden-state
+indices, positions rule and each index's site, see ``hooks.HookSpec``),
 the chat template, and for every twin task its pair, modality, prompt, effective audio spec (the
 task's TTS spec after the model's ``tts_*`` overrides, or the recorded-audio source) and its
 per-item failures and truncations (from the sample log, which lm-eval gathers from every rank).

@@ -84,3 +84,21 @@ def test_derangement_has_no_fixed_point(groups):
 
     perm = derangement(5, groups)
     assert all(p != i for i, p in enumerate(perm)) and sorted(perm) == list(range(5))
+
+
+def test_posterior_temperature_is_stored_in_the_adapter_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lmeval_speech.mini.build import set_adapter_temperature
+
+    state = {"blank.weight": torch.randn(4), "vocab_ids": torch.tensor([3, 5, 7])}
+    path = tmp_path / "adapter.safetensors"
+    save_file(state, str(path))
+    set_adapter_temperature(path, 0.35)
+    got = load_file(str(path))
+    assert got.pop("ctc_temperature").item() == pytest.approx(0.35)
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+    assert not list(tmp_path.glob("*.tmp*"))  # written atomically, nothing left behind
+    save_file({"linear.weight": torch.zeros(2)}, str(tmp_path / "mlp.safetensors"))
+    with pytest.raises(ValueError, match="not a CTC adapter"):
+        set_adapter_temperature(tmp_path / "mlp.safetensors", 0.5)

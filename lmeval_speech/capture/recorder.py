@@ -1,7 +1,9 @@
 """Turns one forward pass's hidden states into capture records (pooled always, tokens optionally).
 
-The adapter asks for ``output_hidden_states`` only on batches holding a request to capture, and
-only the first choice of each item is captured: in a causal LM the prompt's states do not depend on
+Capture is a reader on the hook protocol (``lmeval_speech.hooks``): on a batch holding a request to
+capture, it reads every hidden-state index (``layers``) at each captured row's positions only (never
+the whole ``output_hidden_states``), bit-identical to what ``output_hidden_states`` reports. Only
+the first choice of each item is captured: in a causal LM the prompt's states do not depend on
 the continuation, so the other choices would store the same numbers.
 """
 
@@ -31,31 +33,43 @@ class HiddenStateCapture:
         # a resumed run continues the per-task count of token-level records (capture_limit)
         self._tokens_per_task: dict[str, int] = self.writer.token_counts()
 
+    @property
+    def layers(self) -> list[int]:
+        """The hidden-state indices read in each pass: all of them (the pooled record has every index)."""
+        return list(range(self.n_hidden_states))
+
+    def hook_spec(self):
+        from lmeval_speech.hooks import READ, HookSpec
+
+        return HookSpec(READ, tuple(self.layers), "the sequence's speech positions (speech rows) or question span (text rows)")
+
     def spec(self) -> dict:
-        """The capture as the run manifest records it (layers are hidden-state indices, see ``layers``)."""
+        """The capture as the run manifest records it (layers are hidden-state indices, see ``layers``;
+        ``hook``: its use of the hook protocol, with each index's site)."""
         return {"mode": self.mode, "dir": str(self.writer.root), "token_layers": self.token_layers,
-                "token_limit": self.token_limit, "n_hidden_states": self.n_hidden_states}
+                "token_limit": self.token_limit, "n_hidden_states": self.n_hidden_states,
+                "hook": self.hook_spec().to_dict(self.n_hidden_states - 1)}
 
     def wants(self, request) -> bool:
         if request is None or getattr(request, "idx", 0) != 0:
             return False
         return not self.writer.has(request.task_name, request.doc_id)
 
-    def add(self, request, has_audio: bool, states: list[torch.Tensor], positions: list[int], audio_notes) -> None:
-        """``states``: one [T, D] tensor per hidden-state index for this row."""
-        if not positions:
+    def add(self, request, has_audio: bool, states: list[torch.Tensor], audio_notes) -> None:
+        """``states``: one [P, D] tensor per hidden-state index, at this row's captured positions."""
+        n_positions = int(states[0].shape[0]) if states else 0
+        if not n_positions:
             return
         twin = twins.twin_of(request.task_name, has_audio)
         pair, modality = twin.pair, twin.modality
-        idx = torch.tensor(positions, device=states[0].device)
-        stacked = torch.stack([h.index_select(0, idx) for h in states])  # [L+1, P, D]
+        stacked = torch.stack(states)  # [L+1, P, D]
         tensors = {"pooled": stacked.float().mean(1).cpu().numpy()}
         task = request.task_name
         if self.mode == "tokens" and (self.token_limit is None or self._tokens_per_task.get(task, 0) < self.token_limit):
             tensors["tokens"] = stacked[self.token_layers].to(torch.float16).cpu().numpy()
             self._tokens_per_task[task] = self._tokens_per_task.get(task, 0) + 1
         record = {"task": task, "pair": pair, "modality": modality, "doc_id": request.doc_id,
-                  "n_positions": len(positions), "token_layers": self.token_layers if "tokens" in tensors else [],
+                  "n_positions": n_positions, "token_layers": self.token_layers if "tokens" in tensors else [],
                   "audio": audio_notes}
         self.writer.add(record, {k: np.asarray(v) for k, v in tensors.items()})
 

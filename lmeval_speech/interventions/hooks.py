@@ -14,14 +14,16 @@ Two modes, labelled in results:
   text-token norm and mean unit direction over a calibration set, saved by an oracle run with
   ``save_calibration=PATH``; critical tokens are the speech tokens least similar to that direction.
 
-Edits are forward hooks on the real decoder layers (or a direct edit of ``inputs_embeds`` for
-``input``), position-masked per batch row, and removed when the batch is done, so a later plain
-forward is bit-identical to one that never saw an intervention.
+Edits are an editor on the one hook protocol (``lmeval_speech.hooks``) and the oracle's text
+references a reader on it, at the same sites as capture: index 0 is decoder layer 0's input, i the
+output of layer i, and the last index the output of the decoder's *final norm* (until issue 17 an
+edit there hit the last layer's output before the norm while capture and the references read after
+it). Edits are position-masked per batch row, and the hooks are removed when the pass is done, so a
+later plain forward is bit-identical to one that never saw an intervention.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict, dataclass
 
@@ -79,16 +81,14 @@ class InterventionSpec:
 class Intervener:
     """Holds the text-side references and applies the edits for one ``lslm`` instance."""
 
-    def __init__(self, spec: InterventionSpec, layer_modules: list[torch.nn.Module], stream: int | None = None):
+    def __init__(self, spec: InterventionSpec, n_layers: int):
         from lmeval_speech.layers import parse_layers
 
         self.spec = spec
-        self.modules = layer_modules
-        # layers whose output stacks several streams [S, B, T, D] (Gemma 3n's AltUp): the stream that is
-        # the layer's hidden state is read and edited, the others pass through
-        self.stream = stream
-        # hidden-state index h: 0 edits the embeddings entering the LLM, h >= 1 decoder layer h's output
-        self.layers = [INPUT if h == 0 else h for h in parse_layers(spec.layers, len(layer_modules), default=INPUT)]
+        self.n_layers = int(n_layers)
+        # hidden-state indices (sites: lmeval_speech.hooks); index 0 is keyed INPUT in references and calibration files
+        self.indices = parse_layers(spec.layers, self.n_layers, default=INPUT)
+        self.layers = [INPUT if h == 0 else h for h in self.indices]
         self.text_states: dict[tuple, dict] = {}  # (pair, doc_id) -> {layer: [Tt, D] tensor}
         self._pending: dict[tuple, int] = {}  # (pair, doc_id) -> speech sequences not yet scored
         self._sums: dict = {}
@@ -137,8 +137,18 @@ class Intervener:
         atomic_write(path, save(arrays, metadata={"spec": json.dumps(self.spec.to_dict()), "items": str(n)}))
 
     # ---------------------------------------------------------------- hooks
-    def _hooks(self, fn):
-        return [self.modules[layer - 1].register_forward_hook(fn(layer)) for layer in self.layers if layer != INPUT]
+    def hook_spec(self, kind: str):
+        """This intervention's use of the hook protocol, for the manifest: ``edit`` on speech rows,
+        ``read`` on the oracle's text twins."""
+        from lmeval_speech.hooks import HookSpec
+
+        positions = ("critical speech positions (" + ("all" if self.spec.critical is None else f"bottom{self.spec.critical}")
+                     + ") among the sequence's speech positions") if kind == "edit" else "the text twin's question span"
+        return HookSpec(kind, tuple(self.indices), positions)
+
+    @staticmethod
+    def _key(index: int):
+        return INPUT if index == 0 else index
 
     def expect(self, keys) -> None:
         """Speech sequences about to be scored, by item: their references are kept until the last one."""
@@ -155,29 +165,20 @@ class Intervener:
                 self._pending.pop(key, None)
                 self.text_states.pop(key, None)
 
-    @contextlib.contextmanager
-    def recording_text(self, rows: list, embeds: torch.Tensor):
-        """Store each text-twin row's question-span states at every intervened layer."""
-        def keep(layer, states):
+    def recording_text(self, rows: list):
+        """A reader (``lmeval_speech.hooks.Tap``) storing each text-twin row's question-span states
+        at every intervened index; ``rows[r]`` is ``(twin key, positions)`` or None."""
+        from lmeval_speech.hooks import READ, Tap
+
+        def keep(index, states):
             for r, info in enumerate(rows):
                 if info is not None:
                     key, positions = info
                     t = states[r, positions].detach().float().cpu()
-                    self.text_states.setdefault(key, {})[layer] = t
-                    self._accumulate(layer, t)
+                    self.text_states.setdefault(key, {})[self._key(index)] = t
+                    self._accumulate(self._key(index), t)
 
-        if INPUT in self.layers:
-            keep(INPUT, embeds)
-        handles = self._hooks(lambda layer: lambda mod, args, out: keep(
-            layer, self._state(out[0] if isinstance(out, tuple) else out)))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _state(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden[self.stream] if self.stream is not None and hidden.dim() == 4 else hidden
+        return Tap(READ, self.indices, keep)
 
     def _accumulate(self, layer, t: torch.Tensor) -> None:
         if not self.spec.save_calibration:
@@ -189,26 +190,17 @@ class Intervener:
         s[1] += units.sum(0)
         s[2] += t.shape[0]
 
-    @contextlib.contextmanager
-    def editing_speech(self, rows: list, embeds: torch.Tensor):
-        """Edit the critical speech positions of each speech row (``embeds`` in place for ``input``)."""
-        if INPUT in self.layers:
-            self._edit(INPUT, embeds, rows)
+    def editing_speech(self, rows: list):
+        """An editor (``lmeval_speech.hooks.Tap``) on the critical speech positions of each speech
+        row; ``rows[r]`` is ``(twin key, speech positions)`` or None."""
+        from lmeval_speech.hooks import EDIT, Tap
 
-        def hook(layer):
-            def fn(mod, args, out):
-                hidden = out[0] if isinstance(out, tuple) else out
-                hidden = hidden.clone()
-                self._edit(layer, self._state(hidden), rows)  # a view: edits land in ``hidden``
-                return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
-            return fn
+        def edit(index, hidden):
+            hidden = hidden.clone()
+            self._edit(self._key(index), hidden, rows)
+            return hidden
 
-        handles = self._hooks(hook)
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return Tap(EDIT, self.indices, edit)
 
     def targets(self, layer, key, speech: torch.Tensor):
         """(speech row indices to edit, target states or norms) for one item at one layer."""

@@ -128,3 +128,19 @@ def load_mini_backend(dtype=torch.float32, adapter: Path | None = ADAPTER_FILE):
     backend = MiniBackend.from_pretrained(str(build_mini(adapter)), dtype=dtype)
     backend.adapter_file = str(adapter) if adapter else None  # hashed into the run's model identity
     return backend
+
+
+def set_adapter_temperature(adapter: Path, temperature: float) -> None:
+    """Store the CTC adapter's posterior temperature in its safetensors file (``ctc_temperature``,
+    read by :func:`build_mini`); written atomically. Training does not use it: it only scales the
+    posteriors the LLM reads, so it is chosen after training, on a development set
+    (``python -m lmeval_speech.mini.evaluate --select-temperature ... --write-best FILE``)."""
+    from safetensors.torch import load_file, save
+
+    from lmeval_speech.fileio import atomic_write
+
+    state = load_file(str(adapter))
+    if "blank.weight" not in state:
+        raise ValueError(f"{adapter} is not a CTC adapter: it has no posterior temperature")
+    state["ctc_temperature"] = torch.tensor(float(temperature))
+    atomic_write(Path(adapter), save(state))

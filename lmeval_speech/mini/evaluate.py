@@ -15,7 +15,8 @@
   same three-way check; the criterion, fixed before looking, is the mean nats measure (continuous,
   so less noisy than accuracy on 80 items):
 
-    python -m lmeval_speech.mini.evaluate --select-temperature 0.35,0.5,0.7,1.0 --out dev.json
+    python -m lmeval_speech.mini.evaluate --select-temperature 0.35,0.5,0.7,1.0 --out dev.json \
+        [--write-best lmeval_speech/mini/weights/adapter.safetensors]
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=None, help="override the CTC adapter's posterior temperature")
     ap.add_argument("--select-temperature", default=None, metavar="T1,T2,...",
                     help="run the check on the development set for each T and report the best (mean nats)")
+    ap.add_argument("--write-best", type=Path, default=None, metavar="ADAPTER",
+                    help="with --select-temperature: store the best T in this adapter file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -148,6 +151,10 @@ def main(argv=None):
         res["best"] = max(res["by_temperature"], key=lambda t: res["by_temperature"][t][res["criterion"]])
         res["seconds"] = round(time.time() - t0, 1)
         print("best temperature:", res["best"])
+        if args.write_best:
+            from lmeval_speech.mini.build import set_adapter_temperature
+
+            set_adapter_temperature(args.write_best, float(res["best"]))
         if args.out:
             args.out.write_text(json.dumps(res, indent=1))
         return

@@ -151,8 +151,7 @@ class LSLM(BatchRunner, TemplateLM):
 
             spec = InterventionSpec.from_args(intervention, intervene_layers, critical, strength,
                                               intervention_mode, calibration, save_calibration)
-            self.intervener = Intervener(spec, self.backend_impl.decoder_layers,
-                                         stream=self.backend_impl.layer_output_stream)
+            self.intervener = Intervener(spec, len(self.backend_impl.decoder_layers))
 
     @staticmethod
     def _pick_device(device) -> torch.device:
@@ -248,8 +247,15 @@ class LSLM(BatchRunner, TemplateLM):
                          "noise": None if self.noise is None else self.noise.to_dict(),
                          "max_length": self.max_length, "batch_size": self.batch_size},
             "hooks": {"capture": None if self.capture is None else self.capture.spec(),
-                      "intervention": None if self.intervener is None else self.intervener.spec.to_dict()},
+                      "intervention": None if self.intervener is None else self._intervention_manifest()},
         }}
+
+    def _intervention_manifest(self) -> dict:
+        iv, n = self.intervener, len(self.backend_impl.decoder_layers)
+        hooks = {"edit": iv.hook_spec("edit").to_dict(n)}
+        if iv.spec.mode == "oracle":
+            hooks["read"] = iv.hook_spec("read").to_dict(n)
+        return {**iv.spec.to_dict(), "hooks": hooks}
 
     # ------------------------------------------------------------------ lm-eval properties
     @property

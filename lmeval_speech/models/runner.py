@@ -7,7 +7,6 @@ head; left-padded batches for generation. ``LSLM`` (``models/lslm.py``) is the l
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -82,36 +81,32 @@ class BatchRunner:
                     embeds[i, start : start + n] = e.to(embeds.dtype)
         return ids, mask, embeds
 
-    def _intervening(self, batch: list[Seq], embeds):
-        """Text twins record their reference states; speech rows get edited (see interventions.hooks)."""
+    def _intervention_taps(self, batch: list[Seq]) -> list:
+        """Text twins record their reference states (a reader); speech rows get edited (an editor);
+        see interventions.hooks. Positions come with each sequence."""
         iv = self.intervener
         if iv is None:
-            return contextlib.nullcontext()
-        rows = []
-        for s in batch:
-            if s.audio:
-                rows.append((s.twin_key, s.speech_positions))
-            elif s.span is not None and s.request.idx == 0 and iv.spec.mode == "oracle":
-                rows.append((s.twin_key, list(range(*s.span))))
-            else:
-                rows.append(None)
+            return []
         if any(s.audio for s in batch):
-            return iv.editing_speech([r if s.audio else None for r, s in zip(rows, batch)], embeds)
-        return iv.recording_text(rows, embeds)
+            return [iv.editing_speech([(s.twin_key, s.speech_positions) if s.audio else None for s in batch])]
+        rows = [(s.twin_key, list(range(*s.span))) if s.span is not None and s.request.idx == 0
+                and iv.spec.mode == "oracle" else None for s in batch]
+        return [iv.recording_text(rows)]
 
     def _captures(self, s: Seq) -> bool:
         if self.capture is None or not self.capture.wants(s.request):
             return False
         return bool(s.audio) or s.span is not None
 
-    def _capture_row(self, s: Seq, hidden_states, row: int) -> None:
-        if s.audio:
-            positions = s.speech_positions
-            audio_notes = [self.planner.status[k].notes for _, k, _ in s.audio]
-        else:
-            positions = list(range(*s.span))
-            audio_notes = []
-        self.capture.add(s.request, bool(s.audio), [h[row] for h in hidden_states], positions, audio_notes)
+    @staticmethod
+    def _capture_positions(s: Seq) -> list[int]:
+        """Captured positions of a sequence: its speech positions, or its question span for text."""
+        return s.speech_positions if s.audio else list(range(*s.span))
+
+    def _capture_row(self, s: Seq, states: list) -> None:
+        """``states``: one [P, D] tensor per hidden-state index, at ``_capture_positions(s)``."""
+        audio_notes = [self.planner.status[k].notes for _, k, _ in s.audio] if s.audio else []
+        self.capture.add(s.request, bool(s.audio), states, audio_notes)
 
     @staticmethod
     def _context(s: Seq) -> list[int]:
@@ -161,16 +156,27 @@ class BatchRunner:
         return [results[id(s)] for s in seqs]
 
     def _hooked_forward(self, batch: list[Seq], batch_groups, items, use_cache=False):
-        """One decoder pass over ``batch`` (one row per group) under the capture and intervention
-        hooks; every sequence of a group that wants capture is recorded from it."""
+        """One decoder pass over ``batch`` (one row per group) under the hook protocol
+        (``lmeval_speech.hooks``): the intervention's editor or reader and the capture reader, removed
+        after the pass; every sequence of a group that wants capture is recorded from it."""
+        from lmeval_speech.hooks import PositionReader, hooked
+
+        b = self.backend_impl
         ids, mask, embeds = self._embed(batch, items)
         rows = [(r, s) for r, g in enumerate(batch_groups) for s in g if self._captures(s)]
         self._set_modality(batch)
-        with self._intervening(batch, embeds):
-            cache = {"use_cache": True} if use_cache else {}  # backends without prefix sharing take no such arg
-            out = self.backend_impl.run_decoder(embeds, mask, ids, output_hidden_states=bool(rows), **cache)
-        for r, s in rows:
-            self._capture_row(s, out.hidden_states, r)
+        taps = self._intervention_taps(batch)
+        reader = None
+        if rows:
+            reader = PositionReader(self.capture.layers, [(r, self._capture_positions(s)) for r, s in rows])
+            taps.append(reader.tap)
+        layers = b.decoder_layers
+        final_norm = b.final_norm if any(len(layers) in t.layers for t in taps) else None
+        cache = {"use_cache": True} if use_cache else {}  # backends without prefix sharing take no such arg
+        with hooked(layers, final_norm, taps, stream=b.layer_output_stream):
+            out = b.run_decoder(embeds, mask, ids, **cache)
+        for k, (_, s) in enumerate(rows):
+            self._capture_row(s, reader.states(k))
         return out, mask
 
     @staticmethod

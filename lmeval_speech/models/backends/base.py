@@ -25,7 +25,7 @@ import torch
 @dataclass
 class DecoderOutput:
     last_hidden: torch.Tensor  # [B, T, D]
-    hidden_states: tuple[torch.Tensor, ...] | None  # embeddings + one per layer, when asked
+    hidden_states: tuple[torch.Tensor, ...] | None  # embeddings + one per layer, when asked (tests only)
     past: object = None  # the decoder's key/value cache, when asked (``use_cache=True``)
     next_position: torch.Tensor | None = None  # [B] position id of the token after each row's last
 
@@ -117,13 +117,26 @@ class Backend:
     def decoder_layers(self) -> list[torch.nn.Module]:
         return list(self.decoder.layers)
 
+    @property
+    def final_norm(self) -> torch.nn.Module | None:
+        """The decoder's final norm, whose output is ``last_hidden``: the site of the last
+        hidden-state index for capture and interventions (``lmeval_speech.hooks``). ``norm`` in every
+        supported family (Llama, Qwen2, Granite, Qwen2.5-Omni thinker's text model, Voxtral's Llama,
+        the embedded model's Llama); a family that names it otherwise overrides this."""
+        norm = getattr(self.decoder, "norm", None)
+        if not isinstance(norm, torch.nn.Module):
+            raise AttributeError(f"{type(self).__name__}: decoder {type(self.decoder).__name__} has no final norm "
+                                 "attribute `norm`; override Backend.final_norm")
+        return norm
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
 
     def run_decoder(self, inputs_embeds, attention_mask, input_ids, output_hidden_states=False,
                     use_cache=False) -> DecoderOutput:
         """The decoder on right-padded rows; with ``use_cache`` also its cache and each row's next
-        position, for ``run_continuation``."""
+        position, for ``run_continuation``. The adapter never asks for ``output_hidden_states``
+        (capture reads through ``lmeval_speech.hooks``); tests do, to compare."""
         out = self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

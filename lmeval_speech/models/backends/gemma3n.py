@@ -64,6 +64,12 @@ class Gemma3nBackend(ComposedSpeechBackend):
     # not tested with prefix sharing, so every sequence runs whole
     supports_prefix_cache = False
 
+    @property
+    def final_norm(self):
+        """None: Gemma 3n's ``output_hidden_states`` end with the last layer's output (its active AltUp
+        stream), not the final norm's, so the last hidden-state index reads and edits that."""
+        return None
+
     def __init__(self, model, tokenizer, processor=None):
         super().__init__(model, tokenizer, processor)
         boa, audio, eoa = (getattr(tokenizer, n, None) for n in ("boa_token", "audio_token", "eoa_token"))
