@@ -1252,3 +1252,93 @@ def test_generation_does_not_depend_on_the_batch(fixture, request):
     one = LSLM(pretrained=path, device="cpu", batch_size=1).generate_until(reqs)
     assert LSLM(pretrained=path, device="cpu", batch_size=4).generate_until(reqs) == one
     assert len(set(one)) == len(one)
+
+
+# ---------------------------------------------------------------- capture + interventions on the first three families
+def _omni_hidden_states(path):
+    from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration, WhisperFeatureExtractor
+    from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths
+
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    tok, fe = AutoTokenizer.from_pretrained(path), WhisperFeatureExtractor.from_pretrained(path)
+
+    def hidden_states(prompt, audio):
+        kw = {}
+        if audio is not None:
+            feats = fe([audio], sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt")
+            n = int(_get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))[0])
+            prompt = prompt.replace("<audio>", "<|audio_bos|>" + "<|AUDIO|>" * n + "<|audio_eos|>")
+            kw = dict(input_features=feats["input_features"], feature_attention_mask=feats["attention_mask"])
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            hs = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], output_hidden_states=True,
+                       **kw).hidden_states
+        where = (ids["input_ids"][0] == model.config.audio_token_id).nonzero()[:, 0].tolist()
+        return [h[0] for h in hs], where
+    return hidden_states
+
+
+def _voxtral_hidden_states(path):
+    from transformers import AutoTokenizer, VoxtralForConditionalGeneration, VoxtralProcessor, WhisperFeatureExtractor
+
+    model = VoxtralForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = VoxtralProcessor(feature_extractor=WhisperFeatureExtractor.from_pretrained(path), tokenizer=tok)
+
+    def hidden_states(prompt, audio):
+        kw = {}
+        if audio is not None:
+            kw["input_features"] = proc._retrieve_input_features(
+                [audio], 3000, sampling_rate=16000, padding=True, truncation=False, pad_to_multiple_of=480000,
+                return_tensors="pt")
+            n = math.ceil(math.ceil(len(audio) / 480000) * 480000 / 160 / 8)
+            prompt = prompt.replace("<audio>", "[BEGIN_AUDIO]" + "[AUDIO]" * n)
+        ids = tok(tok.bos_token + prompt, return_tensors="pt")  # every Voxtral prompt starts with BOS
+        with torch.no_grad():
+            hs = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], output_hidden_states=True,
+                       **kw).hidden_states
+        where = (ids["input_ids"][0] == model.config.audio_token_id).nonzero()[:, 0].tolist()
+        return [h[0] for h in hs], where
+    return hidden_states
+
+
+def _granite_hidden_states(path):
+    from transformers import AutoTokenizer, GraniteSpeechFeatureExtractor, GraniteSpeechForConditionalGeneration
+
+    from lmeval_speech.models.backends.granite_speech import granite_log_mel
+
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    fe_settings = SimpleNamespace(melspec_kwargs={"hop_length": 160}, projector_window_size=15,
+                                  projector_downsample_rate=5)
+
+    def hidden_states(prompt, audio):
+        kw = {}
+        if audio is not None:
+            kw["input_features"] = granite_log_mel(audio)
+            n = GraniteSpeechFeatureExtractor._get_num_audio_features(fe_settings, [len(audio)])[0]
+            prompt = prompt.replace("<audio>", "<|audio|>" * n)
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            hs = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], output_hidden_states=True,
+                       **kw).hidden_states
+        where = (ids["input_ids"][0] == model.config.audio_token_id).nonzero()[:, 0].tolist()
+        return [h[0] for h in hs], where
+    return hidden_states
+
+
+FIRST_FAMILIES = {"tiny_omni_dir": _omni_hidden_states, "tiny_voxtral_dir": _voxtral_hidden_states,
+                  "tiny_granite_dir": _granite_hidden_states}
+
+
+@pytest.mark.parametrize("fixture", sorted(FIRST_FAMILIES))
+def test_capture_matches_the_real_models_hidden_states(fixture, request, tmp_path):
+    """Qwen2.5-Omni thinker, Voxtral, Granite Speech: captured states at the speech positions and the
+    question's tokens equal the real model's own ``output_hidden_states`` (processor-style inputs)."""
+    path = request.getfixturevalue(fixture)
+    check_capture(path, tmp_path, FIRST_FAMILIES[fixture](path))
+
+
+@pytest.mark.parametrize("fixture", sorted(FIRST_FAMILIES))
+def test_interventions_are_exact_and_local_on_the_first_families(fixture, request):
+    check_interventions(request.getfixturevalue(fixture))
