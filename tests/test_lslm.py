@@ -265,3 +265,24 @@ def test_chat_template_is_the_processors_with_audio_content_and_its_own_system_p
     ids = full["input_ids"][0]
     direct = float(torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None])[n_ctx - 1:, 0].sum())
     assert abs(direct - ll) < 1e-4
+
+
+def test_speech_embedding_cache_smaller_than_a_batch_or_full_never_loses_a_batch_key(tiny_qwen2_audio_dir):
+    """Found by a long run (mini, 674 clips, the LRU full after planning): inserting a batch's missing
+    audio evicted the batch's own oldest cached key, then reading it raised KeyError."""
+    from lmeval_speech.models.runner import SpeechEmbeddings
+
+    class Encoder:
+        def encode(self, arrays):
+            return [torch.full((2, 3), float(a)) for a in arrays]
+
+    cache = SpeechEmbeddings(Encoder(), size=2)
+    cache.get(["a", "b"], lambda k: ord(k))  # full; "a" is the oldest
+    got = cache.get(["a", "c"], lambda k: ord(k))  # "a" cached, "c" inserted: "b" must go, not "a"
+    assert {k: float(v[0, 0]) for k, v in got.items()} == {"a": ord("a"), "c": ord("c")}
+    assert list(cache._lru) == ["a", "c"]
+    # through the model: 3 clips in one batch, an LRU of 1
+    reqs = speech_requests()
+    small = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3, audio_cache_size=1).loglikelihood(reqs)
+    big = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3).loglikelihood(reqs)
+    np.testing.assert_allclose([x for x, _ in small], [x for x, _ in big], atol=1e-6)

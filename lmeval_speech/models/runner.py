@@ -32,14 +32,19 @@ class SpeechEmbeddings:
         return int(self._lru[key].shape[0])
 
     def get(self, keys: list[str], load) -> dict[str, torch.Tensor]:
-        missing = [k for k in dict.fromkeys(keys) if k not in self._lru]
+        """Embeddings of every key of one batch. The batch's cached keys are taken (and made most
+        recent) before its missing ones are encoded and inserted, and the result is built from what
+        was taken and encoded: inserting may evict older entries, never one this batch needs."""
+        out: dict[str, torch.Tensor] = {}
+        for k in dict.fromkeys(keys):
+            if k in self._lru:
+                self._lru.move_to_end(k)
+                out[k] = self._lru[k]
+        missing = [k for k in dict.fromkeys(keys) if k not in out]
         if missing:
             for k, emb in zip(missing, self.backend.encode([load(k) for k in missing]), strict=True):
+                out[k] = emb
                 self._put(k, emb)
-        out = {}
-        for k in keys:
-            self._lru.move_to_end(k)
-            out[k] = self._lru[k]
         return out
 
     def _put(self, key, emb) -> None:
