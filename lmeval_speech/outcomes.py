@@ -37,14 +37,16 @@ class Scored(float):
 
 
 class ScoredText(str):
-    """A generation carrying the same marks (a failed audio generates nothing, and says why)."""
+    """A generation carrying the same marks (a failed audio generates nothing, and says why; a cascade
+    twin's generation carries the ASR ``transcript`` its prompt held instead of the audio)."""
 
     failed: str
     truncated: str
+    transcript: str
 
-    def __new__(cls, value: str, failed: str = "", truncated: str = ""):
+    def __new__(cls, value: str, failed: str = "", truncated: str = "", transcript: str = ""):
         obj = super().__new__(cls, value)
-        obj.failed, obj.truncated = failed, truncated
+        obj.failed, obj.truncated, obj.transcript = failed, truncated, transcript
         return obj
 
 
@@ -96,3 +98,20 @@ def mc_results(gold: Callable[[dict], int], choices: Callable[[dict], list], nor
         return out
 
     return process_results
+
+
+def gen_cascade_results(process_results: Callable, spoken: Callable[[dict], str]) -> Callable:
+    """A generation task's ``process_results`` for its cascade twin: the same scores, plus the ASR
+    transcript that the prompt held (``asr_transcript``) and its word error rate against what was
+    spoken (``asr_wer``, not for an item whose audio failed)."""
+
+    def cascade_results(doc: dict, results) -> dict:
+        from lmeval_speech.audio.asr import word_error_rate
+
+        out = process_results(doc, results)
+        out["asr_transcript"] = next((getattr(r, "transcript", "") for r in results), "")
+        if not out["audio_failed"]:
+            out["asr_wer"] = word_error_rate(spoken(doc), out["asr_transcript"])
+        return out
+
+    return cascade_results

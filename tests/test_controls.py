@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +157,52 @@ def test_mini_base_is_the_embedded_models_text_path():
     mini, base = LSLM(pretrained="mini", device="cpu"), LSLM(pretrained="mini-base", device="cpu")
     assert type(base.backend_impl).__name__ == "CausalLMBackend"
     np.testing.assert_allclose([r[0] for r in mini.loglikelihood(reqs)], [r[0] for r in base.loglikelihood(reqs)], atol=1e-5)
+
+
+def test_sdqa_cascade_generates_from_the_recordings_transcript(tiny_qwen2_audio_dir, tmp_path, monkeypatch):
+    """SD-QA's cascade twin (a generation task): the recording (espeak-ng speaking a known question,
+    stored as the dataset's audio) is transcribed by Whisper tiny.en, and that transcript, in the speech
+    twin's prompt, is what the LLM generates from; each row records the transcript and its WER.
+    Doc 1's recording is unreadable: not scored, counted."""
+    import datasets
+    import yaml
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lmeval_speech.audio import spoken
+    from lmeval_speech.audio.asr import word_error_rate
+    from lmeval_speech.models.lslm import LSLM
+    from test_trust import _wav_bytes
+
+    monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    questions = ["What is the capital city of France?", "Who wrote the play Hamlet?"]
+    voice, rate, _ = resolve_audio(spoken(questions[0], **prompts.TTS))
+    data = tmp_path / "sdqa.parquet"
+    datasets.Dataset.from_dict({
+        "audio": [{"bytes": _wav_bytes(voice, rate), "path": "0.wav"}, {"bytes": b"RIFF not a wav", "path": "1.wav"}],
+        "prompt": questions, "reference": ["Paris", "Shakespeare"]}).cast_column("audio", datasets.Audio()).to_parquet(str(data))
+    task = "speech_voicebench_sdqa_usa_cascade"
+    inc = tmp_path / "tasks"
+    inc.mkdir()
+    (inc / f"{task}.yaml").write_text(yaml.safe_dump({
+        "include": str(Path(prompts.__file__).parent / "speech_voicebench_sdqa" / f"{task}.yaml"),
+        "dataset_path": "parquet", "dataset_name": None, "test_split": "test",
+        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(tmp_path / "hf")}}))
+    lm = LSLM(pretrained=str(tiny_qwen2_audio_dir), device="cpu", batch_size=2)
+    encoded = []
+    real_encode = lm.tok_encode
+    monkeypatch.setattr(lm, "tok_encode", lambda s, *a, **k: encoded.append(s) or real_encode(s, *a, **k))
+    out = simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(inc)),
+                          gen_kwargs="max_gen_toks=4", log_samples=True)
+    rows = {r["doc_id"]: r for r in out["samples"][task]}
+    transcript = rows[0]["asr_transcript"]
+    assert word_error_rate(questions[0], transcript) < 0.5  # Whisper heard the espeak question
+    assert rows[0]["asr_wer"] == pytest.approx(word_error_rate(questions[0], transcript))
+    assert f"Question: {transcript}\nAnswer:" in encoded  # the generation prompt held the transcript ...
+    assert not any("<audio>" in s or lm.backend_impl.audio_placeholder in s for s in encoded)  # ... and no audio
+    assert rows[0]["contains_proxy"] == prompts.sdqa_process_results(rows[0]["doc"], rows[0]["filtered_resps"])["contains_proxy"]
+    assert rows[1]["audio_failed"] and "contains_proxy" not in rows[1] and "asr_wer" not in rows[1]
+    res = out["results"][task]
+    assert res["audio_failed,none"] == 1 and res["asr_wer,none"] == pytest.approx(rows[0]["asr_wer"])
+    assert out["configs"][task]["metadata"]["modality"] == "cascade"

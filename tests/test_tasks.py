@@ -46,8 +46,8 @@ def pair_names(pair: str) -> list[str]:
 
 
 def control_names(pair: str) -> list[str]:
-    """A leaf pair's opt-in twins: prior controls and their group, and (multiple choice) the ASR cascade."""
-    return [f"{pair}_shuffled", f"{pair}_silence", f"{pair}_controls"] + ([] if "sdqa" in pair else [f"{pair}_cascade"])
+    """A leaf pair's opt-in twins: prior controls and their group, and the ASR cascade."""
+    return [f"{pair}_shuffled", f"{pair}_silence", f"{pair}_controls", f"{pair}_cascade"]
 
 
 def expected_names() -> set[str]:
@@ -70,6 +70,10 @@ def expected_names() -> set[str]:
         names.update(pair_names(f"speech_voicebench_sdqa_{region}") + control_names(f"speech_voicebench_sdqa_{region}"))
     for domain in gen.MMSU_DOMAINS:
         names.update(pair_names(f"speech_voicebench_mmsu_{domain}") + control_names(f"speech_voicebench_mmsu_{domain}"))
+    # VoiceBench's generate-then-extract scoring of the multiple-choice subsets (opt-in variant pairs)
+    names.update(pair_names("speech_voicebench_mmsu_gen"))
+    for pair in ["speech_voicebench_openbookqa_gen"] + [f"speech_voicebench_mmsu_{d}_gen" for d in gen.MMSU_DOMAINS]:
+        names.update(pair_names(pair) + control_names(pair))
     return names
 
 

@@ -348,3 +348,121 @@ def test_report_gives_voicebench_overall(tmp_path):
     md = markdown(jsonable(rep))
     assert "## VoiceBench Overall" in md and "| **Overall** | 58.00 | 41.00 | 17.00 |" in md
     assert "| sdqa (proxy) | 30.00 | 10.00 | 20.00 |" in md
+
+
+# ------------------------------------------------- multiple choice, generate-then-extract ----
+# VoiceBench's MCQEvaluator (src/evaluator/mcq.py): templates in list order, choices a-d in order,
+# then an exact/prefix letter, on the lower-cased, unstripped response. Expected letters were checked
+# against VoiceBench's own extract_answer; a naive extractor (first standalone letter, or the letter the
+# stripped response starts with) is wrong on every case marked so.
+@pytest.mark.parametrize(("response", "letter"), [
+    ("A. Paris is wrong; the answer is B.", "B"),        # naive (starts with "A."): A
+    ("It is not D. It is A.", "A"),                      # naive (first letter): D; "is a." is found for a before d
+    ("B) or d.", "D"),                                   # naive: B; template " [CHOICE]." beats the prefix rule
+    ("I would choose a different approach, but the answer is B", "B"),  # naive: a; "the answer is" comes first
+    (" b", None),                                        # naive (stripped): B; VoiceBench does not strip
+    ("\nB.", None),                                      # naive: B
+    ("Answer: B", None),                                 # naive: B; no template ends in ": [CHOICE]" alone
+    ("**B**", None),                                     # naive: B
+    ("<1>b", "B"),                                       # "<1>" prefix dropped
+    ("<2> The answer is (C)", "C"),
+    ("答案是C", "C"),
+    ("c) blue", "C"),
+    ("D", "D"),
+    ("A:", "A"),
+    ("I'd say c.", "C"),
+    ("The answer is **C**.", "C"),
+    ("Paris", None),
+])
+def test_mcq_extraction_is_voicebench_s(response, letter):
+    assert prompts.voicebench_mcq_extract(response) == letter
+    doc = {"prompt": "Which city is the capital of France? A. Rome B. Paris C. Oslo D. Bern", "reference": "B"}
+    row = prompts.voicebench_mcq_gen_results(doc, [response])
+    assert row["extract_fail"] == float(letter is None) and row["audio_failed"] == ""
+    assert row["acc"] == float((letter or prompts.voicebench_mcq_fallback(doc)) == "B")
+
+
+def test_mcq_gen_fallback_is_fixed_per_item_and_failed_audio_is_not_scored():
+    from lmeval_speech.outcomes import ScoredText
+
+    assert len(prompts.VOICEBENCH_MCQ_TEMPLATES) == 163  # VoiceBench's list, one entry repeated as there
+    docs = [{"prompt": f"Question {i}?", "reference": "A"} for i in range(40)]
+    letters = [prompts.voicebench_mcq_fallback(d) for d in docs]
+    assert letters == [prompts.voicebench_mcq_fallback(d) for d in docs] and set(letters) == set("ABCD")
+    row = prompts.voicebench_mcq_gen_results(docs[0], [ScoredText("", failed="audio could not be decoded")])
+    assert row == {"audio_failed": "audio could not be decoded", "audio_truncated": ""}
+
+
+def test_mcq_gen_pair_runs_beside_the_loglikelihood_pair_and_the_report_shows_both(tiny_qwen2_audio_dir, tmp_path):
+    """OpenBookQA's two scorings in one lm_eval run, on a parquet in VoiceBench's layout; doc 1's
+    recording is unreadable: both speech twins leave it unscored and count it."""
+    from lmeval_speech.report.compute import build_report
+    from lmeval_speech.report.render import markdown
+    from lmeval_speech.report.runs import load_run
+    from lmeval_speech.report.schema import jsonable
+
+    data = tmp_path / "openbookqa.parquet"
+    audio = [{"bytes": _wav_bytes(tone(1.0, seed=1)), "path": "0.wav"}, {"bytes": b"RIFF not a wav", "path": "1.wav"},
+             {"bytes": _wav_bytes(tone(1.2, seed=2)), "path": "2.wav"}]
+    prompts_ = [f"Question {i}: which one? A. x B. y C. z D. w" for i in range(3)]
+    datasets.Dataset.from_dict({"audio": audio, "prompt": prompts_, "reference": ["A", "C", "D"]}).cast_column(
+        "audio", datasets.Audio()).to_parquet(str(data))
+    inc = tmp_path / "tasks"
+    inc.mkdir()
+    tasks = []
+    for pair, folder in (("speech_voicebench_openbookqa", "speech_voicebench"),
+                         ("speech_voicebench_openbookqa_gen", "speech_voicebench_mcq_gen")):
+        for m in ("text", "speech"):
+            tasks.append(f"{pair}_{m}")
+            (inc / f"{pair}_{m}.yaml").write_text(yaml.safe_dump({
+                "include": str(TASKS_DIR / folder / f"{pair}_{m}.yaml"), "dataset_path": "parquet", "dataset_name": None,
+                "test_split": "test", "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(tmp_path / "hf")}}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LMEVAL_SPEECH_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(["lm_eval", "--model", "lslm", "--model_args", f"pretrained={tiny_qwen2_audio_dir}",
+                           "--include_path", str(inc), "--tasks", ",".join(tasks), "--device", "cpu",
+                           "--batch_size", "3", "--gen_kwargs", "max_gen_toks=8", "--log_samples",
+                           "--output_path", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (res,) = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
+    results = json.load(open(res))["results"]
+    gen = "speech_voicebench_openbookqa_gen"
+    for twin, scored in (("text", [0, 1, 2]), ("speech", [0, 2])):
+        (samples,) = glob.glob(str(tmp_path / "out" / "*" / f"samples_{gen}_{twin}_*.jsonl"))
+        rows = {r["doc_id"]: r for r in map(json.loads, open(samples))}
+        assert sorted(rows) == [0, 1, 2]
+        for d in scored:
+            letter = prompts.voicebench_mcq_extract(rows[d]["filtered_resps"][0])
+            assert rows[d]["extract_fail"] == float(letter is None)
+            assert rows[d]["acc"] == float((letter or prompts.voicebench_mcq_fallback(rows[d]["doc"])) == rows[d]["doc"]["reference"])
+        if twin == "speech":
+            assert rows[1]["audio_failed"] and "acc" not in rows[1]
+        r = results[f"{gen}_{twin}"]
+        assert r["acc,none"] == pytest.approx(sum(rows[d]["acc"] for d in scored) / len(scored))
+        assert r["audio_failed,none"] == (1 if twin == "speech" else 0)
+    (text_samples,) = glob.glob(str(tmp_path / "out" / "*" / f"samples_{gen}_text_*.jsonl"))
+    first = json.loads(open(text_samples).readline())
+    assert first["arguments"]["gen_args_0"]["arg_0"] == prompts_[first["doc_id"]]  # VoiceBench: the prompt alone
+    rep, _ = build_report(load_run(tmp_path / "out"), n_boot=200)
+    for pair in ("speech_voicebench_openbookqa", gen):  # two pairs, found from the manifest
+        assert rep["pairs"][pair]["n"] == 2 and rep["pairs"][pair]["excluded"] == {"audio_failed": 1}
+    vb = rep["voicebench"]["subsets"]
+    assert vb["openbookqa"]["text"] == pytest.approx(100 * results["speech_voicebench_openbookqa_text"]["acc,none"])
+    assert vb["openbookqa_gen"]["text"] == pytest.approx(100 * results[f"{gen}_text"]["acc,none"])
+    md = markdown(jsonable(rep))
+    assert "| openbookqa |" in md and "| openbookqa_gen (generate-then-extract) |" in md
+
+
+def test_voicebench_overall_gen_swaps_in_the_generation_scored_terms():
+    from lmeval_speech.report.voicebench import MMSU_DOMAINS, voicebench_overall
+
+    assert "openbookqa_gen" not in voicebench_overall(VB_RESULTS)["subsets"]  # not run: no row
+    assert voicebench_overall(VB_RESULTS)["overall_gen"] is None
+    gen = {**VB_RESULTS,
+           **{f"speech_voicebench_openbookqa_gen_{t}": {"acc,none": v} for t, v in (("text", 0.8), ("speech", 0.4))},
+           **{f"speech_voicebench_mmsu_{d}_gen_{t}": {"acc,none": v, "sample_len": 10}
+              for d in MMSU_DOMAINS for t, v in (("text", 0.3), ("speech", 0.2))}}
+    vb = voicebench_overall(gen)
+    assert vb["overall"] == pytest.approx({"text": 57.0, "speech": 41.0, "gap": 16.0})  # log-likelihood: unchanged
+    # text: (90 + 45 + 80 + 30 + 30) / 5 = 55; speech: (80 + 25 + 40 + 20 + 10) / 5 = 35
+    assert vb["overall_gen"] == pytest.approx({"text": 55.0, "speech": 35.0, "gap": 20.0})
+    assert vb["subsets"]["mmsu_gen"] == pytest.approx({"text": 30.0, "speech": 20.0, "gap": 10.0})

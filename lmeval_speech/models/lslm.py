@@ -459,14 +459,26 @@ class LSLM(BatchRunner, TemplateLM):
             if failed:  # an empty generation marked as failed, never an answer
                 out[i] = outcomes.ScoredText("", failed=failed)
                 continue
-            todo.append((i, req, keys, truncated))
+            context, transcript = req.args[0], ""
+            heard = [k for k in keys if status[k].transcript is not None]
+            if heard:  # cascade twin: each marker becomes its transcript, and the prompt is text only
+                if len(heard) != len(keys) or context.count(AUDIO_MARKER) != len(keys):
+                    if self.fail_fast:
+                        raise AudioRequestError("a cascade prompt needs one <audio> marker per transcribed audio")
+                    out[i] = outcomes.ScoredText("", failed="AudioRequestError: a cascade prompt needs one "
+                                                 "<audio> marker per transcribed audio")
+                    continue
+                for k in keys:
+                    context = context.replace(AUDIO_MARKER, status[k].transcript, 1)
+                transcript, keys = " | ".join(status[k].transcript for k in heard), []
+            todo.append((i, req, keys, truncated, context, transcript))
         pbar = tqdm(total=len(todo), desc="Running generate_until requests", disable=disable_tqdm or self.rank != 0)
         # batches share generation kwargs and modality (a modality-dependent model, e.g. Granite's
         # speech LoRA, is switched per batch)
-        collator = Collator([(i, req.args[0], req.args[1], bool(keys)) for i, req, keys, _ in todo],
+        collator = Collator([(i, context, req.args[1], bool(keys)) for i, req, keys, _, context, _ in todo],
                             sort_fn=lambda x: (-len(x[1]), x[1]), group_by="gen_kwargs",
                             group_fn=lambda x: (json.dumps(x[2], sort_keys=True, default=str), x[3]))
-        info = {i: (req, keys, truncated) for i, req, keys, truncated in todo}
+        info = {i: (req, keys, (truncated, transcript)) for i, req, keys, truncated, _, transcript in todo}
         for chunk in collator.get_batched(n=max(1, self.batch_size), batch_fn=None):
             kwargs = normalize_gen_kwargs(dict(chunk[0][2]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -491,10 +503,10 @@ class LSLM(BatchRunner, TemplateLM):
                 inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new, pad_token_id=self._pad_id,
                 stopping_criteria=stopping, **kwargs)
             for row, s in enumerate(seqs):
-                req, _, truncated = info[s.index]
+                req, _, (truncated, transcript) = info[s.index]
                 text = postprocess_generated_text(self.tok_decode(gen[row].tolist()), stop=until, think_end_token=None)
-                if truncated:
-                    text = outcomes.ScoredText(text, truncated=truncated)
+                if truncated or transcript:
+                    text = outcomes.ScoredText(text, truncated=truncated, transcript=transcript)
                 out[s.index] = text
                 self.cache_hook.add_partial("generate_until", (req.args[0], req.args[1]), text)
             pbar.update(len(seqs))

@@ -113,12 +113,17 @@ def markdown(report: dict) -> str:
         lines += ["## VoiceBench Overall (paper suite)", "",
                   f"Each subset scored 0-100 and averaged as VoiceBench does ({vb['source']}): `{vb['formula']}`. "
                   "SD-QA's term is an offline substring proxy, not VoiceBench's PEDANT + GPT judge; multiple choice "
-                  "is scored by log-likelihood; IFEval uses the strict setting (loose on its own row).", "",
+                  "is scored by log-likelihood (by VoiceBench's generate-then-extract on the `_gen` rows, when run); "
+                  "IFEval uses the strict setting (loose on its own row).", "",
                   "| subset | text | speech | gap |", "|---|---:|---:|---:|"]
-        lines += [f"| {name}{' (proxy)' if name == 'sdqa' else ''} | {fmt(v['text'], 2)} | {fmt(v['speech'], 2)} | "
-                  f"{fmt(v['gap'], 2)} |" for name, v in vb["subsets"].items()]
+        lines += [f"| {name}{' (proxy)' if name == 'sdqa' else ' (generate-then-extract)' if name.endswith('_gen') else ''}"
+                  f" | {fmt(v['text'], 2)} | {fmt(v['speech'], 2)} | {fmt(v['gap'], 2)} |"
+                  for name, v in vb["subsets"].items()]
         o = vb["overall"] or {}
         lines.append(f"| **Overall** | {fmt(o.get('text'), 2)} | {fmt(o.get('speech'), 2)} | {fmt(o.get('gap'), 2)} |")
+        if og := vb.get("overall_gen"):
+            lines.append(f"| **Overall (multiple choice by generation, as VoiceBench)** | {fmt(og['text'], 2)} | "
+                         f"{fmt(og['speech'], 2)} | {fmt(og['gap'], 2)} |")
         if vb["missing"]:
             lines += ["", f"No Overall: the run lacks {', '.join(vb['missing'])} (run `--tasks speech_voicebench`)."]
         lines.append("")

@@ -57,9 +57,12 @@ decomposition       {pair: {n, metric, base_text_acc, forgetting, base_gap (with
                     (point-biserial)}}, or null when the run has no cascade twin
 voicebench          VoiceBench's Overall of the paper's five subsets (``report/voicebench.py``, formula
                     and source there): formula, source, subsets {advbench, ifeval, openbookqa, mmsu,
-                    sdqa, ifeval_loose: {text, speech, gap}} (0..100, null where the run lacks it),
-                    overall {text, speech, gap} (null unless all five are there in both twins),
-                    missing; null when the run has none of the suite's tasks
+                    sdqa, ifeval_loose: {text, speech, gap}} (0..100, null where the run lacks it;
+                    plus openbookqa_gen, mmsu_gen when the run has the generate-then-extract ``*_gen``
+                    pairs), overall {text, speech, gap} (null unless all five are there in both
+                    twins), missing, overall_gen (the same mean with the ``_gen`` terms for openbookqa
+                    and mmsu; null unless all five are there); null when the run has none of the
+                    suite's tasks
 manifest            the run manifest (``lmeval_speech/manifest.py``: model identity, settings, hooks,
                     chat, per task pair, modality, prompt settings, effective audio spec, failures
                     and truncations) and its ``path``; ``compare`` and ``check`` read settings here

@@ -24,7 +24,8 @@ VoiceBench issue #29.)
 Where this differs from VoiceBench, so the numbers are not expected to match its leaderboard: IFEval's
 strict/loose setting is not stated in the source (strict, the setting its IFEvaluator reports first, is
 used; loose is reported beside it); multiple choice is scored by log-likelihood of the letter (VoiceBench
-extracts the letter from a generation); SD-QA's term is the substring **proxy**, not VoiceBench's
+extracts the letter from a generation: the opt-in ``*_gen`` pairs do that, and give the rows
+``openbookqa_gen`` / ``mmsu_gen`` and ``overall_gen``); SD-QA's term is the substring **proxy**, not VoiceBench's
 (PEDANT + GPT judge) / 2; how VoiceBench combines MMSU's 12 domain splits is not stated (pooled here).
 
 Why here and not as an lm-eval group aggregate: lm-eval 0.4.13 aggregates one metric name over a
@@ -53,13 +54,14 @@ def _value(results: dict, task: str, metric: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def _mmsu(results: dict, twin: str) -> float | None:
-    """The group's pooled acc, or the same pooled over the 12 domain leaves (sizes = sample_len)."""
-    group = _value(results, f"speech_voicebench_mmsu_{twin}", "acc")
+def _mmsu(results: dict, twin: str, variant: str = "") -> float | None:
+    """The group's pooled acc, or the same pooled over the 12 domain leaves (sizes = sample_len);
+    ``variant="_gen"``: VoiceBench's generate-then-extract scoring (``speech_voicebench_mmsu_gen``)."""
+    group = _value(results, f"speech_voicebench_mmsu{variant}_{twin}", "acc")
     if group is not None:
         return group
     leaves = [(_value(results, t, "acc"), (results.get(t) or {}).get("sample_len"))
-              for t in (f"speech_voicebench_mmsu_{d}_{twin}" for d in MMSU_DOMAINS)]
+              for t in (f"speech_voicebench_mmsu_{d}{variant}_{twin}" for d in MMSU_DOMAINS)]
     if any(v is None or not n for v, n in leaves):
         return None
     return sum(v * n for v, n in leaves) / sum(n for _, n in leaves)
@@ -81,26 +83,42 @@ def subset_scores(results: dict, twin: str) -> dict[str, float | None]:
         "mmsu": pct(_mmsu(results, twin)),
         "sdqa": pct(_value(results, f"speech_voicebench_sdqa_usa_{twin}", "contains_proxy")),
         "ifeval_loose": pct(mean2(_value(results, ifeval, "prompt_level_loose_acc"), _value(results, ifeval, "inst_level_loose_acc"))),
+        # opt-in: the multiple-choice subsets scored as VoiceBench scores them (generate, then extract)
+        "openbookqa_gen": pct(_value(results, f"speech_voicebench_openbookqa_gen_{twin}", "acc")),
+        "mmsu_gen": pct(_mmsu(results, twin, "_gen")),
     }
+
+
+#: Overall with the multiple-choice terms scored by generation (VoiceBench's own way), when the run has them.
+GEN_SUBSETS = ("advbench", "ifeval", "openbookqa_gen", "mmsu_gen", "sdqa")
 
 
 def voicebench_overall(results: dict) -> dict | None:
     """``{formula, source, subsets {name: {text, speech, gap}}, overall {text, speech, gap} or None,
-    missing [...]}`` from lm-eval's ``results`` dict; None when the run has none of the suite's tasks.
-    Overall is given only when all five subsets are there in both twins (a partial mean would not be
-    VoiceBench's number)."""
+    missing [...], overall_gen}`` from lm-eval's ``results`` dict; None when the run has none of the
+    suite's tasks. Overall is given only when all five subsets are there in both twins (a partial mean
+    would not be VoiceBench's number). When the run also has the opt-in generate-then-extract variants
+    of OpenBookQA and MMSU (``*_gen``), they get rows of their own (``openbookqa_gen``, ``mmsu_gen``,
+    beside the log-likelihood rows) and ``overall_gen`` is the same mean with them in place of the
+    log-likelihood terms (None otherwise)."""
     if not any(task.startswith(SUITE_PREFIXES) for task in results):
         return None
     scores = {twin: subset_scores(results, twin) for twin in TWINS}
+
+    def overall_of(names):
+        if any(scores[t][n] is None for t in TWINS for n in names):
+            return None
+        text, speech = (sum(scores[t][n] for n in names) / len(names) for t in TWINS)
+        return {"text": text, "speech": speech, "gap": text - speech}
+
     subsets, missing = {}, []
-    for name in (*SUBSETS, "ifeval_loose"):
+    for name in (*SUBSETS, "ifeval_loose", "openbookqa_gen", "mmsu_gen"):
         text, speech = scores["text"][name], scores["speech"][name]
+        if name.endswith("_gen") and text is None and speech is None:
+            continue  # the opt-in variant was not run
         gap = None if text is None or speech is None else text - speech
         subsets[name] = {"text": text, "speech": speech, "gap": gap}
         if name in SUBSETS:
             missing += [f"{name} ({twin})" for twin in TWINS if scores[twin][name] is None]
-    overall = None
-    if not missing:
-        text, speech = (sum(scores[t][n] for n in SUBSETS) / len(SUBSETS) for t in TWINS)
-        overall = {"text": text, "speech": speech, "gap": text - speech}
-    return {"formula": FORMULA, "source": SOURCE, "subsets": subsets, "overall": overall, "missing": missing}
+    return {"formula": FORMULA, "source": SOURCE, "subsets": subsets, "overall": overall_of(SUBSETS),
+            "missing": missing, "overall_gen": overall_of(GEN_SUBSETS)}

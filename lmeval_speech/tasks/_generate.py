@@ -141,7 +141,7 @@ def write_controls(folder: Path, pair: str, overrides: dict, speech_meta: dict, 
     write(folder, f"{pair}_controls.yaml", {"group": f"{pair}_controls", "group_alias": f"{alias} (controls)",
                                             "task": names, "metadata": {"version": VERSION, "pair": pair}})
     results = CASCADE_RESULTS.get(folder.name)
-    if results is not None:  # the cascade twin (multiple-choice families): ASR transcript read as text
+    if results is not None:  # the cascade twin: the ASR transcript read as text
         base = {k: v for k, v in speech_meta.items() if k not in ("tts", "spoken", "recorded_audio")}
         write(folder, f"{pair}_cascade.yaml", {
             "task": f"{pair}_cascade", "task_alias": f"{alias} (ASR cascade)", "include": "_speech_template_yaml",
@@ -152,10 +152,13 @@ def write_controls(folder: Path, pair: str, overrides: dict, speech_meta: dict, 
     return names
 
 
-#: process_results of each multiple-choice family's cascade twin, by family folder (SD-QA has none yet).
+#: process_results of each family's cascade twin, by family folder (multiple choice, and generation: SD-QA
+#: and VoiceBench's generate-then-extract multiple choice).
 CASCADE_RESULTS = {"speech_mmlu": "mmlu_cascade_results", "speech_mmlu_continuation": "mmlu_continuation_cascade_results",
                    "speech_arc": "arc_cascade_results", "speech_openbookqa": "openbookqa_cascade_results",
-                   "speech_voicebench": "voicebench_cascade_results"}
+                   "speech_voicebench": "voicebench_cascade_results",
+                   "speech_voicebench_mcq_gen": "voicebench_mcq_gen_cascade_results",
+                   "speech_voicebench_sdqa": "sdqa_cascade_results"}
 
 
 #: Each family folder's metric list (set by write_templates).
@@ -315,6 +318,31 @@ def generate_voicebench() -> None:
         mmsu["speech"].append(speech)
     write_modality_groups(folder, "speech_voicebench_mmsu", mmsu, ["acc"], "voicebench mmsu")
     mcq_pair("speech_voicebench_openbookqa", "openbookqa", "test", "voicebench openbookqa")
+
+    # Opt-in: the same multiple-choice items scored as VoiceBench scores them, generate-then-extract
+    # (``<pair>_gen``). VoiceBench's prompt (main.py): the text twin is the row's ``prompt`` alone, the
+    # speech twin the recording alone; greedy; its MCQEvaluator's letter extraction (prompts.py).
+    folder = fresh("speech_voicebench_mcq_gen")
+    write_templates(folder, {
+        **shared, "output_type": "generate_until", "doc_to_target": "{{reference.strip()}}",
+        "generation_kwargs": {"until": [], "max_gen_toks": 1024, "do_sample": False},
+        "process_results": fn("prompts.voicebench_mcq_gen_results"),
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "extract_fail", "aggregation": "mean", "higher_is_better": False}] + FLAGS,
+    }, "{{prompt}}", AUDIO_MARKER, "recorded_audio")
+
+    def gen_pair(pair: str, subset: str, split: str, alias: str) -> list[str]:
+        return write_pair(folder, pair, {"dataset_name": subset, "test_split": split},
+                          speech_metadata(pair, AUDIO_MARKER, **recorded), alias)
+
+    mmsu_gen = {"text": [], "speech": []}
+    for domain in MMSU_DOMAINS:
+        text, speech = gen_pair(f"speech_voicebench_mmsu_{domain}_gen", "mmsu", domain, f"mmsu {domain} (gen)")
+        mmsu_gen["text"].append(text)
+        mmsu_gen["speech"].append(speech)
+    write_modality_groups(folder, "speech_voicebench_mmsu_gen", mmsu_gen, ["acc", "extract_fail"],
+                          "voicebench mmsu (generate-then-extract)")
+    gen_pair("speech_voicebench_openbookqa_gen", "openbookqa", "test", "voicebench openbookqa (gen)")
 
     # SD-QA, every region VoiceBench ships: one pair per region, ``speech_voicebench_sdqa`` groups them
     # (per-region results are its leaves). ``contains_proxy`` is an offline stand-in for VoiceBench's

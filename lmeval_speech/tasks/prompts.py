@@ -18,7 +18,7 @@ import numpy as np
 
 from lmeval_speech import twins
 from lmeval_speech.audio import recorded, spoken
-from lmeval_speech.outcomes import count_flagged, flags, mc_results  # noqa: F401  (count_flagged: YAML)
+from lmeval_speech.outcomes import count_flagged, flags, gen_cascade_results, mc_results  # noqa: F401  (count_flagged: YAML)
 
 # The voice every TTS speech task asks for; _generate.py writes the same spec into their metadata.
 TTS = {"engine": "espeak-ng", "voice": "en-us", "rate": 160}
@@ -212,6 +212,110 @@ mmlu_continuation_cascade_results = mc_results(mmlu_gold, mmlu_choices, norm=Fal
 arc_cascade_results = mc_results(labelled_gold, labelled_choices, norm=True, spoken=twins.question_spoken)
 openbookqa_cascade_results = mc_results(labelled_gold, labelled_choices, norm=True, spoken=twins.question_stem_spoken)
 voicebench_cascade_results = mc_results(voicebench_gold, letters, norm=False, spoken=twins.voicebench_spoken)
+# SD-QA (generation): the same contains_proxy, plus the transcript and its WER
+sdqa_cascade_results = gen_cascade_results(sdqa_process_results, twins.voicebench_spoken)
+
+
+# ---- VoiceBench multiple choice, generate-then-extract (opt-in ``*_gen`` pairs), as VoiceBench scores it
+# Source: VoiceBench (github.com/MatthewCYM/VoiceBench, Apache-2.0), src/evaluator/mcq.py at commit
+# 9f8db6cdf66ed30fb5e1f2afc00be254c1d44a5d (its latest change; repository HEAD 533815410e3f4d602bd15a1de7105aea4acd828c),
+# MCQEvaluator.extract_answer and .evaluate. The rules, reproduced exactly (no regexes there: substring templates):
+#   1. lower-case the response (nothing is stripped, so a leading space or newline stays);
+#   2. a response starting with "<1>", "<2>" or "<3>" loses those 3 characters, then is stripped;
+#   3. for each template in VOICEBENCH_MCQ_TEMPLATES, *in list order*, and for each choice a, b, c, d *in
+#      that order*: if the template with [CHOICE] replaced by the choice occurs anywhere in the response,
+#      that choice is the answer (so an early template beats an earlier position in the text, and "a"
+#      beats "b" within one template);
+#   4. else a response that is exactly one letter, or starts with the letter followed by . , : or ), is it;
+#   5. else three special phrases give A; else no answer (None).
+# VoiceBench's evaluate() replaces a missing answer by random.choice("ABCD") (unseeded) and reports the
+# share of such items as ``fail``; here the replacement is a fixed pseudo-random letter per item (seeded
+# by the item's prompt, so both twins and every rerun draw the same) and ``extract_fail`` is reported.
+# The template list is VoiceBench's, in its order (163 entries, one repeated, as there).
+VOICEBENCH_MCQ_TEMPLATES = [
+    '答案是[CHOICE]', '答案是 [CHOICE]', '答案是选项[CHOICE]', '答案应该是[CHOICE]', '答案应该是 [CHOICE]', '答案就是选项[CHOICE]',
+    '答案是‘[CHOICE]', '是[CHOICE]：', '答案选[CHOICE]', '[CHOICE]是正确', '选项[CHOICE]是最合适的', 'answer is: **[CHOICE]',
+    'answer is **[CHOICE]', 'the answer to the question is: **[CHOICE]',
+    'the answer to the multiple-choice question is **[CHOICE]', "the answer is '[CHOICE]'",
+    '[CHOICE] is the best answer', 'the answer is [CHOICE]', 'the correct answer is [CHOICE]',
+    'would select [CHOICE]', 'would choose [CHOICE]', 'would select option [CHOICE]', 'would choose option [CHOICE]',
+    'is "[CHOICE]"', 'is "[CHOICE].', 'is: **[CHOICE])', 'is **[CHOICE],', 'is **[CHOICE]:', 'is **[CHOICE])',
+    'is: **[CHOICE].', 'is: **[CHOICE]:', 'is **[CHOICE].', 'be **[CHOICE],', 'is: **[CHOICE]**',
+    'is therefore option **[CHOICE]:', 'is: \n\n**[CHOICE])', 'as **[CHOICE]:', 'be **[CHOICE])', 'be **[CHOICE]:',
+    'is: \n\n**[CHOICE]**', 'suggests **[CHOICE])', 'be option **[CHOICE]:', 'with **[CHOICE])',
+    'is typically "[CHOICE])', 'be to **[CHOICE])', 'is: \n\n[CHOICE])', 'is likely to be: **[CHOICE].',
+    'is **[CHOICE] (', 'is option **[CHOICE]**', 'is likely **[CHOICE]**', 'is:\n**[CHOICE].', 'is:\n\n**[CHOICE].',
+    'would be [CHOICE]', 'would be option [CHOICE]', 'would be ([CHOICE])', 'would be option ([CHOICE])',
+    'is [CHOICE],', 'is typically [CHOICE],', 'is typically [CHOICE].', "i'd say [CHOICE].", 'option [CHOICE].',
+    'option [CHOICE]:', 'option [CHOICE],', 'the answer is:\n**[CHOICE]', 'is [CHOICE]:', 'is [CHOICE].',
+    'is [CHOICE],', 'is: [CHOICE].', 'is ([CHOICE])', 'is:\n**[CHOICE])', 'is likely **[CHOICE]:',
+    'is the **[CHOICE])', ':\n[CHOICE].', ':\n[CHOICE])', ':\n[CHOICE],', ': \n[CHOICE].', ':  \n[CHOICE].',
+    ':\n\n[CHOICE].', ':\n\n[CHOICE])', 'is most likely **[CHOICE]:', ':\n\n[CHOICE],', ': \n\n[CHOICE].',
+    'is option [CHOICE],', '([CHOICE]) would be', 'is ([CHOICE]).', 'is [CHOICE])', 'is: [CHOICE])',
+    'is:\n\n[CHOICE]:', 'is: **[CHOICE],', '(option [CHOICE])', 'answer is ([CHOICE])', 'select option "[CHOICE]"',
+    'is: [CHOICE]', 'is typically **[CHOICE],', 'is **[CHOICE]**', "is likely '[CHOICE]'", "is option '[CHOICE]'",
+    'is:\n**[CHOICE]:', 'is \\( \\boxed{[CHOICE] ', "would be '[CHOICE]'", 'is the **[CHOICE]** ',
+    'question is [CHOICE] (', 'is:\n\n**[CHOICE])', 'closest to option **[CHOICE]**', 'is most likely **[CHOICE])',
+    "the answer to the question is '[CHOICE]'", 'question is **[CHOICE]**', "known as '[CHOICE]'", "is '[CHOICE])",
+    'is typically **[CHOICE]:', 'is \\( \\boxed{\\text{[CHOICE]}} \\)', 'is \\( \\text{[CHOICE]) }',
+    'is \\( \\text{[CHOICE]} \\)', 'is \\( \\text{[CHOICE]:', 'is \\( \\text{[CHOICE])', 'is \\(\\text{[CHOICE].',
+    'is:\n\n**[CHOICE]', 'is \\( \\text{[CHOICE].}', 'is \\( \\text{[CHOICE].', 'is \\( \\boxed{[CHOICE]}',
+    'is:\n\\[ \\boxed{\\text{[CHOICE]}}', 'is:\n\\[ \\text{[CHOICE])', 'is:\n\n\\[ \\text{[CHOICE])',
+    'is \\( \\textbf{[CHOICE])', 'is \\( \\text{[CHOICE]}', 'is: \\( \\text{[CHOICE].',
+    'corresponds to:\n- **[CHOICE]:', 'would be: **[CHOICE]**.', 'is \\( [CHOICE] \\)', 'is:\n**[CHOICE] ',
+    'corresponds to option **[CHOICE]**', 'be **[CHOICE]**', 'be: \n\n[CHOICE])', 'is:\n\\[ \\boxed{[CHOICE]}',
+    'is:  \n**[CHOICE]:', 'is: \\( \\text{[CHOICE])', 'is likely: **[CHOICE],', 'is } \\mathbf{[CHOICE].',
+    'is \\( \\boxed{[CHOICE])', 'is \\( \\textbf{[CHOICE]}', 'is \\([CHOICE]\\)', 'is:\n  \n**[CHOICE]:',
+    'is option **[CHOICE] ', 'is:\n\\( \\textbf{[CHOICE].', 'is \\( \\mathbf{[CHOICE]}', 'was option **[CHOICE]**',
+    'is likely "[CHOICE])', 'option **[CHOICE]:', 'is "[CHOICE])', 'is most likely **[CHOICE],',
+    'is often **[CHOICE]:', 'is:  \n[CHOICE])', ' [CHOICE].', ' [CHOICE],', ' [CHOICE]:', ' [CHOICE])',
+    '**[CHOICE].', '**[CHOICE])', '"[CHOICE].', '"[CHOICE],', '"[CHOICE]:', '([CHOICE])', '"[CHOICE]"',
+]
+
+
+def voicebench_mcq_extract(response: str) -> str | None:
+    """The letter VoiceBench's MCQEvaluator.extract_answer reads from ``response`` (None: none found)."""
+    response = response.lower()
+    if response.startswith(("<1>", "<2>", "<3>")):
+        response = response[3:].strip()
+    for template in VOICEBENCH_MCQ_TEMPLATES:
+        for choice in "abcd":
+            if template.replace("[CHOICE]", choice) in response:
+                return choice.upper()
+    for choice in "abcd":
+        if response == choice:
+            return choice.upper()
+        for punc in (".", ",", ":", ")"):
+            if response.startswith(choice + punc):
+                return choice.upper()
+    if "would be a." in response or 'would be "a.' in response \
+            or "the best option from the given choices would be a scorpion (a)" in response:
+        return "A"
+    return None
+
+
+def voicebench_mcq_fallback(doc: dict) -> str:
+    """The letter that replaces a failed extraction (VoiceBench: random.choice; here seeded by the item)."""
+    import hashlib
+    import random
+
+    seed = int.from_bytes(hashlib.sha256(str(doc.get("prompt", "")).encode("utf-8")).digest()[:8], "big")
+    return random.Random(seed).choice("ABCD")
+
+
+def voicebench_mcq_gen_results(doc: dict, results: list[str]) -> dict:
+    """``acc`` (the extracted letter, or the fallback letter when none is found, equals ``reference``) and
+    ``extract_fail`` (no letter found); an item whose audio failed is not scored and is counted."""
+    out = flags(results)
+    if out["audio_failed"]:
+        return out
+    letter = voicebench_mcq_extract(str(results[0]))
+    out["extract_fail"] = float(letter is None)
+    out["acc"] = float((letter or voicebench_mcq_fallback(doc)) == doc["reference"].strip())
+    return out
+
+
+voicebench_mcq_gen_cascade_results = gen_cascade_results(voicebench_mcq_gen_results, twins.voicebench_spoken)
 
 
 # ---- VoiceBench AdvBench: refusal rate, scored exactly as VoiceBench's HarmEvaluator
