@@ -144,6 +144,47 @@ def test_forgetting_from_a_base_run_completes_the_decomposition(tmp_path):
     assert rep2["decomposition"]["speech_toy_a"]["forgetting"] is None
 
 
+def test_pooled_rows_put_every_pairs_items_together(tmp_path):
+    """Two pairs (6 + 4 items): the "overall (pooled)" decomposition and control rows are computed on
+    the 10 items together (not a mean of the two pairs' figures), with the same exact sums."""
+    from test_report import _config, _sample, write_samples
+
+    from lmeval_speech.report import report
+    from lmeval_speech.report.schema import POOLED
+
+    def run(out, tasks):
+        model_dir = out / "lslm__m"
+        model_dir.mkdir(parents=True)
+        configs = {}
+        for task, (pair, modality, scores) in tasks.items():
+            configs[task] = _config(task, pair, "speech" if modality != "text" else "text")
+            configs[task]["metadata"]["modality"] = modality
+            write_samples(model_dir / f"samples_{task}_2025-01-01T00-00-00.000001.jsonl", [_sample(d, c) for d, c in enumerate(scores)])
+        (model_dir / "results_2025-01-01T00-00-00.000001.json").write_text(json.dumps(
+            {"results": {t: {} for t in tasks}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
+        return out
+
+    a, b = "speech_toy_a", "speech_toy_b"
+    lslm = run(tmp_path / "lslm", {
+        f"{a}_text": (a, "text", [1, 1, 0, 1, 0, 1]), f"{a}_speech": (a, "speech", [0, 0, 0, 1, 0, 1]),
+        f"{a}_cascade": (a, "cascade", [1, 0, 0, 1, 0, 1]), f"{a}_shuffled": (a, "shuffled", [0, 0, 0, 0, 0, 1]),
+        f"{b}_text": (b, "text", [1, 1, 1, 1]), f"{b}_speech": (b, "speech", [1, 1, 1, 0]),
+        f"{b}_cascade": (b, "cascade", [1, 1, 1, 1]), f"{b}_shuffled": (b, "shuffled", [1, 0, 0, 0])})
+    base = run(tmp_path / "base", {f"{a}_text": (a, "text", [1, 1, 1, 1, 0, 1]), f"{b}_text": (b, "text", [1, 1, 1, 1])})
+    rep, _ = report.build_report(report.load_run(lslm), n_boot=200, base=report.load_run(base))
+    d = rep["decomposition"][POOLED]
+    assert d["n"] == 10
+    # text 8/10, cascade 7/10, speech 5/10, base 9/10: steps 1/10, 1/10, 2/10 (a mean of the pairs' steps
+    # would give forgetting (1/6 + 0) / 2 = 0.083 and misalignment (1/6 + 1/4) / 2 = 0.208)
+    assert (d["base_text_acc"], d["text_acc"], d["cascade_acc"], d["speech_acc"]) == pytest.approx((0.9, 0.8, 0.7, 0.5))
+    assert d["forgetting"]["gap"] == pytest.approx(0.1) and d["recognition"]["gap"] == pytest.approx(0.1)
+    assert d["misalignment"]["gap"] == pytest.approx(0.2) and d["base_gap"]["gap"] == pytest.approx(0.4)
+    c = rep["controls"][POOLED]["shuffled"]
+    assert (c["n"], c["speech_acc"], c["control_acc"]) == (10, pytest.approx(0.5), pytest.approx(0.2))
+    assert d["hearing"]["hearing"] == pytest.approx(0.3)
+    assert set(rep["decomposition"]) == {a, b, POOLED}
+
+
 @pytest.mark.slow
 def test_mini_base_is_the_embedded_models_text_path():
     """``pretrained=mini-base`` is SmolLM2 itself through the causal-LM backend: the embedded model's

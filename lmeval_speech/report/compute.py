@@ -25,7 +25,7 @@ from lmeval_speech.metrics import (
 )
 from lmeval_speech.report.runs import control_items, pair_items, run_settings
 from lmeval_speech.report.runs import twin_rows as runs_twin_rows
-from lmeval_speech.report.schema import GAP_FIELDS, N_CRITICAL, SCHEMA_VERSION
+from lmeval_speech.report.schema import GAP_FIELDS, N_CRITICAL, POOLED, SCHEMA_VERSION
 from lmeval_speech.report.voicebench import voicebench_overall
 
 
@@ -116,7 +116,7 @@ def _gap_sections(items_by_pair: dict, n_boot: int, seed: int) -> tuple[dict, di
 def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int, notes: list) -> dict | None:
     """Hearing = speech accuracy minus a prior control's (another item's audio, or silence), paired
     item by item; ``None`` when the run has no control twin."""
-    out = {}
+    out, pooled = {}, {}
     for pair, names in run["pairs"].items():
         for control in twins.CONTROLS:
             if control not in names:
@@ -127,8 +127,20 @@ def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int
                 "control_task": it["control_task"], "n": g["n"], "speech_acc": g["text_acc"],
                 "control_acc": g["speech_acc"], "hearing": g["gap"], "ci_low": g["ci_low"], "ci_high": g["ci_high"],
                 "mcnemar_p": g["mcnemar"]["p"], "excluded": it["excluded"]}
+            pooled.setdefault(control, ([], [], {}))
+            pooled[control][0].append(it["speech_correct"])
+            pooled[control][1].append(it["control_correct"])
+            for reason, k in it["excluded"].items():
+                pooled[control][2][reason] = pooled[control][2].get(reason, 0) + k
     if not out:
         return None
+    if len(out) > 1:  # every pair's items together, paired item by item as in each pair
+        for control, (sp, co, excluded) in pooled.items():
+            g = paired_gap(np.concatenate(sp), np.concatenate(co), n_boot=n_boot, seed=seed)
+            out.setdefault(POOLED, {})[control] = {
+                "control_task": None, "n": g["n"], "speech_acc": g["text_acc"], "control_acc": g["speech_acc"],
+                "hearing": g["gap"], "ci_low": g["ci_low"], "ci_high": g["ci_high"], "mcnemar_p": g["mcnemar"]["p"],
+                "excluded": excluded}
     notes.append("controls: hearing = speech accuracy - control accuracy on the same items (paired bootstrap CI)")
     return out
 
@@ -148,7 +160,7 @@ def _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed
     errors cost), misalignment = cascade - speech (what the end-to-end path loses beyond recognition);
     they add up to (base) text - speech on those items. hearing = speech - shuffled control (its own
     items), modality recovery rate = speech / text."""
-    out = {}
+    out, arrays = {}, {}
     for pair, names in run["pairs"].items():
         if twins.CASCADE not in names:
             continue
@@ -167,33 +179,46 @@ def _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed
         cascade = np.array([casc["control_correct"][pos_c[d]] for d in valid], dtype=bool)
         rows = runs_twin_rows(run, pair, twins.CASCADE)
         wer = np.array([float(rows[d].get("asr_wer", np.nan)) for d in valid], dtype=float)
-        pairs_of = {"recognition": (text, cascade), "misalignment": (cascade, speech), "gap": (text, speech)}
-        if base_correct is not None:
-            base_text = np.array([base_correct[d] for d in valid], dtype=bool)
-            pairs_of |= {"forgetting": (base_text, text), "base_gap": (base_text, speech)}
-        steps = {name: paired_gap(a, b, n_boot=n_boot, seed=seed) for name, (a, b) in pairs_of.items()}
-        shuffled = (controls or {}).get(pair, {}).get("shuffled")
-        speech_only = text & ~speech
-        out[pair] = {
-            "n": len(valid), "metric": metric, "text_acc": float(text.mean()) if valid else None,
-            "cascade_acc": float(cascade.mean()) if valid else None, "speech_acc": float(speech.mean()) if valid else None,
-            "base_text_acc": float(base_text.mean()) if base_correct is not None and valid else None,
-            "forgetting": None, "base_gap": None,
-            **{name: {k: g[k] for k in ("gap", "ci_low", "ci_high")} | {"p": g["mcnemar"]["p"]} for name, g in steps.items()},
-            "hearing": None if shuffled is None else {k: shuffled[k] for k in ("hearing", "ci_low", "ci_high", "n")},
-            "recovery_rate": float(speech.mean() / text.mean()) if valid and text.mean() > 0 else None,
-            "asr_wer_mean": float(np.nanmean(wer)) if np.isfinite(wer).any() else None,
-            "wer_vs_speech_only_error": point_biserial(speech_only.astype(float), wer) if len(valid) > 2 else None,
-        }
-        d = out[pair]
-        assert abs(d["recognition"]["gap"] + d["misalignment"]["gap"] - d["gap"]["gap"]) < 1e-9
-        if d["forgetting"] is not None:
-            assert abs(d["forgetting"]["gap"] + d["gap"]["gap"] - d["base_gap"]["gap"]) < 1e-9
+        base_text = np.array([base_correct[d] for d in valid], dtype=bool) if base_correct is not None else None
+        arrays[pair] = (text, cascade, speech, base_text, wer)
+        out[pair] = _decompose(*arrays[pair], metric, (controls or {}).get(pair, {}).get("shuffled"), n_boot, seed)
+    if len(out) > 1:  # every pair's valid items together (forgetting only if every pair has its base)
+        parts = list(zip(*arrays.values()))
+        base_all = None if any(b is None for b in parts[3]) else np.concatenate(parts[3])
+        metrics = {out[p]["metric"] for p in out}
+        out[POOLED] = _decompose(*(np.concatenate(x) for x in parts[:3]), base_all, np.concatenate(parts[4]),
+                                 metrics.pop() if len(metrics) == 1 else "mixed",
+                                 (controls or {}).get(POOLED, {}).get("shuffled"), n_boot, seed)
     if out:
         notes.append("decomposition: (forgetting +) recognition + misalignment = (base) text - speech exactly, on "
                      "the items valid in every twin used" + ("" if base else "; forgetting needs --base BASE_RUN"))
     return out or None
 
+
+
+def _decompose(text, cascade, speech, base_text, wer, metric, shuffled, n_boot, seed) -> dict:
+    """One decomposition row from per-item correctness arrays over the same valid items."""
+    valid = len(text)
+    pairs_of = {"recognition": (text, cascade), "misalignment": (cascade, speech), "gap": (text, speech)}
+    if base_text is not None:
+        pairs_of |= {"forgetting": (base_text, text), "base_gap": (base_text, speech)}
+    steps = {name: paired_gap(a, b, n_boot=n_boot, seed=seed) for name, (a, b) in pairs_of.items()}
+    speech_only = text & ~speech
+    d = {
+        "n": valid, "metric": metric, "text_acc": float(text.mean()) if valid else None,
+        "cascade_acc": float(cascade.mean()) if valid else None, "speech_acc": float(speech.mean()) if valid else None,
+        "base_text_acc": float(base_text.mean()) if base_text is not None and valid else None,
+        "forgetting": None, "base_gap": None,
+        **{name: {k: g[k] for k in ("gap", "ci_low", "ci_high")} | {"p": g["mcnemar"]["p"]} for name, g in steps.items()},
+        "hearing": None if shuffled is None else {k: shuffled[k] for k in ("hearing", "ci_low", "ci_high", "n")},
+        "recovery_rate": float(speech.mean() / text.mean()) if valid and text.mean() > 0 else None,
+        "asr_wer_mean": float(np.nanmean(wer)) if np.isfinite(wer).any() else None,
+        "wer_vs_speech_only_error": point_biserial(speech_only.astype(float), wer) if valid > 2 else None,
+    }
+    assert abs(d["recognition"]["gap"] + d["misalignment"]["gap"] - d["gap"]["gap"]) < 1e-9
+    if d["forgetting"] is not None:
+        assert abs(d["forgetting"]["gap"] + d["gap"]["gap"] - d["base_gap"]["gap"]) < 1e-9
+    return d
 
 def _item_rows(items_by_pair: dict) -> list[dict]:
     rows = []

@@ -48,13 +48,16 @@ items               one row per paired item: pair, doc_id, target, text_correct,
                     speech_only_error, cosine, euclidean, aps, monotonicity (null if not captured)
 controls            {pair: {shuffled|silence: {control_task, n, speech_acc, control_acc, hearing
                     (= speech_acc - control_acc), ci_low, ci_high, mcnemar_p, excluded}}}, or null
-                    when the run has no prior-control twin
+                    when the run has no prior-control twin; with more than one pair, also the key
+                    "overall (pooled)": every pair's items together (control_task null)
 decomposition       {pair: {n, metric, base_text_acc, forgetting, base_gap (with --base, else null),
                     text_acc, cascade_acc, speech_acc, recognition, misalignment,
                     gap (each {gap, ci_low, ci_high, p}; recognition + misalignment = gap exactly, on
                     the items valid in text, cascade and speech), hearing (the shuffled control's,
                     or null), recovery_rate (speech / text), asr_wer_mean, wer_vs_speech_only_error
-                    (point-biserial)}}, or null when the run has no cascade twin
+                    (point-biserial)}}, or null when the run has no cascade twin; with more than one
+                    pair, also "overall (pooled)": every pair's valid items together (forgetting only
+                    when every pair has its base run; metric "mixed" if the pairs' metrics differ)
 voicebench          VoiceBench's Overall of the paper's five subsets (``report/voicebench.py``, formula
                     and source there): formula, source, subsets {advbench, ifeval, openbookqa, mmsu,
                     sdqa, ifeval_loose: {text, speech, gap}} (0..100, null where the run lacks it;
@@ -81,6 +84,8 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 N_CRITICAL = 3
+#: the key of the every-pair row in ``controls`` and ``decomposition``
+POOLED = "overall (pooled)"
 GAP_FIELDS = ("text_acc", "speech_acc", "gap")
 
 
