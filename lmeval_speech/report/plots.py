@@ -17,12 +17,16 @@ TEXT_COLOR, SPEECH_COLOR, GAP_COLOR, DTW_COLOR = "#4c72b0", "#dd8452", "#55a868"
 
 
 def short_labels(names: list[str]) -> list[str]:
-    """Pair names without the prefix they all share (``speech_mmlu_continuation_`` ...)."""
-    if len(names) < 2:
+    """Pair names without the prefix they all share (``speech_mmlu_continuation_`` ...); the pooled
+    row's name is kept as it is and does not count."""
+    from lmeval_speech.report.schema import POOLED
+
+    pairs = [n for n in names if n != POOLED]
+    if len(pairs) < 2:
         return list(names)
-    prefix = os.path.commonprefix(names)
+    prefix = os.path.commonprefix(pairs)
     prefix = prefix[: prefix.rfind("_") + 1]
-    return [n[len(prefix):] or n for n in names]
+    return [n if n == POOLED else (n[len(prefix):] or n) for n in names]
 
 
 def _save(fig: Figure, path) -> str:
