@@ -177,9 +177,8 @@ class BatchRunner:
             taps.append(reader.tap)
         layers = b.decoder_layers
         final_norm = b.final_norm if any(len(layers) in t.layers for t in taps) else None
-        cache = {"use_cache": True} if use_cache else {}  # backends without prefix sharing take no such arg
         with hooked(layers, final_norm, taps, stream=b.layer_output_stream):
-            out = b.run_decoder(embeds, mask, ids, **cache)
+            out = b.run_decoder(embeds, mask, ids, use_cache=use_cache)
         for k, (_, s) in enumerate(rows):
             self._capture_row(s, reader.states(k))
         return out, mask

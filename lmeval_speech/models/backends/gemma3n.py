@@ -108,7 +108,10 @@ class Gemma3nBackend(ComposedSpeechBackend):
                 embeds = torch.where(mask[..., None], hard, embeds)
         return embeds
 
-    def run_decoder(self, inputs_embeds, attention_mask, input_ids, output_hidden_states=False) -> DecoderOutput:
+    def run_decoder(self, inputs_embeds, attention_mask, input_ids, output_hidden_states=False,
+                    use_cache=False) -> DecoderOutput:
+        if use_cache:
+            raise NotImplementedError("Gemma 3n runs whole sequences (supports_prefix_cache = False)")
         out = self.decoder(
             inputs_embeds=inputs_embeds,
             per_layer_inputs=self.decoder.get_per_layer_inputs(input_ids),
