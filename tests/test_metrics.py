@@ -142,6 +142,62 @@ def test_dtw_path_is_monotone_and_covers_corners():
     np.testing.assert_array_equal(j_idx, ref.index2)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 6), (6, 1), (7, 3), (120, 25), (40, 40)])
+@pytest.mark.parametrize("kind", ["random", "ties", "constant"])
+def test_dtw_path_is_dtw_python_s_index_for_index(shape, kind):
+    """dtw_path runs dtw-python's C kernel without its wrapper and backtracks itself: the path must
+    be ``dtw.dtw``'s exactly, ties included (a constant matrix is all ties)."""
+    import dtw
+
+    rng = np.random.default_rng(sum(shape))
+    A = {"random": rng.uniform(-1, 1, size=shape), "ties": np.round(rng.uniform(-1, 1, size=shape), 1),
+         "constant": np.full(shape, 0.3)}[kind]
+    i_idx, j_idx = dtw_path(A)
+    ref = dtw.dtw(A.max() - A)
+    np.testing.assert_array_equal(i_idx, ref.index1)
+    np.testing.assert_array_equal(j_idx, ref.index2)
+    # the per-token reduction equals its definition (sort by token, then best score, then lowest i)
+    order = np.lexsort((i_idx, -A[i_idx, j_idx], j_idx))
+    first = np.unique(j_idx[order], return_index=True)[1]
+    np.testing.assert_array_equal(per_token_path(A, i_idx, j_idx), i_idx[order][first])
+
+
+def test_dtw_path_refuses_non_finite_similarities():
+    A = np.random.default_rng(0).uniform(size=(5, 4))
+    A[2, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        dtw_path(A)
+
+
+def test_average_ranks_are_rankdata_s_and_monotonicity_spearman_s():
+    from scipy import stats
+
+    from lmeval_speech.metrics.alignment import _average_ranks, _spearman_rows
+
+    rng = np.random.default_rng(4)
+    for L, n, hi in [(1, 1, 3), (3, 2, 1), (4, 20, 5), (8, 200, 1500), (2, 7, 1)]:
+        rows = rng.integers(0, hi, size=(L, n))
+        np.testing.assert_array_equal(_average_ranks(rows), stats.rankdata(rows, axis=1))
+        for row, rho in zip(rows, _spearman_rows(rows)):
+            expected = monotonicity(row)
+            assert (math.isnan(rho) and math.isnan(expected)) or rho == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("path", ["argmax", "dtw"])
+def test_batched_layers_equal_the_per_layer_computation(path):
+    """Same-shaped layers go through one batched matmul; each layer's APS, path and monotonicity must
+    be what similarity_matrix + the path + spearmanr give layer by layer."""
+    rng = np.random.default_rng(5)
+    speech, text = rng.normal(size=(3, 50, 16)), rng.normal(size=(3, 9, 16))
+    res = alignment_path_score(list(speech), list(text), path=path)
+    for layer in range(3):
+        A = similarity_matrix(speech[layer], text[layer])
+        i_star = argmax_path(A) if path == "argmax" else per_token_path(A, *dtw_path(A))
+        np.testing.assert_array_equal(res["paths"][layer], i_star)
+        assert res["per_layer"][layer] == pytest.approx(path_scores(A, i_star).mean(), abs=1e-12)
+        assert res["monotonicity"][layer] == pytest.approx(monotonicity(i_star), abs=1e-12)
+
+
 def test_per_token_path_takes_best_speech_index_per_text_token():
     A = np.array([[0.1, 0.0, 0.0],
                   [0.5, 0.0, 0.0],

@@ -17,9 +17,21 @@ import dtw
 import numpy as np
 from scipy import stats
 from scipy.spatial.distance import cdist
+from dtw.stepPattern import symmetric2
+
+try:  # dtw-python's C kernel for the accumulated cost (what ``dtw.dtw`` calls); see dtw_path
+    from dtw._dtw_utils import _computeCM_wrapper as _computeCM
+except ImportError:  # pragma: no cover - another dtw-python layout: dtw.dtw itself is used
+    _computeCM = None
 
 MEASURES = ("cosine", "euclidean")
 PATHS = ("argmax", "dtw")
+
+_SYM2_P = np.array(symmetric2._get_p(), dtype=np.double) if _computeCM is not None else None
+_SYM2_NROWS = np.array([symmetric2.get_n_rows()], dtype=np.int32)
+# step number (1-based, as in dtw-python's direction matrix) -> (di, dj); from symmetric2's own rows
+_SYM2_STEPS = {int(q): (int(di), int(dj)) for q, di, dj, _ in symmetric2.mx if di or dj}
+_WINDOW = np.ones((0, 0), dtype=np.int32)
 
 
 def similarity_matrix(speech, text, measure: str = "cosine") -> np.ndarray:
@@ -80,15 +92,49 @@ def monotonicity(path) -> float:
 def dtw_path(A) -> tuple[np.ndarray, np.ndarray]:
     """Monotonic DTW path (i_idx, j_idx) from (0, 0) to (Ts-1, Tt-1) through similarity A.
 
-    Uses ``dtw-python`` on the precomputed cost ``A.max() - A``. With its default ``symmetric2``
-    step pattern every path carries the same total step weight (Ts + Tt - 1), so a constant shift
-    changes no path: this is the same path as cost = 1 - cosine or cost = distance, kept
-    non-negative as dtw-python's local distances are meant to be.
+    The cost is ``A.max() - A`` under dtw-python's default ``symmetric2`` step pattern, where every
+    path carries the same total step weight (Ts + Tt - 1), so a constant shift changes no path: this
+    is the same path as cost = 1 - cosine or cost = distance, kept non-negative as dtw-python's local
+    distances are meant to be. The accumulated cost matrix comes from dtw-python's own C kernel
+    (the function ``dtw.dtw`` calls), so the path is ``dtw.dtw``'s, equal index for index (tested);
+    only its Python wrapper is skipped: it allocates three full-size arrays per call and backtracks
+    with ``list.insert(0, ...)``, which together cost more than the kernel (``bench_aps.py``).
     """
-    A = np.asarray(A, dtype=np.float64)
-    # C order: dtw-python walks the cost matrix row-major (~15% faster than on A's F-order view).
-    alignment = dtw.dtw(np.subtract(A.max(), A, order="C"))
-    return alignment.index1, alignment.index2
+    cost = np.subtract(np.max(A), A, dtype=np.float64, order="C")
+    if _computeCM is None or cost.ndim != 2 or cost.size == 0:  # a dtw-python without the kernel
+        alignment = dtw.dtw(cost)
+        return alignment.index1, alignment.index2
+    n, m = cost.shape
+    acc = np.empty_like(cost)
+    acc.fill(np.nan)
+    acc[0, 0] = cost[0, 0]
+    out = _computeCM(_ones_int32(n, m), cost, _SYM2_NROWS, _SYM2_P, acc)
+    if not np.isfinite(out["costMatrix"][n - 1, m - 1]):
+        raise ValueError(f"no DTW path through a {n} x {m} cost matrix (non-finite similarities?)")
+    return _backtrack_symmetric2(out["directionMatrix"], n - 1, m - 1)
+
+
+def _ones_int32(n: int, m: int) -> np.ndarray:
+    """dtw-python's window mask for "no window" (all cells allowed), cached for the last shape."""
+    global _WINDOW
+    if _WINDOW.shape != (n, m):
+        _WINDOW = np.ones((n, m), dtype=np.int32)
+    return _WINDOW
+
+
+def _backtrack_symmetric2(direction: np.ndarray, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Walk dtw-python's direction matrix back from (i, j) to (0, 0); symmetric2 has three one-cell
+    steps (1 = diagonal, 2 = along j, 3 = along i), so the path is every visited cell."""
+    ii, jj = [i], [j]
+    item = direction.item
+    while i or j:
+        step = item(i, j)
+        di, dj = _SYM2_STEPS[step]
+        i -= di
+        j -= dj
+        ii.append(i)
+        jj.append(j)
+    return np.array(ii[::-1], dtype=np.intp), np.array(jj[::-1], dtype=np.intp)
 
 
 def per_token_path(A, i_idx, j_idx) -> np.ndarray:
@@ -99,6 +145,18 @@ def per_token_path(A, i_idx, j_idx) -> np.ndarray:
     A = np.asarray(A)
     i_idx = np.asarray(i_idx, dtype=np.intp)
     j_idx = np.asarray(j_idx, dtype=np.intp)
+    dj, di = np.diff(j_idx), np.diff(i_idx)
+    if j_idx.size and dj.min(initial=0) >= 0 and di.min(initial=0) >= 0:
+        # a monotonic path (DTW's): each token's cells are one run with i increasing, so the run's
+        # first cell holding the run's best score is the lowest i among equal scores; no sort needed
+        if j_idx[0] != 0 or j_idx[-1] != A.shape[1] - 1 or dj.max(initial=0) > 1:
+            raise ValueError("the path must visit every text token (column) of A")
+        scores = A[i_idx, j_idx]
+        starts = np.flatnonzero(dj) + 1
+        starts = np.concatenate(([0], starts))
+        lengths = np.diff(starts, append=scores.size)
+        hits = np.flatnonzero(scores == np.repeat(np.maximum.reduceat(scores, starts), lengths))
+        return i_idx[hits[np.searchsorted(hits, starts)]]
     if not np.array_equal(np.unique(j_idx), np.arange(A.shape[1])):
         raise ValueError("the path must visit every text token (column) of A")
     order = np.lexsort((i_idx, -A[i_idx, j_idx], j_idx))  # by j, then best score, then lowest i
@@ -125,24 +183,28 @@ def alignment_path_score(layers_speech, layers_text, measure: str = "cosine",
         raise ValueError(f"need the same, non-zero number of layers, got {len(layers_speech)} "
                          f"speech and {len(layers_text)} text")
     same_shapes = len({np.shape(x) for x in layers_speech}) == 1 and len({np.shape(x) for x in layers_text}) == 1
-    if path == "argmax" and measure == "cosine" and same_shapes:
-        return _aps_argmax_cosine(layers_speech, layers_text)
+    if measure == "cosine" and same_shapes and path in PATHS:
+        At = _cosine_all_layers(layers_speech, layers_text)  # one batched matmul for every layer
+        if path == "argmax":
+            return _aps_argmax(At)
+        layers = (A_t.T for A_t in At)  # [Ts, Tt] views of the one array
+    else:
+        layers = (similarity_matrix(speech, text, measure) for speech, text in zip(layers_speech, layers_text))
     per_layer, mono, paths = [], [], []
-    for speech, text in zip(layers_speech, layers_text):
-        A = similarity_matrix(speech, text, measure)
+    for A in layers:
         i_star = _token_path(A, path)
         per_layer.append(path_scores(A, i_star).mean())
-        mono.append(monotonicity(i_star))
+        mono.append(_spearman_rows(i_star[None, :])[0])
         paths.append(i_star)
     per_layer = np.asarray(per_layer)
     return {"aps": float(per_layer.mean()), "per_layer": per_layer,
             "monotonicity": np.asarray(mono), "paths": paths}
 
 
-def _aps_argmax_cosine(layers_speech, layers_text) -> dict:
-    """The argmax/cosine APS of all layers at once: one batched matmul [L, Tt, Ts], the per-token
-    max and argmax, and Spearman's rho from ranks, with no Python loop over layers. float64, as the
-    per-layer path (float32 would be faster but moves a perfect APS of 1 to 1 - 6e-8)."""
+def _cosine_all_layers(layers_speech, layers_text) -> np.ndarray:
+    """Cosine similarities of every layer at once, text-major: At [L, Tt, Ts] (each text token's row
+    contiguous). float64, as :func:`similarity_matrix` (float32 would be faster but moves a perfect APS
+    of 1 to 1 - 6e-8)."""
     s = np.asarray(layers_speech, dtype=np.float64)
     t = np.asarray(layers_text, dtype=np.float64)
     if s.ndim != 3 or t.ndim != 3 or s.shape[2] != t.shape[2]:
@@ -150,8 +212,13 @@ def _aps_argmax_cosine(layers_speech, layers_text) -> dict:
     s_norm, t_norm = np.linalg.norm(s, axis=2, keepdims=True), np.linalg.norm(t, axis=2, keepdims=True)
     s = np.divide(s, s_norm, out=np.zeros_like(s), where=s_norm > 0)
     t = np.divide(t, t_norm, out=np.zeros_like(t), where=t_norm > 0)
-    At = np.matmul(t, s.transpose(0, 2, 1))  # [L, Tt, Ts]: each text token's row is contiguous
-    np.clip(At, -1.0, 1.0, out=At)
+    At = np.matmul(t, s.transpose(0, 2, 1))
+    return np.clip(At, -1.0, 1.0, out=At)
+
+
+def _aps_argmax(At: np.ndarray) -> dict:
+    """The argmax APS of all layers at once from At [L, Tt, Ts]: the per-token max and argmax, and
+    Spearman's rho from ranks, with no Python loop over layers."""
     i_star = At.argmax(axis=2)  # [L, Tt]
     best = np.take_along_axis(At, i_star[:, :, None], axis=2)[:, :, 0]
     per_layer = best.mean(axis=1)
@@ -164,7 +231,7 @@ def _spearman_rows(paths: np.ndarray) -> np.ndarray:
     L, n = paths.shape
     if n < 2:
         return np.full(L, np.nan)
-    r = stats.rankdata(paths, axis=1)  # average ranks for ties, as spearmanr
+    r = _average_ranks(paths)  # average ranks for ties, as spearmanr
     r -= r.mean(axis=1, keepdims=True)
     j = np.arange(n, dtype=np.float64) - (n - 1) / 2
     denom = np.sqrt((r ** 2).sum(axis=1) * (j ** 2).sum())
@@ -172,6 +239,21 @@ def _spearman_rows(paths: np.ndarray) -> np.ndarray:
         rho = (r @ j) / denom
     rho[denom == 0] = np.nan
     return rho
+
+
+def _average_ranks(rows: np.ndarray) -> np.ndarray:
+    """``scipy.stats.rankdata(rows, axis=1)`` (average ranks for ties), for rows of speech indices in one
+    sort of the whole array (rows offset so they do not mix): rankdata sorts row by row, which costs
+    more than a whole small APS call. Non-integer rows go to rankdata."""
+    rows = np.asarray(rows)
+    L, n = rows.shape
+    if not np.issubdtype(rows.dtype, np.integer) or rows.size == 0 or rows.min() < 0:
+        return stats.rankdata(rows, axis=1)
+    offset = np.arange(L, dtype=np.int64)[:, None]
+    _, inverse, counts = np.unique((rows + offset * (int(rows.max()) + 1)).ravel(),
+                                   return_inverse=True, return_counts=True)
+    before = np.cumsum(counts) - counts  # cells of smaller keys, earlier rows included
+    return (before[inverse] + (counts[inverse] + 1) / 2).reshape(L, n) - offset * n
 
 
 def critical_tokens(A, path, k: int | None = 3) -> np.ndarray:
