@@ -55,3 +55,36 @@ def test_sweep_runs_each_condition_and_records_the_noise(tiny_qwen2_audio_dir, t
     # a rerun reuses every finished condition
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and again.stderr.count("already run") == 4
+
+
+def test_sweep_plot_draws_every_condition_with_its_ci():
+    """Each condition is its own point with its own interval (the gap's paired-bootstrap CI, speech
+    accuracy's Wilson interval); the old plot averaged over the other axes and drew no interval, so
+    noise looked like a trend."""
+    from matplotlib.container import ErrorbarContainer
+    from scipy.stats import binomtest
+
+    from lmeval_speech.report.plots import sweep_figure
+
+    rows = [{"condition": f"r{rate}_{snr}", "voice": None, "rate": rate, "snr_db": snr, "n": 60,
+             "speech_acc": acc, "text_acc": 0.4, "gap": 0.4 - acc, "ci_low": 0.4 - acc - lo, "ci_high": 0.4 - acc + hi,
+             "S_cos": None, "aps": None}
+            for rate, snr, acc, lo, hi in [(130, None, 0.35, 0.11, 0.10), (130, 10.0, 0.30, 0.09, 0.12),
+                                           (200, None, 0.25, 0.08, 0.07), (200, 10.0, 0.40, 0.10, 0.10)]]
+    fig = sweep_figure(rows)
+    grid = fig.axes
+    assert len(grid) == 4  # 2 axes (rate, snr) x 2 measures (speech_acc, gap): S_cos/APS were not captured
+    rate_gap = grid[1]
+    assert rate_gap.get_title().startswith("gap")
+    containers = [c for c in rate_gap.containers if isinstance(c, ErrorbarContainer)]
+    assert len(containers) == 2  # one series per SNR, never their mean
+    for container, snr in zip(containers, (None, 10.0)):
+        members = [r for r in rows if r["snr_db"] == snr]
+        line, _, (bars,) = container.lines
+        np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), [r["gap"] for r in members])
+        extents = [(seg[0][1], seg[1][1]) for seg in bars.get_segments()]
+        np.testing.assert_allclose(extents, [(r["ci_low"], r["ci_high"]) for r in members])
+    acc = [c for c in grid[0].containers if isinstance(c, ErrorbarContainer)][0]
+    (bars,) = acc.lines[2]
+    ci = binomtest(21, 60).proportion_ci(method="wilson")  # 0.35 of 60
+    np.testing.assert_allclose(bars.get_segments()[0][:, 1], [ci.low, ci.high])

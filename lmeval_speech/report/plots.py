@@ -147,20 +147,63 @@ def decomposition_plot(decomposition: dict, path) -> str:
     return _save(fig, path)
 
 
-def sweep_plot(rows: list[dict], path) -> str:
-    """Speech accuracy, gap, S_cos and APS against each swept axis (mean over the other axes)."""
-    axes_names = [a for a in ("voice", "rate", "snr_db") if len({str(r[a]) for r in rows}) > 1] or ["snr_db"]
+SWEEP_AXES = ("voice", "rate", "snr_db")
+
+
+def _axis_label(axis: str, value) -> str:
+    return "clean" if (axis == "snr_db" and value is None) else str(value)
+
+
+def sweep_figure(rows: list[dict]) -> Figure:
+    """One panel row per swept axis, one column per measure (speech accuracy, gap, S_cos, APS).
+
+    Every condition is its own point, never averaged with another: x is the condition's value on the
+    row's axis, and conditions that share the other axes' values form one series (legend). The gap
+    carries its paired-bootstrap 95% CI (``ci_low``/``ci_high`` of the condition's report), speech
+    accuracy a Wilson 95% interval from its n items; S_cos and APS have no interval in the report and
+    are drawn without one (titled so), so a reader can tell a trend from noise."""
+    from scipy.stats import binomtest
+
+    axes_names = [a for a in SWEEP_AXES if len({str(r.get(a)) for r in rows}) > 1] or ["snr_db"]
     metrics = [m for m in ("speech_acc", "gap", "S_cos", "aps") if any(r.get(m) is not None for r in rows)]
-    fig = Figure(figsize=(3.2 * len(metrics), 2.8 * len(axes_names)), layout="constrained")
+    titles = {"speech_acc": "speech acc (Wilson 95% CI)", "gap": "gap text - speech (95% CI)",
+              "S_cos": "S_cos (no CI)", "aps": "APS (no CI)"}
+    fig = Figure(figsize=(3.4 * len(metrics), 2.9 * len(axes_names)), layout="constrained")
     grid = fig.subplots(len(axes_names), len(metrics), squeeze=False)
     for i, axis in enumerate(axes_names):
-        keys = list(dict.fromkeys(r[axis] for r in rows))
-        labels = ["clean" if (axis == "snr_db" and k is None) else str(k) for k in keys]
+        keys = list(dict.fromkeys(r.get(axis) for r in rows))
+        others = [a for a in axes_names if a != axis]
+        series = list(dict.fromkeys(tuple(r.get(a) for a in others) for r in rows))
+        width = 0.25 / max(1, len(series) - 1) if len(series) > 1 else 0.0
         for j, metric in enumerate(metrics):
             ax = grid[i][j]
-            ys = [np.nanmean([_nan(r.get(metric)) for r in rows if r[axis] == k]) for k in keys]
-            ax.plot(range(len(keys)), ys, marker="o", color=SPEECH_COLOR if metric == "speech_acc" else GAP_COLOR)
-            ax.set_xticks(range(len(keys)), labels, fontsize=8)
+            for k, other in enumerate(series):
+                members = [r for r in rows if tuple(r.get(a) for a in others) == other and r.get(metric) is not None]
+                if not members:
+                    continue
+                xs = [keys.index(r.get(axis)) + (k - (len(series) - 1) / 2) * width for r in members]
+                ys = [float(r[metric]) for r in members]
+                label = ", ".join(f"{a}={_axis_label(a, v)}" for a, v in zip(others, other)) or None
+                err = None
+                if metric == "gap" and all(r.get("ci_low") is not None and r.get("ci_high") is not None for r in members):
+                    err = np.array([[y - r["ci_low"] for y, r in zip(ys, members)],
+                                    [r["ci_high"] - y for y, r in zip(ys, members)]])
+                elif metric == "speech_acc" and all(r.get("n") for r in members):
+                    cis = [binomtest(round(r["speech_acc"] * r["n"]), r["n"]).proportion_ci(method="wilson")
+                           for r in members]
+                    err = np.array([[y - c.low for y, c in zip(ys, cis)], [c.high - y for y, c in zip(ys, cis)]])
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, linestyle="-", label=label,
+                            color=None if len(series) > 1 else (SPEECH_COLOR if metric == "speech_acc" else GAP_COLOR))
+            if metric == "gap":
+                ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+            ax.set_xticks(range(len(keys)), [_axis_label(axis, k) for k in keys], fontsize=8)
             ax.set_xlabel("SNR (dB)" if axis == "snr_db" else axis, fontsize=8)
-            ax.set_title(metric, fontsize=9)
-    return _save(fig, path)
+            ax.set_title(titles[metric], fontsize=9)
+            if j == 0 and len(series) > 1:
+                ax.legend(fontsize=7)
+    return fig
+
+
+def sweep_plot(rows: list[dict], path) -> str:
+    """:func:`sweep_figure`, written to ``path``."""
+    return _save(sweep_figure(rows), path)
