@@ -279,7 +279,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
     per_item: dict[tuple, dict] = {}
     cos, euc, sim_pairs = [], [], []
     aps_layers: dict[int, list[float]] = {}
-    missing, no_tokens = 0, 0
+    missing, no_tokens, non_finite = 0, 0, 0
     for row in rows:
         it = items_by_pair[row["pair"]]
         rec_s, rec_t = records.get((it["speech_task"], row["doc_id"])), records.get((it["text_task"], row["doc_id"]))
@@ -287,6 +287,9 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
             missing += 1
             continue
         speech, text = reader.load(rec_s), reader.load(rec_t)
+        if not all(np.isfinite(a).all() for a in (*speech.values(), *text.values())):
+            non_finite += 1  # NaN/inf states (an overflow in the model): no similarity is meaningful
+            continue
         if cos and speech["pooled"].shape[0] != len(cos[0]):
             raise ValueError(f"{row['pair']} doc {row['doc_id']}: {speech['pooled'].shape[0]} hidden states, "
                              f"other items have {len(cos[0])}: the capture dir mixes models")
@@ -309,6 +312,9 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
         notes.append(f"{missing} of {len(rows)} paired items lack a captured state for one or both twins "
                      "(capture_limit, an interrupted run, or another task selection): left out of "
                      "similarity and alignment")
+    if non_finite:
+        notes.append(f"{non_finite} of {len(rows)} paired items have non-finite (NaN/inf) captured states "
+                     "in one or both twins (the model overflowed?): left out of similarity and alignment")
     if not cos:
         notes.append("the capture holds no item of this run's pairs: similarity, alignment and "
                      "correlation omitted")
@@ -317,7 +323,8 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
     similarity = {"layers": list(range(cos.shape[1])),
                   "cosine_mean": cos.mean(0), "cosine_std": cos.std(0),
                   "euclidean_mean": euc.mean(0), "euclidean_std": euc.std(0),
-                  "S_cos": float(cos.mean()), "S_euc": float(euc.mean()), "n_items": len(cos)}
+                  "S_cos": float(cos.mean()), "S_euc": float(euc.mean()), "n_items": len(cos),
+                  "excluded_non_finite": non_finite}
     per_pair = {}
     for pair in items_by_pair:
         mask = np.array([p == pair for p in sim_pairs])

@@ -145,7 +145,8 @@ def markdown(report: dict) -> str:
     if sim:
         lines += ["![layers](layers.png)", "",
                   f"S_cos = {fmt(sim['S_cos'])}, S_euc = {fmt(sim['S_euc'])} over {sim['n_items']} items "
-                  "(means over layers).", "",
+                  "(means over layers)" + (f"; {sim['excluded_non_finite']} items with NaN/inf states left out"
+                                           if sim.get("excluded_non_finite") else "") + ".", "",
                   "| hidden state | cosine mean | cosine std | Euclidean mean | Euclidean std |",
                   "|---:|---:|---:|---:|---:|"]
         lines += [f"| {layer} | {fmt(cm)} | {fmt(cs)} | {fmt(em)} | {fmt(es)} |" for layer, cm, cs, em, es in

@@ -32,7 +32,8 @@ pairs               {pair: paired_gap fields as in ``overall`` plus text_task, s
 similarity          pooled states, all captured items: layers (hidden-state indices, 0 =
                     embeddings), cosine_mean, cosine_std, euclidean_mean, euclidean_std (per
                     layer, mean and population std over items), S_cos, S_euc (means over
-                    layers), n_items. null without a capture.
+                    layers), n_items, excluded_non_finite (items left out because a twin's
+                    captured states hold NaN/inf; also in notes). null without a capture.
 alignment           token states: measure, path, aps (mean over items of the item APS), aps_per_layer,
                     layers (token-level hidden-state indices), monotonicity (mean over items of
                     the Spearman rho of the path, averaged over layers), n_items, and ``item``
