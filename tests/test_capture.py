@@ -116,3 +116,27 @@ def test_items_with_identical_prompts_are_both_captured(tiny_qwen2_audio_dir, tm
     assert sorted(r["doc_id"] for r in recs) == [1, 2]
     # 4 requests: 1 shared context (prefix cache) or 2 distinct model inputs (whole sequences)
     assert len(calls) == passes
+
+
+def test_token_states_beyond_float16_keep_float32(tmp_path):
+    """Token states are stored as float16 to halve the disk, but float16 ends at 65504: an item whose
+    states go beyond (LLMs' massive activations) keeps float32 instead of turning into inf, which
+    the report would have to drop; an ordinary item stays float16."""
+    from types import SimpleNamespace
+
+    from lmeval_speech.capture.recorder import HiddenStateCapture
+
+    cap = HiddenStateCapture("tokens", tmp_path / "c", n_layers=2, layers="all")
+    rng = np.random.default_rng(0)
+    for doc_id, scale in ((0, 1.0), (1, 1e5)):
+        states = [torch.tensor(rng.standard_normal((3, 4)) * scale, dtype=torch.float32) for _ in range(3)]
+        cap.add(SimpleNamespace(task_name="speech_toy_a_speech", doc_id=doc_id, idx=0), True, states, None)
+        expected = torch.stack(states).numpy()
+        if doc_id == 1:
+            big = expected
+    cap.flush()
+    reader = CaptureReader(tmp_path / "c")
+    loaded = {r["doc_id"]: reader.load(r) for r in reader.records}
+    assert loaded[0]["tokens"].dtype == np.float16
+    assert loaded[1]["tokens"].dtype == np.float32 and np.isfinite(loaded[1]["tokens"]).all()
+    np.testing.assert_array_equal(loaded[1]["tokens"], big)

@@ -162,6 +162,14 @@ def test_dtw_path_is_dtw_python_s_index_for_index(shape, kind):
     np.testing.assert_array_equal(per_token_path(A, i_idx, j_idx), i_idx[order][first])
 
 
+def test_per_token_path_skips_a_nan_cell_as_its_definition_does():
+    """The run-based reduction compares each cell with its run's max; a NaN cell makes that max NaN,
+    so the token would take the next token's cell: NaN goes to the sorting definition instead."""
+    A = np.array([[0.9, 0.1], [np.nan, 0.5], [0.2, 0.7]])
+    i_idx, j_idx = np.array([0, 1, 2, 2]), np.array([0, 0, 0, 1])
+    np.testing.assert_array_equal(per_token_path(A, i_idx, j_idx), [0, 2])
+
+
 def test_dtw_path_refuses_non_finite_similarities():
     A = np.random.default_rng(0).uniform(size=(5, 4))
     A[2, 1] = np.nan

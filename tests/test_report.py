@@ -295,9 +295,10 @@ def test_missing_samples_and_several_models_are_explained(tmp_path):
 
 
 def test_items_with_non_finite_states_are_excluded_and_counted(tmp_path):
-    """A twin whose captured states hold NaN (a model that overflowed) is left out of similarity and
-    alignment and counted in the report, its notes and its markdown; before, S_cos became NaN (argmax
-    path) or the DTW path raised from inside dtw-python."""
+    """A twin whose captured states hold NaN (a model that overflowed) is left out and counted in the
+    report, its notes and its markdown: NaN pooled states -> out of similarity and alignment; NaN
+    token states only -> out of alignment, its pooled similarity kept. Before, S_cos became NaN
+    (argmax path) or the DTW path raised from inside dtw-python."""
     from lmeval_speech.report.compute import build_report
     from lmeval_speech.report.render import markdown
     from lmeval_speech.report.runs import load_run
@@ -307,25 +308,26 @@ def test_items_with_non_finite_states_are_excluded_and_counted(tmp_path):
     rng = np.random.default_rng(1)
     writer = CaptureWriter(cap, shard_size=4, meta={"pretrained": "mini", "mode": "tokens",
                                                     "n_hidden_states": N_STATES, "token_layers": TOKEN_LAYERS})
-    for d in range(4):
+    for d in range(5):
         for modality in ("text", "speech"):
             pooled, tokens = rng.standard_normal((N_STATES, D)), rng.standard_normal((len(TOKEN_LAYERS), 5, D))
-            if d == 0 and modality == "text":
-                pooled = np.tile(_unit(2), (N_STATES, 1))
             if d == 1 and modality == "speech":
-                tokens[1, 3, 0] = np.nan
-            if d == 0 and modality == "speech":
-                pooled = np.tile(3 * _unit(2), (N_STATES, 1))  # cosine 1 with its text twin
+                tokens[1, 3, 0] = np.nan  # token states only
+            if d == 2 and modality == "text":
+                pooled[4, 0] = np.inf  # pooled states
             writer.add({"task": f"speech_toy_a_{modality}", "pair": "speech_toy_a", "modality": modality, "doc_id": d,
                         "n_positions": N_STATES, "token_layers": TOKEN_LAYERS, "audio": None},
                        {"pooled": pooled.astype(np.float32), "tokens": tokens.astype(np.float16)})
     writer.flush()
     write_run(tmp_path / "out", f"pretrained=mini,capture=tokens,capture_dir={cap}",
-              correct={"speech_toy_a": ([1, 1, 0, 1], [1, 0, 0, 1])})
+              correct={"speech_toy_a": ([1, 1, 0, 1, 1], [1, 0, 0, 1, 0])})
     for path in ("argmax", "dtw"):
         rep, _ = build_report(load_run(tmp_path / "out"), n_boot=100, path=path)
         sim, al = rep["similarity"], rep["alignment"]
-        assert sim["n_items"] == 3 and sim["excluded_non_finite"] == 1 and al["n_items"] == 3
+        assert (sim["n_items"], sim["excluded_non_finite"]) == (4, 1)
+        assert (al["n_items"], al["excluded_non_finite"]) == (3, 2)
         assert np.isfinite(sim["S_cos"]) and np.isfinite(al["aps"])
-        assert any("1 of 4 paired items have non-finite" in n for n in rep["notes"])
+        assert any(n.startswith("1 of 5 paired items have non-finite (NaN/inf) pooled") for n in rep["notes"])
+        assert any(n.startswith("1 of 5 paired items have non-finite (NaN/inf) token-level") for n in rep["notes"])
         assert "1 items with NaN/inf states left out" in markdown(jsonable(rep))
+        assert rep["correlation"]["n_items"] == 4

@@ -84,6 +84,15 @@ def test_sweep_plot_draws_every_condition_with_its_ci():
         np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), [r["gap"] for r in members])
         extents = [(seg[0][1], seg[1][1]) for seg in bars.get_segments()]
         np.testing.assert_allclose(extents, [(r["ci_low"], r["ci_high"]) for r in members])
+    # series k has colour C{k} in every panel (the legend is drawn in the first panel only), even when
+    # a panel lacks a series: here the snr=clean conditions have no APS
+    from matplotlib.colors import same_color
+
+    rows_aps = [{**r, "aps": None if r["snr_db"] is None else 0.5} for r in rows]
+    fig2 = sweep_figure(rows_aps)
+    aps_rate = [ax for ax in fig2.axes if ax.get_title().startswith("APS")][0]
+    (only,) = [c for c in aps_rate.containers if isinstance(c, ErrorbarContainer)]
+    assert same_color(only.lines[0].get_color(), "C1")  # the snr=10 series, C1 as in the legend
     acc = [c for c in grid[0].containers if isinstance(c, ErrorbarContainer)][0]
     (bars,) = acc.lines[2]
     ci = binomtest(21, 60).proportion_ci(method="wilson")  # 0.35 of 60

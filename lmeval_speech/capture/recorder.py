@@ -66,7 +66,10 @@ class HiddenStateCapture:
         tensors = {"pooled": stacked.float().mean(1).cpu().numpy()}
         task = request.task_name
         if self.mode == "tokens" and (self.token_limit is None or self._tokens_per_task.get(task, 0) < self.token_limit):
-            tensors["tokens"] = stacked[self.token_layers].to(torch.float16).cpu().numpy()
+            tokens = stacked[self.token_layers]
+            half = tokens.to(torch.float16)  # half the disk; but beyond float16's range (65504) it is inf:
+            keep = half if torch.isfinite(half).all() or not torch.isfinite(tokens).all() else tokens.float()
+            tensors["tokens"] = keep.cpu().numpy()  # such an item keeps float32 (large activations are real)
             self._tokens_per_task[task] = self._tokens_per_task.get(task, 0) + 1
         record = {"task": task, "pair": pair, "modality": modality, "doc_id": request.doc_id,
                   "n_positions": n_positions, "token_layers": self.token_layers if "tokens" in tensors else [],

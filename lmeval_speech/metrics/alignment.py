@@ -152,6 +152,8 @@ def per_token_path(A, i_idx, j_idx) -> np.ndarray:
         if j_idx[0] != 0 or j_idx[-1] != A.shape[1] - 1 or dj.max(initial=0) > 1:
             raise ValueError("the path must visit every text token (column) of A")
         scores = A[i_idx, j_idx]
+        if np.isnan(scores).any():  # NaN never equals a run's max: the sort below skips it correctly
+            return _per_token_sorted(A, i_idx, j_idx)
         starts = np.flatnonzero(dj) + 1
         starts = np.concatenate(([0], starts))
         lengths = np.diff(starts, append=scores.size)
@@ -159,6 +161,10 @@ def per_token_path(A, i_idx, j_idx) -> np.ndarray:
         return i_idx[hits[np.searchsorted(hits, starts)]]
     if not np.array_equal(np.unique(j_idx), np.arange(A.shape[1])):
         raise ValueError("the path must visit every text token (column) of A")
+    return _per_token_sorted(A, i_idx, j_idx)
+
+
+def _per_token_sorted(A, i_idx, j_idx) -> np.ndarray:
     order = np.lexsort((i_idx, -A[i_idx, j_idx], j_idx))  # by j, then best score, then lowest i
     first = np.unique(j_idx[order], return_index=True)[1]
     return i_idx[order][first]

@@ -279,7 +279,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
     per_item: dict[tuple, dict] = {}
     cos, euc, sim_pairs = [], [], []
     aps_layers: dict[int, list[float]] = {}
-    missing, no_tokens, non_finite = 0, 0, 0
+    missing, no_tokens, non_finite, non_finite_tokens = 0, 0, 0, 0
     for row in rows:
         it = items_by_pair[row["pair"]]
         rec_s, rec_t = records.get((it["speech_task"], row["doc_id"])), records.get((it["text_task"], row["doc_id"]))
@@ -287,7 +287,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
             missing += 1
             continue
         speech, text = reader.load(rec_s), reader.load(rec_t)
-        if not all(np.isfinite(a).all() for a in (*speech.values(), *text.values())):
+        if not (np.isfinite(speech["pooled"]).all() and np.isfinite(text["pooled"]).all()):
             non_finite += 1  # NaN/inf states (an overflow in the model): no similarity is meaningful
             continue
         if cos and speech["pooled"].shape[0] != len(cos[0]):
@@ -303,8 +303,11 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
         if not layers:
             no_tokens += 1
             continue
-        res = alignment_path_score(_token_states(speech, rec_s, layers), _token_states(text, rec_t, layers),
-                                   measure=measure, path=path)
+        s_layers, t_layers = _token_states(speech, rec_s, layers), _token_states(text, rec_t, layers)
+        if not all(np.isfinite(x).all() for x in (*s_layers, *t_layers)):
+            non_finite_tokens += 1
+            continue
+        res = alignment_path_score(s_layers, t_layers, measure=measure, path=path)
         values["aps"], values["monotonicity"] = res["aps"], _mean_or_none(res["monotonicity"])
         for layer, value in zip(layers, res["per_layer"]):
             aps_layers.setdefault(layer, []).append(float(value))
@@ -313,10 +316,15 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
                      "(capture_limit, an interrupted run, or another task selection): left out of "
                      "similarity and alignment")
     if non_finite:
-        notes.append(f"{non_finite} of {len(rows)} paired items have non-finite (NaN/inf) captured states "
-                     "in one or both twins (the model overflowed?): left out of similarity and alignment")
+        notes.append(f"{non_finite} of {len(rows)} paired items have non-finite (NaN/inf) pooled states in one "
+                     "or both twins (the model overflowed?): left out of similarity and alignment")
+    if non_finite_tokens:
+        notes.append(f"{non_finite_tokens} of {len(rows)} paired items have non-finite (NaN/inf) token-level "
+                     "states in one or both twins: left out of alignment (their pooled similarity is kept)")
     if not cos:
-        notes.append("the capture holds no item of this run's pairs: similarity, alignment and "
+        notes.append("no item of this run's pairs has finite captured states: similarity, alignment and "
+                     "correlation omitted" if non_finite else
+                     "the capture holds no item of this run's pairs: similarity, alignment and "
                      "correlation omitted")
         return None, None, {}, per_item
     cos, euc = np.array(cos), np.array(euc)
@@ -340,6 +348,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
     if aligned:
         token_layers = sorted(aps_layers)
         alignment = {"measure": measure, "path": path, "aps": _mean_or_none([r["aps"] for r in aligned]),
+                     "excluded_non_finite": non_finite + non_finite_tokens,
                      "aps_per_layer": [float(np.mean(aps_layers[layer])) for layer in token_layers],
                      "layers": token_layers,
                      "monotonicity": _mean_or_none([r["monotonicity"] for r in aligned]),
@@ -367,7 +376,8 @@ def _item_detail(reader, rows, items_by_pair, item, layer, measure, path, notes)
     pair, doc_id = item
     row = next(r for r in rows if r["pair"] == pair and r["doc_id"] == doc_id)
     if row["aps"] is None:
-        notes.append(f"--item {pair}:{doc_id} has no token-level states for both twins: no heat map")
+        notes.append(f"--item {pair}:{doc_id} has no usable token-level states for both twins (not captured "
+                     "at token level, or NaN/inf: see the notes): no heat map")
         return None, None
     it = items_by_pair[pair]
     records = {(r["task"], r["doc_id"]): r for r in reader.records}

@@ -192,8 +192,9 @@ def sweep_figure(rows: list[dict]) -> Figure:
                     cis = [binomtest(round(r["speech_acc"] * r["n"]), r["n"]).proportion_ci(method="wilson")
                            for r in members]
                     err = np.array([[y - c.low for y, c in zip(ys, cis)], [c.high - y for y, c in zip(ys, cis)]])
-                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, linestyle="-", label=label,
-                            color=None if len(series) > 1 else (SPEECH_COLOR if metric == "speech_acc" else GAP_COLOR))
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, linestyle="-", label=label,  # series k: C{k} in
+                            color=f"C{k}" if len(series) > 1 else  # every panel, as the legend says
+                            (SPEECH_COLOR if metric == "speech_acc" else GAP_COLOR))
             if metric == "gap":
                 ax.axhline(0.0, color="grey", lw=0.8, ls=":")
             ax.set_xticks(range(len(keys)), [_axis_label(axis, k) for k in keys], fontsize=8)
