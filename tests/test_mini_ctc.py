@@ -55,6 +55,31 @@ def test_ctc_logits_bf16_close_to_fp32():
     torch.testing.assert_close(fast, full, atol=0.1, rtol=0.05)
 
 
+def test_vocabulary_embeddings_are_kept_only_while_the_weight_is_unchanged():
+    """The gathered vocabulary rows are kept between clips (a 32k x 576 gather per clip cost more
+    than the adapter), but a changed weight (in place, or another tensor) or vocabulary must be seen:
+    the output always equals the one computed from scratch."""
+    proj = tiny_projector()
+    emb = torch.randn(10, 16)
+    h = proj(torch.randn(1, 10, 8))[0]
+
+    def fresh(weight):
+        post = torch.softmax(torch.cat([h @ weight[proj.vocab_ids].T, proj.blank(h)], -1) / proj.temperature, -1)
+        return post
+
+    with torch.no_grad():
+        first = proj.speech_embeddings(h, emb)
+        torch.testing.assert_close(proj.ctc_logits(h, emb).softmax(-1), fresh(emb))
+        emb[5] += 3.0  # in place: same storage, new version
+        torch.testing.assert_close(proj.ctc_logits(h, emb).softmax(-1), fresh(emb))
+        assert not torch.equal(proj.speech_embeddings(h, emb), first)
+        other = torch.randn(10, 16)
+        torch.testing.assert_close(proj.ctc_logits(h, other).softmax(-1), fresh(other))
+        proj.vocab_ids.copy_(torch.tensor([1, 2, 4]))
+        torch.testing.assert_close(proj.ctc_logits(h, other).softmax(-1), fresh(other))
+    assert proj.vocab_embeddings(other, torch.float32) is proj.vocab_embeddings(other, torch.float32)  # kept
+
+
 def test_mel_on_clip_equals_padded_then_cropped():
     from transformers import WhisperFeatureExtractor
 

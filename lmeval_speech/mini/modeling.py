@@ -106,6 +106,19 @@ class MiniCTCProjector(nn.Module):
         self.blank = nn.Linear(d_text, 1)
         self.register_buffer("vocab_ids", torch.zeros(config.ctc_vocab_size, dtype=torch.long))
         self.temperature = float(getattr(config, "ctc_temperature", 1.0))
+        self._vocab_cache: tuple | None = None
+
+    def vocab_embeddings(self, emb_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``emb_weight[vocab_ids]`` in ``dtype``, kept while that weight and ``vocab_ids`` are unchanged
+        (same storage and in-place version): gathering the 32k x 576 rows cost more per clip than the
+        adapter itself (``benchmarks/estimate_full_run.py``). Not kept when gradients flow into the weight."""
+        if torch.is_grad_enabled() and emb_weight.requires_grad:
+            return emb_weight[self.vocab_ids].to(dtype)
+        key = (emb_weight.data_ptr(), emb_weight._version, emb_weight.dtype, emb_weight.device, dtype,
+               self.vocab_ids.data_ptr(), self.vocab_ids._version)
+        if self._vocab_cache is None or self._vocab_cache[0] != key:
+            self._vocab_cache = (key, emb_weight[self.vocab_ids].to(dtype))
+        return self._vocab_cache[1]
 
     def forward(self, frames: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T, d_audio]`` (T % stack == 0) -> ``[B, T / stack, d_text]``; pad_mask True = padding."""
@@ -122,7 +135,7 @@ class MiniCTCProjector(nn.Module):
         ``vocab_emb`` (the subset's rows, e.g. pre-cast to bfloat16 for fast CPU training) replaces
         ``emb_weight[vocab_ids]``; the product is computed in its dtype."""
         if vocab_emb is None:
-            vocab_emb = emb_weight[self.vocab_ids].to(h.dtype)
+            vocab_emb = self.vocab_embeddings(emb_weight, h.dtype)
         scores = (h.to(vocab_emb.dtype) @ vocab_emb.T).float()
         return torch.cat([scores, self.blank(h).float()], dim=-1)
 
@@ -143,7 +156,7 @@ class MiniCTCProjector(nn.Module):
         tok = post[idx, :blank]
         summed = torch.zeros(int(run[-1]) + 1, blank, dtype=tok.dtype).index_add_(0, run, tok)
         probs = summed / summed.sum(-1, keepdim=True)
-        return (probs @ emb_weight[self.vocab_ids].float()).to(emb_weight.dtype)
+        return (probs @ self.vocab_embeddings(emb_weight, torch.float32)).to(emb_weight.dtype)
 
 
 class MiniLSLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
