@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of the baseline pair")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
 
     cache = tempfile.mkdtemp(prefix="lmeval_speech_estimate_")
@@ -89,7 +90,18 @@ def main() -> None:
     print(f"ESTIMATE full run: {load:.0f} + {run:.0f} x {full}/{sample} = {estimate:.0f} s = "
           f"{estimate / 3600:.2f} h (goal < 1.5 h)", flush=True)
 
+    record = {"machine": machine_info(torch.get_num_threads()), "fraction": args.fraction, "items_full": full,
+              "items_sample": sample, "batch_size": args.batch_size, "load_s": load, "eval_s": run,
+              "estimate_s": estimate}
+
+    def save():
+        if args.out is not None:
+            from lmeval_speech.fileio import atomic_write_json
+
+            atomic_write_json(args.out, record)
+
     if args.skip_baseline:
+        save()
         return
     small = sum(math.ceil(n * args.baseline_fraction) for n in counts.values())
     print(f"\nbaseline: --limit {args.baseline_fraction} ({small} items, speech cached), prefix sharing on vs "
@@ -101,6 +113,10 @@ def main() -> None:
             print(f" {name}:", flush=True)
             times[name].append(evaluate(model, args.baseline_fraction))
     best = {k: min(v) for k, v in times.items()}
+    record.update(baseline_fraction=args.baseline_fraction, baseline_items=small, baseline_times_s=times,
+                  whole_over_prefix=best["whole"] / best["prefix"],
+                  estimate_whole_s=load + run * best["whole"] / best["prefix"] * full / sample)
+    save()
     print(f"prefix {best['prefix']:.1f} s vs whole {best['whole']:.1f} s (best of {args.repeats}): "
           f"{best['whole'] / best['prefix']:.2f}x; the whole-sequence path would make the full run about "
           f"{(load + run * best['whole'] / best['prefix'] * full / sample) / 3600:.2f} h")
