@@ -76,7 +76,8 @@ def main() -> None:
     counts = items_per_subject()
     full = sum(counts.values())
     sample = sum(math.ceil(n * args.fraction) for n in counts.values())
-    print(machine_info(torch.get_num_threads()))
+    machine = machine_info(torch.get_num_threads())  # at the start: the load average before the run
+    print(machine)
     print(f"speech_mmlu_continuation: {len(counts)} subjects, {full} items; sample --limit {args.fraction}: "
           f"{sample} items ({100 * sample / full:.1f}%), each as a text and a speech twin", flush=True)
 
@@ -90,7 +91,7 @@ def main() -> None:
     print(f"ESTIMATE full run: {load:.0f} + {run:.0f} x {full}/{sample} = {estimate:.0f} s = "
           f"{estimate / 3600:.2f} h (goal < 1.5 h)", flush=True)
 
-    record = {"machine": machine_info(torch.get_num_threads()), "fraction": args.fraction, "items_full": full,
+    record = {"machine": machine, "fraction": args.fraction, "items_full": full,
               "items_sample": sample, "batch_size": args.batch_size, "load_s": load, "eval_s": run,
               "estimate_s": estimate}
 

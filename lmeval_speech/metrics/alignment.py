@@ -15,9 +15,9 @@ import math
 
 import dtw
 import numpy as np
+from dtw.stepPattern import symmetric2
 from scipy import stats
 from scipy.spatial.distance import cdist
-from dtw.stepPattern import symmetric2
 
 try:  # dtw-python's C kernel for the accumulated cost (what ``dtw.dtw`` calls); see dtw_path
     from dtw._dtw_utils import _computeCM_wrapper as _computeCM
@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - another dtw-python layout: dtw.dtw its
 MEASURES = ("cosine", "euclidean")
 PATHS = ("argmax", "dtw")
 
-_SYM2_P = np.array(symmetric2._get_p(), dtype=np.double) if _computeCM is not None else None
+_SYM2_P = np.array(symmetric2._get_p(), dtype=np.double)
 _SYM2_NROWS = np.array([symmetric2.get_n_rows()], dtype=np.int32)
 # step number (1-based, as in dtw-python's direction matrix) -> (di, dj); from symmetric2's own rows
 _SYM2_STEPS = {int(q): (int(di), int(dj)) for q, di, dj, _ in symmetric2.mx if di or dj}
