@@ -44,7 +44,7 @@ def _audio_spec(meta: dict, tts_override: dict | None) -> dict | None:
 
 def build_manifest(run: dict) -> dict:
     """The manifest of a run loaded by ``report.runs.load_run``."""
-    from lmeval_speech.report.runs import parse_model_args
+    from lmeval_speech.report.runs import logged_flags, parse_model_args
 
     results = run["results"]
     config = results.get("config") or {}
@@ -60,10 +60,11 @@ def build_manifest(run: dict) -> dict:
         meta = info["config"].get("metadata") or {}
         failures, truncations = {}, {}
         for row in info["samples"]:
-            if row.get("audio_failed"):
-                failures[str(row["doc_id"])] = row["audio_failed"]
-            if row.get("audio_truncated"):
-                truncations[str(row["doc_id"])] = row["audio_truncated"]
+            failed, truncated = logged_flags(row)
+            if failed:
+                failures[str(row["doc_id"])] = failed
+            if truncated:
+                truncations[str(row["doc_id"])] = truncated
         tasks[task] = {
             "pair": info["pair"], "modality": info["modality"],
             "prompt": info["config"].get("doc_to_text"), "speech_prompt": meta.get("prompt"),

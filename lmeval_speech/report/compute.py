@@ -23,7 +23,7 @@ from lmeval_speech.metrics import (
     point_biserial,
     similarity_matrix,
 )
-from lmeval_speech.report.runs import control_items, pair_items, run_settings
+from lmeval_speech.report.runs import PREFERRED_METRICS, control_items, pair_items, run_settings
 from lmeval_speech.report.runs import twin_rows as runs_twin_rows
 from lmeval_speech.report.schema import GAP_FIELDS, N_CRITICAL, POOLED, SCHEMA_VERSION
 from lmeval_speech.report.voicebench import voicebench_overall
@@ -48,7 +48,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         raise ValueError(f"--item {item[0]}:{item[1]} is not a paired item of this run "
                          f"(pairs: {sorted(items_by_pair)})")
 
-    pairs, overall = _gap_sections(items_by_pair, n_boot, seed)
+    pairs, overall = _gap_sections(items_by_pair, n_boot, seed, notes)
     controls = _control_sections(run, include_truncated, n_boot, seed, notes)
     decomposition = _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed, notes, base)
     rows = _item_rows(items_by_pair)
@@ -93,23 +93,42 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
     return report, heatmap
 
 
-def _gap_sections(items_by_pair: dict, n_boot: int, seed: int) -> tuple[dict, dict]:
+def _gap_sections(items_by_pair: dict, n_boot: int, seed: int, notes: list | None = None) -> tuple[dict, dict]:
+    """Each pair's paired gap, and the overall row: every item of the pairs scored by one metric,
+    pooled. Pairs scored by different metrics (acc, refusal_rate, exact_match ...) are never pooled
+    together: the overall row is the headline metric's (``acc`` first, see ``PREFERRED_METRICS``),
+    and each other metric gets its own pooled row in ``overall["by_metric"]``."""
     pairs = {}
     for pair, it in items_by_pair.items():
         pairs[pair] = {"text_task": it["text_task"], "speech_task": it["speech_task"], "metric": it["metric"],
                        "filter": it["filter"], "excluded": it["excluded"],
                        **paired_gap(it["text_correct"], it["speech_correct"], n_boot=n_boot, seed=seed),
                        "similarity": None, "alignment": None}
-    text = np.concatenate([it["text_correct"] for it in items_by_pair.values()])
-    speech = np.concatenate([it["speech_correct"] for it in items_by_pair.values()])
-    sizes = np.array([pairs[p]["n"] for p in pairs], dtype=float)
-    excluded: dict[str, int] = {}
-    for it in items_by_pair.values():
-        for reason, k in it["excluded"].items():
-            excluded[reason] = excluded.get(reason, 0) + k
-    overall = {**paired_gap(text, speech, n_boot=n_boot, seed=seed), "n_pairs": len(pairs), "excluded": excluded,
-               "weighted_mean": {k: float(np.average([pairs[p][k] for p in pairs], weights=sizes)) for k in GAP_FIELDS},
-               "macro_mean": {k: float(np.mean([pairs[p][k] for p in pairs])) for k in GAP_FIELDS}}
+    by_metric: dict[str, list[str]] = {}
+    for pair, it in items_by_pair.items():
+        by_metric.setdefault(it["metric"], []).append(pair)
+    order = [m for m in PREFERRED_METRICS if m in by_metric] + [m for m in by_metric if m not in PREFERRED_METRICS]
+
+    def pooled(names: list[str]) -> dict:
+        text = np.concatenate([items_by_pair[p]["text_correct"] for p in names])
+        speech = np.concatenate([items_by_pair[p]["speech_correct"] for p in names])
+        sizes = np.array([pairs[p]["n"] for p in names], dtype=float)
+        excluded: dict[str, int] = {}
+        for p in names:
+            for reason, k in items_by_pair[p]["excluded"].items():
+                excluded[reason] = excluded.get(reason, 0) + k
+        return {**paired_gap(text, speech, n_boot=n_boot, seed=seed), "n_pairs": len(names), "pairs_pooled": names,
+                "excluded": excluded,
+                "weighted_mean": {k: float(np.average([pairs[p][k] for p in names], weights=sizes)) for k in GAP_FIELDS},
+                "macro_mean": {k: float(np.mean([pairs[p][k] for p in names])) for k in GAP_FIELDS}}
+
+    overall = {**pooled(by_metric[order[0]]), "metric": order[0], "by_metric": None}
+    if len(order) > 1:
+        overall["by_metric"] = {m: {**pooled(by_metric[m]), "metric": m} for m in order[1:]}
+        if notes is not None:
+            notes.append(f"the pairs are scored by {len(order)} different metrics, never pooled together: the overall "
+                         f"row pools the {len(by_metric[order[0]])} pairs scored by {order[0]}; "
+                         + "; ".join(f"{m}: {by_metric[m]}" for m in order[1:]) + " are pooled per metric")
     return pairs, overall
 
 

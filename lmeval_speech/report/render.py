@@ -76,8 +76,11 @@ def markdown(report: dict) -> str:
              "## Modality gap", "", "![gap](gap.png)", "",
              "| pair | n | text acc | speech acc | gap | 95% CI | McNemar p | text-only / speech-only |",
              "|---|---:|---:|---:|---:|---|---:|---:|"]
-    lines += [_gap_row(pair, g) for pair, g in report["pairs"].items()]
-    lines.append(_gap_row("**overall (pooled)**", overall))
+    lines += [_gap_row(pair if g.get("metric", "acc") == "acc" else f"{pair} ({g['metric']})", g)
+              for pair, g in report["pairs"].items()]
+    lines.append(_gap_row(f"**overall (pooled, {overall.get('metric', 'acc')})**", overall))
+    for metric, g in (overall.get("by_metric") or {}).items():
+        lines.append(_gap_row(f"**pooled, {metric}**", g))
     dropped = {p: g["excluded"] for p, g in report["pairs"].items() if g.get("excluded")}
     if dropped:
         lines += ["", "Items left out of the gap (not valid in both twins; `audio_failed` = the audio could not be "
@@ -85,7 +88,7 @@ def markdown(report: dict) -> str:
                   "| pair | " + " | ".join(FLAG_METRICS) + " |", "|---|" + "---:|" * len(FLAG_METRICS)]
         lines += [f"| {p} | " + " | ".join(str(d.get(m, 0)) for m in FLAG_METRICS) + " |" for p, d in dropped.items()]
     macro = overall["macro_mean"]
-    lines += ["", f"Mean over the {overall['n_pairs']} pairs, each counted once: text {fmt(macro['text_acc'])}, "
+    lines += ["", f"Mean over the {overall['n_pairs']} pooled pairs, each counted once: text {fmt(macro['text_acc'])}, "
               f"speech {fmt(macro['speech_acc'])}, gap {fmt(macro['gap'])} (weighted by size it is the pooled row).", ""]
 
     if report.get("decomposition"):

@@ -11,6 +11,7 @@ same items (doc ids and targets) is refused with :class:`UnpairedError` instead 
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -146,6 +147,46 @@ def _choose(rows: list[dict], task: str) -> tuple[str, str, list[dict]]:
     return flt, candidates[0], rows
 
 
+def _logged_outcome(value) -> tuple[str, str] | None:
+    """(failed, truncated) of one logged log-likelihood: lm-eval writes each response with ``str()``,
+    so ``lslm``'s marked values read ``Scored(nan, failed='...', truncated='...')`` in ``resps``
+    (parsed with ``ast``, never evaluated); a plain ``nan`` is a failure without a reason. None for
+    a value that is neither (a finite number, or a generation's text)."""
+    text = str(value).strip()
+    if text.lower() in ("nan", "-nan"):
+        return "not scored (NaN log-likelihood)", ""
+    if not text.startswith("Scored("):
+        return None
+    try:
+        call = ast.parse(text, mode="eval").body
+        fields = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError):
+        return None
+    failed = str(fields.get("failed") or "")
+    if not failed and isinstance(call.args[0], ast.Name) and call.args[0].id == "nan":
+        failed = "not scored (NaN log-likelihood)"
+    return failed, str(fields.get("truncated") or "")
+
+
+def logged_flags(row: dict) -> tuple[str, str]:
+    """(audio_failed, audio_truncated) of one sample row: its own flag fields, else what its logged
+    log-likelihoods carry. A task whose ``process_results`` is not this package's (a user's YAML
+    with lm-eval's default multiple-choice scoring) logs no flags and scores a failed item as
+    choice 0 (``argmax`` of NaNs): its responses still say the item failed."""
+    failed, truncated = str(row.get("audio_failed") or ""), str(row.get("audio_truncated") or "")
+    for per_choice in row.get("resps") or []:
+        for resp in per_choice if isinstance(per_choice, list) else [per_choice]:
+            if isinstance(resp, (list, tuple)) and resp:  # a log-likelihood: (value, is_greedy)
+                outcome = _logged_outcome(resp[0])
+            elif str(resp).startswith("Scored("):  # a generation's text is never read as a number
+                outcome = _logged_outcome(resp)
+            else:
+                continue
+            if outcome is not None:
+                failed, truncated = failed or outcome[0], truncated or outcome[1]
+    return failed, truncated
+
+
 def _fmt_ids(ids) -> str:
     ids = sorted(ids)
     more = f" ... (+{len(ids) - _MAX_LISTED})" if len(ids) > _MAX_LISTED else ""
@@ -163,6 +204,23 @@ def _by_doc(rows: list[dict], task: str, problems: list[str]) -> dict:
     return by_doc
 
 
+def _require_counted_failures(run: dict, task: str) -> None:
+    """A generation twin that hears audio must log ``audio_failed`` per item: a failed audio generates
+    nothing, and a ``process_results`` that does not count it scores the empty answer as wrong
+    (log-likelihood twins need no such field: their logged responses say it, see ``logged_flags``)."""
+    info = run["tasks"][task]
+    if info["modality"] == "text" or info["config"].get("output_type") != "generate_until":
+        return
+    if any("audio_failed" in r.get("metrics", []) for r in info["samples"]):
+        return
+    raise ValueError(
+        f"{task}: a generation twin that hears audio logs no per-item audio_failed field, so an item whose "
+        "audio failed (it generates nothing) would be scored as a wrong answer. Give its process_results "
+        "lmeval_speech's flags: return {**lmeval_speech.outcomes.flags(results), **your_scores} (no scores "
+        "when audio_failed is set) and add audio_failed / audio_truncated to metric_list with aggregation "
+        "!function lmeval_speech.tasks.prompts.count_flagged (as lmeval_speech/tasks/speech_voicebench_sdqa does)")
+
+
 def pair_items(run: dict, pair: str, include_truncated: bool = False, first: str = "text",
                second: str = "speech") -> dict:
     """The items of one pair valid in both twins, aligned by doc id, with each twin's 0/1 score.
@@ -176,6 +234,8 @@ def pair_items(run: dict, pair: str, include_truncated: bool = False, first: str
     """
     names = run["pairs"][pair]
     text_task, speech_task = names[first], names[second]
+    for task in (text_task, speech_task):
+        _require_counted_failures(run, task)
     t_filter, t_metric, t_rows = _choose(run["tasks"][text_task]["samples"], text_task)
     s_filter, s_metric, s_rows = _choose(run["tasks"][speech_task]["samples"], speech_task)
     problems = []
@@ -203,9 +263,10 @@ def pair_items(run: dict, pair: str, include_truncated: bool = False, first: str
     valid = []
     for d in doc_ids:
         rows = (text[d], speech[d])
-        if any(r.get("audio_failed") or t_metric not in r for r in rows):
+        outcome = [logged_flags(r) for r in rows]
+        if any(failed or t_metric not in r for r, (failed, _) in zip(rows, outcome, strict=True)):
             excluded.setdefault("audio_failed", []).append(d)
-        elif not include_truncated and any(r.get("audio_truncated") for r in rows):
+        elif not include_truncated and any(truncated for _, truncated in outcome):
             excluded.setdefault("audio_truncated", []).append(d)
         else:
             valid.append(d)

@@ -25,7 +25,11 @@ overall             ``paired_gap`` over all paired items pooled: n, text_acc, sp
                     discordant}, table {both_right, text_only, speech_only, both_wrong}; plus
                     n_pairs, ``weighted_mean`` {text_acc, speech_acc, gap} (pairs weighted by
                     size: lm-eval's ``weight_by_size`` group score, equal to the pooled values by
-                    construction) and ``macro_mean`` {text_acc, speech_acc, gap} (each pair once).
+                    construction) and ``macro_mean`` {text_acc, speech_acc, gap} (each pair once);
+                    ``metric`` (the per-item score pooled; pairs scored by different metrics are
+                    never pooled together: this row is the headline metric's, acc first),
+                    ``pairs_pooled`` and ``by_metric`` {metric: the same fields for the pairs of
+                    each other metric} (null when every pair has one metric).
 pairs               {pair: paired_gap fields as in ``overall`` plus text_task, speech_task,
                     metric (per-item score used, e.g. acc), filter, ``similarity`` {S_cos, S_euc,
                     n_items} and ``alignment`` {aps, monotonicity, n_items} (null when absent)}

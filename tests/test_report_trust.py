@@ -1,0 +1,116 @@
+"""The report on runs it did not make itself: a user's own task YAMLs (lm-eval's default scoring, no
+flags), pairs scored by different metrics, VoiceBench's Overall over items valid in both twins.
+Each test here failed on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_report import STAMP, write_run
+
+from lmeval_speech.manifest import build_manifest
+from lmeval_speech.report.compute import build_report
+from lmeval_speech.report.runs import load_run, pair_items
+
+FAILED = "Scored(nan, failed='AudioDecodeError: not a RIFF file', truncated='')"
+CUT = "Scored(-2.5, failed='', truncated='cut to 30.0 s (was 31.0 s)')"
+
+
+def _rewrite(model_dir, task, edit) -> None:
+    path = model_dir / f"samples_{task}_{STAMP}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        edit(r)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_failed_audio_in_a_user_task_without_flags_is_excluded_not_scored(tmp_path):
+    """A user's speech twin scored by lm-eval's default multiple-choice ``process_results``: an item
+    whose audio failed gets NaN log-likelihoods, ``argmax`` makes that choice 0 and the item is
+    "right" when the gold is 0. Its logged responses say it failed: left out, counted, in the manifest."""
+    text = [1] * 8
+    speech = [1, 1, 1, 1, 0, 0, 0, 0]
+    write_run(tmp_path, "pretrained=mini", correct={"speech_user": (text, speech)})
+    model_dir = tmp_path / "lslm__mini"
+
+    def edit(r):
+        if r["doc_id"] in (4, 5, 6, 7):  # broken recordings: NaN for every choice, acc from argmax(NaN) = 0
+            r["resps"] = [[[FAILED, "False"]]] * 4
+            r["filtered_resps"] = [[FAILED, "False"]] * 4
+            r["acc"] = r["acc_norm"] = float(r["doc"]["answer"] == 0)
+        if r["doc_id"] == 3:
+            r["resps"] = [[[CUT, "False"]]] * 4
+    _rewrite(model_dir, "speech_user_speech", edit)
+    run = load_run(tmp_path)
+    it = pair_items(run, "speech_user")
+    assert it["doc_ids"] == [0, 1, 2]
+    assert it["excluded"] == {"audio_failed": 4, "audio_truncated": 1}
+    assert it["speech_correct"].tolist() == [True, True, True]
+    rep, _ = build_report(run, n_boot=200)
+    assert rep["overall"]["n"] == 3 and rep["overall"]["gap"] == 0.0
+    failures = rep["manifest"]["tasks"]["speech_user_speech"]["failures"]
+    assert failures == dict.fromkeys(["4", "5", "6", "7"], "AudioDecodeError: not a RIFF file")
+    assert pair_items(run, "speech_user", include_truncated=True)["doc_ids"] == [0, 1, 2, 3]
+    assert build_manifest(run)["tasks"]["speech_user_speech"]["truncations"] == {"3": "cut to 30.0 s (was 31.0 s)"}
+
+
+def test_a_plain_nan_log_likelihood_is_not_a_score(tmp_path):
+    write_run(tmp_path, "pretrained=x", correct={"speech_user": ([1, 1, 1, 1], [1, 1, 1, 1])})
+    _rewrite(tmp_path / "lslm__mini", "speech_user_speech",
+             lambda r: r.update(resps=[[["nan", "False"]]] * 4) if r["doc_id"] == 0 else None)
+    it = pair_items(load_run(tmp_path), "speech_user")
+    assert it["doc_ids"] == [1, 2, 3] and it["excluded"] == {"audio_failed": 1}
+
+
+def test_a_generation_twin_that_does_not_count_failed_audio_is_refused(tmp_path):
+    """A failed audio generates nothing; a process_results without lmeval_speech's flags scores that
+    as a wrong answer, and the log cannot tell it from a real empty answer: one clear error."""
+    write_run(tmp_path, "pretrained=x", correct={"speech_open": ([1, 0, 1], [1, 0, 0])})
+    model_dir = tmp_path / "lslm__mini"
+    results_file = model_dir / f"results_{STAMP}.json"
+    results = json.loads(results_file.read_text())
+    for twin in ("text", "speech"):
+        results["configs"][f"speech_open_{twin}"]["output_type"] = "generate_until"
+
+    def as_generation(r):
+        r.update(resps=[[""]], filtered_resps=[""], metrics=["exact_match"], exact_match=r["acc"])
+        del r["acc"], r["acc_norm"]
+    for twin in ("text", "speech"):
+        _rewrite(model_dir, f"speech_open_{twin}", as_generation)
+    results_file.write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="speech_open_speech: a generation twin that hears audio logs no per-item audio_failed"):
+        pair_items(load_run(tmp_path), "speech_open")
+
+    def flagged(r):
+        r["metrics"] += ["audio_failed", "audio_truncated"]
+        r.update(audio_failed="", audio_truncated="")
+    _rewrite(model_dir, "speech_open_speech", flagged)
+    it = pair_items(load_run(tmp_path), "speech_open")
+    assert it["metric"] == "exact_match" and np.array_equal(it["speech_correct"], [True, False, False])
+
+
+def test_pairs_scored_by_different_metrics_are_never_pooled_together(tmp_path):
+    """VoiceBench's pairs are scored by acc, refusal_rate, prompt_level_strict_acc, contains_proxy:
+    one "overall" over all of them mixed a refusal rate into an accuracy (and ``check`` gated on it)."""
+    write_run(tmp_path, "pretrained=x", correct={"speech_qa": ([1, 1, 0, 0], [1, 0, 0, 0]),
+                                                 "speech_harm": ([1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0])})
+
+    def as_refusal(r):
+        r.update(metrics=["refusal_rate"], refusal_rate=r.pop("acc"))
+        del r["acc_norm"]
+    for twin in ("text", "speech"):
+        _rewrite(tmp_path / "lslm__mini", f"speech_harm_{twin}", as_refusal)
+    rep, _ = build_report(load_run(tmp_path), n_boot=200)
+    ov = rep["overall"]
+    assert (ov["metric"], ov["n"], ov["n_pairs"], ov["pairs_pooled"]) == ("acc", 4, 1, ["speech_qa"])
+    assert (ov["text_acc"], ov["speech_acc"], ov["gap"]) == (0.5, 0.25, 0.25)
+    harm = ov["by_metric"]["refusal_rate"]
+    assert (harm["n"], harm["text_acc"], harm["speech_acc"], harm["pairs_pooled"]) == (6, 1.0, 0.0, ["speech_harm"])
+    assert any("never pooled together" in n for n in rep["notes"])
+    from lmeval_speech.report.render import markdown
+
+    md = markdown(rep)
+    assert "**overall (pooled, acc)** | 4 |" in md and "**pooled, refusal_rate** | 6 |" in md
+    assert "| speech_harm (refusal_rate) | 6 |" in md
