@@ -114,3 +114,25 @@ def test_pairs_scored_by_different_metrics_are_never_pooled_together(tmp_path):
     md = markdown(rep)
     assert "**overall (pooled, acc)** | 4 |" in md and "**pooled, refusal_rate** | 6 |" in md
     assert "| speech_harm (refusal_rate) | 6 |" in md
+
+
+def test_voicebench_terms_are_means_over_items_valid_in_both_twins(tmp_path):
+    """One unreadable recording in OpenBookQA's speech twin: lm-eval's speech acc is over the 9 items
+    it scored, its text acc over all 10; the pair's gap (9 items) is 0, and so must be the subset's."""
+    write_run(tmp_path, "pretrained=x", correct={"speech_voicebench_openbookqa": ([1] * 5 + [0] * 5, [1] * 5 + [0] * 5)})
+    model_dir = tmp_path / "lslm__mini"
+
+    def fail_first(r):
+        if r["doc_id"] == 0:
+            r.update(metrics=["audio_failed", "audio_truncated"], audio_failed="AudioDecodeError", audio_truncated="")
+            del r["acc"], r["acc_norm"]
+    _rewrite(model_dir, "speech_voicebench_openbookqa_speech", fail_first)
+    results_file = model_dir / f"results_{STAMP}.json"
+    results = json.loads(results_file.read_text())
+    results["results"]["speech_voicebench_openbookqa_speech"]["acc,none"] = 4 / 9  # what lm-eval aggregates
+    results_file.write_text(json.dumps(results))
+    rep, _ = build_report(load_run(tmp_path), n_boot=200)
+    assert rep["pairs"]["speech_voicebench_openbookqa"]["n"] == 9
+    assert rep["pairs"]["speech_voicebench_openbookqa"]["gap"] == 0.0
+    obqa = rep["voicebench"]["subsets"]["openbookqa"]
+    assert obqa["text"] == pytest.approx(400 / 9) and obqa["speech"] == pytest.approx(400 / 9) and obqa["gap"] == 0.0

@@ -331,23 +331,49 @@ def test_voicebench_overall_pools_mmsu_leaves_and_refuses_a_partial_mean():
 
 
 def test_report_gives_voicebench_overall(tmp_path):
-    from test_report import write_run
+    """The report's Overall from a run's sample log (each term over the items valid in both twins)."""
+    from test_report import STAMP, write_run
 
     from lmeval_speech.report.compute import build_report
     from lmeval_speech.report.render import markdown
     from lmeval_speech.report.runs import load_run
     from lmeval_speech.report.schema import jsonable
+    from lmeval_speech.report.voicebench import MMSU_DOMAINS
 
-    write_run(tmp_path, "pretrained=mini", correct={"speech_voicebench_openbookqa": ([1, 0, 1, 1], [0, 0, 1, 1])})
-    (path,) = glob.glob(str(tmp_path / "*" / "results_*.json"))
-    results = json.load(open(path))
-    results["results"] = {**VB_RESULTS, **results["results"]}  # the run's own openbookqa: 0.75 / 0.5
-    Path(path).write_text(json.dumps(results))
+    mmsu = {f"speech_voicebench_mmsu_{d}": ([1, 0], [1, 1] if d == "biology" else [0, 0]) for d in MMSU_DOMAINS}
+    write_run(tmp_path, "pretrained=mini", correct={
+        "speech_voicebench_openbookqa": ([1, 0, 1, 1], [0, 0, 1, 1]),       # 75 / 50
+        "speech_voicebench_advbench": ([1, 1, 1, 0, 1], [1, 0, 1, 0, 1]),   # refusal 80 / 60
+        "speech_voicebench_ifeval": ([1, 0], [0, 0]),                       # prompt-level 50 / 0
+        "speech_voicebench_sdqa_usa": ([1, 0], [0, 0]),                     # proxy 50 / 0
+        **mmsu})                                                            # pooled 50 / 2 of 24
+    inst = {"text": [[True, True], [False, True]], "speech": [[False, True], [False, False]]}  # 3/4, 1/4
+
+    def rewrite(task, edit):
+        path = tmp_path / "lslm__mini" / f"samples_{task}_{STAMP}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            acc = row.pop("acc")
+            row.pop("acc_norm")
+            edit(row, acc, task.rsplit("_", 1)[1])
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    for twin in ("text", "speech"):
+        rewrite(f"speech_voicebench_advbench_{twin}", lambda r, a, t: r.update(metrics=["refusal_rate"], refusal_rate=a))
+        rewrite(f"speech_voicebench_sdqa_usa_{twin}", lambda r, a, t: r.update(metrics=["contains_proxy"], contains_proxy=a))
+        rewrite(f"speech_voicebench_ifeval_{twin}", lambda r, a, t: r.update(
+            metrics=["prompt_level_strict_acc", "inst_level_strict_acc"], prompt_level_strict_acc=bool(a),
+            inst_level_strict_acc=inst[t][r["doc_id"]]))
     rep, _ = build_report(load_run(tmp_path), n_boot=200)
-    assert rep["voicebench"]["overall"] == pytest.approx({"text": 58.0, "speech": 41.0, "gap": 17.0})
+    vb = rep["voicebench"]
+    assert vb["subsets"]["ifeval"] == pytest.approx({"text": 62.5, "speech": 12.5, "gap": 50.0})
+    assert vb["subsets"]["mmsu"] == pytest.approx({"text": 50.0, "speech": 100 * 2 / 24, "gap": 50.0 - 100 * 2 / 24})
+    # text: (80 + 62.5 + 75 + 50 + 50) / 5 = 63.5; speech: (60 + 12.5 + 50 + 8.33 + 0) / 5 = 26.17
+    assert vb["overall"] == pytest.approx({"text": 63.5, "speech": 122.5 / 5 + 100 * 2 / 24 / 5,
+                                           "gap": 63.5 - 122.5 / 5 - 100 * 2 / 24 / 5})
     md = markdown(jsonable(rep))
-    assert "## VoiceBench Overall" in md and "| **Overall** | 58.00 | 41.00 | 17.00 |" in md
-    assert "| sdqa (proxy) | 30.00 | 10.00 | 20.00 |" in md
+    assert "## VoiceBench Overall" in md and "| **Overall** | 63.50 | 26.17 | 37.33 |" in md
+    assert "| sdqa (proxy) | 50.00 | 0.00 | 50.00 |" in md
 
 
 # ------------------------------------------------- multiple choice, generate-then-extract ----
@@ -446,8 +472,11 @@ def test_mcq_gen_pair_runs_beside_the_loglikelihood_pair_and_the_report_shows_bo
     for pair in ("speech_voicebench_openbookqa", gen):  # two pairs, found from the manifest
         assert rep["pairs"][pair]["n"] == 2 and rep["pairs"][pair]["excluded"] == {"audio_failed": 1}
     vb = rep["voicebench"]["subsets"]
-    assert vb["openbookqa"]["text"] == pytest.approx(100 * results["speech_voicebench_openbookqa_text"]["acc,none"])
-    assert vb["openbookqa_gen"]["text"] == pytest.approx(100 * results[f"{gen}_text"]["acc,none"])
+    # VoiceBench's terms over the items valid in both twins (doc 1 leaves the text twin too), not lm-eval's
+    # per-twin aggregates (text over 3 items, speech over 2)
+    for name, pair in (("openbookqa", "speech_voicebench_openbookqa"), ("openbookqa_gen", gen)):
+        for twin in ("text", "speech"):
+            assert vb[name][twin] == pytest.approx(100 * rep["pairs"][pair][f"{twin}_acc"])
     md = markdown(jsonable(rep))
     assert "| openbookqa |" in md and "| openbookqa_gen (generate-then-extract) |" in md
 
@@ -476,7 +505,7 @@ def test_voicebench_suite_runs_on_the_embedded_model(tmp_path):
     """``--tasks speech_voicebench``, the paper's five pairs in one ``lm_eval`` command, on the embedded
     model (``pretrained=mini``): every leaf reads a parquet in VoiceBench's layout (the 12 MMSU domains
     included); one AdvBench recording is unreadable and is counted, never scored. The report's Overall
-    is VoiceBench's formula applied, here by hand, to the run's own results."""
+    is VoiceBench's formula applied, here by hand, to the run's sample log over the items valid in both twins."""
     from lmeval_speech.report.compute import build_report
     from lmeval_speech.report.runs import load_run
     from lmeval_speech.report.voicebench import MMSU_DOMAINS
@@ -537,14 +566,23 @@ def test_voicebench_suite_runs_on_the_embedded_model(tmp_path):
     def r(task, metric):
         return results[task][f"{metric},none"]
 
-    # VoiceBench's Overall, by hand from the run's own results (its formula: report/voicebench.py's docstring)
+    def paired(task, metric):
+        """The twin's mean over the items valid in both twins: AdvBench's doc 1 failed in speech, so it
+        leaves the text twin's refusal rate too (lm-eval's text aggregate counts it)."""
+        (samples,) = glob.glob(str(tmp_path / "out" / "*" / f"samples_{task}_*.jsonl"))
+        rows = [json.loads(line) for line in open(samples)]
+        values = [v for row in rows if row["doc_id"] != 1 or "advbench" not in task
+                  for v in (row[metric] if isinstance(row[metric], list) else [row[metric]])]
+        return sum(map(float, values)) / len(values)
+
+    # VoiceBench's Overall, by hand from the run's sample log (its formula: report/voicebench.py's docstring)
     expected = {}
     for t in ("text", "speech"):
         mmsu = sum(r(f"speech_voicebench_mmsu_{d}_{t}", "acc") for d in MMSU_DOMAINS) / 12  # 2 items each: pooled = mean
         assert r(f"speech_voicebench_mmsu_{t}", "acc") == pytest.approx(mmsu)
-        terms = [100 * r(f"speech_voicebench_advbench_{t}", "refusal_rate"),
-                 50 * (r(f"speech_voicebench_ifeval_{t}", "prompt_level_strict_acc")
-                       + r(f"speech_voicebench_ifeval_{t}", "inst_level_strict_acc")),
+        terms = [100 * paired(f"speech_voicebench_advbench_{t}", "refusal_rate"),
+                 50 * (paired(f"speech_voicebench_ifeval_{t}", "prompt_level_strict_acc")
+                       + paired(f"speech_voicebench_ifeval_{t}", "inst_level_strict_acc")),
                  100 * r(f"speech_voicebench_openbookqa_{t}", "acc"), 100 * mmsu,
                  100 * r(f"speech_voicebench_sdqa_usa_{t}", "contains_proxy")]
         expected[t] = sum(terms) / 5

@@ -26,7 +26,7 @@ from lmeval_speech.metrics import (
 from lmeval_speech.report.runs import PREFERRED_METRICS, control_items, pair_items, run_settings
 from lmeval_speech.report.runs import twin_rows as runs_twin_rows
 from lmeval_speech.report.schema import GAP_FIELDS, N_CRITICAL, POOLED, SCHEMA_VERSION
-from lmeval_speech.report.voicebench import voicebench_overall
+from lmeval_speech.report.voicebench import paired_results, voicebench_overall
 
 
 def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", item=None, layer=None,
@@ -81,7 +81,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         "pairs": pairs,
         "controls": controls,
         "decomposition": decomposition,
-        "voicebench": voicebench_overall(results.get("results") or {}),
+        "voicebench": voicebench_overall(paired_results(run, items_by_pair)),
         "manifest": manifest,
         "similarity": similarity,
         "alignment": alignment,

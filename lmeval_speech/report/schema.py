@@ -65,7 +65,8 @@ decomposition       {pair: {n, metric, base_text_acc, forgetting, base_gap (with
                     pair, also "overall (pooled)": every pair's valid items together (forgetting only
                     when every pair has its base run; metric "mixed" if the pairs' metrics differ)
 voicebench          VoiceBench's Overall of the paper's five subsets (``report/voicebench.py``, formula
-                    and source there): formula, source, subsets {advbench, ifeval, openbookqa, mmsu,
+                    and source there; each term a mean over the items valid in both twins of its pair,
+                    from the sample log, not lm-eval's per-twin aggregates): formula, source, subsets {advbench, ifeval, openbookqa, mmsu,
                     sdqa, ifeval_loose: {text, speech, gap}} (0..100, null where the run lacks it;
                     plus openbookqa_gen, mmsu_gen when the run has the generate-then-extract ``*_gen``
                     pairs), overall {text, speech, gap} (null unless all five are there in both

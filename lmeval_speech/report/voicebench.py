@@ -49,6 +49,40 @@ SUITE_PREFIXES = ("speech_voicebench_advbench_", "speech_voicebench_ifeval_", "s
                   "speech_voicebench_mmsu_", "speech_voicebench_sdqa_usa_")
 
 
+#: The per-item fields each subset's terms read from the sample log (inst-level fields are lists).
+TERM_METRICS = ("refusal_rate", "prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
+                "inst_level_loose_acc", "acc", "contains_proxy")
+
+
+def paired_results(run: dict, items_by_pair: dict) -> dict:
+    """lm-eval-style ``results`` entries (``{task: {"<metric>,none": mean, "sample_len": n}}``) of the
+    suite's twins, computed from the sample log over the items valid in **both** twins of each pair
+    (``report.runs.pair_items``: an item whose audio failed in the speech twin leaves the text twin
+    too). lm-eval's own aggregates average each twin over the items *it* scored, so with one
+    unreadable recording the two twins of a subset would be means over different items: not a gap.
+    Instruction-level IFEval fields are pooled over the instructions of the valid items, as lm-eval's
+    ``agg_inst_level_acc`` pools them over all items."""
+    from lmeval_speech.report.runs import twin_rows
+
+    out = {}
+    for pair, it in items_by_pair.items():
+        if not pair.startswith(tuple(p.removesuffix("_") for p in SUITE_PREFIXES)):
+            continue
+        valid = it["doc_ids"]
+        for twin in TWINS:
+            rows = twin_rows(run, pair, twin)
+            entry = {"sample_len": len(valid)}
+            for metric in TERM_METRICS:
+                values = [rows[d][metric] for d in valid if metric in rows[d]]
+                if not valid or len(values) != len(valid):
+                    continue
+                flat = [float(v) for x in values for v in (x if isinstance(x, list) else [x])]
+                if flat:
+                    entry[f"{metric},none"] = sum(flat) / len(flat)
+            out[run["pairs"][pair][twin]] = entry
+    return out
+
+
 def _value(results: dict, task: str, metric: str) -> float | None:
     v = (results.get(task) or {}).get(f"{metric},none")
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
@@ -95,7 +129,8 @@ GEN_SUBSETS = ("advbench", "ifeval", "openbookqa_gen", "mmsu_gen", "sdqa")
 
 def voicebench_overall(results: dict) -> dict | None:
     """``{formula, source, subsets {name: {text, speech, gap}}, overall {text, speech, gap} or None,
-    missing [...], overall_gen}`` from lm-eval's ``results`` dict; None when the run has none of the
+    missing [...], overall_gen}`` from ``results`` entries (the report passes ``paired_results``, so
+    both twins of every term are means over the same items); None when the run has none of the
     suite's tasks. Overall is given only when all five subsets are there in both twins (a partial mean
     would not be VoiceBench's number). When the run also has the opt-in generate-then-extract variants
     of OpenBookQA and MMSU (``*_gen``), they get rows of their own (``openbookqa_gen``, ``mmsu_gen``,
