@@ -5,7 +5,9 @@ gap, S_cos and APS against each axis.
     lmeval-speech sweep --tasks speech_mmlu_continuation_demo --voices en-us,en-gb --rates 130,160,200 \\
         --snr none,20,10,0 [--noise white|babble] --out sweep/ -- --model_args pretrained=mini --limit 20
 
-Everything after ``--`` goes to ``lm_eval`` as is (``--model lslm`` is added when absent); each
+Everything after ``--`` goes to ``lm_eval`` as is (``--model lslm`` is added when absent), except that
+a ``capture_dir=DIR`` becomes ``DIR/<condition>`` and ``--use_cache PATH`` becomes ``PATH_<condition>``
+(both keyed by item only, they would hand one condition's states or scores to the next); each
 condition adds ``tts_voice``, ``tts_rate``, ``noise`` and ``snr_db`` to ``--model_args``, so the TTS
 cache is shared (a voice/rate is synthesized once) and the noise (seeded) is recorded in each run's
 manifest. A condition whose run exists in ``--out`` is not run again (an interrupted sweep resumes).
@@ -64,11 +66,18 @@ def lm_eval_command(passthrough: list[str], tasks: str, cond: dict, noise: str, 
         extra.append(f"tts_rate={cond['rate']}")
     if cond["snr_db"] is not None:
         extra += [f"noise={noise}", f"snr_db={cond['snr_db']:g}", f"noise_seed={seed}"]
+    name = condition_name(cond, noise)
     if "--model_args" in args:
         i = args.index("--model_args") + 1
-        args[i] = ",".join([args[i], *extra]) if extra else args[i]
+        # each condition captures into its own folder: a shared one would keep the first condition's states
+        parts = [f"capture_dir={Path(a.split('=', 1)[1]) / name}" if a.startswith("capture_dir=") else a
+                 for a in args[i].split(",")]
+        args[i] = ",".join([*parts, *extra])
     elif extra:
         args += ["--model_args", ",".join(extra)]
+    if "--use_cache" in args:  # lm-eval keys cached results by request only: one database per condition
+        i = args.index("--use_cache") + 1
+        args[i] = f"{args[i]}_{name}"
     if "--model" not in args:
         args = ["--model", "lslm", *args]
     for flag in ("--tasks", "--output_path", "--log_samples"):

@@ -140,3 +140,53 @@ def test_token_states_beyond_float16_keep_float32(tmp_path):
     assert loaded[0]["tokens"].dtype == np.float16
     assert loaded[1]["tokens"].dtype == np.float32 and np.isfinite(loaded[1]["tokens"]).all()
     np.testing.assert_array_equal(loaded[1]["tokens"], big)
+
+
+# ------------------------------------------- a capture dir or cache reused under other settings ----
+# Both are keyed by item only: a second run skipped the items already there, so its report paired the
+# first run's states (or cached scores) with the second run's numbers.
+
+def test_a_capture_dir_made_under_other_settings_is_refused(captured, tiny_qwen2_audio_dir):
+    _, reqs, _, _, _, root = captured
+    kw = {"pretrained": tiny_qwen2_audio_dir, "device": "cpu", "batch_size": 3, "capture": "tokens",
+          "capture_dir": str(root), "capture_layers": "all"}
+    with pytest.raises(ValueError, match=r"other settings \(tts_override=None\).*tts_override=\{'rate': 200\}"):
+        LSLM(tts_rate=200, **kw)
+    with pytest.raises(ValueError, match="noise="):
+        LSLM(noise="white", snr_db=10, **kw)
+    LSLM(**kw).loglikelihood(reqs)  # the same settings resume (nothing new to capture)
+
+
+def test_a_captured_item_from_another_prompt_is_refused_not_reused(captured, tiny_qwen2_audio_dir):
+    from lmeval_speech.capture.store import CaptureInputMismatch
+
+    _, _, _, _, _, root = captured
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3, capture="tokens",
+              capture_dir=str(root), capture_layers="all")
+    other = mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX.replace("geography", "history"), 7)
+    with pytest.raises(CaptureInputMismatch, match="speech_mmlu_continuation_geo_text/7 captured from another model input"):
+        lm.loglikelihood(other)
+
+
+def test_a_use_cache_database_made_under_other_settings_is_refused(tiny_qwen2_audio_dir, tmp_path):
+    from lm_eval.api.model import CachingLM
+
+    reqs = mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX, 7)
+    path = str(tmp_path / "cache_rank0.db")
+    first = CachingLM(LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3), path)
+    scores = first.loglikelihood(reqs)
+    first.dbdict.close()
+    again = CachingLM(LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3), path)
+    assert again.loglikelihood(reqs) == scores  # same model and settings: taken from the cache
+    again.dbdict.close()
+    with pytest.raises(ValueError, match=r"other settings \(noise=None\); this run has noise=\{"):
+        CachingLM(LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3, noise="white", snr_db=5), path)
+    with pytest.raises(ValueError, match="max_audio_seconds=300.0.*max_audio_seconds=10.0"):
+        CachingLM(LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3, max_audio_seconds=10), path)
+    from sqlitedict import SqliteDict
+
+    foreign = SqliteDict(str(tmp_path / "hf_rank0.db"), autocommit=True)
+    foreign["abc"] = (-1.0, False)  # a result some other model stored
+    foreign.close()
+    with pytest.raises(ValueError, match="holds 1 results made without lmeval_speech's record"):
+        CachingLM(LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3), str(tmp_path / "hf_rank0.db"))

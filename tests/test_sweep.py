@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +98,18 @@ def test_sweep_plot_draws_every_condition_with_its_ci():
     (bars,) = acc.lines[2]
     ci = binomtest(21, 60).proportion_ci(method="wilson")  # 0.35 of 60
     np.testing.assert_allclose(bars.get_segments()[0][:, 1], [ci.low, ci.high])
+
+
+def test_each_condition_gets_its_own_capture_dir_and_use_cache():
+    """Both are keyed by item only: shared by all conditions, the second condition would read the
+    first one's states (and, from ``--use_cache``, its scores)."""
+    from lmeval_speech.sweep import conditions, lm_eval_command
+
+    passthrough = ["--", "--model_args", "pretrained=mini,capture=pooled,capture_dir=cap", "--use_cache", "lc/db"]
+    cmds = [lm_eval_command(passthrough, "t", c, "white", 0, Path("out")) for c in conditions(["en-us"], [None], ["none", "10"])]
+    dirs = [c[c.index("--model_args") + 1] for c in cmds]
+    assert dirs == ["pretrained=mini,capture=pooled,capture_dir=cap/voice-en-us_rate-task_clean,tts_voice=en-us",
+                    "pretrained=mini,capture=pooled,capture_dir=cap/voice-en-us_rate-task_white-snr10,tts_voice=en-us,"
+                    "noise=white,snr_db=10,noise_seed=0"]
+    assert [c[c.index("--use_cache") + 1] for c in cmds] == ["lc/db_voice-en-us_rate-task_clean",
+                                                           "lc/db_voice-en-us_rate-task_white-snr10"]

@@ -20,14 +20,14 @@ from .store import CaptureWriter
 
 class HiddenStateCapture:
     def __init__(self, mode: str, root, n_layers: int, layers="auto", token_limit=None, rank=0, identity=None,
-                 shard_size: int = 64):
+                 shard_size: int = 64, conditions: dict | None = None):
         if mode not in {"pooled", "tokens"}:
             raise ValueError(f"capture must be none, pooled or tokens, got {mode!r}")
         self.mode = mode
         self.token_layers = parse_layers(layers, n_layers)
         self.token_limit = token_limit
         self.n_hidden_states = n_layers + 1
-        self.writer = CaptureWriter(root, rank=rank, shard_size=shard_size, identity=identity, meta={
+        self.writer = CaptureWriter(root, rank=rank, shard_size=shard_size, identity=identity, conditions=conditions, meta={
             "mode": mode, "n_hidden_states": n_layers + 1, "token_layers": self.token_layers, "token_limit": token_limit,
         })
         # a resumed run continues the per-task count of token-level records (capture_limit)
@@ -50,12 +50,13 @@ class HiddenStateCapture:
                 "token_limit": self.token_limit, "n_hidden_states": self.n_hidden_states,
                 "hook": self.hook_spec().to_dict(self.n_hidden_states - 1)}
 
-    def wants(self, request) -> bool:
+    def wants(self, request, input_sha256: str | None = None) -> bool:
         if request is None or getattr(request, "idx", 0) != 0:
             return False
-        return not self.writer.has(request.task_name, request.doc_id)
+        return not self.writer.has(request.task_name, request.doc_id, input_sha256)
 
-    def add(self, request, has_audio: bool, states: list[torch.Tensor], audio_notes) -> None:
+    def add(self, request, has_audio: bool, states: list[torch.Tensor], audio_notes,
+            input_sha256: str | None = None) -> None:
         """``states``: one [P, D] tensor per hidden-state index, at this row's captured positions."""
         n_positions = int(states[0].shape[0]) if states else 0
         if not n_positions:
@@ -73,7 +74,7 @@ class HiddenStateCapture:
             self._tokens_per_task[task] = self._tokens_per_task.get(task, 0) + 1
         record = {"task": task, "pair": pair, "modality": modality, "doc_id": request.doc_id,
                   "n_positions": n_positions, "token_layers": self.token_layers if "tokens" in tensors else [],
-                  "audio": audio_notes}
+                  "audio": audio_notes, "input_sha256": input_sha256}
         self.writer.add(record, {k: np.asarray(v) for k, v in tensors.items()})
 
     def flush(self) -> None:

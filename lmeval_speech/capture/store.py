@@ -47,13 +47,30 @@ def check_identity(root: Path, stored: dict | None, identity: dict, has_records:
             "(a report would otherwise compare one model's speech states with another's text states).")
 
 
+def check_conditions(root: Path, stored: dict | None, conditions: dict | None, has_records: bool) -> None:
+    """Refuse to add records made under other run settings (TTS voice or rate, noise, intervention,
+    audio limits) to a store: a rerun skips the items already captured, so a report would read the
+    first run's states beside the second run's scores."""
+    if stored is None or conditions is None or not has_records or stored == conditions:
+        return
+    differ = sorted(k for k in set(stored) | set(conditions) if stored.get(k) != conditions.get(k))
+    raise ValueError(
+        f"capture dir {root} holds states captured under other settings ({', '.join(f'{k}={stored.get(k)!r}' for k in differ)}); "
+        f"this run has {', '.join(f'{k}={conditions.get(k)!r}' for k in differ)}. Use a new capture_dir per condition "
+        "(`lmeval-speech sweep` gives each condition its own).")
+
+
+class CaptureInputMismatch(ValueError):
+    """A store's record of an item was captured from another model input (prompt, chat template, audio)."""
+
+
 def record_key(task: str, doc_id) -> str:
     return f"{task}/{doc_id}"
 
 
 class CaptureWriter:
     def __init__(self, root: str | Path, rank: int = 0, shard_size: int = 64, meta: dict | None = None,
-                 identity: dict | None = None):
+                 identity: dict | None = None, conditions: dict | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.rank = rank
@@ -62,11 +79,14 @@ class CaptureWriter:
         existing = CaptureReader(self.root, verify=False)
         self._records = existing.records
         self.done = {record_key(r["task"], r["doc_id"]) for r in self._records}
+        self.inputs = {record_key(r["task"], r["doc_id"]): r.get("input_sha256") for r in self._records}
         if identity is not None:
             check_identity(self.root, existing.meta.get("model"), identity, bool(self._records))
+        check_conditions(self.root, existing.meta.get("conditions"), conditions, bool(self._records))
         if meta is not None and rank == 0:
             atomic_write(self.root / "capture.json", json.dumps(
-                {"schema_version": SCHEMA_VERSION, **meta, "model": identity or existing.meta.get("model")}, indent=2))
+                {"schema_version": SCHEMA_VERSION, **meta, "model": identity or existing.meta.get("model"),
+                 "conditions": conditions if conditions is not None else existing.meta.get("conditions")}, indent=2))
 
     def token_counts(self) -> dict[str, int]:
         """Records with token-level states per task already in the store."""
@@ -76,14 +96,25 @@ class CaptureWriter:
                 counts[r["task"]] = counts.get(r["task"], 0) + 1
         return counts
 
-    def has(self, task: str, doc_id) -> bool:
-        return record_key(task, doc_id) in self.done
+    def has(self, task: str, doc_id, input_sha256: str | None = None) -> bool:
+        """Whether the item is captured; with ``input_sha256``, a record captured from another model
+        input (prompt, chat template, audio) is an error, never taken as this input's states."""
+        key = record_key(task, doc_id)
+        if key not in self.done:
+            return False
+        stored = self.inputs.get(key)
+        if input_sha256 is not None and stored is not None and stored != input_sha256:
+            raise CaptureInputMismatch(
+                f"capture dir {self.root} holds {key} captured from another model input (the prompt, chat "
+                "template or audio changed since): use a new capture_dir, or delete the old one")
+        return True
 
     def add(self, record: dict, tensors: dict[str, np.ndarray]) -> None:
         key = record_key(record["task"], record["doc_id"])
         if key in self.done:
             return
         self.done.add(key)
+        self.inputs[key] = record.get("input_sha256")
         self._buffer.append((record, tensors))
         if len(self._buffer) >= self.shard_size:
             self.flush()

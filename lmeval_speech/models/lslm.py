@@ -144,7 +144,6 @@ class LSLM(BatchRunner, TemplateLM):
         self.prefix_cache = _as_bool(prefix_cache)
         self.planner = Planner(self)
         self.identity = model_identity(self.pretrained, revision, self.backend_impl, self._device)
-        self.capture = self._make_capture(capture, capture_dir, capture_layers, capture_limit, int(capture_shard_size))
         self.intervener = None
         if intervention not in (None, "", "none"):
             from lmeval_speech.interventions.hooks import InterventionSpec, Intervener
@@ -152,6 +151,7 @@ class LSLM(BatchRunner, TemplateLM):
             spec = InterventionSpec.from_args(intervention, intervene_layers, critical, strength,
                                               intervention_mode, calibration, save_calibration)
             self.intervener = Intervener(spec, len(self.backend_impl.decoder_layers))
+        self.capture = self._make_capture(capture, capture_dir, capture_layers, capture_limit, int(capture_shard_size))
 
     @staticmethod
     def _pick_device(device) -> torch.device:
@@ -230,13 +230,57 @@ class LSLM(BatchRunner, TemplateLM):
         return HiddenStateCapture(
             mode=mode, root=capture_dir, n_layers=len(self.backend_impl.decoder_layers), layers=layers,
             token_limit=None if limit in (None, "") else int(limit), rank=self.rank, shard_size=shard_size,
-            identity=self.identity,
+            identity=self.identity, conditions=self.conditions(),
         )
+
+    def conditions(self) -> dict:
+        """The run settings besides the model and the prompts that change what is scored or captured:
+        a capture dir or ``--use_cache`` database made under other conditions is refused."""
+        intervention = None
+        if self.intervener is not None:  # where its calibration is saved changes no number
+            intervention = {k: v for k, v in self.intervener.spec.to_dict().items() if k != "save_calibration"}
+        conditions = {"tts_override": self.tts_override or None,
+                      "noise": None if self.noise is None else self.noise.to_dict(),
+                      "intervention": intervention,
+                      "audio_overflow": self.audio_overflow, "max_audio_seconds": self.max_audio_seconds,
+                      "max_length": self.max_length}
+        return json.loads(json.dumps(conditions))  # as stored (JSON), so a reread compares equal
 
     @property
     def audio_log(self) -> dict[str, dict]:
         """Audio key -> what was done to it (fix-ups, truncation) or why it was not scored."""
         return {k: ({"error": st.error} if st.error else st.notes) for k, st in self.planner.status.items()}
+
+    #: The record ``lslm`` keeps in lm-eval's ``--use_cache`` database (lm-eval keys results by request only).
+    CACHE_CONDITIONS_KEY = "lmeval_speech:conditions"
+
+    def set_cache_hook(self, cache_hook) -> None:
+        """lm-eval's ``--use_cache`` keys each result by its request alone, so a rerun with another model,
+        ``tts_voice``, ``noise`` or intervention would take the first run's numbers. The database records
+        the model and conditions it was made under; another run's is refused, as is a database that has
+        results but no such record (made by another model or an older version)."""
+        super().set_cache_hook(cache_hook)
+        db = getattr(cache_hook, "dbdict", None)
+        if db is None:
+            return
+        mine = {"model": {k: v for k, v in self.identity.items() if k != "device"}, **self.conditions()}
+        stored = db.get(self.CACHE_CONDITIONS_KEY)
+        if stored is None and len(db):
+            raise ValueError(f"--use_cache database {db.filename} holds {len(db)} results made without lmeval_speech's "
+                             "record of their model and settings (another model, or an older version): use a new "
+                             "--use_cache path")
+        if stored is None:
+            db[self.CACHE_CONDITIONS_KEY] = mine
+            return
+        if stored != mine:
+            flat = lambda d: {**{f"model.{k}": v for k, v in d.get("model", {}).items()},  # noqa: E731
+                              **{k: v for k, v in d.items() if k != "model"}}
+            a, b = flat(stored), flat(mine)
+            differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ValueError(f"--use_cache database {db.filename} holds results made under other settings "
+                             f"({', '.join(f'{k}={a.get(k)!r}' for k in differ)}); this run has "
+                             f"{', '.join(f'{k}={b.get(k)!r}' for k in differ)}: its cached numbers are not this "
+                             "run's. Use a new --use_cache path per model and condition")
 
     def get_model_info(self) -> dict:
         """lm-eval writes this into ``results["config"]``: the model's side of the run manifest."""

@@ -98,8 +98,17 @@ class BatchRunner:
                 and iv.spec.mode == "oracle" else None for s in batch]
         return [iv.recording_text(rows)]
 
+    @staticmethod
+    def _input_sha256(s: Seq) -> str:
+        """The model input a captured record comes from: its tokens (prompt, chat template, choice)
+        and its audios' content keys."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps([list(map(int, s.tokens)), [k for _, k, _ in s.audio]]).encode()).hexdigest()
+
     def _captures(self, s: Seq) -> bool:
-        if self.capture is None or not self.capture.wants(s.request):
+        if self.capture is None or not self.capture.wants(s.request, self._input_sha256(s)):
             return False
         return bool(s.audio) or s.span is not None
 
@@ -111,7 +120,7 @@ class BatchRunner:
     def _capture_row(self, s: Seq, states: list) -> None:
         """``states``: one [P, D] tensor per hidden-state index, at ``_capture_positions(s)``."""
         audio_notes = [self.planner.status[k].notes for _, k, _ in s.audio] if s.audio else []
-        self.capture.add(s.request, bool(s.audio), states, audio_notes)
+        self.capture.add(s.request, bool(s.audio), states, audio_notes, self._input_sha256(s))
 
     @staticmethod
     def _context(s: Seq) -> list[int]:
