@@ -136,3 +136,22 @@ def test_voicebench_terms_are_means_over_items_valid_in_both_twins(tmp_path):
     assert rep["pairs"]["speech_voicebench_openbookqa"]["gap"] == 0.0
     obqa = rep["voicebench"]["subsets"]["openbookqa"]
     assert obqa["text"] == pytest.approx(400 / 9) and obqa["speech"] == pytest.approx(400 / 9) and obqa["gap"] == 0.0
+
+
+def test_a_pair_with_no_valid_item_is_left_out_and_named(tmp_path):
+    """Every clip of one pair over the model's limit: that pair has no gap; the others are reported
+    (it used to stop the whole report with "no items", naming neither the pair nor the reason)."""
+    write_run(tmp_path, "pretrained=x", correct={"speech_ok": ([1, 1, 0], [1, 0, 0]), "speech_long": ([1, 1], [1, 1])})
+
+    def fail(r):
+        r.update(metrics=["audio_failed", "audio_truncated"], audio_failed="AudioRequestError: 45 s > 30 s",
+                 audio_truncated="")
+        del r["acc"], r["acc_norm"]
+    _rewrite(tmp_path / "lslm__mini", "speech_long_speech", fail)
+    rep, _ = build_report(load_run(tmp_path), n_boot=200)
+    assert list(rep["pairs"]) == ["speech_ok"] and rep["overall"]["n"] == 3
+    assert rep["run"]["pairs_without_items"] == {"speech_long": {"audio_failed": 2}}
+    assert any("speech_long: {'audio_failed': 2}" in n for n in rep["notes"])
+    _rewrite(tmp_path / "lslm__mini", "speech_ok_speech", fail)
+    with pytest.raises(ValueError, match=r"no item is valid in both twins of any pair.*speech_ok: \{'audio_failed': 3\}"):
+        build_report(load_run(tmp_path), n_boot=200)

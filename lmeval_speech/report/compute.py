@@ -40,6 +40,16 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         notes.append(f"tasks without a twin in this run, not scored: {run['unpaired']}")
     manifest = {**build_manifest(run), "path": str(manifest_path(run))}
     items_by_pair = {p: pair_items(run, p, include_truncated=include_truncated) for p in run["pairs"]}
+    # a pair none of whose items is valid in both twins has no gap: left out of every section, counted
+    empty = {p: it["excluded"] for p, it in items_by_pair.items() if not it["doc_ids"]}
+    if empty and len(empty) == len(items_by_pair):
+        raise ValueError("no item is valid in both twins of any pair, so there is no gap to report: "
+                         + "; ".join(f"{p}: {reasons or 'no items'}" for p, reasons in empty.items()))
+    if empty:
+        notes.append("pairs left out, none of their items valid in both twins (by reason): "
+                     + "; ".join(f"{p}: {reasons or 'no items'}" for p, reasons in empty.items()))
+        run = {**run, "pairs": {p: t for p, t in run["pairs"].items() if p not in empty}}
+        items_by_pair = {p: it for p, it in items_by_pair.items() if p not in empty}
     for p, it in items_by_pair.items():
         if it["excluded"]:
             notes.append(f"{p}: left out of the gap, by reason: {it['excluded']} (doc ids {it['excluded_doc_ids']}); "
@@ -76,7 +86,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
                 "samples_files": {t: info["samples_file"] for t, info in run["tasks"].items()},
                 "timestamp": run["timestamp"], "date": results.get("date"), "capture_dir": capture_dir,
                 "manifest": manifest["path"], "include_truncated": include_truncated,
-                **settings, "unpaired_tasks": run["unpaired"]},
+                **settings, "unpaired_tasks": run["unpaired"], "pairs_without_items": empty},
         "overall": overall,
         "pairs": pairs,
         "controls": controls,

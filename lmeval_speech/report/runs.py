@@ -143,6 +143,8 @@ def _choose(rows: list[dict], task: str) -> tuple[str, str, list[dict]]:
     listed = [m for m in dict.fromkeys(m for r in rows for m in r.get("metrics", [])) if m not in FLAG_METRICS]
     candidates = [m for m in PREFERRED_METRICS if m in listed] + listed
     if not candidates:
+        if any(m in FLAG_METRICS for r in rows for m in r.get("metrics", [])):
+            return flt, None, rows  # every item failed: it lists only its flags (the twin names the metric)
         raise ValueError(f"{task}: its samples list no per-item metric")
     return flt, candidates[0], rows
 
@@ -238,6 +240,10 @@ def pair_items(run: dict, pair: str, include_truncated: bool = False, first: str
         _require_counted_failures(run, task)
     t_filter, t_metric, t_rows = _choose(run["tasks"][text_task]["samples"], text_task)
     s_filter, s_metric, s_rows = _choose(run["tasks"][speech_task]["samples"], speech_task)
+    if t_metric is None or s_metric is None:  # one twin's items all failed: scored as the other's
+        t_metric = s_metric = t_metric or s_metric
+        if t_metric is None:
+            raise ValueError(f"{pair}: no item of either twin was scored ({text_task}, {speech_task})")
     problems = []
     if (t_filter, t_metric) != (s_filter, s_metric):
         problems.append(f"the twins are scored differently: {t_metric} ({t_filter}) in text vs "
