@@ -203,3 +203,18 @@ def test_oracle_references_are_freed_once_the_speech_twin_is_scored(tiny_qwen2_a
     lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="angle", intervene_layers="1")
     lm.loglikelihood(requests())
     assert lm.intervener.edits > 0 and lm.intervener.text_states == {}
+
+
+def test_an_oracle_leaves_the_prior_controls_unedited(tiny_qwen2_audio_dir):
+    """The shuffled control hears another item's audio; an oracle edit would write *this* item's text
+    states into it, handing the control the question (hearing = speech - control would shrink). The
+    controls score as the plain model scores them; the speech twin is edited."""
+    other = {"audio": [{"array": tone(1.4, seed=9), "sampling_rate": 16000}]}
+    control = Instance("loglikelihood", {"question": Q}, (SPEECH_CTX, " Paris", other), 0,
+                       ("speech_mmlu_continuation_geo_shuffled", 0, 1))
+    reqs = requests() + [control]
+    plain = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu").loglikelihood(reqs)
+    edited = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="angle", intervene_layers="1",
+                  critical="all").loglikelihood(reqs)
+    assert abs(edited[0][0] - plain[0][0]) > 1e-4  # the speech twin is edited
+    assert edited[1][0] == plain[1][0] and edited[2][0] == plain[2][0]  # text and control are not

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
+from lmeval_speech import twins
 from lmeval_speech.models.plan import AudioRequestError, Seq
 
 
@@ -93,7 +94,7 @@ class BatchRunner:
         if iv is None:
             return []
         if any(s.audio for s in batch):
-            return [iv.editing_speech([(s.twin_key, s.speech_positions) if s.audio else None for s in batch])]
+            return [iv.editing_speech([(s.twin_key, s.speech_positions) if self._edited(s) else None for s in batch])]
         rows = [(s.twin_key, list(range(*s.span))) if s.span is not None and s.request.idx == 0
                 and iv.spec.mode == "oracle" else None for s in batch]
         return [iv.recording_text(rows)]
@@ -106,6 +107,16 @@ class BatchRunner:
         import json
 
         return hashlib.sha256(json.dumps([list(map(int, s.tokens)), [k for _, k, _ in s.audio]]).encode()).hexdigest()
+
+    def _edited(self, s: Seq) -> bool:
+        """Whether an intervention edits this sequence: every audio row, except, for an oracle, the
+        prior controls (another item's audio, silence): the oracle would write this item's own text
+        states into them, handing the control the question it is meant not to hear."""
+        if not s.audio:
+            return False
+        if self.intervener.spec.mode != "oracle" or s.request is None:
+            return True
+        return twins.twin_of(s.request.task_name, True).modality not in twins.CONTROLS
 
     def _captures(self, s: Seq) -> bool:
         if self.capture is None or not self.capture.wants(s.request, self._input_sha256(s)):
