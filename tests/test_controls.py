@@ -247,3 +247,35 @@ def test_sdqa_cascade_generates_from_the_recordings_transcript(tiny_qwen2_audio_
     res = out["results"][task]
     assert res["audio_failed,none"] == 1 and res["asr_wer,none"] == pytest.approx(rows[0]["asr_wer"])
     assert out["configs"][task]["metadata"]["modality"] == "cascade"
+
+
+def test_a_base_run_with_other_or_fewer_items_is_refused_or_noted(tmp_path):
+    """``--base`` matched items by doc id alone: a base run of other items (other targets) gave a
+    forgetting figure over different questions, and items missing there changed n without a word."""
+    from test_report import _config, _sample, write_samples
+
+    from lmeval_speech.report import report
+
+    def run(out, tasks, target=None):
+        model_dir = out / "lslm__m"
+        model_dir.mkdir(parents=True)
+        configs = {}
+        for task, (modality, scores) in tasks.items():
+            configs[task] = _config(task, "speech_toy_a", "speech" if modality != "text" else "text")
+            configs[task]["metadata"]["modality"] = modality
+            write_samples(model_dir / f"samples_{task}_2025-01-01T00-00-00.000001.jsonl",
+                          [_sample(d, c, None if target is None else target(d)) for d, c in enumerate(scores)])
+        (model_dir / "results_2025-01-01T00-00-00.000001.json").write_text(json.dumps(
+            {"results": {t: {} for t in tasks}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
+        return out
+
+    lslm = report.load_run(run(tmp_path / "lslm", {"speech_toy_a_text": ("text", [1, 1, 0, 1, 0, 1]),
+                                                  "speech_toy_a_speech": ("speech", [0, 0, 0, 1, 0, 1]),
+                                                  "speech_toy_a_cascade": ("cascade", [1, 0, 0, 1, 0, 1])}))
+    other = run(tmp_path / "other", {"speech_toy_a_text": ("text", [1] * 6)}, target=lambda d: str((d + 1) % 4))
+    with pytest.raises(ValueError, match="--base run's speech_toy_a_text is not this run's items: doc 0 target '1'"):
+        report.build_report(lslm, n_boot=200, base=report.load_run(other))
+    fewer = run(tmp_path / "fewer", {"speech_toy_a_text": ("text", [1, 1, 1, 1])})
+    rep, _ = report.build_report(lslm, n_boot=200, base=report.load_run(fewer))
+    assert rep["decomposition"]["speech_toy_a"]["n"] == 4
+    assert any("2 items not scored in the --base run's speech_toy_a_text" in n and "[4, 5]" in n for n in rep["notes"])
