@@ -190,3 +190,15 @@ def test_a_use_cache_database_made_under_other_settings_is_refused(tiny_qwen2_au
     foreign.close()
     with pytest.raises(ValueError, match="holds 1 results made without lmeval_speech's record"):
         CachingLM(LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3), str(tmp_path / "hf_rank0.db"))
+
+
+def test_a_capture_dir_without_a_record_of_its_settings_is_refused(tmp_path):
+    """A store written before conditions were recorded: its settings are unknown, so a run under any
+    settings is refused (it used to be accepted and to overwrite capture.json with its own settings)."""
+    old = CaptureWriter(tmp_path, meta={"mode": "pooled"})
+    old.add({"task": "t_speech", "pair": "t", "modality": "speech", "doc_id": 0, "n_positions": 1,
+             "token_layers": [], "audio": None}, {"pooled": np.zeros((2, 4), dtype=np.float32)})
+    old.flush()
+    with pytest.raises(ValueError, match="no record of the settings"):
+        CaptureWriter(tmp_path, meta={"mode": "pooled"}, conditions={"noise": None})
+    assert "conditions" not in CaptureReader(tmp_path).meta or CaptureReader(tmp_path).meta["conditions"] is None

@@ -5,17 +5,26 @@ Each test here failed on the code before its fix."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 from test_report import STAMP, write_run
 
 from lmeval_speech.manifest import build_manifest
+from lmeval_speech.outcomes import Scored
 from lmeval_speech.report.compute import build_report
 from lmeval_speech.report.runs import load_run, pair_items
 
-FAILED = "Scored(nan, failed='AudioDecodeError: not a RIFF file', truncated='')"
-CUT = "Scored(-2.5, failed='', truncated='cut to 30.0 s (was 31.0 s)')"
+def _logged(value):
+    """A log-likelihood response as lm-eval's sample log holds it (``sanitize_list`` of (value, greedy))."""
+    from lm_eval.utils import sanitize_list
+
+    return sanitize_list([(value, False)])[0][0]
+
+
+FAILED = _logged(Scored(math.nan, failed="AudioDecodeError: not a RIFF file"))
+CUT = _logged(Scored(-2.5, truncated="cut to 30.0 s (was 31.0 s)"))
 
 
 def _rewrite(model_dir, task, edit) -> None:
@@ -155,3 +164,73 @@ def test_a_pair_with_no_valid_item_is_left_out_and_named(tmp_path):
     _rewrite(tmp_path / "lslm__mini", "speech_ok_speech", fail)
     with pytest.raises(ValueError, match=r"no item is valid in both twins of any pair.*speech_ok: \{'audio_failed': 3\}"):
         build_report(load_run(tmp_path), n_boot=200)
+
+
+def test_controls_and_cascade_with_no_valid_item_are_left_out_and_named(tmp_path):
+    """A shuffled control whose every clip failed, and a cascade twin whose every item failed (it logs
+    its ASR transcript beside the flags, which must not be taken for its score): the report names
+    them instead of stopping with "no items" or "scored differently"."""
+    from test_report import _config, _sample, write_samples
+
+    model_dir = tmp_path / "lslm__m"
+    model_dir.mkdir()
+    stamp = "2025-01-01T00-00-00.000001"
+    tasks = {"speech_toy_a_text": ("text", [1, 1, 0, 1]), "speech_toy_a_speech": ("speech", [1, 0, 0, 1]),
+             "speech_toy_a_shuffled": ("shuffled", [0, 0, 0, 1]), "speech_toy_a_cascade": ("cascade", [1, 1, 0, 1])}
+    configs = {}
+    for task, (modality, scores) in tasks.items():
+        configs[task] = _config(task, "speech_toy_a", "speech" if modality != "text" else "text")
+        configs[task]["metadata"]["modality"] = modality
+        rows = [_sample(d, c) for d, c in enumerate(scores)]
+        if modality in ("shuffled", "cascade"):
+            for r in rows:
+                del r["acc"], r["acc_norm"]
+                r.update(metrics=["audio_failed", "audio_truncated"] + (["asr_transcript"] if modality == "cascade" else []),
+                         audio_failed="TTSError", audio_truncated="", asr_transcript="")
+        write_samples(model_dir / f"samples_{task}_{stamp}.jsonl", rows)
+    (model_dir / f"results_{stamp}.json").write_text(json.dumps(
+        {"results": {t: {} for t in tasks}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
+    rep, _ = build_report(load_run(tmp_path), n_boot=200)
+    assert rep["overall"]["n"] == 4 and rep["controls"] is None and rep["decomposition"] is None
+    notes = " | ".join(rep["notes"])
+    assert "no item valid in both the speech twin and the shuffled control" in notes
+    assert "no item valid in the text, speech and cascade twins" in notes
+
+
+def test_pooled_hearing_never_mixes_metrics(tmp_path):
+    from test_report import _config, _sample, write_samples
+
+    model_dir = tmp_path / "lslm__m"
+    model_dir.mkdir()
+    stamp = "2025-01-01T00-00-00.000001"
+    configs = {}
+    for pair, metric in (("speech_qa", "acc"), ("speech_qb", "acc"), ("speech_harm", "refusal_rate")):
+        for modality, scores in (("text", [1, 1, 1, 1]), ("speech", [1, 1, 0, 0]), ("shuffled", [0, 0, 0, 0])):
+            task = f"{pair}_{modality}"
+            configs[task] = _config(task, pair, "speech" if modality != "text" else "text")
+            configs[task]["metadata"]["modality"] = modality
+            rows = [_sample(d, c) for d, c in enumerate(scores if metric == "acc" else [1 - c for c in scores])]
+            if metric != "acc":
+                for r in rows:
+                    r.update(metrics=[metric], refusal_rate=r.pop("acc"))
+                    del r["acc_norm"]
+            write_samples(model_dir / f"samples_{task}_{stamp}.jsonl", rows)
+    (model_dir / f"results_{stamp}.json").write_text(json.dumps(
+        {"results": {t: {} for t in configs}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
+    rep, _ = build_report(load_run(tmp_path), n_boot=200)
+    pooled = rep["controls"]["overall (pooled)"]["shuffled"]
+    assert (pooled["n"], pooled["metric"], pooled["hearing"]) == (8, "acc", 0.5)  # the refusal pair would add -0.5
+    assert rep["controls"]["speech_harm"]["shuffled"]["metric"] == "refusal_rate"
+    assert any("pools the pairs scored by acc only (not ['speech_harm'])" in n for n in rep["notes"])
+
+
+def test_an_mmsu_domain_with_no_valid_item_adds_nothing_to_the_pooled_term():
+    """Every clip of one MMSU domain unreadable: that domain has no items valid in both twins; the
+    term pools the other eleven (it used to lose the MMSU term and so the Overall)."""
+    from lmeval_speech.report.voicebench import MMSU_DOMAINS, voicebench_overall
+
+    results = {f"speech_voicebench_mmsu_{d}_{t}": ({"acc,none": 0.5, "sample_len": 10} if i else {"sample_len": 0})
+               for i, d in enumerate(MMSU_DOMAINS) for t in ("text", "speech")}
+    assert voicebench_overall(results)["subsets"]["mmsu"] == pytest.approx({"text": 50.0, "speech": 50.0, "gap": 0.0})
+    del results["speech_voicebench_mmsu_law_text"]  # a domain not run at all: no term
+    assert voicebench_overall(results)["subsets"]["mmsu"]["text"] is None

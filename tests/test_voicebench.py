@@ -340,13 +340,15 @@ def test_report_gives_voicebench_overall(tmp_path):
     from lmeval_speech.report.schema import jsonable
     from lmeval_speech.report.voicebench import MMSU_DOMAINS
 
-    mmsu = {f"speech_voicebench_mmsu_{d}": ([1, 0], [1, 1] if d == "biology" else [0, 0]) for d in MMSU_DOMAINS}
+    # biology: 4 items, doc 3's recording unreadable (it leaves both twins); the other domains 2 items each
+    mmsu = {f"speech_voicebench_mmsu_{d}": ([1, 0, 1, 1], [1, 1, 0, 1]) if d == "biology" else ([1, 0], [0, 0])
+            for d in MMSU_DOMAINS}
     write_run(tmp_path, "pretrained=mini", correct={
         "speech_voicebench_openbookqa": ([1, 0, 1, 1], [0, 0, 1, 1]),       # 75 / 50
         "speech_voicebench_advbench": ([1, 1, 1, 0, 1], [1, 0, 1, 0, 1]),   # refusal 80 / 60
         "speech_voicebench_ifeval": ([1, 0], [0, 0]),                       # prompt-level 50 / 0
         "speech_voicebench_sdqa_usa": ([1, 0], [0, 0]),                     # proxy 50 / 0
-        **mmsu})                                                            # pooled 50 / 2 of 24
+        **mmsu})                                                            # pooled 13 / 2 of 25 valid
     inst = {"text": [[True, True], [False, True]], "speech": [[False, True], [False, False]]}  # 3/4, 1/4
 
     def rewrite(task, edit):
@@ -358,6 +360,11 @@ def test_report_gives_voicebench_overall(tmp_path):
             edit(row, acc, task.rsplit("_", 1)[1])
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
+    path = tmp_path / "lslm__mini" / f"samples_speech_voicebench_mmsu_biology_speech_{STAMP}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[3].update(metrics=["audio_failed"], audio_failed="AudioDecodeError")
+    del rows[3]["acc"], rows[3]["acc_norm"]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     for twin in ("text", "speech"):
         rewrite(f"speech_voicebench_advbench_{twin}", lambda r, a, t: r.update(metrics=["refusal_rate"], refusal_rate=a))
         rewrite(f"speech_voicebench_sdqa_usa_{twin}", lambda r, a, t: r.update(metrics=["contains_proxy"], contains_proxy=a))
@@ -367,12 +374,12 @@ def test_report_gives_voicebench_overall(tmp_path):
     rep, _ = build_report(load_run(tmp_path), n_boot=200)
     vb = rep["voicebench"]
     assert vb["subsets"]["ifeval"] == pytest.approx({"text": 62.5, "speech": 12.5, "gap": 50.0})
-    assert vb["subsets"]["mmsu"] == pytest.approx({"text": 50.0, "speech": 100 * 2 / 24, "gap": 50.0 - 100 * 2 / 24})
-    # text: (80 + 62.5 + 75 + 50 + 50) / 5 = 63.5; speech: (60 + 12.5 + 50 + 8.33 + 0) / 5 = 26.17
-    assert vb["overall"] == pytest.approx({"text": 63.5, "speech": 122.5 / 5 + 100 * 2 / 24 / 5,
-                                           "gap": 63.5 - 122.5 / 5 - 100 * 2 / 24 / 5})
+    # pooled over the 25 items valid in both twins (not a mean of domain means: 51.4 / 5.6, nor over all 26)
+    assert vb["subsets"]["mmsu"] == pytest.approx({"text": 52.0, "speech": 8.0, "gap": 44.0})
+    # text: (80 + 62.5 + 75 + 52 + 50) / 5 = 63.9; speech: (60 + 12.5 + 50 + 8 + 0) / 5 = 26.1
+    assert vb["overall"] == pytest.approx({"text": 63.9, "speech": 26.1, "gap": 37.8})
     md = markdown(jsonable(rep))
-    assert "## VoiceBench Overall" in md and "| **Overall** | 63.50 | 26.17 | 37.33 |" in md
+    assert "## VoiceBench Overall" in md and "| **Overall** | 63.90 | 26.10 | 37.80 |" in md
     assert "| sdqa (proxy) | 50.00 | 0.00 | 50.00 |" in md
 
 

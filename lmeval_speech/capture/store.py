@@ -51,8 +51,11 @@ def check_conditions(root: Path, stored: dict | None, conditions: dict | None, h
     """Refuse to add records made under other run settings (TTS voice or rate, noise, intervention,
     audio limits) to a store: a rerun skips the items already captured, so a report would read the
     first run's states beside the second run's scores."""
-    if stored is None or conditions is None or not has_records or stored == conditions:
+    if conditions is None or not has_records or stored == conditions:
         return
+    if stored is None:
+        raise ValueError(f"capture dir {root} holds states with no record of the settings they were captured "
+                         "under (made by an older version): use a new capture_dir")
     differ = sorted(k for k in set(stored) | set(conditions) if stored.get(k) != conditions.get(k))
     raise ValueError(
         f"capture dir {root} holds states captured under other settings ({', '.join(f'{k}={stored.get(k)!r}' for k in differ)}); "

@@ -41,6 +41,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
     manifest = {**build_manifest(run), "path": str(manifest_path(run))}
     items_by_pair = {p: pair_items(run, p, include_truncated=include_truncated) for p in run["pairs"]}
     # a pair none of whose items is valid in both twins has no gap: left out of every section, counted
+    full_run, all_items = run, items_by_pair  # VoiceBench's MMSU counts an empty domain as empty
     empty = {p: it["excluded"] for p, it in items_by_pair.items() if not it["doc_ids"]}
     if empty and len(empty) == len(items_by_pair):
         raise ValueError("no item is valid in both twins of any pair, so there is no gap to report: "
@@ -91,7 +92,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         "pairs": pairs,
         "controls": controls,
         "decomposition": decomposition,
-        "voicebench": voicebench_overall(paired_results(run, items_by_pair)),
+        "voicebench": voicebench_overall(paired_results(full_run, all_items)),
         "manifest": manifest,
         "similarity": similarity,
         "alignment": alignment,
@@ -101,6 +102,13 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         "notes": notes,
     }
     return report, heatmap
+
+
+def _headline(metrics) -> str:
+    """The metric a pooled row pools when pairs are scored differently: the first of
+    ``PREFERRED_METRICS`` present (``acc`` first), else the first one met."""
+    metrics = list(dict.fromkeys(metrics))
+    return next((m for m in PREFERRED_METRICS if m in metrics), metrics[0])
 
 
 def _gap_sections(items_by_pair: dict, n_boot: int, seed: int, notes: list | None = None) -> tuple[dict, dict]:
@@ -151,25 +159,36 @@ def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int
             if control not in names:
                 continue
             it = control_items(run, pair, control, include_truncated)
+            if not it["doc_ids"]:
+                notes.append(f"{pair}: no item valid in both the speech twin and the {control} control "
+                             f"(by reason: {it['excluded'] or 'no items'}): no hearing row")
+                continue
             g = paired_gap(it["speech_correct"], it["control_correct"], n_boot=n_boot, seed=seed)
             out.setdefault(pair, {})[control] = {
                 "control_task": it["control_task"], "n": g["n"], "speech_acc": g["text_acc"],
                 "control_acc": g["speech_acc"], "hearing": g["gap"], "ci_low": g["ci_low"], "ci_high": g["ci_high"],
-                "mcnemar_p": g["mcnemar"]["p"], "excluded": it["excluded"]}
-            pooled.setdefault(control, ([], [], {}))
-            pooled[control][0].append(it["speech_correct"])
-            pooled[control][1].append(it["control_correct"])
-            for reason, k in it["excluded"].items():
-                pooled[control][2][reason] = pooled[control][2].get(reason, 0) + k
+                "mcnemar_p": g["mcnemar"]["p"], "excluded": it["excluded"], "metric": it["metric"]}
+            pooled.setdefault(control, []).append((pair, it))
     if not out:
         return None
-    if len(out) > 1:  # every pair's items together, paired item by item as in each pair
-        for control, (sp, co, excluded) in pooled.items():
-            g = paired_gap(np.concatenate(sp), np.concatenate(co), n_boot=n_boot, seed=seed)
+    for control, members in pooled.items():  # the pairs' items together, paired item by item as in each pair
+        headline = _headline(it["metric"] for _, it in members)
+        same = [(p, it) for p, it in members if it["metric"] == headline]
+        if len(same) < len(members):
+            notes.append(f"controls: the pooled {control} row pools the pairs scored by {headline} only (not "
+                         f"{[p for p, it in members if it['metric'] != headline]})")
+        if len(same) > 1:
+            sp = np.concatenate([it["speech_correct"] for _, it in same])
+            co = np.concatenate([it["control_correct"] for _, it in same])
+            excluded: dict[str, int] = {}
+            for _, it in same:
+                for reason, k in it["excluded"].items():
+                    excluded[reason] = excluded.get(reason, 0) + k
+            g = paired_gap(sp, co, n_boot=n_boot, seed=seed)
             out.setdefault(POOLED, {})[control] = {
                 "control_task": None, "n": g["n"], "speech_acc": g["text_acc"], "control_acc": g["speech_acc"],
                 "hearing": g["gap"], "ci_low": g["ci_low"], "ci_high": g["ci_high"], "mcnemar_p": g["mcnemar"]["p"],
-                "excluded": excluded}
+                "excluded": excluded, "metric": headline}
     notes.append("controls: hearing = speech accuracy - control accuracy on the same items (paired bootstrap CI)")
     return out
 
@@ -213,6 +232,10 @@ def _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed
             notes.append(f"--base run has no {pair}_text: forgetting left out for {pair}")
         if base_correct is not None:
             valid = [d for d in valid if d in base_correct]
+        if not valid:
+            notes.append(f"{pair}: no item valid in the text, speech and cascade twins"
+                         f"{' and the --base run' if base_correct is not None else ''}: no decomposition row")
+            continue
         pos_t, pos_c = {d: i for i, d in enumerate(it["doc_ids"])}, {d: i for i, d in enumerate(casc["doc_ids"])}
         text = np.array([it["text_correct"][pos_t[d]] for d in valid], dtype=bool)
         speech = np.array([it["speech_correct"][pos_t[d]] for d in valid], dtype=bool)
@@ -222,13 +245,16 @@ def _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed
         base_text = np.array([base_correct[d] for d in valid], dtype=bool) if base_correct is not None else None
         arrays[pair] = (text, cascade, speech, base_text, wer)
         out[pair] = _decompose(*arrays[pair], metric, (controls or {}).get(pair, {}).get("shuffled"), n_boot, seed)
-    if len(out) > 1:  # every pair's valid items together (forgetting only if every pair has its base)
-        parts = list(zip(*arrays.values()))
+    headline = _headline(out[p]["metric"] for p in out) if out else None
+    same = [p for p in out if out[p]["metric"] == headline]
+    if len(same) < len(out):
+        notes.append(f"decomposition: the pooled row pools the pairs scored by {headline} only (not "
+                     f"{[p for p in out if p not in same]})")
+    if len(same) > 1:  # those pairs' valid items together (forgetting only if every pair has its base)
+        parts = list(zip(*(arrays[p] for p in same)))
         base_all = None if any(b is None for b in parts[3]) else np.concatenate(parts[3])
-        metrics = {out[p]["metric"] for p in out}
         out[POOLED] = _decompose(*(np.concatenate(x) for x in parts[:3]), base_all, np.concatenate(parts[4]),
-                                 metrics.pop() if len(metrics) == 1 else "mixed",
-                                 (controls or {}).get(POOLED, {}).get("shuffled"), n_boot, seed)
+                                 headline, (controls or {}).get(POOLED, {}).get("shuffled"), n_boot, seed)
     if out:
         notes.append("decomposition: (forgetting +) recognition + misalignment = (base) text - speech exactly, on "
                      "the items valid in every twin used" + ("" if base else "; forgetting needs --base BASE_RUN"))

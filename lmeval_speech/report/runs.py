@@ -24,6 +24,8 @@ from lmeval_speech.outcomes import FLAG_METRICS
 #: binary scores of the generation twins, then whatever the task lists first.
 PREFERRED_METRICS = ("acc", "exact_match", "contains_proxy", "contains", "prompt_level_strict_acc")
 _MAX_LISTED = 10
+#: Per-item fields a cascade twin logs beside its score: never the score (an ASR transcript, its WER).
+NOT_SCORES = ("asr_transcript", "asr_wer")
 
 
 class UnpairedError(ValueError):
@@ -140,10 +142,11 @@ def _choose(rows: list[dict], task: str) -> tuple[str, str, list[dict]]:
     flt = "none" if "none" in filters else filters[0]
     rows = [r for r in rows if r.get("filter", "none") == flt]
     # an item that was not scored lists only its flags: take the metrics any row lists
-    listed = [m for m in dict.fromkeys(m for r in rows for m in r.get("metrics", [])) if m not in FLAG_METRICS]
+    listed = [m for m in dict.fromkeys(m for r in rows for m in r.get("metrics", []))
+              if m not in FLAG_METRICS and m not in NOT_SCORES]
     candidates = [m for m in PREFERRED_METRICS if m in listed] + listed
     if not candidates:
-        if any(m in FLAG_METRICS for r in rows for m in r.get("metrics", [])):
+        if any(m in FLAG_METRICS + NOT_SCORES for r in rows for m in r.get("metrics", [])):
             return flt, None, rows  # every item failed: it lists only its flags (the twin names the metric)
         raise ValueError(f"{task}: its samples list no per-item metric")
     return flt, candidates[0], rows
@@ -161,8 +164,10 @@ def _logged_outcome(value) -> tuple[str, str] | None:
         return None
     try:
         call = ast.parse(text, mode="eval").body
+        if not isinstance(call, ast.Call) or len(call.args) != 1:
+            return None
         fields = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-    except (SyntaxError, ValueError):
+    except Exception:  # noqa: BLE001 (anything not our repr is not a mark)
         return None
     failed = str(fields.get("failed") or "")
     if not failed and isinstance(call.args[0], ast.Name) and call.args[0].id == "nan":
@@ -178,12 +183,9 @@ def logged_flags(row: dict) -> tuple[str, str]:
     failed, truncated = str(row.get("audio_failed") or ""), str(row.get("audio_truncated") or "")
     for per_choice in row.get("resps") or []:
         for resp in per_choice if isinstance(per_choice, list) else [per_choice]:
-            if isinstance(resp, (list, tuple)) and resp:  # a log-likelihood: (value, is_greedy)
-                outcome = _logged_outcome(resp[0])
-            elif str(resp).startswith("Scored("):  # a generation's text is never read as a number
-                outcome = _logged_outcome(resp)
-            else:
-                continue
+            if not (isinstance(resp, (list, tuple)) and resp):
+                continue  # a generation's text: never read as a mark (its task logs the flags, or is refused)
+            outcome = _logged_outcome(resp[0])  # a log-likelihood: (value, is_greedy)
             if outcome is not None:
                 failed, truncated = failed or outcome[0], truncated or outcome[1]
     return failed, truncated

@@ -53,17 +53,19 @@ correlation         does closeness predict a speech-only error (text right, spee
 items               one row per paired item: pair, doc_id, target, text_correct, speech_correct,
                     speech_only_error, cosine, euclidean, aps, monotonicity (null if not captured)
 controls            {pair: {shuffled|silence: {control_task, n, speech_acc, control_acc, hearing
-                    (= speech_acc - control_acc), ci_low, ci_high, mcnemar_p, excluded}}}, or null
-                    when the run has no prior-control twin; with more than one pair, also the key
-                    "overall (pooled)": every pair's items together (control_task null)
+                    (= speech_acc - control_acc), ci_low, ci_high, mcnemar_p, excluded, metric}}},
+                    or null when the run has no prior-control twin; with more than one pair of the
+                    headline metric (acc first), also the key "overall (pooled)": those pairs' items
+                    together (control_task null)
 decomposition       {pair: {n, metric, base_text_acc, forgetting, base_gap (with --base, else null),
                     text_acc, cascade_acc, speech_acc, recognition, misalignment,
                     gap (each {gap, ci_low, ci_high, p}; recognition + misalignment = gap exactly, on
                     the items valid in text, cascade and speech), hearing (the shuffled control's,
                     or null), recovery_rate (speech / text), asr_wer_mean, wer_vs_speech_only_error
                     (point-biserial)}}, or null when the run has no cascade twin; with more than one
-                    pair, also "overall (pooled)": every pair's valid items together (forgetting only
-                    when every pair has its base run; metric "mixed" if the pairs' metrics differ)
+                    pair of the headline metric, also "overall (pooled)": those pairs' valid items
+                    together (forgetting only when each has its base run; pairs of another metric
+                    are never pooled in, a note names them)
 voicebench          VoiceBench's Overall of the paper's five subsets (``report/voicebench.py``, formula
                     and source there; each term a mean over the items valid in both twins of its pair,
                     from the sample log, not lm-eval's per-twin aggregates): formula, source, subsets {advbench, ifeval, openbookqa, mmsu,

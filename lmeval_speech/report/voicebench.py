@@ -96,9 +96,10 @@ def _mmsu(results: dict, twin: str, variant: str = "") -> float | None:
         return group
     leaves = [(_value(results, t, "acc"), (results.get(t) or {}).get("sample_len"))
               for t in (f"speech_voicebench_mmsu_{d}{variant}_{twin}" for d in MMSU_DOMAINS)]
-    if any(v is None or not n for v, n in leaves):
-        return None
-    return sum(v * n for v, n in leaves) / sum(n for _, n in leaves)
+    if any(n is None or (n and v is None) for v, n in leaves):
+        return None  # a domain not run (or not scored): no MMSU term
+    leaves = [(v, n) for v, n in leaves if n]  # a domain none of whose items is valid in both twins adds nothing
+    return sum(v * n for v, n in leaves) / sum(n for _, n in leaves) if leaves else None
 
 
 def subset_scores(results: dict, twin: str) -> dict[str, float | None]:
