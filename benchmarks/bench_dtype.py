@@ -4,8 +4,8 @@ it changes in the numbers (issue 18's untested lever for the full run).
     python benchmarks/bench_dtype.py [--limit 0.001] [--repeats 2] [--batch-size 8] [--out FILE.json]
 
 The requests are ``speech_mmlu_continuation``'s, lm-eval's fixed ``--limit`` sample (0.001 = the
-first item of each of the 57 subjects), text and speech twins. The speech is synthesized once (a
-warm-up run per model, untimed), then the two models are timed in interleaved repeats (best of R).
+first item of each of the 57 subjects), text and speech twins. The speech is synthesized once (an
+untimed warm-up run), then the two models are timed in interleaved repeats (best of R).
 The numbers are compared item by item from the sample logs: the largest and mean absolute
 difference of the choices' log-likelihoods, and how many items change their chosen answer.
 torch uses its default threads (every core), as a user's run would.
@@ -34,9 +34,10 @@ def run(lm, limit: float) -> tuple[float, dict]:
     out = simple_evaluate(model=lm, tasks=[TASK], limit=limit, log_samples=True, verbosity="ERROR")
     seconds = time.perf_counter() - t0
     samples = {}
-    for twin in ("text", "speech"):
-        for s in out["samples"][f"{TASK}_{twin}"]:
-            samples[(twin, s["doc_id"])] = [float(r[0]) for r in s["filtered_resps"]]
+    for task, rows in out["samples"].items():  # one leaf task per subject and twin
+        twin = task.rsplit("_", 1)[1]
+        for s in rows:
+            samples[(twin, task, s["doc_id"])] = [float(r[0]) for r in s["filtered_resps"]]
     return seconds, samples
 
 
@@ -61,8 +62,7 @@ def main() -> None:
               for d in ("float32", "bfloat16")}
     times: dict[str, list[float]] = {d: [] for d in models}
     samples = {}
-    for d, lm in models.items():  # warm-up: synthesis, first-call allocations
-        _, samples[d] = run(lm, args.limit)
+    run(models["float32"], args.limit)  # warm-up: synthesis (the cache is then shared), first-call allocations
     for _ in range(args.repeats):
         for d, lm in models.items():
             seconds, samples[d] = run(lm, args.limit)

@@ -110,24 +110,30 @@ def test_cascade_decomposition_adds_up_and_records_the_transcript(tiny_qwen2_aud
     assert (out / "decomposition.png").stat().st_size > 1000 and "Where the gap comes from" in (out / "report.md").read_text()
 
 
+def _hand_run(out, tasks, target=None):
+    """A hand-made run of pair speech_toy_a: ``tasks`` = {task: (modality, 0/1 scores)}; ``target(doc_id)``
+    overrides the logged target."""
+    from test_report import _config, _sample, write_samples
+
+    model_dir = out / "lslm__m"
+    model_dir.mkdir(parents=True)
+    configs = {}
+    for task, (modality, scores) in tasks.items():
+        configs[task] = _config(task, "speech_toy_a", "speech" if modality != "text" else "text")
+        configs[task]["metadata"]["modality"] = modality
+        write_samples(model_dir / f"samples_{task}_2025-01-01T00-00-00.000001.jsonl",
+                      [_sample(d, c, None if target is None else target(d)) for d, c in enumerate(scores)])
+    (model_dir / "results_2025-01-01T00-00-00.000001.json").write_text(json.dumps(
+        {"results": {t: {} for t in tasks}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
+    return out
+
+
 def test_forgetting_from_a_base_run_completes_the_decomposition(tmp_path):
     """Hand-made runs: base text 1,1,1,1,0,1 / LSLM text 1,1,0,1,0,1 / cascade 1,0,0,1,0,1 / speech
     0,0,0,1,0,1: forgetting 1/6, recognition 1/6, misalignment 1/6, and they add up to base - speech."""
-    from test_report import _config, _sample, write_samples
-
     from lmeval_speech.report import report
 
-    def run(out, tasks):
-        model_dir = out / "lslm__m"
-        model_dir.mkdir(parents=True)
-        configs = {}
-        for task, (modality, scores) in tasks.items():
-            configs[task] = _config(task, "speech_toy_a", "speech" if modality != "text" else "text")
-            configs[task]["metadata"]["modality"] = modality
-            write_samples(model_dir / f"samples_{task}_2025-01-01T00-00-00.000001.jsonl", [_sample(d, c) for d, c in enumerate(scores)])
-        (model_dir / "results_2025-01-01T00-00-00.000001.json").write_text(json.dumps(
-            {"results": {t: {} for t in tasks}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
-        return out
+    run = _hand_run
 
     lslm = run(tmp_path / "lslm", {"speech_toy_a_text": ("text", [1, 1, 0, 1, 0, 1]),
                                    "speech_toy_a_speech": ("speech", [0, 0, 0, 1, 0, 1]),
@@ -252,22 +258,9 @@ def test_sdqa_cascade_generates_from_the_recordings_transcript(tiny_qwen2_audio_
 def test_a_base_run_with_other_or_fewer_items_is_refused_or_noted(tmp_path):
     """``--base`` matched items by doc id alone: a base run of other items (other targets) gave a
     forgetting figure over different questions, and items missing there changed n without a word."""
-    from test_report import _config, _sample, write_samples
-
     from lmeval_speech.report import report
 
-    def run(out, tasks, target=None):
-        model_dir = out / "lslm__m"
-        model_dir.mkdir(parents=True)
-        configs = {}
-        for task, (modality, scores) in tasks.items():
-            configs[task] = _config(task, "speech_toy_a", "speech" if modality != "text" else "text")
-            configs[task]["metadata"]["modality"] = modality
-            write_samples(model_dir / f"samples_{task}_2025-01-01T00-00-00.000001.jsonl",
-                          [_sample(d, c, None if target is None else target(d)) for d, c in enumerate(scores)])
-        (model_dir / "results_2025-01-01T00-00-00.000001.json").write_text(json.dumps(
-            {"results": {t: {} for t in tasks}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
-        return out
+    run = _hand_run
 
     lslm = report.load_run(run(tmp_path / "lslm", {"speech_toy_a_text": ("text", [1, 1, 0, 1, 0, 1]),
                                                   "speech_toy_a_speech": ("speech", [0, 0, 0, 1, 0, 1]),
