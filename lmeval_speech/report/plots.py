@@ -43,7 +43,8 @@ def gap_plot(pairs: dict, overall: dict, path) -> str:
     """Left: text and speech accuracy per pair; right: the gap with its bootstrap 95% CI."""
     names = list(pairs)
     rows = [pairs[n] for n in names] + [overall]
-    labels = short_labels(names) + ["overall (pooled)"]
+    metric = overall.get("metric", "acc")
+    labels = short_labels(names) + ["overall (pooled)" if metric == "acc" else f"overall (pooled, {metric})"]
     y = np.arange(len(rows))[::-1]
     fig = Figure(figsize=(10, 1.6 + 0.42 * len(rows)), layout="constrained")
     ax_acc, ax_gap = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})

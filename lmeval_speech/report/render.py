@@ -206,7 +206,8 @@ def markdown(report: dict) -> str:
 def summary(report: dict) -> str:
     """The stdout table: gap per pair and overall, then the hidden-state headline numbers."""
     names = list(report["pairs"])
-    labels = plots.short_labels(names) + ["overall"]
+    metric = report["overall"].get("metric", "acc")
+    labels = plots.short_labels(names) + ["overall" if metric == "acc" else f"overall ({metric})"]
     width = max(len(s) for s in labels)
     lines = [f"{'pair':<{width}}  {'n':>5}  {'text':>6}  {'speech':>6}  {'gap':>7}  {'95% CI':>17}  {'p':>7}"]
     for label, g in zip(labels, [report["pairs"][n] for n in names] + [report["overall"]]):
