@@ -243,7 +243,8 @@ class LSLM(BatchRunner, TemplateLM):
                       "noise": None if self.noise is None else self.noise.to_dict(),
                       "intervention": intervention,
                       "audio_overflow": self.audio_overflow, "max_audio_seconds": self.max_audio_seconds,
-                      "max_length": self.max_length}
+                      "max_length": self.max_length, "add_bos_token": self.add_bos_token,
+                      "prefix_token_id": self.custom_prefix_token_id}
         return json.loads(json.dumps(conditions))  # as stored (JSON), so a reread compares equal
 
     @property
