@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,28 @@ def test_posterior_temperature_is_stored_in_the_adapter_file(tmp_path):
     save_file({"linear.weight": torch.zeros(2)}, str(tmp_path / "mlp.safetensors"))
     with pytest.raises(ValueError, match="not a CTC adapter"):
         set_adapter_temperature(tmp_path / "mlp.safetensors", 0.5)
+
+
+def test_new_feature_shards_are_picked_up_after_a_resume_at_any_step(tmp_path):
+    """The loop checks once per pool (4 batches); a resume at step 5,457 never met ``step % 200 == 0``,
+    so the shards the featurizer wrote during the run were never read."""
+    from lmeval_speech.mini.train import REFRESH_EVERY, ShardSet, refresh_due
+
+    checks, last, refreshed = range(5457, 5457 + 4 * 300, 4), 5457, []
+    for step in checks:
+        if refresh_due(step, last):
+            last = step
+            refreshed.append(step)
+    assert refreshed[0] == 5457 + REFRESH_EVERY and len(refreshed) == 5 and all(b - a == REFRESH_EVERY for a, b in zip(refreshed, refreshed[1:]))
+    # and a re-scan reads a shard written after the set was opened
+    folder = tmp_path / "train"
+    folder.mkdir()
+
+    def shard(name, texts):
+        np.save(folder / f"{name}.npy", np.zeros((5 * len(texts), 384), dtype=np.float16))
+        (folder / f"{name}.json").write_text(json.dumps({"offsets": [5 * i for i in range(len(texts) + 1)],
+                                                         "items": [{"text": t} for t in texts]}))
+    shard("shard00000", ["a b c d e."])
+    train = ShardSet(folder)
+    shard("shard00001", ["f g h i j.", "k l m n o."])
+    assert len(train) == 1 and train.refresh() == 2 and len(train) == 3
