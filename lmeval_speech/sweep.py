@@ -75,9 +75,11 @@ def lm_eval_command(passthrough: list[str], tasks: str, cond: dict, noise: str, 
         args[i] = ",".join([*parts, *extra])
     elif extra:
         args += ["--model_args", ",".join(extra)]
-    if "--use_cache" in args:  # lm-eval keys cached results by request only: one database per condition
-        i = args.index("--use_cache") + 1
-        args[i] = f"{args[i]}_{name}"
+    for i, a in enumerate(list(args)):  # lm-eval keys cached results by request only: one database per condition
+        if a in ("--use_cache", "-c") and i + 1 < len(args):
+            args[i + 1] = f"{args[i + 1]}_{name}"
+        elif a.startswith("--use_cache="):
+            args[i] = f"{a}_{name}"
     if "--model" not in args:
         args = ["--model", "lslm", *args]
     for flag in ("--tasks", "--output_path", "--log_samples"):

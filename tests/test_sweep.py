@@ -113,3 +113,6 @@ def test_each_condition_gets_its_own_capture_dir_and_use_cache():
                     "noise=white,snr_db=10,noise_seed=0"]
     assert [c[c.index("--use_cache") + 1] for c in cmds] == ["lc/db_voice-en-us_rate-task_clean",
                                                            "lc/db_voice-en-us_rate-task_white-snr10"]
+    for spelled in (["--use_cache=lc/db"], ["-c", "lc/db"]):  # lm-eval's other spellings of the flag
+        cmd = lm_eval_command(["--", *spelled], "t", conditions([None], ["130"], ["none"])[0], "white", 0, Path("o"))
+        assert "lc/db_voice-task_rate-130_clean" in " ".join(cmd) and "lc/db " not in " ".join(cmd) + " "
