@@ -35,16 +35,27 @@ class CaptureCorruptError(RuntimeError):
 IDENTITY_FIELDS = ("pretrained", "revision", "backend", "model_type", "dtype", "config_sha256", "adapter_sha256")
 
 
+def mismatch(stored: dict, current: dict, keys=None) -> tuple[str, str] | None:
+    """The keys whose values differ (``keys`` in their order, else all keys sorted), written ``k=v, ...``
+    once with the stored values and once with the current ones; None when none differs. One wording for
+    every store that refuses another run's settings (capture dirs here, ``lslm``'s ``--use_cache`` database)."""
+    keys = list(keys) if keys is not None else sorted(set(stored) | set(current))
+    differ = [k for k in keys if stored.get(k) != current.get(k)]
+    if not differ:
+        return None
+    return tuple(", ".join(f"{k}={side.get(k)!r}" for k in differ) for side in (stored, current))
+
+
 def check_identity(root: Path, stored: dict | None, identity: dict, has_records: bool) -> None:
     """Refuse to add one model's records to a store that holds another model's."""
     if not stored or not has_records:
         return
-    differ = [k for k in IDENTITY_FIELDS if stored.get(k) != identity.get(k)]
+    differ = mismatch(stored, identity, IDENTITY_FIELDS)
     if differ:
         raise ValueError(
-            f"capture dir {root} holds states of another model ({', '.join(f'{k}={stored.get(k)!r}' for k in differ)}); "
-            f"this run is {', '.join(f'{k}={identity.get(k)!r}' for k in differ)}. Use a new capture_dir "
-            "(a report would otherwise compare one model's speech states with another's text states).")
+            f"capture dir {root} holds states of another model ({differ[0]}); this run is {differ[1]}. "
+            "Use a new capture_dir (a report would otherwise compare one model's speech states with another's "
+            "text states).")
 
 
 def check_conditions(root: Path, stored: dict | None, conditions: dict | None, has_records: bool) -> None:
@@ -56,11 +67,10 @@ def check_conditions(root: Path, stored: dict | None, conditions: dict | None, h
     if stored is None:
         raise ValueError(f"capture dir {root} holds states with no record of the settings they were captured "
                          "under (made by an older version): use a new capture_dir")
-    differ = sorted(k for k in set(stored) | set(conditions) if stored.get(k) != conditions.get(k))
+    theirs, ours = mismatch(stored, conditions)
     raise ValueError(
-        f"capture dir {root} holds states captured under other settings ({', '.join(f'{k}={stored.get(k)!r}' for k in differ)}); "
-        f"this run has {', '.join(f'{k}={conditions.get(k)!r}' for k in differ)}. Use a new capture_dir per condition "
-        "(`lmeval-speech sweep` gives each condition its own).")
+        f"capture dir {root} holds states captured under other settings ({theirs}); this run has {ours}. "
+        "Use a new capture_dir per condition (`lmeval-speech sweep` gives each condition its own).")
 
 
 class CaptureInputMismatch(ValueError):

@@ -29,6 +29,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from lmeval_speech import AUDIO_MARKER, outcomes
+from lmeval_speech.capture.store import mismatch
 from lmeval_speech.models.plan import AudioRequestError, Planner, Seq, audio_items, audio_key
 from lmeval_speech.models.runner import BatchRunner, SpeechEmbeddings
 
@@ -273,14 +274,12 @@ class LSLM(BatchRunner, TemplateLM):
         if stored is None:
             db[self.CACHE_CONDITIONS_KEY] = mine
             return
-        if stored != mine:
-            flat = lambda d: {**{f"model.{k}": v for k, v in d.get("model", {}).items()},  # noqa: E731
-                              **{k: v for k, v in d.items() if k != "model"}}
-            a, b = flat(stored), flat(mine)
-            differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        flat = lambda d: {**{f"model.{k}": v for k, v in d.get("model", {}).items()},  # noqa: E731
+                          **{k: v for k, v in d.items() if k != "model"}}
+        differ = mismatch(flat(stored), flat(mine))
+        if differ:
             raise ValueError(f"--use_cache database {db.filename} holds results made under other settings "
-                             f"({', '.join(f'{k}={a.get(k)!r}' for k in differ)}); this run has "
-                             f"{', '.join(f'{k}={b.get(k)!r}' for k in differ)}: its cached numbers are not this "
+                             f"({differ[0]}); this run has {differ[1]}: its cached numbers are not this "
                              "run's. Use a new --use_cache path per model and condition")
 
     def get_model_info(self) -> dict:

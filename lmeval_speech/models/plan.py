@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -84,6 +85,12 @@ class Seq:
     @property
     def speech_positions(self) -> list[int]:
         return [p for start, _, n in self.audio for p in range(start, start + n)]
+
+    @cached_property
+    def input_sha256(self) -> str:
+        """The model input a captured record comes from: its tokens (prompt, chat template, choice)
+        and its audios' content keys (computed once; a sequence is not changed after it is built)."""
+        return hashlib.sha256(json.dumps([list(map(int, self.tokens)), [k for _, k, _ in self.audio]]).encode()).hexdigest()
 
     @property
     def twin_key(self) -> tuple | None:

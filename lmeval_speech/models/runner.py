@@ -99,15 +99,6 @@ class BatchRunner:
                 and iv.spec.mode == "oracle" else None for s in batch]
         return [iv.recording_text(rows)]
 
-    @staticmethod
-    def _input_sha256(s: Seq) -> str:
-        """The model input a captured record comes from: its tokens (prompt, chat template, choice)
-        and its audios' content keys."""
-        import hashlib
-        import json
-
-        return hashlib.sha256(json.dumps([list(map(int, s.tokens)), [k for _, k, _ in s.audio]]).encode()).hexdigest()
-
     def _edited(self, s: Seq) -> bool:
         """Whether an intervention edits this sequence: every audio row, except, for an oracle, the
         prior controls (another item's audio, silence): the oracle would write this item's own text
@@ -119,7 +110,7 @@ class BatchRunner:
         return twins.twin_of(s.request.task_name, True).modality not in twins.CONTROLS
 
     def _captures(self, s: Seq) -> bool:
-        if self.capture is None or not self.capture.wants(s.request, self._input_sha256(s)):
+        if self.capture is None or not self.capture.wants(s.request, s.input_sha256):
             return False
         return bool(s.audio) or s.span is not None
 
@@ -131,7 +122,7 @@ class BatchRunner:
     def _capture_row(self, s: Seq, states: list) -> None:
         """``states``: one [P, D] tensor per hidden-state index, at ``_capture_positions(s)``."""
         audio_notes = [self.planner.status[k].notes for _, k, _ in s.audio] if s.audio else []
-        self.capture.add(s.request, bool(s.audio), states, audio_notes, self._input_sha256(s))
+        self.capture.add(s.request, bool(s.audio), states, audio_notes, s.input_sha256)
 
     @staticmethod
     def _context(s: Seq) -> list[int]:

@@ -131,12 +131,8 @@ def _gap_sections(items_by_pair: dict, n_boot: int, seed: int, notes: list | Non
         text = np.concatenate([items_by_pair[p]["text_correct"] for p in names])
         speech = np.concatenate([items_by_pair[p]["speech_correct"] for p in names])
         sizes = np.array([pairs[p]["n"] for p in names], dtype=float)
-        excluded: dict[str, int] = {}
-        for p in names:
-            for reason, k in items_by_pair[p]["excluded"].items():
-                excluded[reason] = excluded.get(reason, 0) + k
         return {**paired_gap(text, speech, n_boot=n_boot, seed=seed), "n_pairs": len(names), "pairs_pooled": names,
-                "excluded": excluded,
+                "excluded": _sum_excluded(items_by_pair[p]["excluded"] for p in names),
                 "weighted_mean": {k: float(np.average([pairs[p][k] for p in names], weights=sizes)) for k in GAP_FIELDS},
                 "macro_mean": {k: float(np.mean([pairs[p][k] for p in names])) for k in GAP_FIELDS}}
 
@@ -148,6 +144,15 @@ def _gap_sections(items_by_pair: dict, n_boot: int, seed: int, notes: list | Non
                          f"row pools the {len(by_metric[order[0]])} pairs scored by {order[0]}; "
                          + "; ".join(f"{m}: {by_metric[m]}" for m in order[1:]) + " are pooled per metric")
     return pairs, overall
+
+
+def _sum_excluded(counts) -> dict[str, int]:
+    """Pooled rows count the items left out of each of their pairs, summed by reason."""
+    total: dict[str, int] = {}
+    for by_reason in counts:
+        for reason, k in by_reason.items():
+            total[reason] = total.get(reason, 0) + k
+    return total
 
 
 def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int, notes: list) -> dict | None:
@@ -180,15 +185,11 @@ def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int
         if len(same) > 1:
             sp = np.concatenate([it["speech_correct"] for _, it in same])
             co = np.concatenate([it["control_correct"] for _, it in same])
-            excluded: dict[str, int] = {}
-            for _, it in same:
-                for reason, k in it["excluded"].items():
-                    excluded[reason] = excluded.get(reason, 0) + k
             g = paired_gap(sp, co, n_boot=n_boot, seed=seed)
             out.setdefault(POOLED, {})[control] = {
                 "control_task": None, "n": g["n"], "speech_acc": g["text_acc"], "control_acc": g["speech_acc"],
                 "hearing": g["gap"], "ci_low": g["ci_low"], "ci_high": g["ci_high"], "mcnemar_p": g["mcnemar"]["p"],
-                "excluded": excluded, "metric": headline}
+                "excluded": _sum_excluded(it["excluded"] for _, it in same), "metric": headline}
     notes.append("controls: hearing = speech accuracy - control accuracy on the same items (paired bootstrap CI)")
     return out
 
