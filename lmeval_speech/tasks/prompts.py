@@ -59,7 +59,7 @@ def recorded_audio(doc: dict) -> list[dict]:
     """
     audio = doc["audio"]
     if audio.get("array") is not None:
-        return [recorded(np.asarray(audio["array"], dtype=np.float32), int(audio["sampling_rate"]))]
+        return [recorded(np.asarray(audio["array"]), int(audio["sampling_rate"]))]
     if audio.get("bytes"):
         return [recorded(audio["bytes"])]
     with open(audio["path"], "rb") as f:
