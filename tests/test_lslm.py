@@ -124,6 +124,14 @@ def test_bad_audio_item_is_skipped_not_fatal(tiny_qwen2_audio_dir):
         LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", fail_fast=True).loglikelihood([req("<audio>", " x", bad)])
 
 
+def test_an_empty_choice_is_an_error_not_the_best_score(tiny_llama_dir):
+    """A choice "" (with ``target_delimiter: ""``) encodes to no token: it scored log p = 0.0, which
+    beats every real choice under acc (and NaN under acc_norm, which argmax also picks)."""
+    lm = LSLM(pretrained=tiny_llama_dir, device="cpu")
+    with pytest.raises(ValueError, match="encodes to no token"):
+        lm.loglikelihood([req("Question: 2 + 2 =", " 4"), req("Question: 2 + 2 =", "")])
+
+
 def test_text_model_refuses_audio(tiny_llama_dir):
     lm = LSLM(pretrained=tiny_llama_dir, device="cpu")
     with pytest.raises(ValueError, match="takes no audio"):

@@ -242,12 +242,15 @@ class Planner:
             context = self.place_audio(context, len(keys))
         if context == "":
             cont_enc = lm.tok_encode(continuation, add_special_tokens=False)
-            if lm.prefix_token_id != cont_enc[0]:
+            if not cont_enc or lm.prefix_token_id != cont_enc[0]:
                 ctx_enc = [lm.prefix_token_id]
             else:
                 ctx_enc, cont_enc = cont_enc[:1], cont_enc[1:]
         else:
             ctx_enc, cont_enc = lm._encode_pair(context, continuation)
+        if not cont_enc:  # it would score log p = 0, the best any choice can get (lm-eval's hf asserts too)
+            raise ValueError(f"continuation {continuation!r} of context ...{context[-60:]!r} encodes to no token: "
+                             "a choice must not be empty (check the task's choices and target_delimiter)")
         whole, spans = self.expand(ctx_enc + cont_enc, keys)
         inp = whole[-(lm.max_length + 1):][:-1]
         cut = len(whole) - 1 - len(inp)
