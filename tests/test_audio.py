@@ -185,6 +185,23 @@ def test_spec_dicts_and_overrides():
     assert piper.voice == "en_US-joe-medium"  # an espeak voice name means nothing to piper
 
 
+def test_an_espeak_rate_it_cannot_speak_is_refused():
+    """espeak-ng clamps rates below 80 words/min: a sweep's --rates 60,80 labelled one audio as two
+    rates (same samples, checked here), and the plot showed a rate effect never tested."""
+    from types import SimpleNamespace
+
+    from lmeval_speech.audio.tts import EspeakEngine
+
+    at = {r: EspeakEngine().synthesize(SENTENCE, SimpleNamespace(voice="en-us", rate=r))[0] for r in (60, 80, 85)}
+    assert np.array_equal(at[60], at[80]) and not np.array_equal(at[80], at[85])
+    assert TTSSpec(rate=80).rate == 80
+    for bad in (60, 79):
+        with pytest.raises(ValueError, match="no slower than 80"):
+            TTSSpec(rate=bad)
+        with pytest.raises(ValueError, match="no slower than 80"):
+            TTSSpec().with_overrides(rate=bad)
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "explicit"))
     assert default_cache_dir() == tmp_path / "explicit"

@@ -72,6 +72,9 @@ class TTSSpec:
             if isinstance(value, bool) or as_int <= 0 or (isinstance(value, float) and value != as_int):
                 raise ValueError(f"TTSSpec.{name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, as_int)
+        if self.rate < cls.min_rate:
+            raise ValueError(f"{self.engine} speaks no slower than {cls.min_rate} words per minute: rate={self.rate} "
+                             f"would be heard at {cls.min_rate}, the same audio as rate={cls.min_rate}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,6 +113,7 @@ class EspeakEngine:
 
     name = "espeak-ng"
     default_voice = _DEFAULT_VOICE
+    min_rate = 80  # espeak-ng clamps -s below 80 (rates 1..84 give the same samples in 1.51)
 
     _found: dict[str, str] = {}  # PATH -> espeak-ng found on it (a cache hit must not scan PATH)
 
@@ -154,6 +158,7 @@ class PiperEngine:
 
     name = "piper"
     default_voice = "en_US-joe-medium"
+    min_rate = 1  # a length scale: any positive rate is its own speed
 
     def __init__(self):
         self._voices: dict[Path, object] = {}  # loading a voice costs ~0.5 s: once per process

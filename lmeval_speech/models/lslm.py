@@ -133,6 +133,10 @@ class LSLM(BatchRunner, TemplateLM):
             k: v for k, v in {"engine": tts_engine, "voice": tts_voice,
                               "rate": None if tts_rate is None else int(tts_rate)}.items() if v is not None
         }
+        if self.tts_override.get("rate") is not None:  # an impossible rate stops the run here, not per item
+            from lmeval_speech.audio import TTSSpec
+
+            TTSSpec().with_overrides(**self.tts_override)
         self._chat_applied = self._chat_warned = False
         self.noise = None
         if noise not in (None, "", "none"):
