@@ -62,6 +62,24 @@ def test_layer_similarity_hand_values_and_batch():
     np.testing.assert_allclose(batch["cosine"][1], 1.0)
 
 
+def test_non_finite_states_give_no_similarity_number():
+    """A NaN or inf in a state became a zero unit vector: cosine 0 (beside a NaN distance) and an APS
+    computed as if that frame were silent (the interventions' live critical-token choice uses it)."""
+    s = np.array([[1.0, 0.0], [np.nan, 1.0], [np.inf, 0.0], [3e-7, 4e-7]])
+    t = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [3e-7, 4e-7]])
+    sim = layer_similarity(s, t)
+    np.testing.assert_allclose(sim["cosine"], [1.0, np.nan, np.nan, 1.0])  # tiny but non-zero: cosine 1
+    assert np.isnan(sim["euclidean"][1])
+    with pytest.raises(ValueError, match="non-finite"):
+        similarity_matrix(s[:2], t)
+    for path in ("argmax", "dtw"):
+        with pytest.raises(ValueError, match="non-finite"):
+            alignment_path_score([[[1.0, 0.0], [np.nan, 1.0]]], [[[0.0, 1.0]]], path=path)
+    with pytest.raises(ValueError, match="non-finite"):
+        alignment_path_score([[[1.0, 0.0], [1.0, 1.0]]], [[[np.inf, 1.0]]], measure="euclidean")
+    np.testing.assert_allclose(similarity_matrix([[3e-7, 4e-7]], [[3e-7, 4e-7]]), [[1.0]])
+
+
 def test_mean_pool_with_mask():
     states = np.arange(12.0).reshape(2, 3, 2)  # [L=2, T=3, D=2]
     np.testing.assert_allclose(mean_pool(states[0]), [2.0, 3.0])

@@ -44,6 +44,7 @@ def similarity_matrix(speech, text, measure: str = "cosine") -> np.ndarray:
     t = np.asarray(text, dtype=np.float64)
     if s.ndim != 2 or t.ndim != 2 or s.shape[1] != t.shape[1]:
         raise ValueError(f"expected speech [Ts, D] and text [Tt, D], got {s.shape} and {t.shape}")
+    _check_finite(s, t)
     # A is computed text-major and returned as the transposed (Fortran-order) view, so that the
     # per-text-token reductions (argmax over i) read contiguous memory instead of copying A; the
     # negate/clip run in place for the same reason: a second [Ts, Tt] array costs more than the
@@ -207,6 +208,15 @@ def alignment_path_score(layers_speech, layers_text, measure: str = "cosine",
             "monotonicity": np.asarray(mono), "paths": paths}
 
 
+def _check_finite(speech: np.ndarray, text: np.ndarray) -> None:
+    """A NaN or inf state would become a zero unit vector (cosine 0 with everything) and an APS computed
+    as if that frame were silent: an error instead (the report leaves such items out and counts them)."""
+    for name, x in (("speech", speech), ("text", text)):
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name} hidden states hold {int(np.count_nonzero(~np.isfinite(x)))} non-finite "
+                             "values (NaN/inf): no cosine similarity")
+
+
 def _cosine_all_layers(layers_speech, layers_text) -> np.ndarray:
     """Cosine similarities of every layer at once, text-major: At [L, Tt, Ts] (each text token's row
     contiguous). float64, as :func:`similarity_matrix` (float32 would be faster but moves a perfect APS
@@ -215,6 +225,7 @@ def _cosine_all_layers(layers_speech, layers_text) -> np.ndarray:
     t = np.asarray(layers_text, dtype=np.float64)
     if s.ndim != 3 or t.ndim != 3 or s.shape[2] != t.shape[2]:
         raise ValueError(f"expected speech [L, Ts, D] and text [L, Tt, D], got {s.shape} and {t.shape}")
+    _check_finite(s, t)
     s_norm, t_norm = np.linalg.norm(s, axis=2, keepdims=True), np.linalg.norm(t, axis=2, keepdims=True)
     s = np.divide(s, s_norm, out=np.zeros_like(s), where=s_norm > 0)
     t = np.divide(t, t_norm, out=np.zeros_like(t), where=t_norm > 0)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Norms below this count as zero vectors; their cosine is defined as 0 instead of nan.
-_EPS = 1e-12
 
 
 def mean_pool(states, mask=None) -> np.ndarray:
@@ -33,9 +31,14 @@ def mean_pool(states, mask=None) -> np.ndarray:
 
 
 def _rowwise(speech: np.ndarray, text: np.ndarray) -> dict:
+    """A zero vector's cosine is 0 (as in :func:`~lmeval_speech.metrics.alignment.similarity_matrix`);
+    a row holding NaN or inf has cosine NaN, like its Euclidean distance, never a number."""
     cos_num = np.sum(speech * text, axis=-1)
     norms = np.linalg.norm(speech, axis=-1) * np.linalg.norm(text, axis=-1)
-    cosine = np.where(norms > _EPS, cos_num / np.maximum(norms, _EPS), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.where(norms > 0, cos_num / np.where(norms > 0, norms, 1.0), 0.0)
+    finite = np.isfinite(speech).all(axis=-1) & np.isfinite(text).all(axis=-1)
+    cosine = np.where(finite, cosine, np.nan)
     return {"cosine": np.clip(cosine, -1.0, 1.0),
             "euclidean": np.linalg.norm(speech - text, axis=-1)}
 
