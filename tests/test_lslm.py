@@ -132,6 +132,24 @@ def test_an_empty_choice_is_an_error_not_the_best_score(tiny_llama_dir):
         lm.loglikelihood([req("Question: 2 + 2 =", " 4"), req("Question: 2 + 2 =", "")])
 
 
+def test_a_prompt_cut_to_fit_max_length_is_marked_truncated(tiny_llama_dir):
+    """A text twin longer than ``max_length`` was cut from the left and scored as if whole, paired with
+    a speech twin that heard the whole question; only audio cuts were marked. Now both scoring paths
+    mark it, as a cut audio is (the report leaves such pairs out and counts them)."""
+    from lmeval_speech import outcomes
+
+    lm = LSLM(pretrained=tiny_llama_dir, device="cpu", max_length=24)
+    long_q = "Question: " + " ".join(["the quick brown fox jumps over the lazy dog"] * 6) + "\nAnswer:"
+    short, cut = lm.loglikelihood([req("Question: 2 + 2 =", " 4"), req(long_q, " yes")])
+    assert not isinstance(short[0], outcomes.Scored) or not short[0].truncated
+    assert isinstance(cut[0], outcomes.Scored) and "prompt cut" in cut[0].truncated and "max_length=24" in cut[0].truncated
+    gen_kwargs = {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}
+    short, cut = lm.generate_until([req("Question: 2 + 2 =", gen_kwargs, kind="generate_until"),
+                                    req(long_q, gen_kwargs, kind="generate_until")])
+    assert not getattr(short, "truncated", "")
+    assert isinstance(cut, outcomes.ScoredText) and "prompt cut" in cut.truncated
+
+
 def test_text_model_refuses_audio(tiny_llama_dir):
     lm = LSLM(pretrained=tiny_llama_dir, device="cpu")
     with pytest.raises(ValueError, match="takes no audio"):

@@ -408,6 +408,12 @@ class LSLM(BatchRunner, TemplateLM):
                     "through the template: add --apply_chat_template (the gap may otherwise be a prompting "
                     "artefact)", self.pretrained)
 
+    def _with_cut(self, truncated: str, cut: int, total: int) -> str:
+        """A prompt cut to fit ``max_length`` is marked like a cut audio: its twin heard or read the
+        whole question, so the pair is not compared (excluded and counted by default)."""
+        note = f"prompt cut: its first {cut} of {total} tokens dropped to fit max_length={self.max_length}"
+        return "; ".join(filter(None, [truncated, note]))
+
     @staticmethod
     def _outcome(keys, status) -> tuple[str, str]:
         """(failure reason, truncation note) of a request from its audios' outcomes."""
@@ -431,6 +437,8 @@ class LSLM(BatchRunner, TemplateLM):
                     raise
                 out[i] = outcomes.failed(f"AudioRequestError: {err}")
                 continue
+            if seqs[-1].cut:
+                truncated = self._with_cut(truncated, seqs[-1].cut, len(seqs[-1].tokens) + seqs[-1].cut + 1)
             transcript = " | ".join(status[k].transcript for k in keys if status[k].transcript is not None)
             if truncated or transcript:
                 marks[i] = (truncated, transcript)
@@ -541,6 +549,9 @@ class LSLM(BatchRunner, TemplateLM):
                 cut = max(0, len(tokens) - (self.max_length - max_new))
                 if cut and spans and spans[0][0] < cut:
                     raise AudioRequestError(f"prompt of {len(tokens)} tokens leaves no room for the audio within max_length")
+                if cut:
+                    truncated, transcript = info[index][2]
+                    info[index] = (req, keys, (self._with_cut(truncated, cut, len(tokens)), transcript))
                 seqs.append(Seq(index, tokens[cut:], [], [(s - cut, k, n) for s, k, n in spans]))
             embeds, mask, ids = self._left_padded(seqs, items)
             self._set_modality(seqs)

@@ -81,6 +81,7 @@ class Seq:
     audio: list[tuple[int, str, int]] = field(default_factory=list)  # (start, audio key, n positions)
     request: object = None  # the lm-eval Instance
     span: tuple[int, int] | None = None  # text twin: positions of its spoken text
+    cut: int = 0  # tokens dropped from the left to fit max_length (the item is marked truncated)
 
     @property
     def speech_positions(self) -> list[int]:
@@ -257,7 +258,7 @@ class Planner:
         if cut and spans and spans[0][0] < cut:
             raise AudioRequestError(f"sequence of {len(whole)} tokens exceeds max_length={lm.max_length} inside the "
                                     "audio; raise max_length or shorten the prompt")
-        seq = Seq(index, inp, cont_enc, [(s - cut, k, n) for s, k, n in spans], request)
+        seq = Seq(index, inp, cont_enc, [(s - cut, k, n) for s, k, n in spans], request, cut=cut)
         if want_span and not keys and request is not None and context:
             span = self.text_span(context, continuation, ctx_enc, cont_enc, request)
             if span is not None:
