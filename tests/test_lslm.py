@@ -150,6 +150,20 @@ def test_a_prompt_cut_to_fit_max_length_is_marked_truncated(tiny_llama_dir):
     assert isinstance(cut, outcomes.ScoredText) and "prompt cut" in cut.truncated
 
 
+def test_a_prompt_whose_text_holds_the_audio_placeholder_fails_its_item(tiny_qwen2_audio_dir):
+    """A question or description containing the model's placeholder text (``<|AUDIO|>`` for
+    Qwen2-Audio) before the ``<audio>`` marker: the first placeholder took the audio, so it was spliced
+    at the wrong place and the real one was left as a raw token. The item fails (counted)."""
+    from lmeval_speech import outcomes
+
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu")
+    audio = {"audio": [{"array": tone(1.0, 300, seed=1), "sampling_rate": 16000}]}
+    ok, bad = lm.loglikelihood([req("Question: <audio>\nAnswer:", " Paris", audio),
+                                req("See <|AUDIO|> here. Question: <audio>\nAnswer:", " Paris", audio)])
+    assert not getattr(ok[0], "failed", "")
+    assert isinstance(bad[0], outcomes.Scored) and "audio placeholder" in bad[0].failed
+
+
 def test_text_model_refuses_audio(tiny_llama_dir):
     lm = LSLM(pretrained=tiny_llama_dir, device="cpu")
     with pytest.raises(ValueError, match="takes no audio"):

@@ -217,6 +217,10 @@ class Planner:
     def expand(self, tokens: list[int], keys: list[str]):
         """Replace the k-th audio token with n_tokens[keys[k]] copies; return tokens and audio spans."""
         audio_id = self.lm.backend_impl.audio_token_id
+        if keys and tokens.count(audio_id) != len(keys):  # the prompt's own text holds the placeholder
+            raise AudioRequestError(f"tokenized prompt holds {tokens.count(audio_id)} audio placeholders for "
+                                    f"{len(keys)} audios: its text contains the model's audio placeholder "
+                                    f"{self.lm.backend_impl.audio_placeholder!r}, which would receive the audio")
         out, spans, k = [], [], 0
         for t in tokens:
             if t == audio_id and k < len(keys):
