@@ -305,3 +305,15 @@ def test_the_cascade_transcribes_what_the_speech_twin_hears(tiny_qwen2_audio_dir
     gb = LSLM(pretrained=str(tiny_qwen2_audio_dir), device="cpu", tts_voice="en-gb")
     assert gb.planner._transcribe(cascade).transcript == "transcript 3"  # another voice, another transcript
     assert noisy.planner._transcribe(cascade).transcript == "transcript 1" and len(heard) == 3  # cached
+
+
+def test_two_tasks_claiming_one_twin_are_refused(tmp_path):
+    """A copied YAML renamed in ``task:`` only: both tasks claimed pair speech_toy_a's speech twin, the
+    later one (sorted) was paired and the other vanished from the report without a word."""
+    from lmeval_speech.report import report
+
+    run = _hand_run(tmp_path / "run", {"speech_toy_a_text": ("text", [1, 1, 0, 1]),
+                                       "speech_toy_a_speech": ("speech", [0, 0, 0, 1]),
+                                       "speech_toy_a_speech_copy": ("speech", [1, 1, 1, 1])})
+    with pytest.raises(ValueError, match="speech_toy_a_speech and speech_toy_a_speech_copy both claim"):
+        report.load_run(run)

@@ -107,7 +107,11 @@ def load_run(run_dir) -> dict:
                                     "so run lm_eval with --log_samples")
         tasks[task] = {"config": config, "pair": twin[0], "modality": twin[1],
                        "samples_file": str(samples_file), "samples": _read_samples(samples_file)}
-        twins.setdefault(twin[0], {})[twin[1]] = task
+        claimed = twins.setdefault(twin[0], {})
+        if twin[1] in claimed:  # e.g. a copied YAML renamed but for its metadata: one of them would vanish
+            raise ValueError(f"tasks {claimed[twin[1]]} and {task} both claim to be the {twin[1]} twin of pair "
+                             f"{twin[0]!r} (metadata.pair / modality): give each task its own pair")
+        claimed[twin[1]] = task
     pairs = {p: t for p, t in sorted(twins.items()) if {"text", "speech"} <= set(t)}
     unpaired = sorted(task for p, t in twins.items() if p not in pairs for task in t.values())
     config = results.get("config") or {}
