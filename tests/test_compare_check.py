@@ -103,8 +103,9 @@ def test_leaderboard_values_are_the_reports_values(runs, board):
         for key in ("n", "text_acc", "speech_acc", "gap", "ci_low", "ci_high"):
             assert row[key] == ov[key], (name, key)
         assert row["mcnemar_p"] == ov["mcnemar"]["p"]
-        assert (row["S_cos"], row["S_euc"], row["aps"]) == (rep["similarity"]["S_cos"], rep["similarity"]["S_euc"],
-                                                           rep["alignment"]["aps"])
+        assert (row["S_cos"], row["S_euc"], row["aps"]) == (  # every pair is pooled: the report's own figures
+            pytest.approx(rep["similarity"]["S_cos"]), pytest.approx(rep["similarity"]["S_euc"]),
+            pytest.approx(rep["alignment"]["aps"]))
         assert row["aps"] == pytest.approx(math.cos(THETA[name]), abs=2e-3)
         assert row["flags"] == [] and row["tts"] == "espeak-ng:en-us@160"
         pair_rows = {p["pair"]: p for p in lb["pairs"] if p["label"] == row["label"]}
@@ -119,6 +120,25 @@ def test_leaderboard_values_are_the_reports_values(runs, board):
     assert "| A | 20 |" in md and "All runs used the same" in md and "![gap vs APS](gap_vs_aps.png)" in md
     assert (out / "gap_vs_aps.png").stat().st_size > 1000
     assert not list(out.glob(".*.tmp"))
+
+
+def test_the_run_rows_states_are_over_the_pairs_its_gap_pools(runs):
+    """The run row paired the overall gap (the headline metric's pairs only: a VoiceBench run's
+    OpenBookQA and MMSU) with S_cos / APS over every captured pair (AdvBench, IFEval too), and the
+    fits regressed one on the other. Both axes are now over the same pairs, and a note says so."""
+    from lmeval_speech.report.compare import build_leaderboard
+
+    _, dirs = runs
+    rep = _report(dirs["a"])
+    a, b = rep["pairs"]["speech_toy_a"]["similarity"], rep["pairs"]["speech_toy_b"]["similarity"]
+    b["S_cos"] = -0.9  # pair b as if scored by another metric, its states far apart
+    rep["similarity"]["S_cos"] = (a["n_items"] * a["S_cos"] + b["n_items"] * b["S_cos"]) / (a["n_items"] + b["n_items"])
+    rep["overall"]["pairs_pooled"] = ["speech_toy_a"]
+    lb = build_leaderboard([rep], ["A"], [str(dirs["a"])])
+    row = lb["runs"][0]
+    assert row["S_cos"] == pytest.approx(a["S_cos"]) and row["S_euc"] == pytest.approx(a["S_euc"])
+    assert row["aps"] == pytest.approx(rep["pairs"]["speech_toy_a"]["alignment"]["aps"])
+    assert any("['speech_toy_b'], scored by other metrics, are left out" in n for n in lb["notes"])
 
 
 def test_fits_match_numpy(board):

@@ -310,6 +310,23 @@ def _metrics(gap: dict, similarity: dict | None, alignment: dict | None) -> dict
             "aps": alignment["aps"] if alignment else None}
 
 
+def _pooled_states(rep: dict) -> tuple[dict | None, dict | None, list[str]]:
+    """S_cos / S_euc / APS of a run row over the pairs its gap pools (``overall.pairs_pooled``: the
+    headline metric's), each pair weighted by its captured items, as the report pools them; and the
+    captured pairs left out (scored by another metric). A fit of gap against S_cos or APS is then over
+    the same pairs on both axes."""
+    pooled = rep["overall"].get("pairs_pooled") or list(rep["pairs"])
+    out = []
+    for key, fields in (("similarity", ("S_cos", "S_euc")), ("alignment", ("aps",))):
+        rows = [rep["pairs"][p][key] for p in pooled if (rep["pairs"].get(p) or {}).get(key)]
+        rows = [r for r in rows if all(r.get(f) is not None for f in fields) and r.get("n_items")]
+        weights = [r["n_items"] for r in rows]
+        out.append({f: float(np.average([r[f] for r in rows], weights=weights)) for f in fields} if rows else None)
+    left_out = [p for p in rep["pairs"] if p not in pooled and (rep["pairs"][p].get("similarity") or
+                                                                rep["pairs"][p].get("alignment"))]
+    return out[0], out[1], left_out
+
+
 def _fit(runs: list[dict], key: str) -> dict:
     used = [r for r in runs if r[key] is not None and r["gap"] is not None]
     fit = linear_fit([r[key] for r in used], [r["gap"] for r in used])
@@ -333,10 +350,14 @@ def build_leaderboard(reports: list[dict], labels: list[str], paths: list[str]) 
     for lab, rep, path in zip(labels, reports, paths):
         run, args = rep["run"], rep["run"].get("model_args_parsed") or {}
         al = rep.get("alignment")
+        similarity, alignment, left_out = _pooled_states(rep)
+        if left_out:
+            notes.append(f"{lab}: S_cos, S_euc and APS of the run row (and the fits) are over the pairs its gap "
+                         f"pools ({rep['overall'].get('metric')}); {left_out}, scored by other metrics, are left out")
         runs.append({"label": lab, "report": path, "results_file": run["results_file"], "model": run.get("model"),
                      "model_args": run.get("model_args"), "pretrained": args.get("pretrained"),
                      "revision": args.get("revision"), "tts": _tts_name(rep), "n_pairs": rep["overall"]["n_pairs"],
-                     **_metrics(rep["overall"], rep.get("similarity"), al),
+                     **_metrics(rep["overall"], similarity, alignment),
                      "aps_measure": al["measure"] if al else None, "aps_path": al["path"] if al else None,
                      "flags": sorted(flags[lab])})
         aps_flag = {"aps_method"} & flags[lab]
