@@ -141,6 +141,27 @@ def test_the_run_rows_states_are_over_the_pairs_its_gap_pools(runs):
     assert any("['speech_toy_b'], scored by other metrics, are left out" in n for n in lb["notes"])
 
 
+def test_a_stale_report_in_the_run_folder_is_rebuilt(runs, tmp_path):
+    """``report --out RUN_DIR`` leaves report.json beside the results; after a newer run in the same
+    folder, compare and check read that old report.json as this run's numbers."""
+    import shutil
+
+    from lmeval_speech.report.compare import load_report
+
+    _, dirs = runs
+    run = tmp_path / "run"
+    shutil.copytree(dirs["b"], run)
+    stale = _report(dirs["a"])
+    stale["run"]["results_file"] = str(run / "lslm__mini" / "results_2024-01-01T00-00-00.000001.json")
+    (run / "report.json").write_text(json.dumps(stale))
+    rep, path = load_report(run)
+    assert rep["overall"]["gap"] == _report(dirs["b"])["overall"]["gap"] != stale["overall"]["gap"]
+    assert path.name.startswith("results_")
+    fresh = _report(run)  # one of the latest results: reused as it is
+    (run / "report.json").write_text(json.dumps(fresh))
+    assert load_report(run) == (fresh, run / "report.json")
+
+
 def test_fits_match_numpy(board):
     _, lb = board
     gap = np.array([r["gap"] for r in lb["runs"]])

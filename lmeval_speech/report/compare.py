@@ -124,7 +124,15 @@ def load_report(arg) -> tuple[dict, Path]:
     if path.is_file() and path.suffix == ".json" and _is_report(path):
         return _read_report(path), path
     if path.is_dir() and (path / "report.json").is_file():
-        return _read_report(path / "report.json"), path / "report.json"
+        rep = _read_report(path / "report.json")
+        try:  # a report written into the run's own folder (--out RUN_DIR) must be of its latest results
+            latest = find_results_file(path)
+        except FileNotFoundError:  # a folder of reports only
+            return rep, path / "report.json"
+        if Path(rep["run"]["results_file"]).name == latest.name:
+            return rep, path / "report.json"
+        print(f"{path / 'report.json'} was built from {Path(rep['run']['results_file']).name}, not the latest "
+              f"{latest.name}: rebuilding it", file=sys.stderr)
     results = find_results_file(path)  # raises FileNotFoundError naming what is missing
     run_dir = path if path.is_dir() else path.parent
     for candidate in dict.fromkeys([run_dir / "gap_report" / "report.json",
