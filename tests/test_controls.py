@@ -317,3 +317,31 @@ def test_two_tasks_claiming_one_twin_are_refused(tmp_path):
                                        "speech_toy_a_speech_copy": ("speech", [1, 1, 1, 1])})
     with pytest.raises(ValueError, match="speech_toy_a_speech and speech_toy_a_speech_copy both claim"):
         report.load_run(run)
+
+
+def test_a_base_run_is_read_under_the_pairs_own_filter_and_0_1_scores(tmp_path):
+    """``--base`` read the base run's ``filter == "none"`` rows whatever filter the pair was scored
+    under (a generation task's strict-match): every base item counted as "not scored" and forgetting
+    vanished behind a note; and a score of 0.5 became "correct"."""
+    from lmeval_speech.report import report
+
+    def refilter(root, value=None):
+        for f in root.rglob("samples_*.jsonl"):
+            rows = [json.loads(line) for line in f.read_text().splitlines()]
+            for r in rows:
+                r["filter"] = "strict-match"
+                if value is not None:
+                    r["acc"] = value
+            f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return root
+
+    lslm = refilter(_hand_run(tmp_path / "lslm", {"speech_toy_a_text": ("text", [1, 1, 0, 1, 0, 1]),
+                                                  "speech_toy_a_speech": ("speech", [0, 0, 0, 1, 0, 1]),
+                                                  "speech_toy_a_cascade": ("cascade", [1, 0, 0, 1, 0, 1])}))
+    base = refilter(_hand_run(tmp_path / "base", {"speech_toy_a_text": ("text", [1, 1, 1, 1, 0, 1])}))
+    rep, _ = report.build_report(report.load_run(lslm), n_boot=200, base=report.load_run(base))
+    d = rep["decomposition"]["speech_toy_a"]
+    assert d["n"] == 6 and d["forgetting"]["gap"] == pytest.approx(1 / 6)
+    half = refilter(_hand_run(tmp_path / "half", {"speech_toy_a_text": ("text", [1] * 6)}), value=0.5)
+    with pytest.raises(ValueError, match="not 0/1"):
+        report.build_report(report.load_run(lslm), n_boot=200, base=report.load_run(half))

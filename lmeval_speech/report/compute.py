@@ -194,20 +194,28 @@ def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int
     return out
 
 
-def _base_text(base: dict | None, pair: str, metric: str, doc_ids, targets: dict, notes: list) -> dict[int, bool] | None:
-    """{doc_id: correct} of the base LLM's run of this pair's text twin (``report --base``). A doc id
-    whose target differs from this run's is another item: refused. Items the base run did not score
-    are left out of the decomposition, and the note says how many."""
+def _base_text(base: dict | None, pair: str, metric: str, filt: str, doc_ids, targets: dict, notes: list
+               ) -> dict[int, bool] | None:
+    """{doc_id: correct} of the base LLM's run of this pair's text twin (``report --base``), read
+    under the same filter and metric as this run's pair. A doc id whose target differs from this run's
+    is another item: refused, as is a score that is not 0/1. Items the base run did not score are left
+    out of the decomposition, and the note says how many."""
     task = f"{pair}_text"
     if base is None or task not in base["tasks"]:
         return None
-    rows = {r["doc_id"]: r for r in base["tasks"][task]["samples"] if r.get("filter", "none") == "none"}
+    rows = {r["doc_id"]: r for r in base["tasks"][task]["samples"] if r.get("filter", "none") == filt}
     differ = [d for d in doc_ids if d in rows and str(rows[d].get("target")) != targets[d]]
     if differ:
         raise ValueError(f"--base run's {task} is not this run's items: doc {differ[0]} target "
                          f"{str(rows[differ[0]].get('target'))!r} there vs {targets[differ[0]]!r} here "
                          f"({len(differ)} docs differ)")
-    out = {d: bool(float(rows[d][metric])) for d in doc_ids if d in rows and metric in rows[d]}
+    out = {}
+    for d in doc_ids:
+        if d in rows and metric in rows[d]:
+            value = float(rows[d][metric])
+            if value not in (0.0, 1.0):
+                raise ValueError(f"--base run's {task}: per-item {metric} of doc {d} is {value}, not 0/1")
+            out[d] = value == 1.0
     if missing := [d for d in doc_ids if d not in out]:
         notes.append(f"{pair}: {len(missing)} items not scored in the --base run's {task} are left out of the "
                      f"decomposition (doc ids {missing[:10]}{' ...' if len(missing) > 10 else ''})")
@@ -228,7 +236,8 @@ def _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed
         metric = it["metric"]
         casc = control_items(run, pair, twins.CASCADE, include_truncated)  # speech vs cascade, valid in both
         valid = sorted(set(it["doc_ids"]) & set(casc["doc_ids"]))
-        base_correct = _base_text(base, pair, metric, valid, dict(zip(it["doc_ids"], it["targets"], strict=True)), notes)
+        base_correct = _base_text(base, pair, metric, it["filter"], valid,
+                                  dict(zip(it["doc_ids"], it["targets"], strict=True)), notes)
         if base is not None and base_correct is None:
             notes.append(f"--base run has no {pair}_text: forgetting left out for {pair}")
         if base_correct is not None:
