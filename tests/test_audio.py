@@ -343,3 +343,23 @@ def test_digital_silence_is_not_scored_as_speech(tmp_path):
     audio, _, _ = resolve_audio(speech, cache_dir=tmp_path)
     control, _, info = resolve_audio({"silence_like": speech}, cache_dir=tmp_path)
     assert audio.size == control.size and not control.any() and info["source"] == "silence"
+
+
+def test_an_item_is_keyed_by_the_audio_it_is_resolved_to(tmp_path):
+    """An item with several sources was keyed by one and resolved to another (``tts_text`` before
+    ``array`` in the key, after it in resolve_audio): two items with the same text but different
+    recordings shared one key, one status and one embedding."""
+    from lmeval_speech.audio import recorded
+    from lmeval_speech.models.plan import audio_key
+
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.uniform(-0.1, 0.1, 8000).astype(np.float32) for _ in range(3))
+    path = tmp_path / "b.wav"
+    sf.write(str(path), b, 16000, subtype="FLOAT")
+    items = [{"tts_text": SENTENCE, "tts": TTSSpec().to_dict(), "array": a, "sampling_rate": 16000},
+             {"array": a, "sampling_rate": 16000, "path": str(path)},
+             {**recorded(c, 16000, cache_dir=tmp_path), "path": str(path)}]
+    alone = [{"array": a, "sampling_rate": 16000}, {"array": a, "sampling_rate": 16000}, {"path": str(path)}]
+    for item, same in zip(items, alone, strict=True):
+        np.testing.assert_array_equal(resolve_audio(item, cache_dir=tmp_path)[0], resolve_audio(same)[0])
+        assert audio_key(item) == audio_key(same)

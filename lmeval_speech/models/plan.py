@@ -34,21 +34,22 @@ def audio_key(item) -> str:
         return "silence:" + audio_key(item["silence_like"])
     if item.get("transcribe") is not None:
         return "asr:" + json.dumps([audio_key(item["transcribe"]), item.get("asr")], sort_keys=True)
-    if "tts_text" in item:
-        return "tts:" + json.dumps({"t": item["tts_text"], "s": item.get("tts")}, sort_keys=True)
-    if item.get("recorded") is not None:
-        return f"recorded:{item['recorded']}"
+    # the sources in resolve_audio's order: an item is keyed by the audio it is resolved to
     if item.get("array") is not None:
         a = np.ascontiguousarray(item["array"])
         h = hashlib.sha256(f"{a.dtype.str}{a.shape}{item.get('sampling_rate')}".encode())
         h.update(a.tobytes())
         return f"array:{h.hexdigest()}"
-    if item.get("path") is not None:
+    if "tts_text" in item:
+        return "tts:" + json.dumps({"t": item["tts_text"], "s": item.get("tts")}, sort_keys=True)
+    if item.get("path"):
         try:
             with open(item["path"], "rb") as f:
                 return f"file:{hashlib.file_digest(f, 'sha256').hexdigest()}"
         except OSError:
             return f"path:{item['path']}"  # unreadable: it fails (with its path) when resolved
+    if item.get("recorded") is not None:
+        return f"recorded:{item['recorded']}"
     raise AudioRequestError(f"audio item has none of 'array', 'path', 'recorded', 'tts_text': keys {sorted(item)}")
 
 
