@@ -18,6 +18,22 @@ from lmeval_speech.tasks import prompts
 PAIR = "speech_mmlu_continuation_high_school_geography"
 
 
+def test_the_shuffled_control_never_hears_its_own_words():
+    """A dataset with a repeated question (MMLU college_physics has two): the derangement maps items,
+    not audio, so an item could hear its own question in the "another item's audio" control."""
+    import datasets
+
+    questions = ["What is a?", "What is b?", "What is c?", "What is a?", "What is d?", "What is e?"]
+    assert prompts.derangement(6)[0] == 3  # item 0's source is item 3: the same words
+    docs = prompts.shuffled_question_docs(datasets.Dataset.from_dict({"question": questions}))
+    for i, doc in enumerate(docs):
+        assert doc["control_from"] != i and questions[doc["control_from"]] != questions[i]
+        assert prompts.control_audio(doc) == prompts.question_audio({"question": questions[doc["control_from"]]})
+    assert sorted(docs["control_from"]) == list(range(6))
+    with pytest.raises(ValueError, match="same audio"):
+        prompts.shuffled_question_docs(datasets.Dataset.from_dict({"question": ["Why?"] * 3}))
+
+
 def test_derangement_never_maps_an_item_to_itself():
     for n in range(2, 60):
         perm = prompts.derangement(n)

@@ -135,10 +135,23 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 
 
 def _with_control_audio(dataset: datasets.Dataset, audio_fn) -> datasets.Dataset:
-    """Adds ``control_from`` (the other item's index) and ``control_audio`` (its audio refs, JSON)."""
+    """Adds ``control_from`` (the other item's index) and ``control_audio`` (its audio refs, JSON).
+
+    Another *item* is not always another *audio*: a dataset with a repeated question (MMLU's
+    college_physics has two) would let an item hear its own words. Such a position swaps its source
+    with the first position where both then hear another audio; a task whose items all have one
+    audio has no shuffled control."""
+    own = [json.dumps(audio_fn(dataset[i])) for i in range(len(dataset))]
     perm = derangement(len(dataset))
-    refs = [json.dumps(audio_fn(dataset[j])) for j in perm]
-    return dataset.add_column("control_from", perm).add_column("control_audio", refs)
+    for i in range(len(perm)):
+        if own[perm[i]] != own[i]:
+            continue
+        j = next((j for j in range(len(perm)) if own[perm[j]] != own[i] and own[perm[i]] != own[j]), None)
+        if j is None:
+            raise ValueError("a shuffled-audio control needs items with different audio: every item of this task "
+                             "has the same audio")
+        perm[i], perm[j] = perm[j], perm[i]
+    return dataset.add_column("control_from", perm).add_column("control_audio", [own[j] for j in perm])
 
 
 def shuffled_mmlu_docs(dataset):
