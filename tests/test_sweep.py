@@ -28,6 +28,29 @@ def test_noise_is_mixed_at_the_requested_snr_and_deterministic(kind, target):
     assert not np.array_equal(mixed, mix(clean, spec, "item-2", others))  # each item its own noise
 
 
+def test_babble_noise_of_an_item_does_not_depend_on_the_rest_of_the_run(tiny_qwen2_audio_dir, tmp_path, monkeypatch):
+    """Babble was made of the run's other TTS items: --limit or another task selection changed the
+    noise an item heard at the same seed and SNR (and the manifest named no pool). It is now a fixed
+    set of sentences in the item's voice: the same item, spec and seed give the same samples."""
+    from lmeval_speech.audio import spoken
+    from lmeval_speech.models.lslm import LSLM
+    from lmeval_speech.models.plan import audio_key
+
+    monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "tts"))
+    tts = {"engine": "espeak-ng", "voice": "en-us", "rate": 160}
+    item = spoken("Which river flows through Paris?", **tts)
+    run_a = [spoken(q, **tts) for q in ("Who wrote Hamlet?", "What is two plus two?")]
+    run_b = [spoken(q, **tts) for q in ("Name a prime number.", "Where is Kenya?", "What is water made of?")]
+    heard = []
+    for others in (run_a, run_b):
+        lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", noise="babble", snr_db=0)
+        lm.planner.resolve({audio_key(it): it for it in [item, *others]})
+        heard.append(lm.planner.load(item)[0])
+    np.testing.assert_array_equal(heard[0], heard[1])
+    clean = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu").planner.load(item)[0]
+    assert abs(snr_db(clean, heard[0]) - 0.0) < 0.1
+
+
 def test_noise_needs_an_snr_and_a_known_kind(tiny_qwen2_audio_dir):
     from lmeval_speech.models.lslm import LSLM
 

@@ -2,8 +2,9 @@
 given SNR, deterministically (the same item, spec and seed always give the same samples).
 
 * ``white``: Gaussian samples from a generator seeded by the seed and the item's audio key.
-* ``babble``: the sum of ``BABBLE_TALKERS`` other items' TTS audio from the same run (chosen by the
-  same seeded generator, each looped to the item's length), so nothing is downloaded.
+* ``babble``: the sum of ``BABBLE_TALKERS`` of the ``BABBLE_SENTENCES`` spoken in the item's TTS voice
+  (chosen by the same seeded generator, each looped to the item's length and shifted), so nothing is
+  downloaded and an item's noise does not depend on the other items of the run.
 
 The noise is scaled so that ``10 log10(P_signal / P_noise) = snr_db`` exactly on the mixed clip.
 """
@@ -18,6 +19,26 @@ import numpy as np
 from .prepare import AudioError
 
 BABBLE_TALKERS = 4
+#: What the babble talkers say: plain sentences written for this purpose (no benchmark's questions, so
+#: the background never speaks another item's question or answer).
+BABBLE_SENTENCES = (
+    "The train to the coast leaves every morning at half past seven.",
+    "She painted the kitchen a pale shade of green last summer.",
+    "Our neighbours keep three noisy geese in the garden behind the house.",
+    "He forgot his umbrella on the bus again this week.",
+    "The bakery on the corner sells bread until the early afternoon.",
+    "We walked along the river until the lights came on in town.",
+    "The meeting was moved to Thursday because the room was booked.",
+    "A small boat drifted slowly past the old stone bridge.",
+    "They planted tomatoes, beans and a row of sunflowers in spring.",
+    "The children built a tall tower out of wooden blocks.",
+    "Please remember to close the window before you leave tonight.",
+    "The library will be closed for repairs until the end of the month.",
+    "My brother drives a blue van with a dent in the door.",
+    "The soup needed more salt, so she added a pinch at the end.",
+    "Rain is expected later, with clearer skies by the weekend.",
+    "The old clock in the hall stopped at a quarter to four.",
+)
 KINDS = ("white", "babble")
 
 
@@ -56,7 +77,7 @@ def mix(signal: np.ndarray, spec: NoiseSpec, key: str, others=()) -> np.ndarray:
     else:
         pool = [np.asarray(o, dtype=np.float64) for o in others if len(o)]
         if len(pool) < 1:
-            raise AudioError("babble noise needs other items' audio in the same run")
+            raise AudioError("babble noise needs talkers' audio (noise.BABBLE_SENTENCES)")
         picks = rng.choice(len(pool), size=min(BABBLE_TALKERS, len(pool)), replace=False)
         noise = sum(np.roll(_loop(pool[i], len(signal)), int(rng.integers(0, len(signal)))) for i in picks)
     p_noise = float(np.mean(noise ** 2))

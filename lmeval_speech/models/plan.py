@@ -108,8 +108,7 @@ class Planner:
     def __init__(self, lm):
         self.lm = lm
         self.status: dict[str, AudioStatus] = {}  # audio key -> outcome, for every audio seen
-        self._items, self._decoded = {}, {}  # this run's audio items; decoded babble sources
-        self._babble_keys: list[str] = []  # this run's TTS items' keys, sorted (babble candidates)
+        self._babble: dict[str, list] = {}  # TTS spec -> the babble talkers' clips
 
     # ------------------------------------------------------------------ audio
     def load(self, item: dict, target_rate: int | None = None):
@@ -133,20 +132,20 @@ class Planner:
         return array, {**info, "fixes": list(info.get("fixes", [])) + fixes, "seconds": len(array) / target_rate}
 
     def _babble_pool(self, item: dict, rate: int) -> list:
-        """Other TTS items of this run (up to 16, in a fixed order) for babble noise."""
+        """The babble talkers: ``noise.BABBLE_SENTENCES`` in the item's TTS voice (after the model's
+        overrides; the default voice for recorded audio) at ``rate``. Fixed, so an item's noise does
+        not depend on which other items are in the run."""
         if self.lm.noise.kind != "babble":
             return []
-        from lmeval_speech.audio import resolve_audio
+        from lmeval_speech.audio import TTSSpec, get_audio
+        from lmeval_speech.audio.noise import BABBLE_SENTENCES
 
-        me = audio_key(item)
-        pool = []
-        for k in [k for k in self._babble_keys[:17] if k != me][:16]:
-            if k not in self._decoded:
-                self._decoded[k] = resolve_audio(self._items[k], override=self.lm.tts_override or None)[:2]
-            a, r = self._decoded[k]
-            if r == rate:
-                pool.append(a)
-        return pool
+        spec = TTSSpec.from_dict(item.get("tts") if "tts_text" in item else None)
+        spec = spec.with_overrides(**(self.lm.tts_override or {}), sample_rate=rate)
+        key = json.dumps(spec.to_dict(), sort_keys=True)
+        if key not in self._babble:
+            self._babble[key] = [get_audio(text, spec) for text in BABBLE_SENTENCES]
+        return self._babble[key]
 
     def resolve(self, items: dict[str, dict]) -> dict[str, AudioStatus]:
         """Resolve every distinct audio once (synthesizing cache misses) and count its tokens.
@@ -164,10 +163,6 @@ class Planner:
                 f"{type(b).__name__} ({lm.pretrained}) takes no audio; speech tasks need a speech LLM "
                 "(see lmeval_speech.models.backends.SPEECH_BACKENDS)")
         todo = {k: v for k, v in items.items() if k not in self.status}
-        new_tts = [k for k, it in items.items() if k not in self._items and "tts_text" in it]
-        self._items.update(items)
-        if new_tts:  # sorted once per call, not once per item
-            self._babble_keys = sorted(self._babble_keys + new_tts)
         content_dependent = getattr(b, "content_dependent_audio_tokens", False)
         for key, item in tqdm(todo.items(), desc="Preparing audio", disable=len(todo) < 2 or lm.rank != 0):
             try:
