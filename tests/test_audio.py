@@ -363,3 +363,25 @@ def test_an_item_is_keyed_by_the_audio_it_is_resolved_to(tmp_path):
     for item, same in zip(items, alone, strict=True):
         np.testing.assert_array_equal(resolve_audio(item, cache_dir=tmp_path)[0], resolve_audio(same)[0])
         assert audio_key(item) == audio_key(same)
+
+
+def test_a_damaged_cached_recording_or_cache_header_is_caught(tmp_path):
+    """A recording is stored under its SHA-256 but was read back without checking it (a truncated or
+    altered file was heard as the item); a .pcm whose header is JSON but not an object crashed the run
+    (AttributeError) instead of being re-synthesized."""
+    from lmeval_speech.audio import recorded
+    from lmeval_speech.audio.cache import _recorded_path
+
+    sine = (0.3 * np.sin(np.arange(16000) / 10)).astype(np.float32)
+    ref = recorded(sine, 16000, cache_dir=tmp_path)
+    path = _recorded_path(ref["recorded"], tmp_path)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])  # a valid WAV header, half the samples
+    with pytest.raises(AudioError, match="does not match its SHA-256"):
+        resolve_audio(ref, cache_dir=tmp_path)
+    spec = TTSSpec()
+    get_audio(SENTENCE, spec, cache_dir=tmp_path)
+    (pcm,) = [p for p in cache_files(tmp_path)]
+    pcm.write_bytes(b"[1, 2]\n" + pcm.read_bytes().partition(b"\n")[2])
+    audio = get_audio(SENTENCE, spec, cache_dir=tmp_path)  # re-synthesized, not a crash
+    assert audio.size > 1000 and cache_files(tmp_path) == [pcm]

@@ -119,8 +119,8 @@ class AudioCache:
                 raise ValueError(f"{meta['sample_rate']} Hz, expected {spec.sample_rate}")
             if len(body) != 2 * meta["frames"] or zlib.crc32(body) != meta["crc32"]:
                 raise ValueError("length or checksum mismatch")
-        except (ValueError, KeyError, TypeError) as err:  # json errors are ValueErrors
-            cls._corrupt(path, err)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # json errors are ValueErrors;
+            cls._corrupt(path, err)  # a header that is JSON but not an object has no .get
             return None
         return np.frombuffer(body, dtype="<i2").astype(np.int16)
 
@@ -230,10 +230,17 @@ def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_d
                                          "tts": spec.to_dict(), "fixes": []}
     elif item.get("path") is not None or item.get("recorded") is not None:
         path = item.get("path") or _recorded_path(item["recorded"], cache_dir)
+        what = "audio file" if item.get("path") else "recording"
         try:
-            array, rate = sf.read(path, dtype="float32")
+            if item.get("path"):
+                array, rate = sf.read(path, dtype="float32")
+            else:  # content-addressed: the bytes must still be the ones the name promises
+                blob = Path(path).read_bytes()
+                if hashlib.sha256(blob).hexdigest() != item["recorded"]:
+                    raise AudioError(f"recording {path} does not match its SHA-256 (altered or truncated in the "
+                                     "cache): rebuild the task's requests to store it again")
+                array, rate = sf.read(io.BytesIO(blob), dtype="float32")
         except (RuntimeError, OSError, sf.LibsndfileError) as err:
-            what = "recording" if item.get("recorded") else "audio file"
             raise AudioError(f"cannot read {what} {path}: {err}") from err
         source = "recorded" if item.get("recorded") else "file"
     else:
