@@ -335,6 +335,9 @@ def test_logistic_fit_binary_predictor_matches_log_odds_ratio():
     (point_biserial, [0, 0, 0, 0], [0.1, 0.2, 0.3, 0.4], "binary is constant"),
     (logistic_fit, [1.0, 2.0, 3.0, 4.0], [0, 0, 1, 1], "separates"),
     (logistic_fit, [1.0, 1.0, 1.0, 1.0], [0, 1, 0, 1], "x is constant"),
+    # constant up to rounding (the exact-equality guard let these through: r = 0.48, slope 6.7e11)
+    (point_biserial, [0, 1, 1], [1.0, 1.0, 1.0 + 1e-15], "values is constant"),
+    (linear_fit, [1.0, 1.0, 1.0 + 1e-12, 1.0], [1.0, 2.0, 3.0, 4.0], "x is constant"),
 ])
 def test_degenerate_inputs_give_nan_with_note(fn, x, y, note):
     res = fn(x, y)
