@@ -162,6 +162,30 @@ def test_a_stale_report_in_the_run_folder_is_rebuilt(runs, tmp_path):
     assert load_report(run) == (fresh, run / "report.json")
 
 
+def test_paths_without_monotonicity_are_counted_not_hidden(tmp_path):
+    """A path that maps every word to one speech position has no Spearman rho; it was dropped from
+    the monotonicity mean without a word, so the least order-keeping alignments raised the figure."""
+    writer = CaptureWriter(tmp_path / "cap", meta={"pretrained": "mini", "mode": "tokens", "n_hidden_states": N_STATES,
+                                                   "token_layers": TOKEN_LAYERS})
+    for pair, (text, _) in CORRECT.items():
+        for d in range(len(text)):
+            for modality in ("text", "speech"):
+                flat = modality == "speech" and d % 2 == 0  # even items: one speech state repeated
+                tokens = np.stack([_unit(0)] * 6 if flat else [_unit(j) for j in range(4)])
+                tensors = {"pooled": np.tile(3 * _unit(0), (N_STATES, 1)),
+                           "tokens": np.stack([tokens] * len(TOKEN_LAYERS)).astype(np.float16)}
+                writer.add({"task": f"{pair}_{modality}", "pair": pair, "modality": modality, "doc_id": d,
+                            "n_positions": len(tokens), "token_layers": TOKEN_LAYERS, "audio": None}, tensors)
+    writer.flush()
+    write_run(tmp_path / "run", f"pretrained=mini,capture=tokens,capture_dir={tmp_path / 'cap'}")
+    rep = _report(tmp_path / "run")
+    al = rep["alignment"]
+    flat_items = sum((len(t) + 1) // 2 for t, _ in CORRECT.values())
+    assert al["monotonicity_undefined"] == flat_items * len(TOKEN_LAYERS)
+    assert any(f"{flat_items * len(TOKEN_LAYERS)} of {al['n_items'] * len(TOKEN_LAYERS)} alignment paths" in n
+               for n in rep["notes"])
+
+
 def test_fits_match_numpy(board):
     _, lb = board
     gap = np.array([r["gap"] for r in lb["runs"]])

@@ -356,6 +356,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
     cos, euc, sim_pairs = [], [], []
     aps_layers: dict[int, list[float]] = {}
     missing, no_tokens, non_finite, non_finite_tokens = 0, 0, 0, 0
+    mono_paths, mono_undefined = 0, 0  # alignment paths (item x layer), those with no Spearman rho
     for row in rows:
         it = items_by_pair[row["pair"]]
         rec_s, rec_t = records.get((it["speech_task"], row["doc_id"])), records.get((it["text_task"], row["doc_id"]))
@@ -385,8 +386,14 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
             continue
         res = alignment_path_score(s_layers, t_layers, measure=measure, path=path)
         values["aps"], values["monotonicity"] = res["aps"], _mean_or_none(res["monotonicity"])
+        mono_paths += len(res["monotonicity"])
+        mono_undefined += int(np.count_nonzero(np.isnan(res["monotonicity"])))
         for layer, value in zip(layers, res["per_layer"]):
             aps_layers.setdefault(layer, []).append(float(value))
+    if mono_undefined:
+        notes.append(f"{mono_undefined} of {mono_paths} alignment paths (item x layer) have no monotonicity: every "
+                     "word matched one speech position (or one word): left out of the monotonicity means, which "
+                     "thus overstate order-keeping")
     if missing:
         notes.append(f"{missing} of {len(rows)} paired items lack a captured state for one or both twins "
                      "(capture_limit, an interrupted run, or another task selection): left out of "
@@ -428,7 +435,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
                      "aps_per_layer": [float(np.mean(aps_layers[layer])) for layer in token_layers],
                      "layers": token_layers,
                      "monotonicity": _mean_or_none([r["monotonicity"] for r in aligned]),
-                     "n_items": len(aligned)}
+                     "monotonicity_undefined": mono_undefined, "n_items": len(aligned)}
         if no_tokens:
             notes.append(f"{no_tokens} captured items have no token-level states for both twins "
                          "(capture=pooled or capture_limit): left out of alignment")

@@ -40,7 +40,9 @@ similarity          pooled states, all captured items: layers (hidden-state indi
                     captured states hold NaN/inf; also in notes). null without a capture.
 alignment           token states: measure, path, aps (mean over items of the item APS), aps_per_layer,
                     layers (token-level hidden-state indices), monotonicity (mean over items of
-                    the Spearman rho of the path, averaged over layers), n_items, excluded_non_finite
+                    the Spearman rho of the path, averaged over layers; a path that maps every word
+                    to one speech position has none and is left out: monotonicity_undefined counts
+                    them, and a note says so), n_items, excluded_non_finite
                     (items left out for NaN/inf pooled or token states), and ``item``
                     {pair, doc_id, chosen_by, layer, aps, n_speech, n_text, critical_tokens
                     [{layer, positions (Bottom-3 speech positions, worst first), scores,
