@@ -348,3 +348,10 @@ def test_degenerate_inputs_give_nan_with_note(fn, x, y, note):
 def test_non_finite_pairs_are_dropped():
     res = linear_fit([0.0, 1.0, np.nan, 2.0], [1.0, 3.0, 4.0, 5.0])
     assert res["n"] == 3 and res["slope"] == pytest.approx(2.0)
+
+
+def test_a_nan_p_value_is_printed_as_none_not_as_significant():
+    from lmeval_speech.report.render import fmt_p
+
+    assert fmt_p(float("nan")) == "–" and fmt_p(None) == "–"
+    assert fmt_p(0.5) == "0.5" and fmt_p(1e-6) == "<1e-4"

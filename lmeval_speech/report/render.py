@@ -55,7 +55,9 @@ def fmt(x, digits: int = 3) -> str:
 
 
 def fmt_p(x) -> str:
-    return "–" if x is None else (f"{x:.2g}" if x >= 1e-4 else "<1e-4")
+    if x is None or not math.isfinite(x):  # a NaN p is no evidence, never "<1e-4"
+        return "–"
+    return f"{x:.2g}" if x >= 1e-4 else "<1e-4"
 
 
 def _gap_row(name: str, g: dict) -> str:
