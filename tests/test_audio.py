@@ -376,9 +376,12 @@ def test_a_damaged_cached_recording_or_cache_header_is_caught(tmp_path):
     ref = recorded(sine, 16000, cache_dir=tmp_path)
     path = _recorded_path(ref["recorded"], tmp_path)
     blob = path.read_bytes()
-    path.write_bytes(blob[: len(blob) // 2])  # a valid WAV header, half the samples
-    with pytest.raises(AudioError, match="does not match its SHA-256"):
-        resolve_audio(ref, cache_dir=tmp_path)
+    for damaged in (blob[: len(blob) // 2], blob[:-4] + bytes(4)):  # half the samples; the same size, altered
+        path.write_bytes(damaged)
+        with pytest.raises(AudioError, match="does not match its SHA-256"):
+            resolve_audio(ref, cache_dir=tmp_path)
+        assert recorded(sine, 16000, cache_dir=tmp_path) == ref  # the rerun stores it again ...
+        np.testing.assert_allclose(resolve_audio(ref, cache_dir=tmp_path)[0], sine, atol=1e-7)  # ... intact
     spec = TTSSpec()
     get_audio(SENTENCE, spec, cache_dir=tmp_path)
     (pcm,) = [p for p in cache_files(tmp_path)]

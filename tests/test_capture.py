@@ -202,3 +202,15 @@ def test_a_capture_dir_without_a_record_of_its_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no record of the settings"):
         CaptureWriter(tmp_path, meta={"mode": "pooled"}, conditions={"noise": None})
     assert "conditions" not in CaptureReader(tmp_path).meta or CaptureReader(tmp_path).meta["conditions"] is None
+
+
+def test_a_setting_missing_on_one_side_and_none_on_the_other_is_the_same_setting(tmp_path):
+    """A newer version adds a setting whose default is None: a store made before it holds records of
+    the same effective settings. Both stores agree (the capture dir raised TypeError, the cache accepted)."""
+    from lmeval_speech.capture.store import check_conditions, mismatch
+
+    check_conditions(tmp_path, {"noise": None}, {"noise": None, "new_setting": None}, has_records=True)
+    assert mismatch({"a": 1}, {"a": 1, "b": None}) is None
+    assert mismatch({"a": 1}, {"a": 2, "b": 3}) == ("a=1, b=None", "a=2, b=3")
+    with pytest.raises(ValueError, match="other settings \\(noise=None\\); this run has noise='white'"):
+        check_conditions(tmp_path, {"noise": None}, {"noise": "white"}, has_records=True)

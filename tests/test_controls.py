@@ -30,7 +30,7 @@ def test_the_shuffled_control_never_hears_its_own_words():
         assert doc["control_from"] != i and questions[doc["control_from"]] != questions[i]
         assert prompts.control_audio(doc) == prompts.question_audio({"question": questions[doc["control_from"]]})
     assert sorted(docs["control_from"]) == list(range(6))
-    with pytest.raises(ValueError, match="same audio"):
+    with pytest.raises(ValueError, match="more than half the items"):
         prompts.shuffled_question_docs(datasets.Dataset.from_dict({"question": ["Why?"] * 3}))
 
 
@@ -358,6 +358,40 @@ def test_a_base_run_is_read_under_the_pairs_own_filter_and_0_1_scores(tmp_path):
     rep, _ = report.build_report(report.load_run(lslm), n_boot=200, base=report.load_run(base))
     d = rep["decomposition"]["speech_toy_a"]
     assert d["n"] == 6 and d["forgetting"]["gap"] == pytest.approx(1 / 6)
+    cut = refilter(_hand_run(tmp_path / "cut", {"speech_toy_a_text": ("text", [1, 1, 1, 1, 0, 1])}))
+    for f in cut.rglob("samples_*.jsonl"):  # the base run cut doc 1's prompt (a smaller max_length)
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        rows[1]["audio_truncated"] = "prompt cut: its first 3 of 40 tokens dropped to fit max_length=37"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep, _ = report.build_report(report.load_run(lslm), n_boot=200, base=report.load_run(cut))
+    assert rep["decomposition"]["speech_toy_a"]["n"] == 5
+    assert any("1 items not scored in the --base run" in n and "1 of them failed or cut there" in n for n in rep["notes"])
     half = refilter(_hand_run(tmp_path / "half", {"speech_toy_a_text": ("text", [1] * 6)}), value=0.5)
     with pytest.raises(ValueError, match="not 0/1"):
         report.build_report(report.load_run(lslm), n_boot=200, base=report.load_run(half))
+
+
+def test_a_text_only_models_cascade_transcribes_the_whole_clip(tiny_llama_dir, tiny_qwen2_audio_dir, tmp_path,
+                                                               monkeypatch):
+    """A text LLM + ASR baseline has no speech twin whose audio limit the ASR should match: a 40 s
+    clip is transcribed whole (a speech LLM's cascade hears what its speech twin hears: here 30 s, marked)."""
+    from types import SimpleNamespace
+
+    from lmeval_speech.audio import asr
+    from lmeval_speech.models.lslm import LSLM
+
+    monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "cache"))
+    heard = []
+
+    class Whisper:
+        def transcribe(self, array, **kw):
+            heard.append(len(array))
+            return [SimpleNamespace(text="words")], None
+
+    monkeypatch.setattr(asr, "_model", lambda name: Whisper())
+    clip = {"array": (0.1 * np.sin(np.arange(40 * 16000) / 7)).astype(np.float32), "sampling_rate": 16000}
+    cascade = {"transcribe": clip, "asr": prompts.ASR}
+    text_only = LSLM(pretrained=str(tiny_llama_dir), device="cpu").planner._transcribe(cascade)
+    speech = LSLM(pretrained=str(tiny_qwen2_audio_dir), device="cpu", max_audio_seconds=30).planner._transcribe(cascade)
+    assert heard == [40 * 16000, 30 * 16000]
+    assert not text_only.truncated and speech.truncated.startswith("truncated 40.0s -> 30.0s")

@@ -142,12 +142,16 @@ def test_a_prompt_cut_to_fit_max_length_is_marked_truncated(tiny_llama_dir):
     long_q = "Question: " + " ".join(["the quick brown fox jumps over the lazy dog"] * 6) + "\nAnswer:"
     short, cut = lm.loglikelihood([req("Question: 2 + 2 =", " 4"), req(long_q, " yes")])
     assert not isinstance(short[0], outcomes.Scored) or not short[0].truncated
-    assert isinstance(cut[0], outcomes.Scored) and "prompt cut" in cut[0].truncated and "max_length=24" in cut[0].truncated
+    total = len(lm.tok_encode(long_q + " yes"))
+    assert isinstance(cut[0], outcomes.Scored)
+    assert cut[0].truncated == f"prompt cut: its first {total - 25} of {total} tokens dropped to fit max_length=24"
     gen_kwargs = {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}
     short, cut = lm.generate_until([req("Question: 2 + 2 =", gen_kwargs, kind="generate_until"),
                                     req(long_q, gen_kwargs, kind="generate_until")])
     assert not getattr(short, "truncated", "")
-    assert isinstance(cut, outcomes.ScoredText) and "prompt cut" in cut.truncated
+    total = len(lm.tok_encode(long_q))
+    assert isinstance(cut, outcomes.ScoredText)
+    assert cut.truncated == f"prompt cut: its first {total - (24 - 4)} of {total} tokens dropped to fit max_length=24"
 
 
 def test_a_prompt_whose_text_holds_the_audio_placeholder_fails_its_item(tiny_qwen2_audio_dir):
@@ -162,6 +166,12 @@ def test_a_prompt_whose_text_holds_the_audio_placeholder_fails_its_item(tiny_qwe
                                 req("See <|AUDIO|> here. Question: <audio>\nAnswer:", " Paris", audio)])
     assert not getattr(ok[0], "failed", "")
     assert isinstance(bad[0], outcomes.Scored) and "audio placeholder" in bad[0].failed
+    gen_kwargs = {"until": ["\n"], "max_gen_toks": 3, "do_sample": False}
+    ok, bad = lm.generate_until([req("Question: <audio>\nAnswer:", gen_kwargs, audio, kind="generate_until"),
+                                 req("See <|AUDIO|> here. Question: <audio>\nAnswer:", gen_kwargs, audio,
+                                     kind="generate_until")])  # the run goes on; that item fails
+    assert not getattr(ok, "failed", "")
+    assert isinstance(bad, outcomes.ScoredText) and bad == "" and "audio placeholder" in bad.failed
 
 
 def test_text_model_refuses_audio(tiny_llama_dir):

@@ -59,7 +59,7 @@ def test_noise_needs_an_snr_and_a_known_kind(tiny_qwen2_audio_dir):
     with pytest.raises(ValueError, match="noise must be one of"):
         LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", noise="pink", snr_db=10)
     with pytest.raises(ValueError, match="no slower than 80"):  # espeak-ng would speak it at 80
-        LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", tts_rate=60)
+        LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", tts_engine="espeak-ng", tts_rate=60)
 
 
 def test_sweep_runs_each_condition_and_records_the_noise(tiny_qwen2_audio_dir, tmp_path):

@@ -237,8 +237,9 @@ def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_d
             else:  # content-addressed: the bytes must still be the ones the name promises
                 blob = Path(path).read_bytes()
                 if hashlib.sha256(blob).hexdigest() != item["recorded"]:
+                    Path(path).unlink(missing_ok=True)  # so the next run's recorded() stores it again
                     raise AudioError(f"recording {path} does not match its SHA-256 (altered or truncated in the "
-                                     "cache): rebuild the task's requests to store it again")
+                                     "cache): deleted; a rerun stores it again from the dataset")
                 array, rate = sf.read(io.BytesIO(blob), dtype="float32")
         except (RuntimeError, OSError, sf.LibsndfileError) as err:
             raise AudioError(f"cannot read {what} {path}: {err}") from err

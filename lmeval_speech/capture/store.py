@@ -67,7 +67,10 @@ def check_conditions(root: Path, stored: dict | None, conditions: dict | None, h
     if stored is None:
         raise ValueError(f"capture dir {root} holds states with no record of the settings they were captured "
                          "under (made by an older version): use a new capture_dir")
-    theirs, ours = mismatch(stored, conditions)
+    differ = mismatch(stored, conditions)
+    if differ is None:  # differ only by a key missing on one side and None on the other (a newer setting)
+        return
+    theirs, ours = differ
     raise ValueError(
         f"capture dir {root} holds states captured under other settings ({theirs}); this run has {ours}. "
         "Use a new capture_dir per condition (`lmeval-speech sweep` gives each condition its own).")

@@ -133,7 +133,8 @@ class LSLM(BatchRunner, TemplateLM):
             k: v for k, v in {"engine": tts_engine, "voice": tts_voice,
                               "rate": None if tts_rate is None else int(tts_rate)}.items() if v is not None
         }
-        if self.tts_override.get("rate") is not None:  # an impossible rate stops the run here, not per item
+        if "engine" in self.tts_override and "rate" in self.tts_override:  # an impossible rate stops here
+            # (with the task's own engine unknown until its items are resolved, each item checks it)
             from lmeval_speech.audio import TTSSpec
 
             TTSSpec().with_overrides(**self.tts_override)
@@ -543,16 +544,26 @@ class LSLM(BatchRunner, TemplateLM):
             seqs = []
             for index, context, _, _ in chunk:
                 req, keys, _ = info[index]
-                if keys:
-                    context = self.planner.place_audio(context, len(keys))
-                tokens, spans = self.planner.expand(self.tok_encode(context), keys)
-                cut = max(0, len(tokens) - (self.max_length - max_new))
-                if cut and spans and spans[0][0] < cut:
-                    raise AudioRequestError(f"prompt of {len(tokens)} tokens leaves no room for the audio within max_length")
+                try:
+                    if keys:
+                        context = self.planner.place_audio(context, len(keys))
+                    tokens, spans = self.planner.expand(self.tok_encode(context), keys)
+                    cut = max(0, len(tokens) - (self.max_length - max_new))
+                    if cut and spans and spans[0][0] < cut:
+                        raise AudioRequestError(f"prompt of {len(tokens)} tokens leaves no room for the audio "
+                                                "within max_length")
+                except AudioRequestError as err:  # this item only, as in loglikelihood
+                    if self.fail_fast or not keys:
+                        raise
+                    out[index] = outcomes.ScoredText("", failed=f"AudioRequestError: {err}")
+                    pbar.update(1)
+                    continue
                 if cut:
                     truncated, transcript = info[index][2]
                     info[index] = (req, keys, (self._with_cut(truncated, cut, len(tokens)), transcript))
                 seqs.append(Seq(index, tokens[cut:], [], [(s - cut, k, n) for s, k, n in spans]))
+            if not seqs:
+                continue
             embeds, mask, ids = self._left_padded(seqs, items)
             self._set_modality(seqs)
             stopping = stop_sequences_criteria(self.tokenizer, until, 0, len(seqs))

@@ -111,9 +111,10 @@ class Planner:
         self._babble: dict[str, list] = {}  # TTS spec -> the babble talkers' clips
 
     # ------------------------------------------------------------------ audio
-    def load(self, item: dict, target_rate: int | None = None):
+    def load(self, item: dict, target_rate: int | None = None, limited: bool = True):
         """(array at the backend's rate, notes) for one audio item, after the documented fix-ups: what
-        the speech twin hears, and what a cascade twin's ASR transcribes (``target_rate`` 16 kHz)."""
+        the speech twin hears, and what a cascade twin's ASR transcribes (``target_rate`` 16 kHz).
+        ``limited=False``: no audio limit (a text-only model's cascade has no speech twin to match)."""
         from lmeval_speech.audio import prepare_audio, resolve_audio
 
         lm, b = self.lm, self.lm.backend_impl
@@ -124,8 +125,8 @@ class Planner:
 
             array = mix(array, lm.noise, audio_key(item), self._babble_pool(item, sr))
             info = {**info, "noise": lm.noise.to_dict()}
-        limit = lm.max_audio_seconds if lm.audio_overflow == "truncate" else None
-        if lm.audio_overflow == "error" and len(array) > lm.max_audio_seconds * sr:
+        limit = lm.max_audio_seconds if lm.audio_overflow == "truncate" and limited else None
+        if limited and lm.audio_overflow == "error" and len(array) > lm.max_audio_seconds * sr:
             raise AudioRequestError(f"audio of {len(array) / sr:.1f}s exceeds {lm.max_audio_seconds}s "
                                     "(audio_overflow=error)")
         array, fixes = prepare_audio(array, sr, target_rate=target_rate, max_seconds=limit)
@@ -190,10 +191,11 @@ class Planner:
 
     def _transcribe(self, item: dict) -> AudioStatus:
         """The ASR transcribes what the speech twin hears: the same voice override, noise and audio
-        limit (``load``), at Whisper's 16 kHz."""
+        limit (``load``), at Whisper's 16 kHz; on a text-only model (an ASR + LLM baseline) the
+        whole clip."""
         from lmeval_speech.audio.asr import ASRSpec, transcribe
 
-        array, notes = self.load(item["transcribe"], target_rate=16000)
+        array, notes = self.load(item["transcribe"], target_rate=16000, limited=self.lm.backend_impl.supports_audio)
         text = transcribe(array, audio_key(item["transcribe"]), ASRSpec.from_dict(item.get("asr")))
         truncated = next((f for f in notes["fixes"] if f.startswith("truncated")), "")
         return AudioStatus(truncated=truncated, notes={**notes, "asr": item.get("asr")}, transcript=text)

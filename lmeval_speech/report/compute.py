@@ -23,7 +23,7 @@ from lmeval_speech.metrics import (
     point_biserial,
     similarity_matrix,
 )
-from lmeval_speech.report.runs import PREFERRED_METRICS, control_items, pair_items, run_settings
+from lmeval_speech.report.runs import PREFERRED_METRICS, control_items, logged_flags, pair_items, run_settings
 from lmeval_speech.report.runs import twin_rows as runs_twin_rows
 from lmeval_speech.report.schema import GAP_FIELDS, N_CRITICAL, POOLED, SCHEMA_VERSION
 from lmeval_speech.report.voicebench import paired_results, voicebench_overall
@@ -209,16 +209,19 @@ def _base_text(base: dict | None, pair: str, metric: str, filt: str, doc_ids, ta
         raise ValueError(f"--base run's {task} is not this run's items: doc {differ[0]} target "
                          f"{str(rows[differ[0]].get('target'))!r} there vs {targets[differ[0]]!r} here "
                          f"({len(differ)} docs differ)")
-    out = {}
+    out, cut = {}, []
     for d in doc_ids:
-        if d in rows and metric in rows[d]:
+        if d in rows and any(logged_flags(rows[d])):  # a base run's failed or cut item compares nothing
+            cut.append(d)
+        elif d in rows and metric in rows[d]:
             value = float(rows[d][metric])
             if value not in (0.0, 1.0):
                 raise ValueError(f"--base run's {task}: per-item {metric} of doc {d} is {value}, not 0/1")
             out[d] = value == 1.0
     if missing := [d for d in doc_ids if d not in out]:
         notes.append(f"{pair}: {len(missing)} items not scored in the --base run's {task} are left out of the "
-                     f"decomposition (doc ids {missing[:10]}{' ...' if len(missing) > 10 else ''})")
+                     f"decomposition (doc ids {missing[:10]}{' ...' if len(missing) > 10 else ''}"
+                     f"{f'; {len(cut)} of them failed or cut there' if cut else ''})")
     return out
 
 

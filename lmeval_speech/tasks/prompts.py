@@ -139,8 +139,8 @@ def _with_control_audio(dataset: datasets.Dataset, audio_fn) -> datasets.Dataset
 
     Another *item* is not always another *audio*: a dataset with a repeated question (MMLU's
     college_physics has two) would let an item hear its own words. Such a position swaps its source
-    with the first position where both then hear another audio; a task whose items all have one
-    audio has no shuffled control."""
+    with the first position where both then hear another audio; a task where more than half the items
+    share one audio has no shuffled control (an error)."""
     own = [json.dumps(audio_fn(dataset[i])) for i in range(len(dataset))]
     perm = derangement(len(dataset))
     for i in range(len(perm)):
@@ -148,8 +148,8 @@ def _with_control_audio(dataset: datasets.Dataset, audio_fn) -> datasets.Dataset
             continue
         j = next((j for j in range(len(perm)) if own[perm[j]] != own[i] and own[perm[i]] != own[j]), None)
         if j is None:
-            raise ValueError("a shuffled-audio control needs items with different audio: every item of this task "
-                             "has the same audio")
+            raise ValueError("a shuffled-audio control needs items with different audio: more than half the "
+                             "items of this task share one audio, so some would hear their own")
         perm[i], perm[j] = perm[j], perm[i]
     return dataset.add_column("control_from", perm).add_column("control_audio", [own[j] for j in perm])
 
