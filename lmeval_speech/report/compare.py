@@ -116,26 +116,23 @@ def _is_report(path: Path) -> bool:
 def load_report(arg) -> tuple[dict, Path]:
     """(report dict, its path) for a report.json, a folder with one, or a run dir.
 
-    A run dir's ``gap_report/report.json`` is reused only when it was built from the run's latest
+    A run dir's ``report.json`` or ``gap_report/report.json`` is reused only when it was built from the run's latest
     results file: a report left from an older run in the same folder would describe other numbers.
     Otherwise the report is built in memory; nothing is written into the input folders.
     """
     path = Path(arg)
     if path.is_file() and path.suffix == ".json" and _is_report(path):
         return _read_report(path), path
-    if path.is_dir() and (path / "report.json").is_file():
-        rep = _read_report(path / "report.json")
-        try:  # a report written into the run's own folder (--out RUN_DIR) must be of its latest results
-            latest = find_results_file(path)
-        except FileNotFoundError:  # a folder of reports only
-            return rep, path / "report.json"
-        if Path(rep["run"]["results_file"]).name == latest.name:
-            return rep, path / "report.json"
-        print(f"{path / 'report.json'} was built from {Path(rep['run']['results_file']).name}, not the latest "
-              f"{latest.name}: rebuilding it", file=sys.stderr)
-    results = find_results_file(path)  # raises FileNotFoundError naming what is missing
+    own = path / "report.json" if path.is_dir() and (path / "report.json").is_file() else None
+    try:
+        results = find_results_file(path)  # raises FileNotFoundError naming what is missing
+    except FileNotFoundError:
+        if own is None:
+            raise
+        return _read_report(own), own  # a folder of reports only
     run_dir = path if path.is_dir() else path.parent
-    for candidate in dict.fromkeys([run_dir / "gap_report" / "report.json",
+    # a report written into the run's own folder (--out RUN_DIR) is a candidate like gap_report/'s
+    for candidate in dict.fromkeys([*([own] if own else []), run_dir / "gap_report" / "report.json",
                                     results.parent / "gap_report" / "report.json"]):
         if candidate.is_file():
             rep = _read_report(candidate)
