@@ -361,8 +361,9 @@ def test_an_item_is_keyed_by_the_audio_it_is_resolved_to(tmp_path):
              {**recorded(c, 16000, cache_dir=tmp_path), "path": str(path)}]
     alone = [{"array": a, "sampling_rate": 16000}, {"array": a, "sampling_rate": 16000}, {"path": str(path)}]
     for item, same in zip(items, alone, strict=True):
-        np.testing.assert_array_equal(resolve_audio(item, cache_dir=tmp_path)[0], resolve_audio(same)[0])
-        assert audio_key(item) == audio_key(same)
+        (got, _, info), (want, _, want_info) = resolve_audio(item, cache_dir=tmp_path), resolve_audio(same)
+        np.testing.assert_array_equal(got, want)
+        assert audio_key(item) == audio_key(same) and info["source"] == want_info["source"]
 
 
 def test_a_damaged_cached_recording_or_cache_header_is_caught(tmp_path):

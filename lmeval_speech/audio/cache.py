@@ -202,6 +202,23 @@ def recorded(data, sampling_rate: int | None = None, cache_dir=None) -> dict:
     return {"recorded": digest}
 
 
+def audio_source(item: Mapping) -> str | None:
+    """Which of an audio item's sources is heard: ``silence``, ``array``, ``tts``, ``file`` or
+    ``recorded`` (None: none of them). One order for :func:`resolve_audio` and the content key
+    (``models.plan.audio_key``), so an item with several sources is keyed by the audio it resolves to."""
+    if item.get("silence_like") is not None:
+        return "silence"
+    if item.get("array") is not None:
+        return "array"
+    if "tts_text" in item:
+        return "tts"
+    if item.get("path"):
+        return "file"
+    if item.get("recorded") is not None:
+        return "recorded"
+    return None
+
+
 def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_dir=None
                   ) -> tuple[np.ndarray, int, dict]:
     """Turn any supported audio item into (mono float32, sample_rate, info).
@@ -213,26 +230,27 @@ def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_d
     if isinstance(override, TTSSpec):
         override = override.to_dict()
     override = dict(override or {})
-    if isinstance(item, Mapping) and item.get("silence_like") is not None:  # a prior control
-        audio, rate, info = resolve_audio(item["silence_like"], override, cache_dir)
-        return np.zeros_like(audio), rate, {**info, "source": "silence", "fixes": []}
     if not isinstance(item, Mapping):
         raise AudioError(f"an audio item must be a dict with 'array', 'tts_text' or 'path', got {type(item).__name__}")
-    if item.get("array") is not None:
+    source = audio_source(item)
+    if source == "silence":  # a prior control
+        audio, rate, info = resolve_audio(item["silence_like"], override, cache_dir)
+        return np.zeros_like(audio), rate, {**info, "source": "silence", "fixes": []}
+    if source == "array":
         if "sampling_rate" not in item:
             raise AudioError("audio dict has an 'array' but no 'sampling_rate'")
-        array, rate, source = item["array"], item["sampling_rate"], "array"
-    elif "tts_text" in item:
+        array, rate = item["array"], item["sampling_rate"]
+    elif source == "tts":
         spec = TTSSpec.from_dict(item.get("tts")).with_overrides(**override)
         audio, hit = AudioCache(cache_dir).get(item["tts_text"], spec)
         _check_level(audio, f"{spec.engine} ({spec.voice}) speaking {item['tts_text'][:60]!r}")
         return audio, spec.sample_rate, {"source": "tts", "cache": "hit" if hit else "miss",
                                          "tts": spec.to_dict(), "fixes": []}
-    elif item.get("path") is not None or item.get("recorded") is not None:
-        path = item.get("path") or _recorded_path(item["recorded"], cache_dir)
-        what = "audio file" if item.get("path") else "recording"
+    elif source in ("file", "recorded"):
+        path = item["path"] if source == "file" else _recorded_path(item["recorded"], cache_dir)
+        what = "audio file" if source == "file" else "recording"
         try:
-            if item.get("path"):
+            if source == "file":
                 array, rate = sf.read(path, dtype="float32")
             else:  # content-addressed: the bytes must still be the ones the name promises
                 blob = Path(path).read_bytes()
@@ -243,7 +261,6 @@ def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_d
                 array, rate = sf.read(io.BytesIO(blob), dtype="float32")
         except (RuntimeError, OSError, sf.LibsndfileError) as err:
             raise AudioError(f"cannot read {what} {path}: {err}") from err
-        source = "recorded" if item.get("recorded") else "file"
     else:
         raise AudioError(f"audio dict has none of 'array', 'tts_text', 'path', 'recorded': keys {sorted(item)}")
     target = TTSSpec().with_overrides(**override).sample_rate

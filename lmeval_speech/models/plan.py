@@ -28,27 +28,29 @@ class AudioRequestError(ValueError):
 
 def audio_key(item) -> str:
     """A stable identity for one audio, from its content."""
+    from lmeval_speech.audio.cache import audio_source
+
     if not isinstance(item, dict):
         raise AudioRequestError(f"an audio item must be a dict, got {type(item).__name__}")
-    if item.get("silence_like") is not None:
+    source = audio_source(item)  # resolve_audio's order: an item is keyed by the audio it is resolved to
+    if source == "silence":
         return "silence:" + audio_key(item["silence_like"])
     if item.get("transcribe") is not None:
         return "asr:" + json.dumps([audio_key(item["transcribe"]), item.get("asr")], sort_keys=True)
-    # the sources in resolve_audio's order: an item is keyed by the audio it is resolved to
-    if item.get("array") is not None:
+    if source == "array":
         a = np.ascontiguousarray(item["array"])
         h = hashlib.sha256(f"{a.dtype.str}{a.shape}{item.get('sampling_rate')}".encode())
         h.update(a.tobytes())
         return f"array:{h.hexdigest()}"
-    if "tts_text" in item:
+    if source == "tts":
         return "tts:" + json.dumps({"t": item["tts_text"], "s": item.get("tts")}, sort_keys=True)
-    if item.get("path"):
+    if source == "file":
         try:
             with open(item["path"], "rb") as f:
                 return f"file:{hashlib.file_digest(f, 'sha256').hexdigest()}"
         except OSError:
             return f"path:{item['path']}"  # unreadable: it fails (with its path) when resolved
-    if item.get("recorded") is not None:
+    if source == "recorded":
         return f"recorded:{item['recorded']}"
     raise AudioRequestError(f"audio item has none of 'array', 'path', 'recorded', 'tts_text': keys {sorted(item)}")
 
