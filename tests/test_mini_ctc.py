@@ -154,3 +154,76 @@ def test_new_feature_shards_are_picked_up_after_a_resume_at_any_step(tmp_path):
     train = ShardSet(folder)
     shard("shard00001", ["f g h i j.", "k l m n o."])
     assert len(train) == 1 and train.refresh() == 2 and len(train) == 3
+
+
+def test_training_checkpoint_round_trips_without_pickle(tmp_path):
+    """A checkpoint is one safetensors file with JSON metadata: weights, AdamW moments, both RNG states
+    and the loop's state come back exactly, so a resumed step equals the uninterrupted one."""
+    import random
+
+    from lmeval_speech.mini.train import CKPT_NAME, load_checkpoint, save_checkpoint
+
+    def make():
+        torch.manual_seed(0)
+        proj = tiny_projector()
+        return proj, torch.optim.AdamW(proj.parameters(), lr=1e-2, weight_decay=0.01)
+
+    def step(proj, opt):
+        x = torch.randn(2, 10, 8)  # draws from torch's RNG: a restored RNG must give the same batch
+        loss = proj(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    proj, opt = make()
+    proj.train()
+    rng = random.Random(3)
+    for _ in range(2):
+        step(proj, opt)
+    rng.random()
+    state = {"step": 2, "losses": [1.5, 0.25], "valid": [{"step": 2, "ter": 0.5}]}
+    save_checkpoint(tmp_path, proj, opt, state, rng)
+    assert [p.name for p in tmp_path.iterdir()] == [CKPT_NAME]  # atomic: no temp file left
+    assert (tmp_path / CKPT_NAME).read_bytes()[:2] != b"\x80\x04"  # not a pickle stream
+    step(proj, opt)
+    want_py = rng.random()
+
+    ck = load_checkpoint(tmp_path)
+    proj2, opt2 = make()
+    proj2.train()
+    proj2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["torch_rng"])
+    rng2 = random.Random()
+    rng2.setstate(ck["rng"])
+    assert ck["state"] == state
+    step(proj2, opt2)
+    assert rng2.random() == want_py
+    for (k, a), b in zip(proj.state_dict().items(), proj2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert load_checkpoint(tmp_path / "none") is None
+
+
+class _Hostile:
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # unpickling would create the marker file
+
+
+def test_resume_never_unpickles_an_old_checkpoint(tmp_path):
+    """``train --resume`` ran ``torch.load(weights_only=False)`` on ``ckpt.pt``: a file in the checkpoint
+    folder could run code. The old format is refused with one clear error, and nothing is unpickled."""
+    from lmeval_speech.mini import train
+
+    feats, ck = tmp_path / "features", tmp_path / "ckpt"
+    (feats / "train").mkdir(parents=True)
+    (feats / "valid").mkdir()
+    (feats / "corpus.json").write_text(json.dumps({"sentences": ["A small test sentence here."], "stats": {}}))
+    ck.mkdir()
+    _Hostile.marker = tmp_path / "ran"
+    torch.save({"x": _Hostile()}, ck / "ckpt.pt")
+    with pytest.raises(SystemExit, match="pickle"):
+        train.main(["--resume", "--features", str(feats), "--ckpt-dir", str(ck), "--out", str(tmp_path / "out"),
+                    "--max-steps", "0"])
+    assert not _Hostile.marker.exists()

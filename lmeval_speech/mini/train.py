@@ -17,8 +17,9 @@ spoken by several espeak-ng voices and rates and encoded once by :mod:`lmeval_sp
     nice -n 10 python -m lmeval_speech.mini.features            # background, resumable
     nice -n 10 python -m lmeval_speech.mini.train --minutes 60  # add --resume to continue
 
-Checkpoints (projector + optimizer + step + schedule clock + loss curve) are written atomically
-(temp file in the same folder, fsync, ``os.replace``) every ``--save-minutes`` to ``--ckpt-dir``;
+Checkpoints (projector + optimizer + RNG + step + schedule clock + loss curve; one safetensors file
+with JSON metadata, never a pickle: :func:`save_checkpoint`) are written atomically (temp file in the
+same folder, fsync, ``os.replace``) every ``--save-minutes`` to ``--ckpt-dir``;
 the shippable ``adapter.safetensors`` and ``training.json`` go to ``--out`` at the same time.
 ``--minutes`` is the total budget of the cosine schedule, counted across resumes.
 """
@@ -166,10 +167,66 @@ def token_error_rate(proj, emb, items, tok_targets, batch: int = 16) -> float:
     return errs / max(1, total)
 
 
-def save_adapter(proj, stats: dict, out_dir: Path) -> None:
+CKPT_NAME = "ckpt.safetensors"
+LEGACY_CKPT = "ckpt.pt"
+
+
+def save_checkpoint(ckpt_dir: Path, module, opt, state: dict, rng: random.Random) -> None:
+    """One safetensors file (written atomically): the module's weights, the optimizer's tensors, torch's
+    RNG state, and as JSON metadata the optimizer's param groups, ``state`` and the Python RNG state.
+    Never a pickle: ``--resume`` reads it back without running code from the file."""
+    from safetensors.torch import save
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
+    osd = opt.state_dict()
+    for idx, st in osd["state"].items():
+        for key, val in st.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(val).detach().clone().contiguous()
+    tensors["torch_rng"] = torch.get_rng_state()
+    version, internal, gauss = rng.getstate()
+    meta = {"state": json.dumps(state), "param_groups": json.dumps(osd["param_groups"]),
+            "rng": json.dumps([version, list(internal), gauss])}
+    atomic_write_bytes(Path(ckpt_dir) / CKPT_NAME, lambda fh: fh.write(save(tensors, metadata=meta)))
+
+
+def load_checkpoint(ckpt_dir: Path) -> dict | None:
+    """What :func:`save_checkpoint` wrote (None when there is none): ``model`` and ``optimizer`` state
+    dicts, ``state``, ``rng`` (for ``random.Random.setstate``) and ``torch_rng``. An old pickle
+    checkpoint (``ckpt.pt``) is refused, not loaded: unpickling runs code from the file."""
+    from safetensors import safe_open
+
+    path = Path(ckpt_dir) / CKPT_NAME
+    if not path.exists():
+        if (Path(ckpt_dir) / LEGACY_CKPT).exists():
+            raise SystemExit(f"{Path(ckpt_dir) / LEGACY_CKPT} is a pickle checkpoint of an older version; it is not "
+                             f"loaded (unpickling runs code from the file). Start without --resume, or from the "
+                             f"shipped weights.")
+        return None
+    model, optim = {}, {}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if key.startswith("model."):
+                model[key[len("model."):]] = t
+            elif key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                optim.setdefault(int(idx), {})[name] = t
+            elif key == "torch_rng":
+                torch_rng = t
+    version, internal, gauss = json.loads(meta["rng"])
+    return {"model": model, "optimizer": {"state": optim, "param_groups": json.loads(meta["param_groups"])},
+            "state": json.loads(meta["state"]), "rng": (version, tuple(internal), gauss), "torch_rng": torch_rng}
+
+
+def save_adapter(proj, stats: dict, out_dir: Path, temperature: float | None = None) -> None:
+    """``adapter.safetensors`` (+ ``ctc_temperature`` when given, as :func:`.build.set_adapter_temperature`
+    stores it) and ``training.json`` into ``out_dir``, each written atomically."""
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous() for k, v in proj.state_dict().items()}
+    if temperature is not None:
+        state["ctc_temperature"] = torch.tensor(float(temperature))
     atomic_write_bytes(out_dir / "adapter.safetensors", lambda fh: fh.write(save(state)))
     atomic_write_bytes(out_dir / "training.json", lambda fh: fh.write(json.dumps(stats, indent=1).encode()))
 
@@ -205,10 +262,9 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(smollm2_fp32_dir())
     emb = load_embeddings()
     corpus = json.loads((args.features / "corpus.json").read_text())
-    ckpt_file = args.ckpt_dir / "ckpt.pt"
-    ckpt = torch.load(ckpt_file, weights_only=False) if args.resume and ckpt_file.exists() else None
+    ckpt = load_checkpoint(args.ckpt_dir) if args.resume else None
     if ckpt is not None:
-        vocab = ckpt["vocab_ids"]
+        vocab = ckpt["model"]["vocab_ids"].tolist()
     else:
         from collections import Counter
 
@@ -230,7 +286,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(proj.parameters(), lr=args.lr, weight_decay=0.01)
     state = {"step": 0, "train_seconds": 0.0, "losses": [], "valid": [], "utterances": 0}
     if ckpt is not None:
-        proj.load_state_dict(ckpt["projector"])
+        proj.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
         rng.setstate(ckpt["rng"])
@@ -244,10 +300,8 @@ def main(argv=None):
     print(f"{len(train)} training utterances, {len(valid)} validation, CTC vocabulary {len(vocab)}", flush=True)
 
     def checkpoint():
-        payload = {"projector": proj.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                   "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "vocab_ids": vocab,
-                   "args": {k: str(v) for k, v in vars(args).items()}}
-        atomic_write_bytes(ckpt_file, lambda fh: torch.save(payload, fh))
+        state["args"] = {k: str(v) for k, v in vars(args).items()}
+        save_checkpoint(args.ckpt_dir, proj, opt, state, rng)
         stats = {"summary": summary(), "loss_curve_every50": [round(float(np.mean(state["losses"][i : i + 50])), 4)
                                                               for i in range(0, len(state["losses"]), 50)],
                  "valid_token_error_rate": state["valid"]}
