@@ -218,3 +218,33 @@ def test_an_oracle_leaves_the_prior_controls_unedited(tiny_qwen2_audio_dir):
                   critical="all").loglikelihood(reqs)
     assert abs(edited[0][0] - plain[0][0]) > 1e-4  # the speech twin is edited
     assert edited[1][0] == plain[1][0] and edited[2][0] == plain[2][0]  # text and control are not
+
+
+@pytest.mark.parametrize("controls_first", [False, True])
+def test_a_control_hearing_another_items_audio_never_shares_that_items_edited_pass(tiny_qwen2_audio_dir, controls_first):
+    """Found by a review: sequences with the same prompt and audio shared one forward pass, with the
+    hooks set from the group's first sequence. The shuffled control of item 0 hears item 1's audio
+    under item 1's speech prompt: speech twins first, the control got item 1's oracle edit; controls
+    first, item 1's speech twin was not edited at all (a zero intervention effect, exit code 0)."""
+    qs = ["What is the capital of France?", "What is the capital of Spain?"]
+    audio = [{"audio": [{"array": tone(0.9, seed=5), "sampling_rate": 16000}]},
+             {"audio": [{"array": tone(1.3, 300, seed=7), "sampling_rate": 16000}]}]
+    pairs = []
+    for d in (0, 1):
+        pairs.append(Instance("loglikelihood", {"question": qs[d]}, (SPEECH_CTX, " Paris", audio[d]), 0,
+                              ("speech_mmlu_continuation_geo_speech", d, 1)))
+        pairs.append(Instance("loglikelihood", {"question": qs[d]}, (f"Question: {qs[d]}\nAnswer:", " Paris"), 0,
+                              ("speech_mmlu_continuation_geo_text", d, 1)))
+    controls = [Instance("loglikelihood", {"question": qs[d]}, (SPEECH_CTX, " Paris", audio[1 - d]), 0,
+                         ("speech_mmlu_continuation_geo_shuffled", d, 1)) for d in (0, 1)]
+    reqs = controls + pairs if controls_first else pairs + controls
+    for prefix_cache in (True, False):
+        plain = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", prefix_cache=prefix_cache).loglikelihood(reqs)
+        edited = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", prefix_cache=prefix_cache, intervention="angle",
+                      intervene_layers="1", critical="all").loglikelihood(reqs)
+        role = [r.task_name.rsplit("_", 1)[1] for r in reqs]
+        for name, p, e in zip(role, plain, edited):
+            if name == "speech":
+                assert abs(e[0] - p[0]) > 1e-5, (controls_first, prefix_cache)  # every speech twin is edited
+            else:
+                assert e[0] == p[0], (name, controls_first, prefix_cache)  # text twins and controls never

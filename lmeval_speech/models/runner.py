@@ -99,6 +99,18 @@ class BatchRunner:
                 and iv.spec.mode == "oracle" else None for s in batch]
         return [iv.recording_text(rows)]
 
+    def _intervention_role(self, s: Seq):
+        """What an intervention does to this sequence's pass, as part of the key of the sequences that
+        share one forward pass: the hooks are set from a group's first sequence, so sequences with the
+        same input but different roles must not share it. A shuffled control of item i hears item j's
+        audio under item j's speech prompt: one group would edit the control with j's oracle, or leave
+        j's speech twin unedited (whichever came first)."""
+        if self.intervener is None:
+            return None
+        if s.audio:
+            return ("edit", s.twin_key) if self._edited(s) else ("plain",)
+        return ("text", s.twin_key)
+
     def _edited(self, s: Seq) -> bool:
         """Whether an intervention edits this sequence: every audio row, except, for an oracle, the
         prior controls (another item's audio, silence): the oracle would write this item's own text
@@ -147,7 +159,7 @@ class BatchRunner:
         shared: dict[tuple, list[Seq]] = {}
         for s in seqs:
             key = tuple(self._context(s)) if prefix else tuple(s.tokens)
-            shared.setdefault((key, tuple(s.audio)), []).append(s)
+            shared.setdefault((key, tuple(s.audio), self._intervention_role(s)), []).append(s)
         # lm-eval's Collator orders the groups longest first (so a batch's padding is small and an
         # out-of-memory error comes first) and cuts them into batches
         collator = Collator(list(shared.values()), sort_fn=lambda g: -len(g[0].tokens) - max(len(s.cont) for s in g))
