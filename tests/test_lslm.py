@@ -39,6 +39,53 @@ def test_text_loglikelihood_matches_lm_eval_hf(tiny_llama_dir):
     assert len({round(ll, 3) for ll, _ in got}) == len(got)  # not a constant
 
 
+FAMILY_LOGIT_TRANSFORMS = {  # transformers class names, the config field that transforms the LM head's output
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 2.0, "head_dim": 16}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+}
+
+
+def _tiny_family(tmp_path, tokenizer, family):
+    import transformers
+
+    cfg_name, model_name, extra = FAMILY_LOGIT_TRANSFORMS[family]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    path = tmp_path / family
+    getattr(transformers, model_name)(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_LOGIT_TRANSFORMS))
+def test_text_families_that_transform_their_logits_match_lm_eval_hf(tmp_path, tokenizer, family):
+    """Found by a review: the text path took ``lm_head``'s output as the logits, but Granite divides it
+    by ``logits_scaling``, Gemma 2 soft-caps it and Cohere scales it (tiny Granite: -149.0 vs lm-eval's
+    -10.0). Granite 3.x is granite-speech's natural text baseline."""
+    from lm_eval.models.huggingface import HFLM
+
+    path = _tiny_family(tmp_path, tokenizer, family)
+    reqs = [req(c, x) for c, x in TEXT_PAIRS[:4]]
+    expected = HFLM(pretrained=path, device="cpu", dtype="float32", batch_size=2).loglikelihood(reqs)
+    for prefix_cache in (True, False):
+        got = LSLM(pretrained=path, device="cpu", batch_size=2, prefix_cache=prefix_cache).loglikelihood(reqs)
+        for (e_ll, e_g), (g_ll, g_g) in zip(expected, got, strict=True):
+            assert abs(e_ll - g_ll) < 1e-4 and e_g == g_g, (family, prefix_cache, e_ll, g_ll)
+
+
+def test_a_family_whose_logit_transform_is_unknown_stops_at_load(tmp_path, tokenizer, monkeypatch):
+    from lmeval_speech.models.backends import causal_lm
+
+    path = _tiny_family(tmp_path, tokenizer, "granite")
+    monkeypatch.setattr(causal_lm, "final_logits", lambda config, logits: logits)  # as if Granite were unknown
+    with pytest.raises(ValueError, match="does not reproduce GraniteForCausalLM's own logits"):
+        LSLM(pretrained=path, device="cpu")
+
+
 def test_text_rolling_matches_lm_eval_hf(tiny_llama_dir):
     from lm_eval.models.huggingface import HFLM
 

@@ -118,6 +118,8 @@ class LSLM(BatchRunner, TemplateLM):
         )
         self.backend_impl.model.to(self._device).eval()
         self.tokenizer = self.backend_impl.tokenizer
+        if hasattr(self.backend_impl, "check_logits"):  # text-only families: parity with their own forward
+            self.backend_impl.check_logits()
         self.revision = revision
         bs = str(batch_size)
         self.batch_size_per_gpu = int(max_batch_size or 16) if bs.startswith("auto") else int(bs)
