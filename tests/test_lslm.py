@@ -86,6 +86,36 @@ def test_a_family_whose_logit_transform_is_unknown_stops_at_load(tmp_path, token
         LSLM(pretrained=path, device="cpu")
 
 
+def test_sliding_window_scores_do_not_depend_on_the_batch(tmp_path, tokenizer):
+    """Found by a review: with the prefix cache, a continuation sits at cache index (widest prefix of the
+    batch) + j, and Mistral's sliding-window mask counts cache indices: a short prefix batched with a long
+    one lost tokens inside its real window (-554.36 at batch 2 against lm-eval's -555.80)."""
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                     sliding_window=6, bos_token_id=tokenizer.bos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    path = str(tmp_path / "mistral_sw")
+    transformers.MistralForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    reqs = [req("Question: What is the capital of France?\nAnswer:", " Paris is the capital"),
+            req("the quick", " brown fox jumps over the lazy dog")]
+    expected = HFLM(pretrained=path, device="cpu", dtype="float32", batch_size=1).loglikelihood(reqs)
+    got = LSLM(pretrained=path, device="cpu", batch_size=2).loglikelihood(reqs)
+    for (e_ll, _), (g_ll, _) in zip(expected, got, strict=True):
+        assert abs(e_ll - g_ll) < 1e-3, (e_ll, g_ll)
+
+
+def test_generation_refuses_an_intervention_it_would_not_apply(tiny_qwen2_audio_dir):
+    """Generation installs no intervention hooks: its answers were the unedited model's, recorded as intervened."""
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="angle", intervene_layers="1")
+    with pytest.raises(ValueError, match="log-likelihood scoring only"):
+        lm.generate_until([req("Question: 2 + 2 =", {"until": ["\n"], "max_gen_toks": 3}, kind="generate_until")])
+
+
 def test_text_rolling_matches_lm_eval_hf(tiny_llama_dir):
     from lm_eval.models.huggingface import HFLM
 

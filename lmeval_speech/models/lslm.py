@@ -150,6 +150,13 @@ class LSLM(BatchRunner, TemplateLM):
             self.noise = NoiseSpec(str(noise), float(snr_db), int(noise_seed))
         self.embeddings = SpeechEmbeddings(self.backend_impl, audio_cache_size)
         self.prefix_cache = _as_bool(prefix_cache)
+        window = self._sliding_window()
+        if self.prefix_cache and window:
+            # continuations sit at cache index (widest prefix in the batch) + j, and a sliding-window mask
+            # counts cache indices, not positions: a short prefix batched with a long one would lose
+            # tokens inside its real window (scores changed with batch composition)
+            log.info("prefix_cache off: %s attends through a sliding window of %d tokens", self.pretrained, window)
+            self.prefix_cache = False
         self.planner = Planner(self)
         self.identity = model_identity(self.pretrained, revision, self.backend_impl, self._device)
         self.intervener = None
@@ -349,6 +356,16 @@ class LSLM(BatchRunner, TemplateLM):
     def tokenizer_name(self) -> str:
         return str(getattr(self.tokenizer, "name_or_path", self.pretrained)).replace("/", "__")
 
+    def _sliding_window(self) -> int | None:
+        """The decoder's sliding attention window, when it has one in use (Mistral, Qwen2 with
+        ``use_sliding_window``, Gemma 2/3's local layers)."""
+        config = self.backend_impl.language_model.config
+        config = getattr(config, "text_config", None) or config
+        window = getattr(config, "sliding_window", None)
+        if not window or getattr(config, "use_sliding_window", True) is False:
+            return None
+        return int(window)
+
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         """The template text lm-eval records (and hashes): the processor's when it has one (see
         ``models/chat.py``), else the tokenizer's default or the one named (``--apply_chat_template NAME``)."""
@@ -509,6 +526,10 @@ class LSLM(BatchRunner, TemplateLM):
         strings during generation (lm-eval's stopping criteria); each audio is encoded once."""
         from lm_eval.models.utils_hf import stop_sequences_criteria
 
+        if self.intervener is not None and requests:
+            # generation installs no hooks: its answers would be the unedited model's, recorded as intervened
+            raise ValueError(f"intervention={self.intervener.spec.kind} applies to log-likelihood scoring only; "
+                             f"{requests[0].task_name} is a generation task: run it without intervention=")
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         items, per_request, status = self._plan(requests)
         out: list = [None] * len(requests)
