@@ -1342,3 +1342,65 @@ def test_capture_matches_the_real_models_hidden_states(fixture, request, tmp_pat
 @pytest.mark.parametrize("fixture", sorted(FIRST_FAMILIES))
 def test_interventions_are_exact_and_local_on_the_first_families(fixture, request):
     check_interventions(request.getfixturevalue(fixture))
+
+
+def test_gemma3n_placeholder_whitespace_is_never_scored_as_part_of_a_choice(tiny_gemma3n_dir):
+    """Found by a review: Gemma 3n's audio placeholder ends in "\\n\\n"; with a prompt ending in its audio
+    (speech_openbookqa's speech twin), lm-eval's trailing-whitespace rule moved those tokens into every
+    choice (scored ['\\n', '\\n', ' Paris']), shifting acc_norm and every log-likelihood gap."""
+    lm = LSLM(pretrained=tiny_gemma3n_dir, device="cpu")
+    audio = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
+    reqs = [req(ctx, " Paris", audio) for ctx in ("<audio>", "Question: <audio>")]
+    _, per_request, _ = lm._plan(reqs)
+    for i, r in enumerate(reqs):
+        seq = lm.planner.build(i, r.args[0], r.args[1], per_request[i], r)
+        want = lm.tokenizer.encode(" Paris", add_special_tokens=False)
+        assert seq.cont == want, [lm.tokenizer.decode([t]) for t in seq.cont]
+        assert lm.tokenizer.decode(lm._context(seq)[-3:]).endswith("<end_of_audio>\n\n")  # kept in the context
+
+
+def test_a_tokenizer_without_template_text_still_records_a_chat_template(tiny_voxtral_dir, monkeypatch):
+    """Voxtral's mistral-common tokenizer raises NotImplementedError from ``get_chat_template``; lm-eval's
+    CLI calls ``lm.chat_template(True)`` for every run with --apply_chat_template, which then died."""
+    lm = LSLM(pretrained=tiny_voxtral_dir, device="cpu")
+
+    def no_text(*a, **k):
+        raise NotImplementedError("mistral-common")
+
+    monkeypatch.setattr(lm.tokenizer, "get_chat_template", no_text, raising=False)
+    assert "own chat format" in lm.chat_template(True)
+
+
+CHATML_WITH_DEFAULT_SYSTEM = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("fixture,card", [
+    ("tiny_omni_dir", "You are Qwen, a virtual human developed by the Qwen Team"),
+    ("tiny_granite_dir", "Knowledge Cutoff Date: April 2024.\nToday's Date: April 9, 2025.\nYou are Granite")])
+def test_chat_template_renders_the_model_cards_system_prompt(request, tmp_path, fixture, card):
+    """Found by a review: every system turn was folded into the user turn, so the template's default
+    system prompt always won: Qwen2.5-Omni's cards use "You are Qwen, a virtual human ...", and Granite's
+    template default writes the day of the run (a rerun on another day had another prompt)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path / fixture
+    shutil.copytree(request.getfixturevalue(fixture), path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHATML_WITH_DEFAULT_SYSTEM
+    tok.save_pretrained(path)
+    chat = [{"role": "system", "content": "About geography."}, {"role": "user", "content": "Question: <audio>\nAnswer:"}]
+    lm = LSLM(pretrained=str(path), device="cpu")
+    text = lm.apply_chat_template(chat)
+    assert text.startswith("<|im_start|>system\n" + card) and "You are a helpful assistant." not in text
+    assert "<|im_start|>user\nAbout geography.\n\nQuestion: <audio>\nAnswer:" in text  # the task's turn as before
+    assert lm.identity["system_prompt"].startswith(card)  # recorded with the run
+    plain = LSLM(pretrained=str(path), device="cpu", system_prompt="template")
+    assert plain.apply_chat_template(chat).startswith("<|im_start|>system\nYou are a helpful assistant.")
+    assert "system_prompt" not in plain.identity
+    with pytest.raises(ValueError, match="system_prompt="):
+        LSLM(pretrained=str(path), device="cpu", system_prompt="mine")

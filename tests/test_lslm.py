@@ -413,3 +413,16 @@ def test_speech_embedding_cache_smaller_than_a_batch_or_full_never_loses_a_batch
     small = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3, audio_cache_size=1).loglikelihood(reqs)
     big = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3).loglikelihood(reqs)
     np.testing.assert_allclose([x for x, _ in small], [x for x, _ in big], atol=1e-6)
+
+
+def test_a_speech_prompt_without_a_marker_under_a_chat_template_stops(tiny_qwen2_audio_chat_dir):
+    """Found by a review: without an <audio> marker the audio is put first, which under a chat template
+    is before the template's first turn (``<audio><|im_start|>system...``): a prompt no model is given."""
+    lm = LSLM(pretrained=tiny_qwen2_audio_chat_dir, device="cpu")
+    prompt = lm.apply_chat_template([{"role": "user", "content": "Which city is this?"}])
+    audio = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
+    with pytest.raises(ValueError, match="without an <audio> marker"):
+        lm.loglikelihood([req(prompt, "Paris", audio)])
+    with pytest.raises(ValueError, match="without an <audio> marker"):
+        lm.generate_until([req(prompt, {"until": ["\n"], "max_gen_toks": 2}, audio, kind="generate_until")])
+

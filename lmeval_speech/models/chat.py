@@ -5,9 +5,12 @@
   ``{"type": "audio"}`` item between ``{"type": "text"}`` items, as transformers' processors expect.
   The text twin goes through the same template with the same wrapper around its question.
 * lm-eval sends the task description (and any ``--system_instruction``) as a system turn. It is
-  folded into the start of the first user turn, so every model keeps its own default system prompt
-  (Qwen2-Audio's "You are a helpful assistant.") and models without system prompts (Voxtral's card)
-  get none.
+  folded into the start of the first user turn, so every model keeps its own system prompt: the one
+  its model card's examples use where the backend knows it (``Backend.card_system_prompt``: Qwen2.5-Omni's
+  "You are Qwen, a virtual human ...", Granite Speech's fixed-date Granite prompt, whose template default
+  would write the day of the run), else its template's default (Qwen2-Audio's "You are a helpful
+  assistant."); models without system prompts (Voxtral's card) get none. ``system_prompt=template``
+  (a model arg) keeps the template's default everywhere.
 * What the template renders for an audio (``Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>``) keeps the
   model's own text around it; its placeholder is turned back into the ``<audio>`` marker, so the rest
   of the pipeline (one placeholder per audio, expanded to the encoder's length) is unchanged.
@@ -50,9 +53,13 @@ def template_owner(backend):
     return backend.tokenizer
 
 
-def render(backend, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+def render(backend, chat_history: list[dict], add_generation_prompt: bool = True, system: str | None = None) -> str:
+    """The chat as the model's template renders it; ``system``: a system turn to put first (the model
+    card's own, ``Backend.card_system_prompt``), else the template's default."""
     owner = template_owner(backend)
     messages = fold_system(chat_history)
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     n_audio = sum(m["content"].count(AUDIO_MARKER) for m in messages if isinstance(m["content"], str))
     if owner is not backend.tokenizer:
         messages = [{"role": m["role"], "content": structured(m["content"])} for m in messages]

@@ -99,6 +99,7 @@ class LSLM(BatchRunner, TemplateLM):
         intervention_mode: str = "oracle",
         calibration: str | None = None,
         save_calibration: str | None = None,
+        system_prompt: str = "card",
         **unknown,
     ):
         super().__init__()
@@ -159,6 +160,13 @@ class LSLM(BatchRunner, TemplateLM):
             self.prefix_cache = False
         self.planner = Planner(self)
         self.identity = model_identity(self.pretrained, revision, self.backend_impl, self._device)
+        if system_prompt not in {"card", "template"}:
+            raise ValueError(f"system_prompt={system_prompt!r}: 'card' (the system prompt of the model card's own "
+                             "examples, where the backend knows one) or 'template' (the chat template's default)")
+        # the system turn rendered under --apply_chat_template (None: the template's own default)
+        self.system_prompt = self.backend_impl.card_system_prompt if system_prompt == "card" else None
+        if self.system_prompt is not None:
+            self.identity["system_prompt"] = self.system_prompt
         self.intervener = None
         if intervention not in (None, "", "none"):
             from lmeval_speech.interventions.hooks import InterventionSpec, Intervener
@@ -376,13 +384,18 @@ class LSLM(BatchRunner, TemplateLM):
         owner = template_owner(self.backend_impl)
         if owner is not self.tokenizer and chat_template is True:
             return owner.chat_template
-        return self.tokenizer.get_chat_template(None if chat_template is True else chat_template)
+        try:
+            return self.tokenizer.get_chat_template(None if chat_template is True else chat_template)
+        except NotImplementedError:  # mistral-common (Voxtral) renders its own format and exposes no template text
+            if chat_template is not True:
+                raise
+            return f"{type(self.tokenizer).__name__}: the tokenizer's own chat format (no template text)"
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
         from lmeval_speech.models.chat import render
 
         self._chat_applied = True
-        return render(self.backend_impl, chat_history, add_generation_prompt)
+        return render(self.backend_impl, chat_history, add_generation_prompt, system=self.system_prompt)
 
     def special_token_kwargs(self, string: str, add_special_tokens=None) -> dict:
         """lm-eval ``hf``'s rule for adding BOS (shared by ``tok_encode`` and the span offsets)."""

@@ -208,6 +208,9 @@ class Planner:
         b = self.lm.backend_impl
         found = context.count(AUDIO_MARKER)
         if found == 0:
+            if self.lm._chat_applied:
+                raise ValueError("a speech prompt without an <audio> marker under --apply_chat_template: the audio "
+                                 "would go before the template's first turn; put <audio> in the task's doc_to_text")
             return b.audio_placeholder * n_audio + context
         if found != n_audio:
             raise AudioRequestError(f"prompt has {found} {AUDIO_MARKER} markers but the request carries {n_audio} "
@@ -244,8 +247,16 @@ class Planner:
                 context = context.replace(AUDIO_MARKER, self.status[k].transcript, 1)
             keys = []
         if keys:
+            # lm-eval's rule moves the context's trailing whitespace into the continuation; it applies to
+            # the prompt's own text, never to the placeholder's (Gemma 3n's ends in "\n\n": every choice
+            # would be scored with those tokens in front)
+            n_spaces = len(context) - len(context.rstrip())
+            if n_spaces:
+                context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
             context = self.place_audio(context, len(keys))
-        if context == "":
+            ctx_enc = lm.tok_encode(context)
+            cont_enc = lm.tok_encode(context + continuation)[len(ctx_enc):]
+        elif context == "":
             cont_enc = lm.tok_encode(continuation, add_special_tokens=False)
             if not cont_enc or lm.prefix_token_id != cont_enc[0]:
                 ctx_enc = [lm.prefix_token_id]

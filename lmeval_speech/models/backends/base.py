@@ -61,6 +61,9 @@ class Backend:
     #: tests/test_prefix_cache.py); a backend that is not tested that way sets False.
     supports_prefix_cache: ClassVar[bool] = True
 
+    #: The system prompt of the model card's own examples, rendered under ``--apply_chat_template``
+    #: (``None``: the chat template's default); see ``models/chat.py``.
+    card_system_prompt: ClassVar[str | None] = None
     #: Text a processor's chat template writes for one audio, when it is not ``audio_placeholder``.
     chat_audio_token: ClassVar[str | None] = None
     #: Decoder layers output several streams ``[S, B, T, D]`` (Gemma 3n's AltUp): the one that is the layer's

@@ -97,6 +97,10 @@ class _RealGraniteFeatures:
 
 class GraniteSpeechBackend(ComposedSpeechBackend):
     audio_placeholder = "<|audio|>"
+    # the granite-speech-3.3 cards' system turn, date included: the Granite template's own default writes
+    # the day of the run ("Today's Date: " + strftime_now), so a rerun on another day had another prompt
+    card_system_prompt = ("Knowledge Cutoff Date: April 2024.\nToday's Date: April 9, 2025.\n"
+                          "You are Granite, developed by IBM. You are a helpful AI assistant")
     max_audio_seconds = 600.0
     modality_dependent = True
 

@@ -28,6 +28,9 @@ from .base import ComposedSpeechBackend, MRopeBackend, WhisperStyleBackend
 
 class Qwen25OmniThinkerBackend(MRopeBackend, WhisperStyleBackend, ComposedSpeechBackend):
     audio_placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    # every example of the Qwen2.5-Omni-7B / -3B cards (and lmms-eval's default for the family)
+    card_system_prompt = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
+                          "perceiving auditory and visual inputs, as well as generating text and speech.")
 
     def __init__(self, model, tokenizer, processor=None):
         super().__init__(model, tokenizer, processor)
