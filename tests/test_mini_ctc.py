@@ -12,11 +12,11 @@ from transformers import LlamaConfig, WhisperConfig
 from lmeval_speech.mini.modeling import MiniCTCProjector, MiniLSLMConfig
 
 
-def tiny_projector(vocab=(3, 5, 7)):
+def tiny_projector(vocab=(3, 5, 7), residual=False):
     cfg = MiniLSLMConfig(audio_config=WhisperConfig(d_model=8, encoder_layers=1, encoder_attention_heads=2),
                          text_config=LlamaConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
                                                  intermediate_size=32, vocab_size=10),
-                         adapter_type="ctc", ctc_layers=1, ctc_vocab_size=len(vocab))
+                         adapter_type="ctc", ctc_layers=1, ctc_vocab_size=len(vocab), ctc_residual=residual)
     proj = MiniCTCProjector(cfg).eval()
     proj.vocab_ids.copy_(torch.tensor(vocab))
     return proj
@@ -34,6 +34,28 @@ def test_speech_embeddings_drop_blanks_and_merge_repeats(monkeypatch):
     out = proj.speech_embeddings(torch.zeros(8, 16), emb)
     assert out.shape == (3, 16)
     torch.testing.assert_close(out, emb[[3, 3, 7]], atol=1e-4, rtol=1e-4)
+
+
+def test_residual_adds_its_map_of_the_frames_mean_to_each_merged_position(monkeypatch):
+    """Stage 2's residual: position k gets residual(mean of the adapter outputs of the frames merged into
+    it); zero weights give exactly the stage-1 embeddings."""
+    proj = tiny_projector(residual=True)
+    emb = torch.randn(10, 16)
+    best = [3, 0, 0, 3, 0, 2, 2, 3]  # -> tok0 (frames 1, 2) | tok0 (frame 4) | tok2 (frames 5, 6)
+    logits = torch.full((8, 4), -20.0)
+    for i, b in enumerate(best):
+        logits[i, b] = 5.0
+    monkeypatch.setattr(proj, "ctc_logits", lambda h, e: logits)
+    h = torch.randn(8, 16)
+    torch.nn.init.zeros_(proj.residual.weight)
+    torch.nn.init.zeros_(proj.residual.bias)
+    torch.testing.assert_close(proj.speech_embeddings(h, emb), emb[[3, 3, 7]], atol=1e-4, rtol=1e-4)
+    torch.nn.init.normal_(proj.residual.weight)
+    torch.nn.init.normal_(proj.residual.bias)
+    with torch.no_grad():
+        want = emb[[3, 3, 7]] + proj.residual(torch.stack([h[1:3].mean(0), h[4], h[5:7].mean(0)]))
+        got = proj.speech_embeddings(h, emb)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_speech_embeddings_never_empty(monkeypatch):

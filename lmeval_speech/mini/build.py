@@ -107,7 +107,8 @@ def build_mini(adapter: Path | None = ADAPTER_FILE, seed: int = 0) -> Path:
         if state is not None and "blank.weight" in state:  # the CTC / LegoSLM adapter
             temperature = state.pop("ctc_temperature", torch.ones(())).item()
             kind = {"adapter_type": "ctc", "ctc_vocab_size": int(state["vocab_ids"].numel()), "ctc_temperature": temperature,
-                    "ctc_layers": len({k.split(".")[1] for k in state if k.startswith("layers.")})}
+                    "ctc_layers": len({k.split(".")[1] for k in state if k.startswith("layers.")}),
+                    "ctc_residual": "residual.weight" in state}
         config = MiniLSLMConfig(audio_config=encoder.config, text_config=llm.config, stack=5, audio_token_id=0, **kind)
         torch.manual_seed(seed)
         model = MiniLSLMForConditionalGeneration(config)

@@ -44,7 +44,7 @@ class MiniLSLMConfig(PretrainedConfig):
     sub_configs = {"audio_config": WhisperConfig, "text_config": AutoConfig}
 
     def __init__(self, audio_config=None, text_config=None, stack=5, audio_token_id=0, adapter_type="mlp",
-                 ctc_layers=2, ctc_vocab_size=0, ctc_temperature=1.0, **kwargs):
+                 ctc_layers=2, ctc_vocab_size=0, ctc_temperature=1.0, ctc_residual=False, **kwargs):
         if isinstance(audio_config, dict):
             audio_config = WhisperConfig(**audio_config)
         if isinstance(text_config, dict):
@@ -60,6 +60,9 @@ class MiniLSLMConfig(PretrainedConfig):
         self.ctc_layers = ctc_layers
         self.ctc_vocab_size = ctc_vocab_size
         self.ctc_temperature = ctc_temperature  # posteriors = softmax(logits / T) for the LLM's input
+        # a learned correction added to each posterior-weighted embedding, from the adapter's output
+        # averaged over the same frames (trained by distillation through the LLM, zero at its start)
+        self.ctc_residual = ctc_residual
         super().__init__(**kwargs)
 
 
@@ -104,6 +107,7 @@ class MiniCTCProjector(nn.Module):
         self.norm = nn.LayerNorm(d_text)
         self.linear2 = nn.Linear(d_text, d_text)
         self.blank = nn.Linear(d_text, 1)
+        self.residual = nn.Linear(d_text, d_text) if getattr(config, "ctc_residual", False) else None
         self.register_buffer("vocab_ids", torch.zeros(config.ctc_vocab_size, dtype=torch.long))
         self.temperature = float(getattr(config, "ctc_temperature", 1.0))
         self._vocab_cache: tuple | None = None
@@ -156,7 +160,12 @@ class MiniCTCProjector(nn.Module):
         tok = post[idx, :blank]
         summed = torch.zeros(int(run[-1]) + 1, blank, dtype=tok.dtype).index_add_(0, run, tok)
         probs = summed / summed.sum(-1, keepdim=True)
-        return (probs @ self.vocab_embeddings(emb_weight, torch.float32)).to(emb_weight.dtype)
+        out = probs @ self.vocab_embeddings(emb_weight, torch.float32)
+        if self.residual is not None:  # the adapter's output averaged over each position's frames
+            hs = torch.zeros(out.shape[0], h.shape[-1], dtype=h.dtype).index_add_(0, run, h[idx])
+            counts = torch.bincount(run, minlength=out.shape[0]).to(h.dtype)[:, None]
+            out = out + self.residual(hs / counts).float()
+        return out.to(emb_weight.dtype)
 
 
 class MiniLSLMForConditionalGeneration(PreTrainedModel, GenerationMixin):

@@ -1,0 +1,92 @@
+"""Stage 2 of the mini adapter's training (distillation through the frozen LLM), on the real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def distiller():
+    from transformers import AutoTokenizer
+
+    from lmeval_speech.mini.build import build_mini
+    from lmeval_speech.mini.distill import Distiller
+    from lmeval_speech.mini.modeling import MiniLSLMForConditionalGeneration
+
+    path = build_mini()
+    model = MiniLSLMForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return Distiller(model, AutoTokenizer.from_pretrained(path), k=4)
+
+
+class _Exact:
+    """A stand-in adapter whose 'speech' is the sentence's own token embeddings."""
+
+    def __init__(self, emb, ids):
+        self.emb, self.ids = emb, ids
+
+    def __call__(self, frames):
+        return frames
+
+    def speech_embeddings(self, h, emb_weight):
+        return self.emb[torch.tensor(self.ids)]
+
+
+def test_student_reading_the_exact_tokens_matches_the_teacher(distiller, monkeypatch):
+    """If the 'speech' embeddings are the question's own tokens, the student's input is the teacher's
+    prompt token for token, so its distributions at the continuation positions equal the teacher's
+    (KL ~ 0). A position off by one, a continuation fed unshifted, or the prompt's end misplaced
+    gives KL of nats."""
+    from lmeval_speech.mini.distill import kl
+
+    d = distiller
+    sentence = "The cat sat on the mat."
+    tok_ids = d.tok.encode(" " + sentence, add_special_tokens=False)
+    prompt = d.tok(f"Question: {sentence}\nAnswer:", add_special_tokens=False)["input_ids"]
+    assert prompt[: len(d.before) - 1] + tok_ids + d.after == prompt  # the ' ' token is the sentence's first
+    monkeypatch.setattr(d, "before", d.before[:-1])
+    monkeypatch.setattr(d, "proj", _Exact(d.emb, tok_ids))
+    with torch.no_grad():
+        cont, t_logits = d.teacher([sentence])
+        s_logits, ctc = d.student_logits([torch.zeros(1, 1)], cont, [sentence], 0.0)
+    assert cont.shape == (1, 4) and s_logits.shape == t_logits.shape
+    assert float(kl(t_logits, s_logits)) < 1e-4
+    # and another question read by the student is far from this teacher
+    monkeypatch.setattr(d, "proj", _Exact(d.emb, d.tok.encode(" Why is the sky blue?", add_special_tokens=False)))
+    with torch.no_grad():
+        s_other, _ = d.student_logits([torch.zeros(1, 1)], cont, [sentence], 0.0)
+    assert float(kl(t_logits, s_other)) > 0.1
+
+
+def test_sentences_sharing_an_8gram_with_the_development_set_are_left_out(tmp_path):
+    import json
+
+    from lmeval_speech.mini.distill import load_sentences
+    from lmeval_speech.mini.evaluate import DEV, load_easy
+
+    q = load_easy(DEV)[0]
+    leak = (q["question"] + " " + " ".join(q["options"])).strip()
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text(json.dumps({"sentences": ["A harmless sentence about boats and rivers.", leak], "stats": {}}))
+    assert load_sentences(corpus) == ["A harmless sentence about boats and rivers."]
+
+
+def test_an_adapter_with_a_residual_builds_a_model_that_applies_it(tmp_path):
+    """The shipped file format: ``residual.*`` in the adapter file turns the residual on in the built model."""
+    from safetensors.torch import load_file, save_file
+
+    from lmeval_speech.mini.build import ADAPTER_FILE, build_mini
+    from lmeval_speech.mini.modeling import MiniLSLMForConditionalGeneration
+
+    state = load_file(str(ADAPTER_FILE))
+    g = torch.Generator().manual_seed(0)  # fixed weights: the built model is cached once per machine
+    d = state["linear2.weight"].shape[0]
+    state["residual.weight"] = torch.randn(d, d, generator=g) * 1e-3
+    state["residual.bias"] = torch.randn(d, generator=g) * 1e-3
+    path = tmp_path / "adapter.safetensors"
+    save_file(state, str(path))
+    model = MiniLSLMForConditionalGeneration.from_pretrained(build_mini(path), dtype=torch.float32)
+    proj = model.multi_modal_projector
+    assert model.config.ctc_residual and proj.residual is not None
+    assert torch.equal(proj.residual.weight, state["residual.weight"])
+    assert proj.temperature == pytest.approx(float(state["ctc_temperature"]))
