@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -1404,3 +1405,19 @@ def test_chat_template_renders_the_model_cards_system_prompt(request, tmp_path, 
     assert "system_prompt" not in plain.identity
     with pytest.raises(ValueError, match="system_prompt="):
         LSLM(pretrained=str(path), device="cpu", system_prompt="mine")
+
+
+def test_phi4_with_and_without_its_speech_lora_have_different_identities(tiny_phi4_dir, tmp_path):
+    """Found by a review: a checkpoint without ``speech-lora/`` runs the base model with only a log line,
+    and its runs carried the same model identity as the LoRA's: the report could not tell them apart."""
+    import hashlib
+    import shutil
+
+    bare = tmp_path / "phi4_no_lora"
+    shutil.copytree(tiny_phi4_dir, bare)
+    shutil.rmtree(bare / "speech-lora")
+    with_lora = LSLM(pretrained=tiny_phi4_dir, device="cpu").identity
+    without = LSLM(pretrained=str(bare), device="cpu").identity
+    lora_file = Path(tiny_phi4_dir) / "speech-lora" / "adapter_model.safetensors"
+    assert with_lora["adapter_sha256"] == hashlib.sha256(lora_file.read_bytes()).hexdigest()
+    assert "adapter_sha256" not in without

@@ -97,7 +97,10 @@ class Phi4MultimodalBackend(Backend):
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         processor = SimpleNamespace(tokenizer=tokenizer,
                                     feature_extractor=Phi4MultimodalFeatureExtractor.from_pretrained(path, **kw))
-        return cls(model, tokenizer, processor, has_speech_lora=bool(found))
+        backend = cls(model, tokenizer, processor, has_speech_lora=bool(found))
+        if found:  # hashed into the run's model identity: runs with and without the LoRA never look alike
+            backend.adapter_file = str(Path(found).parent / "adapter_model.safetensors")
+        return backend
 
     @property
     def audio_token_id(self) -> int:
