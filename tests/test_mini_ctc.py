@@ -249,3 +249,23 @@ def test_resume_never_unpickles_an_old_checkpoint(tmp_path):
         train.main(["--resume", "--features", str(feats), "--ckpt-dir", str(ck), "--out", str(tmp_path / "out"),
                     "--max-steps", "0"])
     assert not _Hostile.marker.exists()
+
+
+def test_stage_one_can_start_from_the_shipped_adapter(tmp_path):
+    """A fresh machine has no training checkpoint (it stays on the machine that trained): ``--init``
+    starts from an adapter file's weights and vocabulary; with no step taken, the written adapter is it."""
+    from safetensors.torch import load_file
+
+    from lmeval_speech.mini import train
+    from lmeval_speech.mini.build import ADAPTER_FILE
+
+    feats = tmp_path / "features"
+    (feats / "train").mkdir(parents=True)
+    (feats / "valid").mkdir()
+    (feats / "corpus.json").write_text(json.dumps({"sentences": ["A small test sentence here."], "stats": {}}))
+    out = tmp_path / "out"
+    train.main(["--init", str(ADAPTER_FILE), "--features", str(feats), "--ckpt-dir", str(tmp_path / "ck"),
+                "--out", str(out), "--max-steps", "0"])
+    shipped, written = load_file(str(ADAPTER_FILE)), load_file(str(out / "adapter.safetensors"))
+    shipped.pop("ctc_temperature")
+    assert written.keys() == shipped.keys() and all(torch.equal(written[k], shipped[k]) for k in shipped)

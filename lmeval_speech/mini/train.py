@@ -239,6 +239,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=60.0, help="total training budget (cosine schedule), across resumes")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --ckpt-dir")
+    ap.add_argument("--init", type=Path, default=None, metavar="ADAPTER",
+                    help="start from an adapter file's weights and vocabulary (e.g. the shipped one, on a machine "
+                         "without the checkpoint), with a fresh optimizer and schedule")
     ap.add_argument("--features", type=Path, default=cache_root() / "ctc_features")
     ap.add_argument("--ckpt-dir", type=Path, default=cache_root() / "ctc_train")
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
@@ -263,8 +266,18 @@ def main(argv=None):
     emb = load_embeddings()
     corpus = json.loads((args.features / "corpus.json").read_text())
     ckpt = load_checkpoint(args.ckpt_dir) if args.resume else None
+    init = None
+    if ckpt is None and args.init is not None:
+        from safetensors.torch import load_file
+
+        init = load_file(str(args.init))
+        init.pop("ctc_temperature", None)  # an inference setting, not a weight
+        if any(k.startswith("residual.") for k in init):
+            raise SystemExit(f"{args.init} has a stage-2 residual; stage 1 starts from a stage-1 adapter")
     if ckpt is not None:
         vocab = ckpt["model"]["vocab_ids"].tolist()
+    elif init is not None:
+        vocab = init["vocab_ids"].tolist()
     else:
         from collections import Counter
 
@@ -285,6 +298,9 @@ def main(argv=None):
     proj.vocab_ids.copy_(torch.tensor(vocab))
     opt = torch.optim.AdamW(proj.parameters(), lr=args.lr, weight_decay=0.01)
     state = {"step": 0, "train_seconds": 0.0, "losses": [], "valid": [], "utterances": 0}
+    if init is not None:
+        proj.load_state_dict(init)
+        print(f"initialised from {args.init}", flush=True)
     if ckpt is not None:
         proj.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
