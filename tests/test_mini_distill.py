@@ -90,3 +90,24 @@ def test_an_adapter_with_a_residual_builds_a_model_that_applies_it(tmp_path):
     assert model.config.ctc_residual and proj.residual is not None
     assert torch.equal(proj.residual.weight, state["residual.weight"])
     assert proj.temperature == pytest.approx(float(state["ctc_temperature"]))
+
+
+def test_wordnet_questions_never_ask_for_a_held_out_answer(tmp_path):
+    """Stage 2's spoken questions: a noun that is an option of the easy-question check or its development
+    set is never asked for, nor a definition sharing an 8-gram with the checks or MMLU's test questions."""
+    from lmeval_speech.mini.distill import held_out_words, wordnet_questions
+    from lmeval_speech.mini.evaluate import DEV, load_easy
+
+    assert "zebra" in held_out_words() and "nile" in held_out_words()  # an answer of each set ("The Nile")
+    dev_q = max((r["question"] for r in load_easy(DEV)), key=lambda q: len(q.split())).rstrip("?")
+    assert len(dev_q.split()) >= 8
+    lines = ["00001 03 n 01 zebra 0 000 | any of several fleet black-and-white striped African equines",
+             "00002 03 n 01 catapult 0 000 | a device that launches aircraft from a warship; a sling",
+             "00003 03 n 01 river 0 000 | " + " ".join(["a", "word"] * 2) + " " + dev_q.lower(),
+             "00004 03 n 01 heroine 0 000 | the main good female character in a work of fiction",
+             "  a header line of the file"]
+    data = tmp_path / "data.noun"
+    data.write_text("\n".join(lines) + "\n")
+    qs = wordnet_questions(data)
+    assert len(qs) == 2 and all(q.endswith("?") for q in qs)
+    assert "a device that launches aircraft from a warship?" in qs[0] and "female character" in qs[1]

@@ -67,6 +67,48 @@ def load_sentences(path: Path) -> list[str]:
     return [s for s in sentences if not (ngrams(s) & bad)]
 
 
+QUESTION_FORMS = ("What is {d}?", "What do we call {d}?", "What is the word for {d}?")
+
+
+def held_out_words() -> set[str]:
+    """Every option (lower-cased, a leading "the " dropped) of the easy-question check and its development set."""
+    from .evaluate import DEV, EASY, load_easy
+
+    words = set()
+    for path in (EASY, DEV):
+        for row in load_easy(path):
+            words |= {o.lower().removeprefix("the ").strip() for o in row["options"]}
+    return words
+
+
+def wordnet_questions(path: Path = Path("/usr/share/wordnet/data.noun")) -> list[str]:
+    """Spoken-question training prompts from WordNet 3.0 noun definitions (Debian ``wordnet-base``):
+    "What is a device that launches aircraft from a warship?" (the teacher answers from its own
+    knowledge; no answer is given). Left out: a noun that is an option of the easy-question check or its
+    development set (so the stage never sees those answers asked for), a definition sharing an 8-gram
+    with an MMLU test question or either check (:func:`.corpus.contamination_ngrams` plus the
+    development set's), and definitions with parentheses, non-ASCII or outside 4-16 words."""
+    from .corpus import contamination_ngrams, ngrams
+
+    if not path.exists():
+        return []
+    banned, bad = held_out_words(), contamination_ngrams() | dev_ngrams()
+    out, rng = [], random.Random(0)
+    for line in path.read_text(errors="ignore").splitlines():
+        if line.startswith("  ") or "|" not in line:
+            continue
+        head, gloss = line.split("|", 1)
+        word = head.split()[4].replace("_", " ")
+        definition = gloss.split(";")[0].strip()
+        if "(" in definition or not definition.isascii() or not word.replace(" ", "").isalpha() \
+                or not word.islower() or not 4 <= len(definition.split()) <= 16 or word in banned:
+            continue
+        q = rng.choice(QUESTION_FORMS).format(d=definition)
+        if not (ngrams(q) & bad):
+            out.append(q)
+    return out
+
+
 class Distiller:
     """The frozen model, the trainable adapter, and one utterance -> (student inputs, teacher targets)."""
 
@@ -161,9 +203,11 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     ap.add_argument("--train", choices=["residual", "all"], default="residual",
                     help="what stage 2 trains: the residual correction only (the recognizer stays stage 1's) or the whole adapter")
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--data", choices=["sentences", "qa", "mix"], default="mix",
+                    help="what is spoken: stage 1's sentences, WordNet definition questions, or both")
+    ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--k", type=int, default=6, help="teacher continuation tokens distilled per utterance")
     ap.add_argument("--ctc-weight", type=float, default=0.2, help="with --train all: weight of the stage-1 CTC loss")
@@ -207,11 +251,20 @@ def main(argv=None):
         print(f"resumed at step {state['step']} ({state['train_seconds'] / 60:.1f} min)", flush=True)
     d = Distiller(model, tok, args.k)
 
-    sentences = load_sentences(args.corpus)
-    order0 = list(sentences)
-    random.Random(1234).shuffle(order0)
-    valid_texts, train_texts = order0[:N_VALID], order0[N_VALID:]
-    print(f"{len(train_texts)} training sentences, {len(valid_texts)} held out", flush=True)
+    sentences = load_sentences(args.corpus) if args.data in ("sentences", "mix") else []
+    questions = wordnet_questions() if args.data in ("qa", "mix") else []
+    if args.data != "sentences" and not questions:
+        raise SystemExit("--data qa/mix needs WordNet: apt-get install wordnet-base")
+    valid_texts, train_texts = [], []
+    for pool in (sentences, questions):
+        if pool:
+            pool = list(pool)
+            random.Random(1234).shuffle(pool)
+            k = N_VALID // 2 if args.data == "mix" else N_VALID
+            valid_texts += pool[:k]
+            train_texts += pool[k:]
+    print(f"{len(train_texts)} training prompts ({len(sentences)} sentences, {len(questions)} WordNet questions), "
+          f"{len(valid_texts)} held out", flush=True)
     valid_audio = [render(s, EVAL_SPEC) for s in valid_texts]
 
     @torch.no_grad()
@@ -235,8 +288,8 @@ def main(argv=None):
         stats = {**stage1, "stage2": {"recipe": "distillation through the frozen LLM (KL on teacher continuations) + CTC",
                             "steps": state["step"], "train_minutes": round(state["train_seconds"] / 60, 1),
                             "utterances_seen": state["utterances"], "batch": args.batch, "lr": args.lr, "k": args.k,
-                            "ctc_weight": args.ctc_weight, "trained": args.train, "init": state["init"], "init_sha256": state["init_sha256"],
-                            "training_sentences": len(train_texts), "torch_threads": torch.get_num_threads(),
+                            "ctc_weight": args.ctc_weight, "trained": args.train, "data": args.data, "init": state["init"], "init_sha256": state["init_sha256"],
+                            "training_prompts": len(train_texts), "torch_threads": torch.get_num_threads(),
                             "loss_curve_every10": [round(float(np.mean(state["losses"][i : i + 10])), 4)
                                                    for i in range(0, len(state["losses"]), 10)],
                             "valid_kl": state["valid"]}}
