@@ -1399,10 +1399,10 @@ def test_chat_template_renders_the_model_cards_system_prompt(request, tmp_path, 
     text = lm.apply_chat_template(chat)
     assert text.startswith("<|im_start|>system\n" + card) and "You are a helpful assistant." not in text
     assert "<|im_start|>user\nAbout geography.\n\nQuestion: <audio>\nAnswer:" in text  # the task's turn as before
-    assert lm.identity["system_prompt"].startswith(card)  # recorded with the run
+    assert lm.identity["chat_system_prompt"].startswith(card)  # recorded with the run
     plain = LSLM(pretrained=str(path), device="cpu", system_prompt="template")
     assert plain.apply_chat_template(chat).startswith("<|im_start|>system\nYou are a helpful assistant.")
-    assert "system_prompt" not in plain.identity
+    assert "chat_system_prompt" not in plain.identity
     with pytest.raises(ValueError, match="system_prompt="):
         LSLM(pretrained=str(path), device="cpu", system_prompt="mine")
 

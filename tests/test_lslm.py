@@ -86,7 +86,7 @@ def test_a_family_whose_logit_transform_is_unknown_stops_at_load(tmp_path, token
         LSLM(pretrained=path, device="cpu")
 
 
-def test_sliding_window_scores_do_not_depend_on_the_batch(tmp_path, tokenizer):
+def test_sliding_window_scores_do_not_depend_on_the_batch(tmp_path, tokenizer, tiny_llama_dir):
     """Found by a review: with the prefix cache, a continuation sits at cache index (widest prefix of the
     batch) + j, and Mistral's sliding-window mask counts cache indices: a short prefix batched with a long
     one lost tokens inside its real window (-554.36 at batch 2 against lm-eval's -555.80)."""
@@ -104,9 +104,16 @@ def test_sliding_window_scores_do_not_depend_on_the_batch(tmp_path, tokenizer):
     reqs = [req("Question: What is the capital of France?\nAnswer:", " Paris is the capital"),
             req("the quick", " brown fox jumps over the lazy dog")]
     expected = HFLM(pretrained=path, device="cpu", dtype="float32", batch_size=1).loglikelihood(reqs)
-    got = LSLM(pretrained=path, device="cpu", batch_size=2).loglikelihood(reqs)
+    lm = LSLM(pretrained=path, device="cpu", batch_size=2)
+    got = lm.loglikelihood(reqs)
     for (e_ll, _), (g_ll, _) in zip(expected, got, strict=True):
         assert abs(e_ll - g_ll) < 1e-3, (e_ll, g_ll)
+    assert not lm.prefix_cache
+    # a window wider than any sequence (Phi-3/4 carry 262,144) changes nothing: the prefix cache stays on
+    cfg.sliding_window = 10**6
+    transformers.MistralForCausalLM(cfg).save_pretrained(path)
+    assert LSLM(pretrained=path, device="cpu").prefix_cache
+    assert LSLM(pretrained=tiny_llama_dir, device="cpu").prefix_cache  # no window at all
 
 
 def test_generation_refuses_an_intervention_it_would_not_apply(tiny_qwen2_audio_dir):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .build import ADAPTER_FILE, WEIGHTS_DIR, build_mini, cache_root
+from .build import ADAPTER_FILE, build_mini, cache_root
 from .train import load_checkpoint, save_adapter, save_checkpoint
 
 PROMPT_TEXT = "Question: {q}\nAnswer:"  # as lmeval_speech.mini.evaluate's text twin
@@ -200,7 +200,9 @@ def main(argv=None):
     ap.add_argument("--init", type=Path, default=ADAPTER_FILE, help="stage-1 adapter to start from")
     ap.add_argument("--corpus", type=Path, default=cache_root() / "ctc_features" / "corpus.json")
     ap.add_argument("--ckpt-dir", type=Path, default=cache_root() / "distill")
-    ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where adapter.safetensors + training.json go (default: CKPT_DIR/out; never the shipped "
+                         "weights, which --init reads: copy them there after the development-set choice)")
     ap.add_argument("--train", choices=["residual", "all"], default="residual",
                     help="what stage 2 trains: the residual correction only (the recognizer stays stage 1's) or the whole adapter")
     ap.add_argument("--data", choices=["sentences", "qa", "mix"], default="mix",
@@ -217,6 +219,9 @@ def main(argv=None):
     ap.add_argument("--max-steps", type=int, default=10**9)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    args.out = args.out or args.ckpt_dir / "out"
+    if args.out.resolve() == args.init.resolve().parent:
+        raise SystemExit(f"--out {args.out} holds the --init adapter: stage 2 would overwrite what it starts from")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -310,6 +315,9 @@ def main(argv=None):
             rng.shuffle(order)
         texts, audio = [], []
         while len(texts) < args.batch:
+            if not order:  # a new pass (utterances over 30 s or silent are skipped, so a batch may span two)
+                order = list(range(len(train_texts)))
+                rng.shuffle(order)
             s = train_texts[order.pop()]
             a = render(s, TTSSpec(engine="espeak-ng", voice=rng.choice(VOICES), rate=rng.choice(RATES)))
             if len(a) <= 30 * 16000 and np.abs(a).max() > 0:

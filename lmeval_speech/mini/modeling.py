@@ -158,11 +158,11 @@ class MiniCTCProjector(nn.Module):
         new_run[1:] = (best[idx[1:]] != best[idx[:-1]]) | (idx[1:] != idx[:-1] + 1)
         run = torch.cumsum(new_run.long(), 0) - 1
         tok = post[idx, :blank]
-        summed = torch.zeros(int(run[-1]) + 1, blank, dtype=tok.dtype).index_add_(0, run, tok)
+        summed = torch.zeros(int(run[-1]) + 1, blank, dtype=tok.dtype, device=tok.device).index_add_(0, run, tok)
         probs = summed / summed.sum(-1, keepdim=True)
         out = probs @ self.vocab_embeddings(emb_weight, torch.float32)
         if self.residual is not None:  # the adapter's output averaged over each position's frames
-            hs = torch.zeros(out.shape[0], h.shape[-1], dtype=h.dtype).index_add_(0, run, h[idx])
+            hs = torch.zeros(out.shape[0], h.shape[-1], dtype=h.dtype, device=h.device).index_add_(0, run, h[idx])
             counts = torch.bincount(run, minlength=out.shape[0]).to(h.dtype)[:, None]
             out = out + self.residual(hs / counts).float()
         return out.to(emb_weight.dtype)

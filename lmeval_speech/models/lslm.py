@@ -165,8 +165,8 @@ class LSLM(BatchRunner, TemplateLM):
                              "examples, where the backend knows one) or 'template' (the chat template's default)")
         # the system turn rendered under --apply_chat_template (None: the template's own default)
         self.system_prompt = self.backend_impl.card_system_prompt if system_prompt == "card" else None
-        if self.system_prompt is not None:
-            self.identity["system_prompt"] = self.system_prompt
+        if self.system_prompt is not None:  # what --apply_chat_template puts first (no effect without it)
+            self.identity["chat_system_prompt"] = self.system_prompt
         self.intervener = None
         if intervention not in (None, "", "none"):
             from lmeval_speech.interventions.hooks import InterventionSpec, Intervener
@@ -370,8 +370,8 @@ class LSLM(BatchRunner, TemplateLM):
         config = self.backend_impl.language_model.config
         config = getattr(config, "text_config", None) or config
         window = getattr(config, "sliding_window", None)
-        if not window or getattr(config, "use_sliding_window", True) is False:
-            return None
+        if not window or getattr(config, "use_sliding_window", True) is False or int(window) >= self.max_length:
+            return None  # none, switched off, or wider than any sequence (Phi-3/4's 262,144)
         return int(window)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
@@ -426,7 +426,7 @@ class LSLM(BatchRunner, TemplateLM):
         key_of: dict[int, str] = {}  # the choices of an item share one audio dict: hash its samples once
         for req in requests:
             audio = audio_items(req.args)
-            if audio and req.args[0].count(AUDIO_MARKER) not in (0, len(audio)):
+            if audio and req.args[0].count(AUDIO_MARKER) not in ((len(audio),) if self._chat_applied else (0, len(audio))):
                 self.planner.place_audio(req.args[0], len(audio))  # raises the clear error
             keys = [key_of[id(a)] if id(a) in key_of else key_of.setdefault(id(a), audio_key(a)) for a in audio]
             items.update(zip(keys, audio))

@@ -254,8 +254,11 @@ class Planner:
             if n_spaces:
                 context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
             context = self.place_audio(context, len(keys))
-            ctx_enc = lm.tok_encode(context)
-            cont_enc = lm.tok_encode(context + continuation)[len(ctx_enc):]
+            ctx_enc, whole = lm.tok_encode(context), lm.tok_encode(context + continuation)
+            # whole-then-split, as lm-eval; where the context's last token merges with the continuation
+            # (whitespace on both sides of the cut), the continuation is encoded on its own instead
+            cont_enc = whole[len(ctx_enc):] if whole[: len(ctx_enc)] == ctx_enc \
+                else lm.tok_encode(continuation, add_special_tokens=False)
         elif context == "":
             cont_enc = lm.tok_encode(continuation, add_special_tokens=False)
             if not cont_enc or lm.prefix_token_id != cont_enc[0]:
