@@ -183,7 +183,7 @@ def test_training_checkpoint_round_trips_without_pickle(tmp_path):
     and the loop's state come back exactly, so a resumed step equals the uninterrupted one."""
     import random
 
-    from lmeval_speech.mini.train import CKPT_NAME, load_checkpoint, save_checkpoint
+    from lmeval_speech.mini.train import CKPT_NAME, load_checkpoint, restore_checkpoint, save_checkpoint
 
     def make():
         torch.manual_seed(0)
@@ -213,12 +213,8 @@ def test_training_checkpoint_round_trips_without_pickle(tmp_path):
     ck = load_checkpoint(tmp_path)
     proj2, opt2 = make()
     proj2.train()
-    proj2.load_state_dict(ck["model"])
-    opt2.load_state_dict(ck["optimizer"])
-    torch.set_rng_state(ck["torch_rng"])
     rng2 = random.Random()
-    rng2.setstate(ck["rng"])
-    assert ck["state"] == state
+    assert restore_checkpoint(ck, proj2, opt2, rng2) == state
     step(proj2, opt2)
     assert rng2.random() == want_py
     for (k, a), b in zip(proj.state_dict().items(), proj2.state_dict().values(), strict=True):

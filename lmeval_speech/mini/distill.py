@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .build import ADAPTER_FILE, build_mini, cache_root
-from .train import load_checkpoint, save_adapter, save_checkpoint
+from .train import load_checkpoint, restore_checkpoint, save_adapter, save_checkpoint
 
 PROMPT_TEXT = "Question: {q}\nAnswer:"  # as lmeval_speech.mini.evaluate's text twin
 N_VALID = 64
@@ -179,6 +179,11 @@ class Distiller:
         return self.llm.lm_head(picked).float(), ctc_loss
 
 
+def answer_logp(logits: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
+    """``[B]`` log-probability of each row's continuation tokens ``cont`` [B, k] under ``logits`` [B, k, V]."""
+    return F.log_softmax(logits, -1).gather(-1, cont[..., None]).squeeze(-1).sum(-1)
+
+
 def kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """Mean over rows and positions of KL(teacher || student), full vocabulary, temperature 1."""
     t = F.log_softmax(teacher, -1)
@@ -213,6 +218,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--k", type=int, default=6, help="teacher continuation tokens distilled per utterance")
     ap.add_argument("--ctc-weight", type=float, default=0.2, help="with --train all: weight of the stage-1 CTC loss")
+    ap.add_argument("--contrast", type=float, default=0.0,
+                    help="weight of a contrastive term: softplus(log p(teacher's answer | another item's speech) - "
+                         "log p(it | its own speech)), the negative being the next item of the batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-minutes", type=float, default=3.0)
     ap.add_argument("--eval-every", type=int, default=50)
@@ -248,12 +256,7 @@ def main(argv=None):
     rng = random.Random(args.seed)
     ckpt = load_checkpoint(args.ckpt_dir) if args.resume else None
     if ckpt is not None:
-        proj.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
-        rng.setstate(ckpt["rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        print(f"resumed at step {state['step']} ({state['train_seconds'] / 60:.1f} min)", flush=True)
+        state = restore_checkpoint(ckpt, proj, opt, rng)
     d = Distiller(model, tok, args.k)
 
     sentences = load_sentences(args.corpus) if args.data in ("sentences", "mix") else []
@@ -293,7 +296,7 @@ def main(argv=None):
         stats = {**stage1, "stage2": {"recipe": "distillation through the frozen LLM (KL on teacher continuations) + CTC",
                             "steps": state["step"], "train_minutes": round(state["train_seconds"] / 60, 1),
                             "utterances_seen": state["utterances"], "batch": args.batch, "lr": args.lr, "k": args.k,
-                            "ctc_weight": args.ctc_weight, "trained": args.train, "data": args.data, "init": state["init"], "init_sha256": state["init_sha256"],
+                            "ctc_weight": args.ctc_weight, "trained": args.train, "data": args.data, "contrast": args.contrast, "init": state["init"], "init_sha256": state["init_sha256"],
                             "training_prompts": len(train_texts), "torch_threads": torch.get_num_threads(),
                             "loss_curve_every10": [round(float(np.mean(state["losses"][i : i + 10])), 4)
                                                    for i in range(0, len(state["losses"]), 10)],
@@ -332,6 +335,11 @@ def main(argv=None):
         s_logits, ctc = d.student_logits([d.frames(a) for a in audio], cont, texts, args.ctc_weight)
         loss_kl = kl(t_logits, s_logits)
         loss = loss_kl + args.ctc_weight * ctc
+        if args.contrast:  # the teacher's answer must be likelier after its own question than after the next one's
+            s_other, _ = d.student_logits([d.frames(a) for a in audio[1:] + audio[:1]], cont, texts, 0.0)
+            margin = answer_logp(s_logits, cont) - answer_logp(s_other, cont)
+            loss = loss + args.contrast * F.softplus(-margin).mean()
+            state.setdefault("margins", []).append(float(margin.mean().detach()))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(proj.parameters(), 1.0)
@@ -343,6 +351,7 @@ def main(argv=None):
         state["train_seconds"] += time.time() - t_step
         if state["step"] % 10 == 0:
             print(f"step {state['step']} KL {np.mean(state['losses'][-10:]):.4f} CTC {np.mean(state['ctc'][-10:]):.3f} "
+                  f"margin {np.mean(state.get('margins', [0])[-10:]):.2f} "
                   f"lr {lr:.2e} {state['train_seconds'] / 60:.1f} min", flush=True)
         if state["step"] % args.eval_every == 0:
             v = validate()

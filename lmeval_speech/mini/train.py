@@ -219,6 +219,18 @@ def load_checkpoint(ckpt_dir: Path) -> dict | None:
             "state": json.loads(meta["state"]), "rng": (version, tuple(internal), gauss), "torch_rng": torch_rng}
 
 
+def restore_checkpoint(ckpt: dict, module, opt, rng: random.Random) -> dict:
+    """Put what :func:`load_checkpoint` read back into the module, optimizer and both RNGs; returns the
+    loop's state (step, schedule clock, curves)."""
+    module.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    rng.setstate(ckpt["rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    state = ckpt["state"]
+    print(f"resumed at step {state['step']} ({state['train_seconds'] / 60:.1f} min trained)", flush=True)
+    return state
+
+
 def save_adapter(proj, stats: dict, out_dir: Path, temperature: float | None = None) -> None:
     """``adapter.safetensors`` (+ ``ctc_temperature`` when given, as :func:`.build.set_adapter_temperature`
     stores it) and ``training.json`` into ``out_dir``, each written atomically."""
@@ -302,12 +314,7 @@ def main(argv=None):
         proj.load_state_dict(init)
         print(f"initialised from {args.init}", flush=True)
     if ckpt is not None:
-        proj.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
-        rng.setstate(ckpt["rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        print(f"resumed at step {state['step']} ({state['train_seconds'] / 60:.1f} min trained)", flush=True)
+        state = restore_checkpoint(ckpt, proj, opt, rng)
     proj.train()
 
     train = ShardSet(args.features / "train")
