@@ -227,7 +227,7 @@ def restore_checkpoint(ckpt: dict, module, opt, rng: random.Random) -> dict:
     rng.setstate(ckpt["rng"])
     torch.set_rng_state(ckpt["torch_rng"])
     state = ckpt["state"]
-    print(f"resumed at step {state['step']} ({state['train_seconds'] / 60:.1f} min trained)", flush=True)
+    print(f"resumed at step {state['step']} ({state.get('train_seconds', 0.0) / 60:.1f} min trained)", flush=True)
     return state
 
 
