@@ -433,3 +433,28 @@ def test_a_speech_prompt_without_a_marker_under_a_chat_template_stops(tiny_qwen2
     with pytest.raises(ValueError, match="without an <audio> marker"):
         lm.generate_until([req(prompt, {"until": ["\n"], "max_gen_toks": 2}, audio, kind="generate_until")])
 
+
+
+def test_a_chat_checkpoint_without_its_template_is_warned_about_whatever_its_name(tmp_path, tokenizer, tiny_llama_dir, caplog):
+    """Found by a review: the warning looked for "instruct" in the path, missing Qwen2.5-Omni-7B,
+    Voxtral-Mini-3B-2507, granite-speech-3.3-8b, gemma-3n-E4B-it: a checkpoint that ships a chat template is one."""
+    import logging
+    import shutil
+
+    chat, plain = tmp_path / "some-chat-model", tmp_path / "some-base-model"
+    shutil.copytree(tiny_llama_dir, chat)  # its tokenizer ships a chat template (tests/conftest.py)
+    shutil.copytree(tiny_llama_dir, plain)
+    for f in plain.glob("chat_template*"):
+        f.unlink()
+    tok = type(tokenizer).from_pretrained(plain)
+    tok.chat_template = None
+    tok.save_pretrained(plain)
+    assert not type(tokenizer).from_pretrained(plain).chat_template
+    reqs = [req("Question: 2 + 2 =", " 4")]
+    with caplog.at_level(logging.WARNING, logger="lmeval_speech.models.lslm"):
+        LSLM(pretrained=str(chat), device="cpu").loglikelihood(reqs)
+    assert "evaluated without it" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmeval_speech.models.lslm"):
+        LSLM(pretrained=str(plain), device="cpu").loglikelihood(reqs)  # no template shipped: no warning
+    assert "evaluated without it" not in caplog.text

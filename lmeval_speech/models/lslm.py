@@ -434,11 +434,19 @@ class LSLM(BatchRunner, TemplateLM):
         return items, per_request, self.planner.resolve(items)
 
     def _warn_if_instruct_without_chat_template(self) -> None:
-        if self._chat_applied or self._chat_warned or "instruct" not in self.pretrained.lower():
+        """A chat checkpoint (one that ships a chat template, or is named instruct) run on raw prompts: its
+        authors prompt it through the template. Not for the embedded model, trained on raw prompts."""
+        if self._chat_applied or self._chat_warned or self.pretrained in ("mini", "mini-base"):
+            return
+        try:
+            ships = bool(getattr(self.tokenizer, "chat_template", None))
+        except Exception:  # a tokenizer that exposes no template text (mistral-common) is a chat tokenizer
+            ships = True
+        if not ships and "instruct" not in self.pretrained.lower():
             return
         self._chat_warned = True
-        log.warning("%s is an instruct checkpoint evaluated without its chat template; its authors prompt it "
-                    "through the template: add --apply_chat_template (the gap may otherwise be a prompting "
+        log.warning("%s is a chat checkpoint (it ships a chat template) evaluated without it; its authors prompt "
+                    "it through the template: add --apply_chat_template (the gap may otherwise be a prompting "
                     "artefact)", self.pretrained)
 
     def _with_cut(self, truncated: str, cut: int, total: int) -> str:
