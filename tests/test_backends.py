@@ -356,6 +356,7 @@ def test_a_45_second_clip_is_never_cut(tiny_qwen2_audio_dir, tiny_voxtral_dir, t
         assert all(np.isfinite(r[0]) and not getattr(r[0], "truncated", "") for r in res), path
         (status,) = lm.planner.status.values()
         assert status.notes["seconds"] == 45.0 and not status.truncated
+        assert status.notes.get("encoder_windows") == (2 if path == tiny_qwen2_audio_dir else None)  # recorded per item
         if path == tiny_qwen2_audio_dir:
             assert status.n_tokens == expected == 750 + 375
         elif path == tiny_voxtral_dir:

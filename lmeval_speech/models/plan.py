@@ -184,6 +184,9 @@ class Planner:
                 log.warning("audio not scored (recorded per item): %s", self.status[key].error)
                 continue
             truncated = next((f for f in notes["fixes"] if f.startswith("truncated")), "")
+            windows = len(b._segments(len(array)))
+            if windows > 1:  # encoded as consecutive windows under one placeholder (Qwen2-Audio's card cuts at 30 s)
+                notes = {**notes, "encoder_windows": windows}
             self.status[key] = AudioStatus(n_tokens=n, truncated=truncated, notes=notes)
         bad = [self.status[k].error for k in items if self.status[k].error]
         if items and len(bad) == len(items):
