@@ -214,3 +214,16 @@ def test_a_setting_missing_on_one_side_and_none_on_the_other_is_the_same_setting
     assert mismatch({"a": 1}, {"a": 2, "b": 3}) == ("a=1, b=None", "a=2, b=3")
     with pytest.raises(ValueError, match="other settings \\(noise=None\\); this run has noise='white'"):
         check_conditions(tmp_path, {"noise": None}, {"noise": "white"}, has_records=True)
+
+
+def test_a_tokenizer_without_offsets_stops_capture_with_one_clear_error(tiny_qwen2_audio_dir, tmp_path, monkeypatch):
+    """Voxtral's mistral-common tokenizer (wrapped) cannot be called for offsets: the run died with
+    ``TypeError: '_ControlTokenText' object is not callable`` at the first text twin."""
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", capture="pooled", capture_dir=str(tmp_path / "c"))
+
+    def no_offsets(self, *a, **k):
+        raise TypeError("'_ControlTokenText' object is not callable")
+
+    monkeypatch.setattr(type(lm.tokenizer), "__call__", no_offsets)
+    with pytest.raises(ValueError, match="gives no character offsets"):
+        lm.loglikelihood(mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX, 1))

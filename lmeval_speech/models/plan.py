@@ -303,7 +303,12 @@ class Planner:
                             "template?); its text twin's states are not captured")
             return None
         end = start + len(target)
-        enc = self.lm.tokenizer(stripped, return_offsets_mapping=True, **self.lm.special_token_kwargs(stripped))
+        try:
+            enc = self.lm.tokenizer(stripped, return_offsets_mapping=True, **self.lm.special_token_kwargs(stripped))
+        except (TypeError, NotImplementedError, ValueError) as err:  # e.g. Voxtral's mistral-common tokenizer
+            raise ValueError(f"{type(self.lm.tokenizer).__name__} gives no character offsets, which capture and "
+                             f"oracle interventions need to find the text twin's question tokens "
+                             f"({type(err).__name__}: {err}); run this model without capture= / intervention=") from err
         ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
         if list(ctx_enc) == [self.lm.tokenizer.bos_token_id] + ids:  # a BOS the backend requires (Voxtral)
             ids, offsets = [ctx_enc[0]] + ids, [(0, 0)] + offsets
