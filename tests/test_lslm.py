@@ -109,6 +109,14 @@ def test_sliding_window_scores_do_not_depend_on_the_batch(tmp_path, tokenizer, t
     for (e_ll, _), (g_ll, _) in zip(expected, got, strict=True):
         assert abs(e_ll - g_ll) < 1e-3, (e_ll, g_ll)
     assert not lm.prefix_cache
+    # a window as wide as max_length still drops tokens (a continuation sits up to 2 x max_length cache
+    # slots from its prefix's start): -120.372 against -120.455
+    cfg.sliding_window = 24
+    transformers.MistralForCausalLM(cfg).save_pretrained(path)
+    expected = HFLM(pretrained=path, device="cpu", dtype="float32", batch_size=1, max_length=24).loglikelihood(reqs)
+    got = LSLM(pretrained=path, device="cpu", batch_size=2, max_length=24).loglikelihood(reqs)
+    for (e_ll, _), (g_ll, _) in zip(expected, got, strict=True):
+        assert abs(e_ll - g_ll) < 1e-3, (e_ll, g_ll)
     # a window wider than any sequence (Phi-3/4 carry 262,144) changes nothing: the prefix cache stays on
     cfg.sliding_window = 10**6
     transformers.MistralForCausalLM(cfg).save_pretrained(path)
@@ -430,6 +438,7 @@ def test_a_speech_prompt_without_a_marker_under_a_chat_template_stops(tiny_qwen2
     audio = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
     with pytest.raises(ValueError, match="without an <audio> marker"):
         lm.loglikelihood([req(prompt, "Paris", audio)])
+    assert not lm.planner.status  # stopped before any audio was prepared
     with pytest.raises(ValueError, match="without an <audio> marker"):
         lm.generate_until([req(prompt, {"until": ["\n"], "max_gen_toks": 2}, audio, kind="generate_until")])
 

@@ -265,3 +265,23 @@ def test_stage_one_can_start_from_the_shipped_adapter(tmp_path):
     shipped, written = load_file(str(ADAPTER_FILE)), load_file(str(out / "adapter.safetensors"))
     shipped.pop("ctc_temperature")
     assert written.keys() == shipped.keys() and all(torch.equal(written[k], shipped[k]) for k in shipped)
+
+
+def test_stage_one_never_writes_over_its_init_adapter(tmp_path):
+    """``train --init weights/adapter.safetensors`` with the default ``--out`` (that folder) would rewrite the
+    shipped adapter at the first checkpoint, without its posterior temperature."""
+    from lmeval_speech.mini import train
+    from lmeval_speech.mini.build import ADAPTER_FILE
+
+    before = ADAPTER_FILE.read_bytes()
+    with pytest.raises(SystemExit, match="holds the --init adapter"):
+        train.main(["--init", str(ADAPTER_FILE), "--features", str(tmp_path), "--max-steps", "0"])
+    assert ADAPTER_FILE.read_bytes() == before
+
+
+def test_an_adapter_without_residual_keeps_its_config_and_so_its_model_identity():
+    """The model identity hashes the config: a new always-present key would have changed every existing
+    mini run's identity (its capture dirs and --use_cache databases refused after an upgrade)."""
+    plain = MiniLSLMConfig(adapter_type="ctc").to_dict()
+    assert "ctc_residual" not in plain
+    assert MiniLSLMConfig(adapter_type="ctc", ctc_residual=True).to_dict()["ctc_residual"] is True

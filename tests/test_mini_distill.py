@@ -98,13 +98,14 @@ def test_wordnet_questions_never_ask_for_a_held_out_answer(tmp_path):
     from lmeval_speech.mini.distill import held_out_words, wordnet_questions
     from lmeval_speech.mini.evaluate import DEV, load_easy
 
-    assert "zebra" in held_out_words() and "nile" in held_out_words()  # an answer of each set ("The Nile")
+    assert {"zebra", "nile", "skin"} <= held_out_words()  # answers of each set ("The Nile")
     dev_q = max((r["question"] for r in load_easy(DEV)), key=lambda q: len(q.split())).rstrip("?")
     assert len(dev_q.split()) >= 8
     lines = ["00001 03 n 01 zebra 0 000 | any of several fleet black-and-white striped African equines",
              "00002 03 n 01 catapult 0 000 | a device that launches aircraft from a warship; a sling",
              "00003 03 n 01 river 0 000 | " + " ".join(["a", "word"] * 2) + " " + dev_q.lower(),
              "00004 03 n 01 heroine 0 000 | the main good female character in a work of fiction",
+             "00005 03 n 02 pelt 0 skin 0 000 | body covering of a living animal",  # "skin" is a held-out answer
              "  a header line of the file"]
     data = tmp_path / "data.noun"
     data.write_text("\n".join(lines) + "\n")

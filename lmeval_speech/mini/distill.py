@@ -84,8 +84,8 @@ def held_out_words() -> set[str]:
 def wordnet_questions(path: Path = Path("/usr/share/wordnet/data.noun")) -> list[str]:
     """Spoken-question training prompts from WordNet 3.0 noun definitions (Debian ``wordnet-base``):
     "What is a device that launches aircraft from a warship?" (the teacher answers from its own
-    knowledge; no answer is given). Left out: a noun that is an option of the easy-question check or its
-    development set (so the stage never sees those answers asked for), a definition sharing an 8-gram
+    knowledge; no answer is given). Left out: a synset any of whose nouns is an option of the easy-question
+    check or its development set (so the stage never sees those answers asked for), a definition sharing an 8-gram
     with an MMLU test question or either check (:func:`.corpus.contamination_ngrams` plus the
     development set's), and definitions with parentheses, non-ASCII or outside 4-16 words."""
     from .corpus import contamination_ngrams, ngrams
@@ -98,10 +98,12 @@ def wordnet_questions(path: Path = Path("/usr/share/wordnet/data.noun")) -> list
         if line.startswith("  ") or "|" not in line:
             continue
         head, gloss = line.split("|", 1)
-        word = head.split()[4].replace("_", " ")
+        fields = head.split()
+        lemmas = [fields[4 + 2 * i].replace("_", " ").lower() for i in range(int(fields[3], 16))]
+        word = fields[4].replace("_", " ")
         definition = gloss.split(";")[0].strip()
         if "(" in definition or not definition.isascii() or not word.replace(" ", "").isalpha() \
-                or not word.islower() or not 4 <= len(definition.split()) <= 16 or word in banned:
+                or not word.islower() or not 4 <= len(definition.split()) <= 16 or banned.intersection(lemmas):
             continue
         q = rng.choice(QUESTION_FORMS).format(d=definition)
         if not (ngrams(q) & bad):

@@ -62,7 +62,8 @@ class MiniLSLMConfig(PretrainedConfig):
         self.ctc_temperature = ctc_temperature  # posteriors = softmax(logits / T) for the LLM's input
         # a learned correction added to each posterior-weighted embedding, from the adapter's output
         # averaged over the same frames (trained by distillation through the LLM, zero at its start)
-        self.ctc_residual = ctc_residual
+        if ctc_residual:  # set only when on: configs (and so model identities) of adapters without it are unchanged
+            self.ctc_residual = True
         super().__init__(**kwargs)
 
 

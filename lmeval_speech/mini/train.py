@@ -270,6 +270,9 @@ def main(argv=None):
     ap.add_argument("--bf16", type=int, default=1, help="bfloat16 CTC score products (1) or float32 (0)")
     ap.add_argument("--min-count", type=int, default=1, help="CTC vocabulary: tokens seen at least this often")
     args = ap.parse_args(argv)
+    if args.init is not None and args.out.resolve() == args.init.resolve().parent:
+        raise SystemExit(f"--out {args.out} holds the --init adapter, which the first checkpoint would overwrite "
+                         "(without its posterior temperature): give --out another folder")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)

@@ -370,8 +370,10 @@ class LSLM(BatchRunner, TemplateLM):
         config = self.backend_impl.language_model.config
         config = getattr(config, "text_config", None) or config
         window = getattr(config, "sliding_window", None)
-        if not window or getattr(config, "use_sliding_window", True) is False or int(window) >= self.max_length:
-            return None  # none, switched off, or wider than any sequence (Phi-3/4's 262,144)
+        # a continuation sits at most 2 x max_length cache slots from its prefix's start (prefixes are
+        # right-padded to the batch's widest): a window at least that wide never drops a token (Phi-3/4)
+        if not window or getattr(config, "use_sliding_window", True) is False or int(window) >= 2 * self.max_length:
+            return None
         return int(window)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
@@ -426,7 +428,9 @@ class LSLM(BatchRunner, TemplateLM):
         key_of: dict[int, str] = {}  # the choices of an item share one audio dict: hash its samples once
         for req in requests:
             audio = audio_items(req.args)
-            if audio and req.args[0].count(AUDIO_MARKER) not in ((len(audio),) if self._chat_applied else (0, len(audio))):
+            cascade = any(isinstance(a, dict) and a.get("transcribe") is not None for a in audio)
+            allowed = (len(audio),) if self._chat_applied and not cascade else (0, len(audio))
+            if audio and req.args[0].count(AUDIO_MARKER) not in allowed:
                 self.planner.place_audio(req.args[0], len(audio))  # raises the clear error
             keys = [key_of[id(a)] if id(a) in key_of else key_of.setdefault(id(a), audio_key(a)) for a in audio]
             items.update(zip(keys, audio))
@@ -436,7 +440,10 @@ class LSLM(BatchRunner, TemplateLM):
     def _warn_if_instruct_without_chat_template(self) -> None:
         """A chat checkpoint (one that ships a chat template, or is named instruct) run on raw prompts: its
         authors prompt it through the template. Not for the embedded model, trained on raw prompts."""
-        if self._chat_applied or self._chat_warned or self.pretrained in ("mini", "mini-base"):
+        from lmeval_speech.mini.modeling import MODEL_TYPE
+
+        if self._chat_applied or self._chat_warned or self.pretrained in ("mini", "mini-base") \
+                or self.identity.get("model_type") == MODEL_TYPE:
             return
         try:
             ships = bool(getattr(self.tokenizer, "chat_template", None))
