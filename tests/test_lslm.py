@@ -441,6 +441,11 @@ def test_a_speech_prompt_without_a_marker_under_a_chat_template_stops(tiny_qwen2
     assert not lm.planner.status  # stopped before any audio was prepared
     with pytest.raises(ValueError, match="without an <audio> marker"):
         lm.generate_until([req(prompt, {"until": ["\n"], "max_gen_toks": 2}, audio, kind="generate_until")])
+    # with --cache_requests lm-eval never calls apply_chat_template, only chat_template(True) for its record
+    cached = LSLM(pretrained=tiny_qwen2_audio_chat_dir, device="cpu")
+    cached.chat_template(True)
+    with pytest.raises(ValueError, match="without an <audio> marker"):
+        cached.loglikelihood([req(prompt, "Paris", audio)])
 
 
 

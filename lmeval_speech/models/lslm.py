@@ -381,6 +381,9 @@ class LSLM(BatchRunner, TemplateLM):
         ``models/chat.py``), else the tokenizer's default or the one named (``--apply_chat_template NAME``)."""
         if chat_template is False or chat_template is None:
             return None
+        # lm-eval asks for the template's text whenever --apply_chat_template is given, also when its requests
+        # come from --cache_requests and apply_chat_template itself is never called
+        self._chat_applied = True
         from lmeval_speech.models.chat import template_owner
 
         owner = template_owner(self.backend_impl)
