@@ -112,3 +112,33 @@ def test_wordnet_questions_never_ask_for_a_held_out_answer(tmp_path):
     qs = wordnet_questions(data)
     assert len(qs) == 2 and all(q.endswith("?") for q in qs)
     assert "a device that launches aircraft from a warship?" in qs[0] and "female character" in qs[1]
+
+
+def test_stage_two_runs_checkpoints_and_resumes(tmp_path):
+    """``distill`` end to end on a tiny corpus: step 0 is the shipped model (KL measured), a checkpoint
+    and an adapter with its residual are written, and ``--resume`` continues at the saved step."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lmeval_speech.mini import distill
+    from lmeval_speech.mini.train import load_checkpoint
+
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text(json.dumps({"sentences": ["The river runs to the sea.", "A small boat sails at dawn.",
+                                                "Birds sing in the old oak tree.", "Snow covers the quiet hills."],
+                                  "stats": {}}))
+    args = ["--data", "sentences", "--corpus", str(corpus), "--ckpt-dir", str(tmp_path / "ck"), "--valid", "2",
+            "--batch", "2", "--k", "2", "--eval-every", "1"]
+    distill.main(args + ["--max-steps", "1"])
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck["state"]["step"] == 1 and len(ck["state"]["valid"]) == 2  # step 0 and step 1
+    adapter = load_file(str(tmp_path / "ck" / "out" / "adapter.safetensors"))
+    assert "residual.weight" in adapter and float(adapter["residual.weight"].abs().sum()) > 0
+    distill.main(args + ["--max-steps", "2", "--resume"])
+    assert load_checkpoint(tmp_path / "ck")["state"]["step"] == 2
+    stats = json.loads((tmp_path / "ck" / "out" / "training.json").read_text())
+    from lmeval_speech.mini.build import WEIGHTS_DIR
+
+    stage1 = json.loads((WEIGHTS_DIR / "training.json").read_text())["summary"]
+    assert stats["stage2"]["steps"] == 2 and stats["summary"] == stage1  # stage 1's log kept beside

@@ -223,6 +223,7 @@ def main(argv=None):
     ap.add_argument("--contrast", type=float, default=0.0,
                     help="weight of a contrastive term: softplus(log p(teacher's answer | another item's speech) - "
                          "log p(it | its own speech)), the negative being the next item of the batch")
+    ap.add_argument("--valid", type=int, default=N_VALID, help="held-out prompts (evaluation voice) for the KL curve")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-minutes", type=float, default=3.0)
     ap.add_argument("--eval-every", type=int, default=50)
@@ -270,7 +271,7 @@ def main(argv=None):
         if pool:
             pool = list(pool)
             random.Random(1234).shuffle(pool)
-            k = N_VALID // 2 if args.data == "mix" else N_VALID
+            k = args.valid // 2 if args.data == "mix" else args.valid
             valid_texts += pool[:k]
             train_texts += pool[k:]
     print(f"{len(train_texts)} training prompts ({len(sentences)} sentences, {len(questions)} WordNet questions), "
@@ -281,13 +282,13 @@ def main(argv=None):
     def validate() -> float:
         proj.eval()
         total = 0.0
-        for i in range(0, N_VALID, args.batch):
+        for i in range(0, len(valid_texts), args.batch):
             texts = valid_texts[i : i + args.batch]
             cont, t_logits = d.teacher(texts)
             s_logits, _ = d.student_logits([d.frames(a) for a in valid_audio[i : i + args.batch]], cont, texts, 0.0)
             total += float(kl(t_logits, s_logits)) * len(texts)
         proj.train(args.train == "all")
-        return total / N_VALID
+        return total / len(valid_texts)
 
     init_log = args.init.with_name("training.json")  # stage 1's log, kept beside stage 2's
     stage1 = json.loads(init_log.read_text()) if init_log.exists() else {}
