@@ -183,7 +183,12 @@ def test_training_checkpoint_round_trips_without_pickle(tmp_path):
     and the loop's state come back exactly, so a resumed step equals the uninterrupted one."""
     import random
 
-    from lmeval_speech.mini.train import CKPT_NAME, load_checkpoint, restore_checkpoint, save_checkpoint
+    from lmeval_speech.mini.train import (
+        CKPT_NAME,
+        load_checkpoint,
+        restore_checkpoint,
+        save_checkpoint,
+    )
 
     def make():
         torch.manual_seed(0)

@@ -48,7 +48,7 @@ def test_student_reading_the_exact_tokens_matches_the_teacher(distiller, monkeyp
     monkeypatch.setattr(d, "proj", _Exact(d.emb, tok_ids))
     with torch.no_grad():
         cont, t_logits = d.teacher([sentence])
-        s_logits, ctc = d.student_logits([torch.zeros(1, 1)], cont, [sentence], 0.0)
+        s_logits, _ = d.student_logits([torch.zeros(1, 1)], cont, [sentence], 0.0)
     assert cont.shape == (1, 4) and s_logits.shape == t_logits.shape
     assert float(kl(t_logits, s_logits)) < 1e-4
     # and another question read by the student is far from this teacher

@@ -205,7 +205,7 @@ def load_checkpoint(ckpt_dir: Path) -> dict | None:
     model, optim = {}, {}
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
             t = f.get_tensor(key)
             if key.startswith("model."):
                 model[key[len("model."):]] = t

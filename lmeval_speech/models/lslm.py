@@ -450,7 +450,7 @@ class LSLM(BatchRunner, TemplateLM):
             return
         try:
             ships = bool(getattr(self.tokenizer, "chat_template", None))
-        except Exception:  # a tokenizer that exposes no template text (mistral-common) is a chat tokenizer
+        except (NotImplementedError, AttributeError, TypeError, ValueError):  # no template text (mistral-common): a chat tokenizer
             ships = True
         if not ships and "instruct" not in self.pretrained.lower():
             return
