@@ -120,7 +120,8 @@ def test_easy_questions_are_heard(mini):
     items = load_easy()
     assert len(items) >= 60
     res = three_way(mini, items)
-    # met by the shipped adapter (2026-12-02, 10,257 steps, T = 0.35: +0.250 exactly, CI [+0.14, +0.36]; +5.3 nats)
+    # met by the shipped adapter (2026-12-02, 12,314 steps, T = 0.7: +0.264, CI [+0.17, +0.38], one item above the
+    # line; +5.2 nats; the 10,257-step adapter had +0.250 exactly)
     assert res["speech_minus_shuffled_ci"][0] > 0, res
     assert res["speech_minus_shuffled"] >= EASY_GOALS["speech_minus_shuffled"], res
     assert res["nats_own_minus_other_mean"] >= 1.0, res
@@ -138,8 +139,8 @@ def test_demo_questions_are_heard(mini):
 
     items, groups = demo_items(20)
     res = three_way(mini, items, groups)
-    assert res["nats_own_minus_other_mean"] >= 1.0, res  # met (2026-12-02, shipped adapter: +2.92 nats)
-    # not met yet (measured: speech - shuffled +0.042, CI [-0.03, +0.11]; 73% of items positive)
+    assert res["nats_own_minus_other_mean"] >= 1.0, res  # met (2026-12-02, shipped adapter: +2.89 nats)
+    # not met yet (measured: speech - shuffled +0.017, CI [-0.05, +0.08]; 71% of items positive)
     if res["speech_minus_shuffled_ci"][0] <= 0 or res["nats_share_positive"] < 0.75:
         pytest.xfail(f"issue 13 demo goals not met yet: speech - shuffled CI {res['speech_minus_shuffled_ci']}, "
                      f"{res['nats_share_positive']:.0%} of items with own > other (goal 75%)")
