@@ -237,10 +237,17 @@ def contamination_ngrams() -> set[tuple[str, ...]]:
             for k in ("question", "answer_a", "answer_b", "answer_c", "answer_d"):
                 grams |= ngrams(str(row.get(k, "")))
     if EASY_QUESTIONS.exists():
-        for line in EASY_QUESTIONS.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                grams |= ngrams(row["question"] + " " + " ".join(row["options"]))
+        grams |= question_ngrams(EASY_QUESTIONS)
+    return grams
+
+
+def question_ngrams(path: Path) -> set[tuple[str, ...]]:
+    """8-grams of every question and its options in a JSONL of ``{"question", "options"}`` rows."""
+    grams: set[tuple[str, ...]] = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            grams |= ngrams(row["question"] + " " + " ".join(row["options"]))
     return grams
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -37,20 +36,23 @@ import torch
 import torch.nn.functional as F
 
 from .build import ADAPTER_FILE, build_mini, cache_root
-from .train import load_checkpoint, restore_checkpoint, save_adapter, save_checkpoint
+from .train import (
+    cosine_lr,
+    load_checkpoint,
+    restore_checkpoint,
+    save_adapter,
+    save_checkpoint,
+)
 
 PROMPT_TEXT = "Question: {q}\nAnswer:"  # as lmeval_speech.mini.evaluate's text twin
 N_VALID = 64
 
 
 def dev_ngrams() -> set:
-    from .corpus import ngrams
-    from .evaluate import DEV, load_easy
+    from .corpus import question_ngrams
+    from .evaluate import DEV
 
-    grams = set()
-    for row in load_easy(DEV):
-        grams |= ngrams(row["question"] + " " + " ".join(row["options"]))
-    return grams
+    return question_ngrams(DEV)
 
 
 def load_sentences(path: Path) -> list[str]:
@@ -316,9 +318,6 @@ def main(argv=None):
     order: list[int] = []
     while state["step"] < args.max_steps and state["train_seconds"] < budget:
         t_step = time.time()
-        if len(order) < args.batch:
-            order = list(range(len(train_texts)))
-            rng.shuffle(order)
         texts, audio = [], []
         while len(texts) < args.batch:
             if not order:  # a new pass (utterances over 30 s or silent are skipped, so a batch may span two)
@@ -329,9 +328,7 @@ def main(argv=None):
             if len(a) <= 30 * 16000 and np.abs(a).max() > 0:
                 texts.append(s)
                 audio.append(a)
-        progress = min(1.0, state["train_seconds"] / budget)
-        lr = args.lr * min(1.0, (state["step"] + 1) / args.warmup) * (
-            args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+        lr = cosine_lr(args.lr, state["step"], args.warmup, min(1.0, state["train_seconds"] / budget), args.min_lr_frac)
         for pg in opt.param_groups:
             pg["lr"] = lr
         cont, t_logits = d.teacher(texts)

@@ -106,6 +106,12 @@ class ShardSet:
 REFRESH_EVERY = 200
 
 
+def cosine_lr(peak: float, step: int, warmup: int, progress: float, min_frac: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_frac`` of ``peak`` as ``progress``
+    (the schedule clock's share of the budget, counted across resumes) goes from 0 to 1."""
+    return peak * min(1.0, (step + 1) / warmup) * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def refresh_due(step: int, last_refresh: int) -> bool:
     """Whether to re-scan for new feature shards. Steps advance by a pool's batches (4) per check, so
     ``step % 200 == 0`` never held after a resume at a step not divisible by 4 (session 4 resumed at
@@ -359,9 +365,7 @@ def main(argv=None):
         groups = [pool[i : i + args.batch] for i in range(0, len(pool), args.batch)]
         rng.shuffle(groups)
         for g in groups:
-            progress = min(1.0, state["train_seconds"] / budget)
-            lr = args.lr * min(1.0, (state["step"] + 1) / args.warmup) * (
-                args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+            lr = cosine_lr(args.lr, state["step"], args.warmup, min(1.0, state["train_seconds"] / budget), args.min_lr_frac)
             for pg in opt.param_groups:
                 pg["lr"] = lr
             loss = ctc_batch_loss(proj, vocab_emb, [train.items[i] for i in g], tok_targets)
