@@ -58,6 +58,24 @@ def test_residual_adds_its_map_of_the_frames_mean_to_each_merged_position(monkey
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_greedy_transcript_collapses_runs_drops_blanks_and_maps_to_llm_ids():
+    from lmeval_speech.mini.modeling import ctc_collapse
+
+    # frame classes of a 3-token subset (blank = 3): runs merge, a blank separates a repeated token
+    assert ctc_collapse([3, 0, 0, 3, 0, 2, 2, 1, 3, 3], 3) == [0, 0, 2, 1]
+    proj = tiny_projector(vocab=(3, 5, 7))
+    assert proj.vocab_ids[ctc_collapse([1, 1, 3, 2], 3)].tolist() == [5, 7]
+
+
+def test_corpus_wer_counts_errors_over_all_reference_words():
+    from lmeval_speech.audio.asr import corpus_wer
+
+    # 1 substitution in 4 words + 1 deletion in 2 words = 2 / 6 (a mean of per-item WERs would give 0.375)
+    assert corpus_wer(["What is the capital?", "Hello world"], ["what is a capital", "hello"]) == pytest.approx(2 / 6)
+    with pytest.raises(ValueError):
+        corpus_wer(["a"], [])
+
+
 def test_speech_embeddings_never_empty(monkeypatch):
     proj = tiny_projector()
     logits = torch.zeros(5, 4)

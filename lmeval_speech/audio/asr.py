@@ -82,13 +82,27 @@ def transcribe(array: np.ndarray, audio_key: str, spec: ASRSpec | None = None, c
     return text
 
 
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """WER after lower-casing and dropping punctuation (jiwer's measure on normalized words)."""
+def _normalize_words(text: str) -> str:
     import re
 
+    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """WER after lower-casing and dropping punctuation (jiwer's measure on normalized words)."""
     import jiwer
 
-    norm = [" ".join(re.sub(r"[^\w\s']", " ", t.lower()).split()) for t in (reference, hypothesis)]
+    norm = [_normalize_words(t) for t in (reference, hypothesis)]
     if not norm[0]:
         return float("nan")
     return float(jiwer.wer(norm[0], norm[1] or "<empty>"))
+
+
+def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
+    """Word errors over all references / their words, normalized as :func:`word_error_rate`."""
+    import jiwer
+
+    refs = [_normalize_words(t) for t in references]
+    if len(refs) != len(hypotheses) or not all(refs):
+        raise ValueError("corpus_wer needs one hypothesis per non-empty reference")
+    return float(jiwer.wer(refs, [_normalize_words(h) or "<empty>" for h in hypotheses]))

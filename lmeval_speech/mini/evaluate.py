@@ -83,7 +83,33 @@ def option_loglik(lm, items: list[dict], audio_of: list[str] | None) -> np.ndarr
     return ll.reshape(len(items), len(items[0]["options"]))
 
 
+def greedy_transcripts(lm, texts: list[str]) -> list[str] | None:
+    """What the CTC adapter recognizes in each spoken text (greedy decoding), or None for an adapter
+    without a transcript. The same audio as the speech twin (``spoken`` through the TTS cache)."""
+    import torch
+
+    from lmeval_speech.audio import spoken
+    from lmeval_speech.audio.cache import resolve_audio
+    from lmeval_speech.mini.modeling import MiniCTCProjector
+
+    backend = lm.backend_impl
+    if not isinstance(backend.model.multi_modal_projector, MiniCTCProjector):
+        return None
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            feats, mask = backend.mel_features([resolve_audio(spoken(text))[0]])
+            out.append(backend.tokenizer.decode(backend.model.transcribe(feats, mask)[0]).strip())
+    return out
+
+
 def three_way(lm, items: list[dict], groups: list[int] | None = None) -> dict:
+    """Text, speech and shuffled-audio accuracy, the nats measure, and two diagnostics that bound
+    what hearing can add: ``text_minus_shuffled`` (speech - shuffled if the model heard perfectly,
+    against the same control) and, for the CTC adapter, the greedy transcript read as text
+    (``cascade_acc``; its word error rate ``transcript_wer``): recognition errors vs what the
+    posterior-weighted embeddings lose."""
+    from lmeval_speech.audio.asr import corpus_wer
     from lmeval_speech.metrics.gap import paired_gap
 
     answers = np.array([it["answer"] for it in items])
@@ -94,12 +120,20 @@ def three_way(lm, items: list[dict], groups: list[int] | None = None) -> dict:
     right = np.arange(len(items))
     text_c, speech_c, shuf_c = (ll.argmax(1) == answers for ll in (ll_text, ll_speech, ll_shuf))
     vs_shuffled = paired_gap(speech_c, shuf_c, n_boot=10000, seed=0)  # "gap" = speech - shuffled here
+    ceiling = paired_gap(text_c, shuf_c, n_boot=10000, seed=0)
     nats = ll_speech[right, answers] - ll_shuf[right, answers]
+    extra = {}
+    if (heard := greedy_transcripts(lm, [it["question"] for it in items])) is not None:
+        casc_c = option_loglik(lm, [{**it, "question": h} for it, h in zip(items, heard)], None).argmax(1) == answers
+        extra = {"cascade_acc": float(casc_c.mean()),
+                 "transcript_wer": corpus_wer([it["question"] for it in items], heard)}
     return {
         "n": len(items),
         "text_acc": float(text_c.mean()), "speech_acc": float(speech_c.mean()), "shuffled_acc": float(shuf_c.mean()),
         "speech_minus_shuffled": vs_shuffled["gap"],
         "speech_minus_shuffled_ci": [vs_shuffled["ci_low"], vs_shuffled["ci_high"]],
+        "text_minus_shuffled": ceiling["gap"], "text_minus_shuffled_ci": [ceiling["ci_low"], ceiling["ci_high"]],
+        **extra,
         "text_minus_speech": float(text_c.mean() - speech_c.mean()),
         "nats_own_minus_other_mean": float(nats.mean()), "nats_share_positive": float((nats > 0).mean()),
         "nats_ci": [float(x) for x in np.quantile(

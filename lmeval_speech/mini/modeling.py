@@ -30,6 +30,11 @@ FRAMES_PER_TOKEN = 10  # mel frames (10 ms) per speech token: conv stride 2 x st
 MAX_MEL_FRAMES = 3000  # one Whisper window (30 s)
 
 
+def ctc_collapse(best: list[int], blank: int) -> list[int]:
+    """Greedy CTC decoding of per-frame best classes: runs merged, blanks dropped."""
+    return [c for j, c in enumerate(best) if c != blank and (j == 0 or c != best[j - 1])]
+
+
 def mel_frames_for(num_samples: int, hop: int = 160) -> int:
     """Frames WhisperFeatureExtractor marks as real for a clip (capped at one 30 s window)."""
     return min(math.ceil(num_samples / hop), MAX_MEL_FRAMES)
@@ -199,8 +204,8 @@ class MiniLSLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             x = x[0] if isinstance(x, tuple) else x
         return tower.layer_norm(x)
 
-    def get_audio_features(self, input_features, feature_attention_mask) -> list[torch.Tensor]:
-        """Speech token embeddings per clip, ``[n_i, hidden]``: each clip encoded on its own length."""
+    def adapter_outputs(self, input_features, feature_attention_mask) -> list[torch.Tensor]:
+        """The adapter's output per clip, ``[T_i, hidden]``: each clip encoded on its own length."""
         out = []
         for feats, mask in zip(input_features, feature_attention_mask, strict=True):
             frames = min(int(mask.sum()), feats.shape[-1])
@@ -208,11 +213,27 @@ class MiniLSLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             window = feats[:, : n_tok * FRAMES_PER_TOKEN]
             if window.shape[-1] < n_tok * FRAMES_PER_TOKEN:  # pad the last partial token with silence
                 window = nn.functional.pad(window, (0, n_tok * FRAMES_PER_TOKEN - window.shape[-1]), value=float(feats.min()))
-            h = self.multi_modal_projector(self.encode_frames(window[None]))[0]
-            if isinstance(self.multi_modal_projector, MiniCTCProjector):
-                h = self.multi_modal_projector.speech_embeddings(h, self.get_input_embeddings().weight)
-            out.append(h)
+            out.append(self.multi_modal_projector(self.encode_frames(window[None]))[0])
         return out
+
+    def get_audio_features(self, input_features, feature_attention_mask) -> list[torch.Tensor]:
+        """Speech token embeddings per clip, ``[n_i, hidden]``: each clip encoded on its own length."""
+        out = self.adapter_outputs(input_features, feature_attention_mask)
+        if isinstance(self.multi_modal_projector, MiniCTCProjector):
+            emb = self.get_input_embeddings().weight
+            out = [self.multi_modal_projector.speech_embeddings(h, emb) for h in out]
+        return out
+
+    def transcribe(self, input_features, feature_attention_mask) -> list[list[int]]:
+        """Greedy CTC transcript per clip as LLM token ids (CTC adapter only): a diagnostic that
+        separates recognition errors from what the posterior-weighted embeddings lose; the LLM
+        never reads it."""
+        proj = self.multi_modal_projector
+        if not isinstance(proj, MiniCTCProjector):
+            raise TypeError("only the CTC adapter has a transcript")
+        emb = self.get_input_embeddings().weight
+        return [proj.vocab_ids[ctc_collapse(proj.ctc_logits(h, emb).argmax(-1).tolist(), proj.vocab_ids.numel())].tolist()
+                for h in self.adapter_outputs(input_features, feature_attention_mask)]
 
     def forward(
         self,

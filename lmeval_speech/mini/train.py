@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .build import WEIGHTS_DIR, cache_root, smollm2_fp32_dir
+from .modeling import ctc_collapse
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -165,8 +166,7 @@ def token_error_rate(proj, emb, items, tok_targets, batch: int = 16) -> float:
         best = proj.ctc_logits(proj(x, pad), vocab_emb=emb).argmax(-1)
         blank = int(proj.vocab_ids.numel())
         for i, tgt in enumerate(targets):
-            seq = best[i][~pad[i]].tolist()
-            hyp = [c for j, c in enumerate(seq) if c != blank and (j == 0 or c != seq[j - 1])]
+            hyp = ctc_collapse(best[i][~pad[i]].tolist(), blank)
             errs += _edit_distance(hyp, tgt)
             total += len(tgt)
     proj.train(was)
