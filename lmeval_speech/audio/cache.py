@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from lmeval_speech.fileio import atomic_write
 
 from .prepare import AudioError, prepare_audio
+from .spoken_form import VERSION as SPOKEN_FORM_VERSION
 from .tts import TTSSpec, check_text, get_engine, render
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,11 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(text: str, spec: TTSSpec) -> str:
-    """Hex sha256 naming the audio; the engine version is in it, so an upgrade re-renders."""
+    """Hex sha256 naming the audio; the engine's and the spoken-form rules' versions are in it, so
+    an upgrade of either re-renders."""
     payload = {"text": text, "engine": spec.engine, "engine_version": get_engine(spec.engine).version(),
-               "voice": spec.voice, "rate": spec.rate, "sample_rate": spec.sample_rate}
+               "voice": spec.voice, "rate": spec.rate, "sample_rate": spec.sample_rate,
+               "spoken_form": SPOKEN_FORM_VERSION}
     canonical = json.dumps(payload, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 

@@ -220,7 +220,10 @@ def get_engine(name: str):
 
 
 def render(text: str, spec: TTSSpec) -> np.ndarray:
-    """Synthesize without the cache: mono float32 at ``spec.sample_rate``."""
-    audio, native_rate = get_engine(spec.engine).synthesize(text, spec)
+    """Synthesize without the cache: mono float32 at ``spec.sample_rate``, of the text's
+    :func:`~lmeval_speech.audio.spoken_form.spoken_form` (symbols the engines drop, in words)."""
+    from .spoken_form import spoken_form
+
+    audio, native_rate = get_engine(spec.engine).synthesize(spoken_form(check_text(text)), spec)
     audio, _ = prepare_audio(audio, native_rate, target_rate=spec.sample_rate)
     return audio
