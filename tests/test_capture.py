@@ -192,6 +192,24 @@ def test_a_use_cache_database_made_under_other_settings_is_refused(tiny_qwen2_au
         CachingLM(LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3), str(tmp_path / "hf_rank0.db"))
 
 
+def test_a_use_cache_database_made_before_the_spoken_form_rules_changed_is_refused(tiny_qwen2_audio_dir, tmp_path,
+                                                                                     monkeypatch):
+    """The rules that rewrite TTS texts change the audio of the same request: an older database's
+    speech scores are not this run's."""
+    from lm_eval.api.model import CachingLM
+
+    from lmeval_speech.models import lslm as lslm_module
+
+    path = str(tmp_path / "cache_rank0.db")
+    monkeypatch.setattr(lslm_module, "SPOKEN_FORM_VERSION", 0)
+    first = CachingLM(LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3), path)
+    first.loglikelihood(mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX, 7))
+    first.dbdict.close()
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"other settings \(spoken_form=0\); this run has spoken_form=1"):
+        CachingLM(LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3), path)
+
+
 def test_a_capture_dir_without_a_record_of_its_settings_is_refused(tmp_path):
     """A store written before conditions were recorded: its settings are unknown, so a run under any
     settings is refused (it used to be accepted and to overwrite capture.json with its own settings)."""

@@ -29,6 +29,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from lmeval_speech import AUDIO_MARKER, outcomes
+from lmeval_speech.audio.spoken_form import VERSION as SPOKEN_FORM_VERSION
 from lmeval_speech.capture.store import mismatch
 from lmeval_speech.models.plan import AudioRequestError, Planner, Seq, audio_items, audio_key
 from lmeval_speech.models.runner import BatchRunner, SpeechEmbeddings
@@ -267,7 +268,8 @@ class LSLM(BatchRunner, TemplateLM):
                       "intervention": intervention,
                       "audio_overflow": self.audio_overflow, "max_audio_seconds": self.max_audio_seconds,
                       "max_length": self.max_length, "add_bos_token": self.add_bos_token,
-                      "prefix_token_id": self.custom_prefix_token_id}
+                      "prefix_token_id": self.custom_prefix_token_id,
+                      "spoken_form": SPOKEN_FORM_VERSION}  # how TTS texts are rewritten before synthesis
         return json.loads(json.dumps(conditions))  # as stored (JSON), so a reread compares equal
 
     @property
