@@ -290,6 +290,60 @@ def test_stage_one_can_start_from_the_shipped_adapter(tmp_path):
     assert written.keys() == shipped.keys() and all(torch.equal(written[k], shipped[k]) for k in shipped)
 
 
+def test_stage_one_can_grow_the_shipped_adapter_deeper_starting_from_the_same_function(tmp_path):
+    """``--init ADAPTER --layers 4`` on a 2-layer adapter: the two new layers start as the identity, so the
+    grown adapter computes exactly what the shipped one does (training then only has to improve on it)."""
+    from safetensors.torch import load_file
+
+    from lmeval_speech.mini import train
+    from lmeval_speech.mini.build import ADAPTER_FILE
+
+    feats = tmp_path / "features"
+    (feats / "train").mkdir(parents=True)
+    (feats / "valid").mkdir()
+    (feats / "corpus.json").write_text(json.dumps({"sentences": ["A small test sentence here."], "stats": {}}))
+    out = tmp_path / "out"
+    train.main(["--init", str(ADAPTER_FILE), "--layers", "4", "--features", str(feats), "--ckpt-dir",
+                str(tmp_path / "ck"), "--out", str(out), "--max-steps", "0"])
+    shipped, grown = load_file(str(ADAPTER_FILE)), load_file(str(out / "adapter.safetensors"))
+    shipped.pop("ctc_temperature")
+    assert train.init_layers(shipped) == 2 and train.init_layers(grown) == 4
+    projs = []
+    for state in (shipped, grown):
+        proj = MiniCTCProjector(train.make_config(int(state["vocab_ids"].numel()), train.init_layers(state))).eval()
+        proj.load_state_dict(state)
+        projs.append(proj)
+    frames = torch.randn(2, 40, 384)
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[1, 5:] = True
+    with torch.no_grad():
+        a, b = projs[0](frames, pad), projs[1](frames, pad)
+    torch.testing.assert_close(a[~pad], b[~pad], atol=1e-5, rtol=1e-5)
+    assert any(t.abs().sum() > 0 for k, t in grown.items() if k.startswith("layers.3."))  # not an empty layer
+
+
+def test_featurizer_parts_split_the_shards_between_processes(tmp_path, monkeypatch):
+    """``features --part R/K``: K processes on K cores encode disjoint shards (index R modulo K), and
+    together every shard once; each utterance is the encoder's output on its TTS audio."""
+    from lmeval_speech.mini import features
+
+    monkeypatch.setattr(features, "SHARD", 2)
+    monkeypatch.setattr(features, "N_VALID", 1)
+    sentences = ["The cat sat on the mat.", "Water boils at one hundred degrees.", "Birds can fly.",
+                 "Trees grow slowly.", "Rivers flow to the sea."]
+    (tmp_path / "corpus.json").write_text(json.dumps({"sentences": sentences, "stats": {}}))
+    base = ["--out", str(tmp_path), "--passes", "1"]
+    features.main(base + ["--part", "1/2"])
+    assert sorted(p.name for p in (tmp_path / "train").glob("*.json")) == ["shard00001.json"]
+    assert not list((tmp_path / "valid").glob("*.json"))  # valid has one shard, index 0
+    features.main(base + ["--part", "0/2"])
+    assert sorted(p.name for p in (tmp_path / "train").glob("*.json")) == ["shard00000.json", "shard00001.json"]
+    texts = [it["text"] for k in (0, 1) for it in json.loads((tmp_path / "train" / f"shard0000{k}.json").read_text())["items"]]
+    assert sorted(texts) == sorted(features.plan(sentences, 0, 1)[1][i]["text"] for i in range(4))
+    with pytest.raises(SystemExit, match="R must be"):
+        features.main(base + ["--part", "2/2"])
+
+
 def test_stage_one_never_writes_over_its_init_adapter(tmp_path):
     """``train --init weights/adapter.safetensors`` with the default ``--out`` (that folder) would rewrite the
     shipped adapter at the first checkpoint, without its posterior temperature."""

@@ -120,7 +120,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--passes", type=int, default=3, help="voices per training sentence (one pass = every sentence once)")
     ap.add_argument("--max-items", type=int, default=None)
+    ap.add_argument("--part", default="0/1", metavar="R/K",
+                    help="encode only shards whose index is R modulo K (run K processes, R = 0..K-1, on K cores)")
     args = ap.parse_args(argv)
+    part, parts = (int(x) for x in args.part.split("/"))
+    if not 0 <= part < parts:
+        raise SystemExit(f"--part {args.part}: R must be in 0..K-1")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -143,7 +148,7 @@ def main(argv=None):
     for split, items in jobs:
         folder = args.out / split
         for idx, start in enumerate(range(0, len(items), SHARD)):
-            if (folder / f"shard{idx:05d}.json").exists():  # resumable: finished shards are kept
+            if idx % parts != part or (folder / f"shard{idx:05d}.json").exists():  # resumable: finished shards are kept
                 continue
             frames, meta = [], []
             for it in items[start : start + SHARD]:

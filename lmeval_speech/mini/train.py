@@ -237,6 +237,27 @@ def restore_checkpoint(ckpt: dict, module, opt, rng: random.Random) -> dict:
     return state
 
 
+def init_layers(state: dict) -> int:
+    return len({k.split(".")[1] for k in state if k.startswith("layers.")})
+
+
+def grow_from(proj, state: dict) -> None:
+    """Load an adapter's weights into ``proj``, which may have more Transformer layers: the extra
+    layers (after the loaded ones) start as the identity (attention output and second feed-forward
+    projections zero; both are residual branches of a pre-norm layer), so step 0 is the loaded model."""
+    n = init_layers(state)
+    if n > len(proj.layers):
+        raise SystemExit(f"the --init adapter has {n} layers, more than --layers {len(proj.layers)}")
+    missing, unexpected = proj.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("layers.") or int(k.split(".")[1]) < n for k in missing):
+        raise SystemExit(f"--init adapter does not fit this adapter: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for layer in proj.layers[n:]:
+            for lin in (layer.self_attn.out_proj, layer.linear2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+
+
 def save_adapter(proj, stats: dict, out_dir: Path, temperature: float | None = None) -> None:
     """``adapter.safetensors`` (+ ``ctc_temperature`` when given, as :func:`.build.set_adapter_temperature`
     stores it) and ``training.json`` into ``out_dir``, each written atomically."""
@@ -320,8 +341,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(proj.parameters(), lr=args.lr, weight_decay=0.01)
     state = {"step": 0, "train_seconds": 0.0, "losses": [], "valid": [], "utterances": 0}
     if init is not None:
-        proj.load_state_dict(init)
-        print(f"initialised from {args.init}", flush=True)
+        grow_from(proj, init)
+        print(f"initialised from {args.init} ({init_layers(init)} -> {args.layers} layers)", flush=True)
     if ckpt is not None:
         state = restore_checkpoint(ckpt, proj, opt, rng)
     proj.train()
