@@ -23,7 +23,8 @@ from .prepare import AudioError
 
 
 class ASRMissing(AudioError):
-    """faster-whisper (or the model) is not installed; says how to get it."""
+    """The ASR the cascade twin asks for is not there (faster-whisper or the model is not installed, an
+    unknown engine); says how to get it. A setting of the whole run: it stops the run."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def transcribe(array: np.ndarray, audio_key: str, spec: ASRSpec | None = None, c
     names no voice override, noise or cut, which change what is heard; it is only recorded."""
     spec = spec or ASRSpec()
     if spec.engine != "faster-whisper":
-        raise AudioError(f"unknown ASR engine {spec.engine!r} (known: faster-whisper)")
+        raise ASRMissing(f"unknown ASR engine {spec.engine!r} (known: faster-whisper)")
     samples = hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
     key = hashlib.sha256(json.dumps([samples, spec.to_dict()], sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir or default_cache_dir()) / "asr" / key[:2] / f"{key}.json"

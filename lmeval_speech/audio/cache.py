@@ -83,6 +83,7 @@ class AudioCache:
 
     def get(self, text: str, spec: TTSSpec) -> tuple[np.ndarray, bool]:
         """(float32 mono at spec.sample_rate, whether it was a cache hit)."""
+        get_engine(spec.engine).check_voice(spec.voice)  # before the cache: a hit is refused too
         path = self.path_for(check_text(text), spec)
         pcm = self._load(path, spec)
         if pcm is None:  # a cache written by an earlier version: FLAC, migrated on first use
@@ -172,13 +173,20 @@ def _recorded_path(digest: str, cache_dir=None) -> Path:
     return Path(cache_dir or default_cache_dir()) / "recorded" / digest[:2] / f"{digest}.audio"
 
 
+#: The first bytes of a decoded recording's file: a JSON header (rate, dtype, shape), then the samples.
+_SAMPLES_FORMAT = "lmeval-speech-samples"
+
+
 def recorded(data, sampling_rate: int | None = None, cache_dir=None) -> dict:
     """A JSON-able, content-addressed reference to a dataset's own recording: ``{"recorded": sha256}``.
 
     ``data`` is the encoded file (bytes of a WAV/FLAC/... as hub datasets store it) or a decoded
-    array with its ``sampling_rate`` (stored as a float32 WAV). The bytes go once into the audio
+    array with its ``sampling_rate`` (stored as one line of JSON, the rate, dtype and shape, then the
+    raw little-endian samples: float32, or the int16/int32 PCM). The bytes go once into the audio
     cache under their SHA-256, so lm-eval's ``--use_cache`` can hash the request (a NumPy array
     cannot be), the same recording is the same key in every run, and resolving reads the file back.
+    (A float WAV was not: libsndfile writes the time into its PEAK chunk, so its name changed every
+    second; such files written by earlier versions are still read.)
     Nothing is decoded here: a broken recording fails when the model resolves it, for that item only.
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -189,15 +197,15 @@ def recorded(data, sampling_rate: int | None = None, cache_dir=None) -> dict:
         array = np.asarray(data)
         if array.dtype == np.uint8:  # 8-bit WAV is unsigned: the same scale as int16 << 8
             array = ((array.astype(np.int16) - 128) << 8).astype(np.int16)
-        # integer PCM keeps its integer subtype, so reading it back scales it to [-1, 1]
-        subtype = {np.dtype(np.int16): "PCM_16", np.dtype(np.int32): "PCM_32"}.get(array.dtype)
-        if subtype is None and not np.issubdtype(array.dtype, np.floating):
+        # integer PCM keeps its integer dtype, so reading it back scales it to [-1, 1]
+        pcm = array.dtype in (np.dtype(np.int16), np.dtype(np.int32))
+        if not pcm and not np.issubdtype(array.dtype, np.floating):
             raise AudioError(f"recorded(array) of dtype {array.dtype}: pass float samples in [-1, 1] or int16/int32/uint8 "
                              "PCM (a list of Python ints becomes int64: say its width, np.asarray(x, dtype=np.int16))")
-        buf = io.BytesIO()
-        sf.write(buf, array if subtype else array.astype(np.float32), int(sampling_rate), format="WAV",
-                 subtype=subtype or "FLOAT")
-        blob = buf.getvalue()
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<") if pcm else "<f4")
+        head = {"format": _SAMPLES_FORMAT, "sampling_rate": int(sampling_rate), "dtype": array.dtype.str,
+                "shape": list(array.shape)}
+        blob = json.dumps(head).encode() + b"\n" + array.tobytes()
     digest = hashlib.sha256(blob).hexdigest()
     path = _recorded_path(digest, cache_dir)
     if not path.exists() or path.stat().st_size != len(blob):
@@ -261,8 +269,8 @@ def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_d
                     Path(path).unlink(missing_ok=True)  # so the next run's recorded() stores it again
                     raise AudioError(f"recording {path} does not match its SHA-256 (altered or truncated in the "
                                      "cache): deleted; a rerun stores it again from the dataset")
-                array, rate = sf.read(io.BytesIO(blob), dtype="float32")
-        except (RuntimeError, OSError, sf.LibsndfileError) as err:
+                array, rate = _read_recording(blob)
+        except (RuntimeError, OSError, sf.LibsndfileError, ValueError, KeyError) as err:
             raise AudioError(f"cannot read {what} {path}: {err}") from err
     else:
         raise AudioError(f"audio dict has none of 'array', 'tts_text', 'path', 'recorded': keys {sorted(item)}")
@@ -270,6 +278,15 @@ def resolve_audio(item: Mapping, override: TTSSpec | dict | None = None, cache_d
     audio, fixes = prepare_audio(array, rate, target_rate=target)
     _check_level(audio, f"the {source} audio")
     return audio, target, {"source": source, "cache": None, "tts": None, "fixes": fixes}
+
+
+def _read_recording(blob: bytes) -> tuple[np.ndarray, int]:
+    """(samples, rate) of a file :func:`recorded` stored: its samples, or an encoded file's decoding."""
+    head, _, body = blob.partition(b"\n")
+    if head.startswith(b'{"format": "%s"' % _SAMPLES_FORMAT.encode()):
+        meta = json.loads(head)
+        return np.frombuffer(body, dtype=meta["dtype"]).reshape(meta["shape"]).copy(), meta["sampling_rate"]
+    return sf.read(io.BytesIO(blob), dtype="float32")
 
 
 #: Float audio is in [-1, 1]; a peak above this is integer PCM stored as float (e.g. int16 values cast

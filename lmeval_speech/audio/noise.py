@@ -6,7 +6,8 @@ given SNR, deterministically (the same item, spec and seed always give the same 
   (chosen by the same seeded generator, each looped to the item's length and shifted), so nothing is
   downloaded and an item's noise does not depend on the other items of the run.
 
-The noise is scaled so that ``10 log10(P_signal / P_noise) = snr_db`` exactly on the mixed clip.
+The noise is scaled so that ``10 log10(P_signal / P_noise) = snr_db`` exactly on the mixed clip. The
+silence control hears its speech twin's noise alone (:func:`noise_for`), not a mix of noise and zeros.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def _loop(x: np.ndarray, n: int) -> np.ndarray:
 def mix(signal: np.ndarray, spec: NoiseSpec, key: str, others=()) -> np.ndarray:
     """``signal`` plus noise at ``spec.snr_db`` (``others``: candidate babble clips at the same rate)."""
     signal = np.asarray(signal, dtype=np.float64)
+    return (signal + noise_for(signal, spec, key, others)).astype(np.float32)
+
+
+def noise_for(signal: np.ndarray, spec: NoiseSpec, key: str, others=()) -> np.ndarray:
+    """The noise (float64) :func:`mix` adds to ``signal``: alone, what the silence control hears under
+    noise (its speech twin's noise, at the level the speech twin got)."""
+    signal = np.asarray(signal, dtype=np.float64)
     p_signal = float(np.mean(signal ** 2))
     if p_signal == 0.0:
         raise AudioError("cannot add noise at an SNR to a silent clip")
@@ -83,8 +91,7 @@ def mix(signal: np.ndarray, spec: NoiseSpec, key: str, others=()) -> np.ndarray:
     p_noise = float(np.mean(noise ** 2))
     if p_noise == 0.0:
         raise AudioError("babble noise from silent clips")
-    noise *= np.sqrt(p_signal / (p_noise * 10 ** (spec.snr_db / 10)))
-    return (signal + noise).astype(np.float32)
+    return noise * np.sqrt(p_signal / (p_noise * 10 ** (spec.snr_db / 10)))
 
 
 def snr_db(signal: np.ndarray, mixed: np.ndarray) -> float:

@@ -29,6 +29,11 @@ class TTSEngineMissing(AudioError):
     """The requested engine (binary, Python package or voice) is not installed; says how to get it."""
 
 
+class TTSSpecError(AudioError, ValueError):
+    """A TTS setting no engine can honour (an unknown engine, field or voice, a rate it cannot speak):
+    a setting of the whole run, not of one item, so it stops the run; says what to pass instead."""
+
+
 _DEFAULT_VOICE = "en-us"
 _DEFAULT_RATE = 160  # words per minute; piper's natural speed is mapped to this rate
 
@@ -46,7 +51,7 @@ def _engine_class(name: str):
     try:
         return ENGINES[name]
     except KeyError:
-        raise ValueError(f"unknown TTS engine {name!r}; known engines: {', '.join(sorted(ENGINES))}") from None
+        raise TTSSpecError(f"unknown TTS engine {name!r}; known engines: {', '.join(sorted(ENGINES))}") from None
 
 
 @dataclass(frozen=True)
@@ -68,13 +73,13 @@ class TTSSpec:
             try:
                 as_int = int(value)
             except (TypeError, ValueError):
-                raise ValueError(f"TTSSpec.{name} must be a positive integer, got {value!r}") from None
+                raise TTSSpecError(f"TTSSpec.{name} must be a positive integer, got {value!r}") from None
             if isinstance(value, bool) or as_int <= 0 or (isinstance(value, float) and value != as_int):
-                raise ValueError(f"TTSSpec.{name} must be a positive integer, got {value!r}")
+                raise TTSSpecError(f"TTSSpec.{name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, as_int)
         if self.rate < cls.min_rate:
-            raise ValueError(f"{self.engine} speaks no slower than {cls.min_rate} words per minute: rate={self.rate} "
-                             f"would be heard at {cls.min_rate}, the same audio as rate={cls.min_rate}")
+            raise TTSSpecError(f"{self.engine} speaks no slower than {cls.min_rate} words per minute: rate={self.rate} "
+                               f"would be heard at {cls.min_rate}, the same audio as rate={cls.min_rate}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,7 +95,7 @@ class TTSSpec:
         kw = {k: v for k, v in kw.items() if v is not None}
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown TTSSpec fields {sorted(unknown)}; known: engine, voice, rate, sample_rate")
+            raise TTSSpecError(f"unknown TTSSpec fields {sorted(unknown)}; known: engine, voice, rate, sample_rate")
         if kw.get("engine", self.engine) != self.engine and "voice" not in kw:
             kw["voice"] = _engine_class(kw["engine"]).default_voice
         return dataclasses.replace(self, **kw)
@@ -106,6 +111,21 @@ def _espeak_version(exe: str) -> str:
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout
     match = re.search(r"text-to-speech:\s*(\S+)", out)
     return match.group(1) if match else out.strip()
+
+
+@functools.lru_cache(maxsize=None)
+def _espeak_voices(exe: str) -> tuple[frozenset, frozenset]:
+    """(what ``-v`` selects, lower-cased: languages, names, files; the ``+variant`` files) of this
+    espeak-ng, from ``--voices`` (and ``=mb``) and ``--voices=variant``, once per process."""
+    def rows(which: str) -> list[list[str]]:  # Pty Language Age/Gender VoiceName File (Other Languages)
+        out = subprocess.run([exe, f"--voices{which}"], capture_output=True, text=True, check=False).stdout
+        return [line.split() for line in out.splitlines()[1:] if len(line.split()) >= 5]
+
+    voices = set()
+    for _, language, _, name, file, *other in rows("") + rows("=mb"):
+        voices |= {language, name.replace("_", " "), file, file.rsplit("/", 1)[-1]}
+        voices |= set(re.findall(r"\(([^\s()]+) \d+\)", " ".join(other)))  # (en 3): also selects it
+    return frozenset(v.lower() for v in voices), frozenset(row[4].rsplit("/", 1)[-1] for row in rows("=variant"))
 
 
 class EspeakEngine:
@@ -133,8 +153,21 @@ class EspeakEngine:
     def version(self) -> str:
         return _espeak_version(self._exe())
 
+    def check_voice(self, voice: str) -> None:
+        """Refuse a voice or ``+variant`` this espeak-ng does not have: it exits 0 and speaks another
+        one (en-uss is heard as en-gb, en-us+f33 as en-us), which the run would label as the typed one."""
+        voices, variants = _espeak_voices(self._exe())
+        name, plus, variant = voice.partition("+")
+        if variant.isascii() and variant.isdigit():  # espeak's +N: variant mN below 10, f(N-10) from 10
+            variant = f"m{int(variant)}" if int(variant) < 10 else f"f{int(variant) - 10}"
+        if name.lower() not in voices or (plus and variant not in variants):
+            raise TTSSpecError(f"espeak-ng has no voice {voice!r} (it would speak another one under this name): "
+                               "pass a language or voice of `espeak-ng --voices`, with an optional +variant of "
+                               "`espeak-ng --voices=variant` (its file name, e.g. en-us+m3)")
+
     def synthesize(self, text: str, spec: TTSSpec) -> tuple[np.ndarray, int]:
         """Text goes in on stdin as UTF-8 (``-b 1``): no shell, no option injection, any length."""
+        self.check_voice(spec.voice)
         try:
             data = check_text(text).encode("utf-8")
         except UnicodeEncodeError:
@@ -179,7 +212,7 @@ class PiperEngine:
         if voice.endswith(".onnx") or "/" in voice or "\\" in voice:
             path = Path(voice).expanduser()
             if not path.is_file():
-                raise AudioError(f"piper voice file not found: {path}")
+                raise TTSSpecError(f"piper voice file not found: {path}")
             return path
         found = importlib.util.find_spec(_PIPER_VOICE_PACKAGE)
         if found is None or not found.submodule_search_locations:
@@ -188,8 +221,12 @@ class PiperEngine:
         path = data / f"{voice}.onnx"
         if not path.is_file():
             known = sorted(p.stem for p in data.glob("*.onnx"))
-            raise AudioError(f"unknown piper voice {voice!r}; installed: {known}, or pass a path to an .onnx file")
+            raise TTSSpecError(f"unknown piper voice {voice!r}; installed: {known}, or pass a path to an .onnx file")
         return path
+
+    def check_voice(self, voice: str) -> None:
+        """Refuse a voice that is neither an installed name nor an ``.onnx`` file."""
+        self._model_path(voice)
 
     def synthesize(self, text: str, spec: TTSSpec) -> tuple[np.ndarray, int]:
         check_text(text)

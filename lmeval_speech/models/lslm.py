@@ -137,11 +137,13 @@ class LSLM(BatchRunner, TemplateLM):
             k: v for k, v in {"engine": tts_engine, "voice": tts_voice,
                               "rate": None if tts_rate is None else int(tts_rate)}.items() if v is not None
         }
-        if "engine" in self.tts_override and "rate" in self.tts_override:  # an impossible rate stops here
-            # (with the task's own engine unknown until its items are resolved, each item checks it)
+        if "engine" in self.tts_override:  # an impossible rate, or a voice the engine lacks, stops here
+            # (with the task's own engine unknown until its items are resolved, the first item checks it)
             from lmeval_speech.audio import TTSSpec
+            from lmeval_speech.audio.tts import get_engine
 
-            TTSSpec().with_overrides(**self.tts_override)
+            spec = TTSSpec().with_overrides(**self.tts_override)
+            get_engine(spec.engine).check_voice(spec.voice)
         self._chat_applied = self._chat_warned = False
         self.noise = None
         if noise not in (None, "", "none"):

@@ -123,9 +123,14 @@ class Planner:
         target_rate = target_rate or b.sampling_rate
         array, sr, info = resolve_audio(item, override=lm.tts_override or None)
         if lm.noise is not None:  # a perturbation sweep: the clean clip plus seeded noise at an SNR
-            from lmeval_speech.audio.noise import mix
+            from lmeval_speech.audio.noise import mix, noise_for
 
-            array = mix(array, lm.noise, audio_key(item), self._babble_pool(item, sr))
+            if info["source"] == "silence":  # the prior control: the noise its speech twin heard, alone
+                speech = item["silence_like"]
+                clean, _, _ = resolve_audio(speech, override=lm.tts_override or None)
+                array = noise_for(clean, lm.noise, audio_key(speech), self._babble_pool(speech, sr)).astype(np.float32)
+            else:
+                array = mix(array, lm.noise, audio_key(item), self._babble_pool(item, sr))
             info = {**info, "noise": lm.noise.to_dict()}
         limit = lm.max_audio_seconds if lm.audio_overflow == "truncate" and limited else None
         if limited and lm.audio_overflow == "error" and len(array) > lm.max_audio_seconds * sr:
@@ -153,12 +158,15 @@ class Planner:
     def resolve(self, items: dict[str, dict]) -> dict[str, AudioStatus]:
         """Resolve every distinct audio once (synthesizing cache misses) and count its tokens.
 
-        A missing TTS engine, or a failure of every audio, stops the run here, before anything is
-        scored; a single bad audio is recorded (``fail_fast=True`` stops at it instead).
+        A setting of the whole run that cannot work (a missing TTS engine or ASR, an unknown voice, a
+        rate the engine cannot speak), or a failure of every audio, stops the run here, before anything
+        is scored; a single bad audio is recorded (``fail_fast=True`` stops at it instead).
         """
         from tqdm import tqdm
 
         from lmeval_speech.audio import TTSEngineMissing
+        from lmeval_speech.audio.asr import ASRMissing
+        from lmeval_speech.audio.tts import TTSSpecError
 
         lm, b = self.lm, self.lm.backend_impl
         if not b.supports_audio and any(it.get("transcribe") is None for it in items.values()):
@@ -174,9 +182,8 @@ class Planner:
                     continue
                 array, notes = self.load(item)
                 n = lm.embeddings.count(key, array) if content_dependent else b.count_tokens(len(array))
-            except TTSEngineMissing as err:
-                raise TTSEngineMissing(f"{err} (needed to synthesize the speech twins' audio; "
-                                       "nothing was scored)") from err
+            except (TTSEngineMissing, TTSSpecError, ASRMissing) as err:  # the same for every item that uses it
+                raise type(err)(f"{err} (a setting of the whole run, not of this item; nothing was scored)") from err
             except Exception as err:  # one bad item must not end a long run
                 if lm.fail_fast:
                     raise
