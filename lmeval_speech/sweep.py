@@ -10,13 +10,17 @@ a ``capture_dir=DIR`` becomes ``DIR/<condition>`` and ``--use_cache PATH`` becom
 (both keyed by item only, they would hand one condition's states or scores to the next); each
 condition adds ``tts_voice``, ``tts_rate``, ``noise`` and ``snr_db`` to ``--model_args``, so the TTS
 cache is shared (a voice/rate is synthesized once) and the noise (seeded) is recorded in each run's
-manifest. A condition whose run exists in ``--out`` is not run again (an interrupted sweep resumes).
+manifest. A condition whose run exists in ``--out`` is not run again (an interrupted sweep resumes),
+provided its results file records what this sweep asks (``recorded_differences``: model, model_args,
+tasks, limit ...); a folder holding a run of other settings stops the sweep before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +92,50 @@ def lm_eval_command(passthrough: list[str], tasks: str, cond: dict, noise: str, 
     return [sys.executable, "-m", "lm_eval", *args, "--tasks", tasks, "--log_samples", "--output_path", str(out)]
 
 
+#: Per-run settings lm-eval writes into ``results["config"]`` from its command line.
+RECORDED_CONFIG = ("model", "model_args", "limit", "gen_kwargs", "random_seed", "numpy_seed", "torch_seed",
+                   "fewshot_seed")
+
+
+def recorded_differences(results: dict, cmd: list[str]) -> list[str]:
+    """What the run of ``results`` (an lm-eval results file) was asked differently from the lm_eval command
+    ``cmd`` (``lm_eval_command``'s), read by lm-eval's own parser as lm-eval would record it: model,
+    model_args, limit, gen_kwargs and seeds, the tasks (groups expanded through the run's
+    ``group_subtasks``), ``--num_fewshot`` when given, chat template and system instruction."""
+    from lm_eval._cli.harness import HarnessCLI
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+    from lm_eval.utils import simple_parse_args_string
+
+    log = logging.getLogger("lm_eval.config.evaluate_config")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its --limit warning was printed when the run ran
+    try:
+        cfg = EvaluatorConfig.from_cli(HarnessCLI()._parser.parse_args(["run", *cmd[3:]]))
+    finally:
+        log.setLevel(level)
+    config = results.get("config") or {}
+    if isinstance(config.get("model_args"), str):
+        config = {**config, "model_args": simple_parse_args_string(config["model_args"])}
+    requested = {"model": cfg.model, "model_args": cfg.model_args, "limit": cfg.limit, "gen_kwargs": cfg.gen_kwargs,
+                 **dict(zip(RECORDED_CONFIG[4:], cfg.seed or [None] * 4))}
+    recorded = {k: config.get(k) for k in RECORDED_CONFIG}
+    groups, tasks, todo = results.get("group_subtasks") or {}, set(), list(cfg.tasks or [])
+    while todo:
+        name = todo.pop()
+        if name in groups and name not in tasks:
+            todo += groups[name]
+        tasks.add(name)
+    ran = sorted(results.get("configs") or {})
+    requested["tasks"], recorded["tasks"] = sorted(tasks - set(groups)), ran
+    if cfg.num_fewshot is not None:
+        requested["num_fewshot"] = {t: cfg.num_fewshot for t in ran}
+        recorded["num_fewshot"] = {t: (results.get("n-shot") or {}).get(t) for t in ran}
+    requested |= {"chat_template": bool(cfg.apply_chat_template), "system_instruction": cfg.system_instruction}
+    recorded |= {"chat_template": bool(results.get("chat_template")), "system_instruction": results.get("system_instruction")}
+    requested = json.loads(json.dumps(requested))  # as the results file holds it
+    return [f"{k}: {recorded[k]!r} in the run, {requested[k]!r} requested" for k in requested if recorded[k] != requested[k]]
+
+
 def summarize(rep: dict) -> dict:
     ov, sim, al = rep["overall"], rep.get("similarity"), rep.get("alignment")
     return {"n": ov["n"], "speech_acc": ov["speech_acc"], "text_acc": ov["text_acc"], "gap": ov["gap"],
@@ -101,15 +149,28 @@ def main(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    plan, stale = [], []
     for cond in conditions(args.voices, args.rates, args.snr):
         name = condition_name(cond, args.noise)
         run_dir = out / name
+        cmd = lm_eval_command(args.lm_eval_args, args.tasks, cond, args.noise, args.noise_seed, run_dir)
         try:
-            find_results_file(run_dir)
-            print(f"[sweep] {name}: already run, reusing {run_dir}", file=sys.stderr)
+            results_file = find_results_file(run_dir)
         except FileNotFoundError:
-            cmd = lm_eval_command(args.lm_eval_args, args.tasks, cond, args.noise, args.noise_seed, run_dir)
+            plan.append((cond, name, run_dir, cmd, False))
+            continue
+        if differ := recorded_differences(json.loads(results_file.read_text(encoding="utf-8")), cmd):
+            stale.append(f"{run_dir} ({results_file.name}): " + "; ".join(differ))
+        plan.append((cond, name, run_dir, cmd, True))
+    if stale:  # reused, its numbers would be reported as this sweep's
+        print(f"lmeval-speech sweep: error: {out} holds runs made with other settings than this sweep asks; use a "
+              "new --out, or delete these folders to run them again:\n  " + "\n  ".join(stale), file=sys.stderr)
+        return 2
+    rows = []
+    for cond, name, run_dir, cmd, done in plan:
+        if done:
+            print(f"[sweep] {name}: already run, reusing {run_dir}", file=sys.stderr)
+        else:
             print(f"[sweep] {name}: {' '.join(cmd[2:])}", file=sys.stderr)
             proc = subprocess.run(cmd)
             if proc.returncode != 0:

@@ -17,7 +17,7 @@ import pytest
 
 from lmeval_speech.capture.store import CaptureWriter
 from lmeval_speech.cli import main as cli
-from test_report import CORRECT, STAMP, write_run
+from test_report import CORRECT, SETTINGS, STAMP, lslm_record, write_run
 
 N_STATES, TOKEN_LAYERS, D = 3, [0, 2], 12
 SCORES = {
@@ -293,3 +293,47 @@ def test_check_refuses_other_settings(runs, board, tmp_path, capsys):
     assert "pairs.speech_toy_a.tts.voice: 'en-gb' -> 'en-us'" in err
     assert check(dirs["a"], "--baseline", tmp_path / "missing.json") == 2
     assert "--update" in capsys.readouterr().err
+
+
+def test_noise_and_intervention_are_flagged(tmp_path, capsys):
+    """Runs of the same model, tasks and TTS, one clean, one with ``noise=white,snr_db=0``, one intervened:
+    compare said ``comparable: true`` with no flags (noise and interventions live in the manifest's settings
+    and hooks, never diffed) and fitted them together. They are now the ``conditions`` aspect, flagged like
+    the others, and ``check`` refuses a baseline's other conditions."""
+    noisy = {"kind": "white", "snr_db": 0.0, "seed": 0}
+    intervention = {"kind": "angle", "layers": "input", "critical": "bottom3", "strength": 1.0, "mode": "oracle",
+                    "calibration": None}
+    runs = {"clean": ("pretrained=mini", SETTINGS, None), "clean2": ("pretrained=mini", SETTINGS, None),
+            "noisy": ("pretrained=mini,noise=white,snr_db=0", {**SETTINGS, "noise": noisy}, None),
+            "intervened": ("pretrained=mini,intervention=angle", SETTINGS,
+                           {**intervention, "save_calibration": "calib.json", "hooks": {"edit": {"kind": "edit"}}}),
+            "resaved": ("pretrained=mini,intervention=angle", SETTINGS,
+                        {**intervention, "save_calibration": None, "hooks": {"edit": {"kind": "edit", "layers": [0]}}})}
+    for name, (model_args, settings, iv) in runs.items():
+        write_run(tmp_path / name, model_args)
+        lslm_record(tmp_path / name, settings=settings, intervention=iv)
+    assert cli(["compare", *(str(tmp_path / n) for n in runs), "--out", str(tmp_path / "lb"),
+                "--labels", ",".join(runs)]) == 0
+    printed = capsys.readouterr().out
+    lb = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())
+    assert not lb["comparability"]["comparable"]
+    assert [r["flags"] for r in lb["runs"]] == [[], [], ["conditions"], ["conditions"], ["conditions"]]
+    diffs = {tuple(d["runs"]): d for d in lb["comparability"]["differences"]}
+    # where the calibration was saved, and the hook sites, are no difference: one group of two
+    assert set(diffs) == {("noisy",), ("intervened", "resaved")}
+    assert diffs[("noisy",)]["aspect"] == "conditions" and diffs[("noisy",)]["reference"] == ["clean", "clean2"]
+    assert diffs[("noisy",)]["detail"] == ['conditions.noise: (absent) -> {"kind": "white", "snr_db": 0.0, "seed": 0}']
+    (detail,) = diffs[("intervened", "resaved")]["detail"]
+    assert detail.startswith('conditions.intervention: (absent) -> {"kind": "angle"')
+    assert "NOT COMPARABLE conditions: noisy vs clean, clean2" in printed
+    assert "**conditions**: noisy differ from clean, clean2" in (tmp_path / "lb" / "leaderboard.md").read_text()
+    baseline = tmp_path / "baseline.json"
+    assert check(tmp_path / "clean", "--baseline", baseline, "--update") == 0
+    capsys.readouterr()
+    assert check(tmp_path / "noisy", "--baseline", baseline) == 2
+    assert "conditions.noise: (absent) -> " in capsys.readouterr().err
+    # a baseline written before conditions were compared does not record them: not refused for them
+    data = json.loads(baseline.read_text())
+    del data["settings"]["conditions"]
+    baseline.write_text(json.dumps(data))
+    assert check(tmp_path / "noisy", "--baseline", baseline) == 0

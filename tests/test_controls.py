@@ -207,6 +207,48 @@ def test_pooled_rows_put_every_pairs_items_together(tmp_path):
     assert set(rep["decomposition"]) == {a, b, POOLED}
 
 
+def test_pooled_decomposition_hearing_is_over_the_rows_own_pairs(tmp_path):
+    """The pooled decomposition row pools the pairs with a cascade twin (a, b); its hearing was the
+    controls' pooled row, which pools the pairs with a shuffled twin (a, c): 0.25 from c's items, a pair
+    not in the row. It is now over the row's own pairs, or null when one of them has no shuffled twin."""
+    from test_report import _config, _sample, write_samples
+
+    from lmeval_speech.report import report
+    from lmeval_speech.report.schema import POOLED
+
+    def run(out, tasks):
+        model_dir = out / "lslm__m"
+        model_dir.mkdir(parents=True)
+        configs = {}
+        for task, (pair, modality, scores) in tasks.items():
+            configs[task] = _config(task, pair, "speech" if modality != "text" else "text")
+            configs[task]["metadata"]["modality"] = modality
+            write_samples(model_dir / f"samples_{task}_2025-01-01T00-00-00.000001.jsonl", [_sample(d, c) for d, c in enumerate(scores)])
+        (model_dir / "results_2025-01-01T00-00-00.000001.json").write_text(json.dumps(
+            {"results": {t: {} for t in tasks}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
+        return out
+
+    right, half, wrong = [1] * 10, [1] * 5 + [0] * 5, [0] * 10
+    a, b, c = "speech_toy_a", "speech_toy_b", "speech_toy_c"
+    tasks = {f"{a}_text": (a, "text", right), f"{a}_speech": (a, "speech", half), f"{a}_cascade": (a, "cascade", right),
+             f"{a}_shuffled": (a, "shuffled", wrong),
+             f"{b}_text": (b, "text", right), f"{b}_speech": (b, "speech", half), f"{b}_cascade": (b, "cascade", right),
+             f"{c}_text": (c, "text", right), f"{c}_speech": (c, "speech", half), f"{c}_shuffled": (c, "shuffled", half)}
+    rep, _ = report.build_report(report.load_run(run(tmp_path / "r1", tasks)), n_boot=200)
+    d = rep["decomposition"]
+    assert set(d) == {a, b, POOLED} and d[POOLED]["n"] == 20
+    assert rep["controls"][POOLED]["shuffled"]["hearing"] == pytest.approx(0.25)  # a + c: not the row's pairs
+    assert d[a]["hearing"]["hearing"] == pytest.approx(0.5) and d[b]["hearing"] is None
+    assert d[POOLED]["hearing"] is None  # b, in the row, has no shuffled twin
+    assert any("pooled row has no hearing" in n and b in n for n in rep["notes"])
+    # with b's shuffled twin too, the row's hearing is over a + b (speech 10/20, shuffled 0/20), not a + b + c
+    rep, _ = report.build_report(report.load_run(run(tmp_path / "r2", {**tasks, f"{b}_shuffled": (b, "shuffled", wrong)})),
+                                 n_boot=200)
+    assert rep["controls"][POOLED]["shuffled"]["hearing"] == pytest.approx(1 / 3)
+    assert rep["decomposition"][POOLED]["hearing"]["hearing"] == pytest.approx(0.5)
+    assert rep["decomposition"][POOLED]["hearing"]["n"] == 20
+
+
 @pytest.mark.slow
 def test_mini_base_is_the_embedded_models_text_path():
     """``pretrained=mini-base`` is SmolLM2 itself through the causal-LM backend: the embedded model's

@@ -94,10 +94,11 @@ def _unit(i: int) -> np.ndarray:
     return e
 
 
-def write_capture(root) -> None:
+def write_capture(root, identity=None, conditions=None) -> None:
     rng = np.random.default_rng(0)
     writer = CaptureWriter(root, shard_size=7, meta={"pretrained": "mini", "mode": "tokens",
-                                                     "n_hidden_states": N_STATES, "token_layers": TOKEN_LAYERS})
+                                                     "n_hidden_states": N_STATES, "token_layers": TOKEN_LAYERS},
+                           identity=identity, conditions=conditions)
 
     def add(task, pair, modality, doc_id, pooled, tokens=None):
         tensors = {"pooled": pooled.astype(np.float32)}
@@ -331,3 +332,86 @@ def test_items_with_non_finite_states_are_excluded_and_counted(tmp_path):
         assert any(n.startswith("1 of 5 paired items have non-finite (NaN/inf) token-level") for n in rep["notes"])
         assert "1 items with NaN/inf states left out" in markdown(jsonable(rep))
         assert rep["correlation"]["n_items"] == 4
+
+
+#: What ``lslm`` stamps a capture dir with (``model_identity``, ``conditions``) and writes into the results
+#: file through ``get_model_info`` (model, settings, hooks), as a real run of the embedded model does.
+IDENTITY = {"pretrained": "mini", "revision": None, "backend": "MiniBackend", "model_type": "lmeval_speech_mini",
+            "dtype": "float32", "device": "cpu", "config_sha256": "ab" * 32, "adapter_sha256": "cd" * 32}
+CONDITIONS = {"tts_override": None, "noise": None, "intervention": None, "audio_overflow": "truncate",
+              "max_audio_seconds": 300.0, "max_length": 2048, "add_bos_token": None, "prefix_token_id": None,
+              "spoken_form": 1}
+SETTINGS = {"audio_overflow": "truncate", "max_audio_seconds": 300.0, "tts_override": None, "fail_fast": False,
+            "noise": None, "max_length": 2048, "batch_size": 8}
+
+
+def lslm_record(out, identity=IDENTITY, settings=SETTINGS, intervention=None) -> None:
+    """Add ``lslm``'s ``get_model_info`` to the run's results file, as lm-eval writes it."""
+    path = out / "lslm__mini" / f"results_{STAMP}.json"
+    results = json.loads(path.read_text())
+    results["config"]["lmeval_speech"] = {"model": identity, "settings": settings,
+                                          "hooks": {"capture": None, "intervention": intervention}}
+    path.write_text(json.dumps(results, indent=2))
+
+
+def test_a_capture_of_another_model_or_condition_is_refused(tmp_path, capsys):
+    """The report compared ``capture.json``'s top-level ``pretrained`` (never written there: the identity is
+    under ``model``) and nothing else, so another checkpoint's or another condition's states gave S_cos,
+    APS and correlations beside this run's scores, exit 0. Now the identity (all but the device) and the
+    conditions the run records are compared, and a difference stops the report naming the fields."""
+    noisy = {"kind": "white", "snr_db": 0.0, "seed": 0}
+    intervention = {"kind": "angle", "layers": "input", "critical": "bottom3", "strength": 1.0, "mode": "oracle",
+                    "calibration": None}
+    cases = {
+        "model": ({**IDENTITY, "pretrained": "modelA"}, CONDITIONS, "model.pretrained='modelA'"),
+        "checkpoint": ({**IDENTITY, "config_sha256": "ef" * 32}, CONDITIONS, "model.config_sha256"),
+        "adapter": ({**IDENTITY, "adapter_sha256": "01" * 32}, CONDITIONS, "model.adapter_sha256"),
+        "noise": (IDENTITY, {**CONDITIONS, "noise": noisy}, "conditions.noise={'kind': 'white'"),
+        "intervention": (IDENTITY, {**CONDITIONS, "intervention": intervention}, "conditions.intervention={'kind'"),
+        "voice": (IDENTITY, {**CONDITIONS, "tts_override": {"voice": "en-gb"}}, "conditions.tts_override"),
+    }
+    for name, (identity, conditions, named) in cases.items():
+        cap, out = tmp_path / name / "cap", tmp_path / name / "out"
+        write_capture(cap, identity, conditions)
+        write_run(out, f"pretrained=mini,capture=tokens,capture_dir={cap}")
+        lslm_record(out)
+        assert run_report(out, "--n-boot", 200) == 2, name
+        err = capsys.readouterr().err
+        assert f"capture dir {cap} holds states of another model or run settings" in err and named in err, name
+        assert not (out / "gap_report").exists(), name
+        assert run_report(out, "--capture", cap, "--n-boot", 200) == 2, name  # named on the command line too
+    # the other way round: the run was noisy and intervened, the capture clean
+    cap, out = tmp_path / "clean" / "cap", tmp_path / "clean" / "out"
+    write_capture(cap, IDENTITY, CONDITIONS)
+    write_run(out, f"pretrained=mini,capture=tokens,capture_dir={cap}")
+    lslm_record(out, settings={**SETTINGS, "noise": noisy},
+                intervention={**intervention, "save_calibration": None, "hooks": {"edit": {}}})
+    assert run_report(out, "--n-boot", 200) == 2
+    err = capsys.readouterr().err
+    assert "conditions.intervention=None, conditions.noise=None; this run has conditions.intervention=" in err
+
+
+def test_the_runs_own_capture_matches_it_even_from_a_relative_capture_dir(tmp_path, monkeypatch, capsys):
+    """The same run matches itself: a capture stamped on another device (one rank's ``cuda:0``), with
+    conditions the run does not record (``spoken_form``) and the intervention as the capture keeps it
+    (without where its calibration was saved or its hook sites). A relative ``capture_dir`` is read from
+    the current folder: from another folder holding another run's ``cap/``, the report refuses it."""
+    intervention = {"kind": "angle", "layers": "input", "critical": "bottom3", "strength": 1.0, "mode": "oracle",
+                    "calibration": None}
+    monkeypatch.chdir(tmp_path)
+    write_capture(tmp_path / "cap", {**IDENTITY, "device": "cuda:0"}, {**CONDITIONS, "intervention": intervention})
+    out = tmp_path / "out"
+    write_run(out, "pretrained=mini,capture=tokens,capture_dir=cap")
+    lslm_record(out, intervention={**intervention, "save_calibration": "calib.json",
+                                   "hooks": {"edit": {"kind": "edit", "layers": [0]}}})
+    assert run_report(out, "--n-boot", 200) == 0
+    rep = json.loads((out / "gap_report" / "report.json").read_text())
+    assert rep["similarity"]["S_cos"] == pytest.approx(2 / 3, abs=1e-6) and rep["run"]["capture_dir"] == "cap"
+    assert not any("not checked" in n or "only pretrained" in n for n in rep["notes"])
+    elsewhere = tmp_path / "elsewhere"
+    write_capture(elsewhere / "cap", {**IDENTITY, "pretrained": "other/checkpoint-500"}, CONDITIONS)
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert run_report(out, "--out", tmp_path / "r2", "--n-boot", 200) == 2
+    assert "model.pretrained='other/checkpoint-500'" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()

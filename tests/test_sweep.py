@@ -141,3 +141,41 @@ def test_each_condition_gets_its_own_capture_dir_and_use_cache():
     for spelled in (["--use_cache=lc/db"], ["-c", "lc/db"]):  # lm-eval's other spellings of the flag
         cmd = lm_eval_command(["--", *spelled], "t", conditions([None], ["130"], ["none"])[0], "white", 0, Path("o"))
         assert "lc/db_voice-task_rate-130_clean" in " ".join(cmd) and "lc/db " not in " ".join(cmd) + " "
+
+
+def test_sweep_refuses_to_reuse_a_run_of_other_settings(tiny_qwen2_audio_dir, tmp_path):
+    """A condition whose folder held any results file was reused: a rerun with another model, --limit,
+    seed or task set reported the old run's numbers as the new sweep's, exit 0. The run's recorded config
+    is now compared with the request (read by lm-eval's own parser), and a difference stops the sweep
+    before anything runs or is written. The same request (here with a relative capture_dir, read from the
+    folder the sweep runs in, and the group's tasks named one by one) still reuses the run."""
+    task = "speech_mmlu_continuation_high_school_geography"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LMEVAL_SPEECH_CACHE": str(tmp_path / "tts")}
+    model_args = f"pretrained={tiny_qwen2_audio_dir},capture=pooled,capture_dir=cap"
+    rest = ["--limit", "2", "--device", "cpu", "--batch_size", "8"]
+
+    def sweep(*lm_eval_args, tasks=task, model_args=model_args):
+        cmd = [sys.executable, "-m", "lmeval_speech.cli", "sweep", "--tasks", tasks, "--out", "sw", "--n-boot", "100",
+               "--", "--model_args", model_args, *lm_eval_args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+
+    first = sweep(*rest)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "sw" / "sweep.json").read_text())["runs"]
+    assert row["n"] == 2 and row["S_cos"] is not None  # the run's own capture, matched
+    again = sweep(*rest, tasks=f"{task}_speech,{task}_text")  # the group's tasks, named one by one
+    assert again.returncode == 0 and "already run" in again.stderr, again.stderr[-3000:]
+    results = sorted((tmp_path / "sw").rglob("results_*.json"))
+    written = (tmp_path / "sw" / "sweep.json").read_text()
+    for changed, named in [
+        (dict(model_args=f"pretrained={tmp_path / 'other_model'}"), "model_args: {'pretrained': "),
+        (dict(rest=["--limit", "3", *rest[2:]]), "limit: 2.0 in the run, 3.0 requested"),
+        (dict(rest=[*rest, "--seed", "7"]), "random_seed: 0 in the run, 7 requested"),
+        (dict(tasks=f"{task},{task}_shuffled"), f"'{task}_shuffled', '{task}_speech', '{task}_text'] requested"),
+    ]:
+        proc = sweep(*changed.get("rest", rest), **{k: v for k, v in changed.items() if k != "rest"})
+        assert proc.returncode == 2, (named, proc.stderr[-3000:])
+        assert named in proc.stderr and "use a new --out, or delete these folders" in proc.stderr, proc.stderr[-3000:]
+        assert "voice-task_rate-task_clean" in proc.stderr
+    assert sorted((tmp_path / "sw").rglob("results_*.json")) == results  # nothing ran again
+    assert (tmp_path / "sw" / "sweep.json").read_text() == written

@@ -18,15 +18,15 @@ aps         lower            percentile bootstrap of the mean item APS (skipped 
 A metric regresses when it moves in its bad direction by more than ``--tolerance`` (absolute), or,
 with ``--ci``, when it falls outside the baseline's CI on the bad side. Exit codes: 0 all passed
 (or ``--update`` wrote the baseline), 1 a regression (the table names it), 2 refused: the run's
-settings differ from the baseline's (the same comparison as ``compare``: tasks, limit, APS method,
-per pair prompt, TTS spec and doc ids), or an input is missing or unreadable. A different
-``model_args`` is shown but not refused: the model is what a check is for.
+settings differ from the baseline's (the same comparison as ``compare``: tasks, limit, noise and
+intervention, APS method, per pair prompt, TTS spec and doc ids), or an input is missing or
+unreadable. A different ``model_args`` is shown but not refused: the model is what a check is for.
 
 Baseline file (schema_version 1), written atomically by ``--update``::
 
     {"schema_version": 1, "kind": "lmeval-speech baseline", "created": ISO time (UTC),
      "source": {"report", "results_file"},
-     "settings": {"model", "model_args", "tasks", "limit", "aps_method",
+     "settings": {"model", "model_args", "tasks", "limit", "conditions", "aps_method",
                   "pairs": {pair: {"prompt", "tts", "items"}}},
      "metrics": {name: {"value", "ci_low", "ci_high", "n"} or null},
      "bootstrap": {"n_boot", "seed", "alpha"}}
@@ -50,7 +50,7 @@ SCHEMA_VERSION = 1
 KIND = "lmeval-speech baseline"
 #: metric -> True when a higher value is worse
 HIGHER_IS_WORSE = {"gap": True, "text_acc": False, "speech_acc": False, "aps": False}
-REFUSED_ASPECTS = ("tasks", "limit", "aps_method", "pairs")
+REFUSED_ASPECTS = ("tasks", "limit", "conditions", "aps_method", "pairs")
 _EPS = 1e-12  # a delta exactly at the tolerance passes despite float rounding
 _CHUNK = 500
 
@@ -178,8 +178,10 @@ def read_baseline(path) -> dict:
 
 
 def settings_differences(baseline: dict, current: dict) -> list[str]:
-    """What makes the run incomparable to the baseline (APS method only when the baseline has APS)."""
-    keys = [k for k in REFUSED_ASPECTS if k != "aps_method" or baseline.get("aps_method") is not None]
+    """What makes the run incomparable to the baseline (APS method only when the baseline has APS;
+    conditions only when the baseline records them: one written before they were compared does not)."""
+    keys = [k for k in REFUSED_ASPECTS if (k != "aps_method" or baseline.get("aps_method") is not None)
+            and (k != "conditions" or k in baseline)]
     return compare.diff({k: baseline.get(k) for k in keys}, {k: current.get(k) for k in keys})
 
 

@@ -18,6 +18,8 @@ aspect      what is compared (run level, or per pair ``p``)
 ==========  =======================================================================================
 tasks       the paired task names scored (overall numbers pool different tasks)
 limit       lm-eval's ``--limit``
+conditions  the noise mixed into the audio (kind, SNR, seed) and the intervention (its spec, less its
+            hook sites and where its calibration was saved), from the run manifest
 aps_method  APS ``measure`` and ``path`` (only among runs with token-level states)
 prompt      per pair: each twin's ``doc_to_text``, the speech ``prompt``/``spoken`` template and,
             from the results file, ``description``, delimiters, ``doc_to_choice``, n-shot,
@@ -200,7 +202,18 @@ def settings(rep: dict, notes: list | None = None) -> dict:
         pairs[pair] = {"prompt": {**prompt, "chat": man.get("chat")}, "tts": tts[pair], "items": _ranges(ids.get(pair, []))}
     al = rep.get("alignment")
     return {"tasks": sorted(t for p in rep["pairs"].values() for t in (p["text_task"], p["speech_task"])),
-            "limit": rep["run"].get("limit"), "aps_method": [al["measure"], al["path"]] if al else None, "pairs": pairs}
+            "limit": rep["run"].get("limit"), "conditions": _conditions(man),
+            "aps_method": [al["measure"], al["path"]] if al else None, "pairs": pairs}
+
+
+def _conditions(man: dict) -> dict:
+    """The run conditions that change what the model hears or computes besides the TTS spec: the noise
+    ``lslm`` mixed into the audio and its intervention (the spec, less the hook sites and where its
+    calibration was saved, which change no number)."""
+    intervention = (man.get("hooks") or {}).get("intervention")
+    return {"noise": (man.get("settings") or {}).get("noise"),
+            "intervention": None if intervention is None else
+            {k: v for k, v in intervention.items() if k not in ("hooks", "save_calibration")}}
 
 
 def _key(value) -> str:
@@ -248,7 +261,7 @@ def comparability(run_settings: dict[str, dict]) -> list[dict]:
     """
     checks = [(aspect, None, {lab: s[aspect] for lab, s in run_settings.items()
                               if aspect != "aps_method" or s[aspect] is not None})
-              for aspect in ("tasks", "limit", "aps_method")]
+              for aspect in ("tasks", "limit", "conditions", "aps_method")]
     all_pairs = dict.fromkeys(p for s in run_settings.values() for p in s["pairs"])
     checks += [(aspect, pair, {lab: s["pairs"][pair][aspect] for lab, s in run_settings.items() if pair in s["pairs"]})
                for aspect in ("prompt", "tts", "items") for pair in all_pairs]
@@ -462,7 +475,8 @@ def markdown(board: dict) -> str:
     lines += ["", "## Comparability", ""]
     diffs = board["comparability"]["differences"]
     if not diffs:
-        lines.append("All runs used the same tasks, limit, prompts, TTS specs, items and APS method.")
+        lines.append("All runs used the same tasks, limit, noise, intervention, prompts, TTS specs, items and "
+                     "APS method.")
     for d in diffs:
         where = f" ({', '.join(d['pairs'])})" if d["pairs"] else ""
         lines.append(f"- **{d['aspect']}**{where}: {', '.join(d['runs'])} differ from {', '.join(d['reference'])}")

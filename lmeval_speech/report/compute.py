@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lmeval_speech import twins
-from lmeval_speech.capture.store import CaptureReader
+from lmeval_speech.capture.store import CaptureReader, mismatch
 from lmeval_speech.manifest import build_manifest, manifest_path
 from lmeval_speech.metrics import (
 
@@ -64,7 +64,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
     decomposition = _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed, notes, base)
     rows = _item_rows(items_by_pair)
     settings = run_settings(run)
-    reader, capture_dir = _open_capture(settings, capture, notes)
+    reader, capture_dir = _open_capture(run, manifest, capture, notes)
     similarity = alignment = correlation = heatmap = None
     if reader is not None:
         similarity, alignment, per_pair, per_item = _hidden_state_sections(reader, rows, items_by_pair, measure,
@@ -266,13 +266,31 @@ def _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed
     if len(same) > 1:  # those pairs' valid items together (forgetting only if every pair has its base)
         parts = list(zip(*(arrays[p] for p in same)))
         base_all = None if any(b is None for b in parts[3]) else np.concatenate(parts[3])
+        hearing = _pooled_hearing(run, same, headline, controls, include_truncated, n_boot, seed, notes)
         out[POOLED] = _decompose(*(np.concatenate(x) for x in parts[:3]), base_all, np.concatenate(parts[4]),
-                                 headline, (controls or {}).get(POOLED, {}).get("shuffled"), n_boot, seed)
+                                 headline, hearing, n_boot, seed)
     if out:
         notes.append("decomposition: (forgetting +) recognition + misalignment = (base) text - speech exactly, on "
                      "the items valid in every twin used" + ("" if base else "; forgetting needs --base BASE_RUN"))
     return out or None
 
+
+
+def _pooled_hearing(run, pairs, metric, controls, include_truncated, n_boot, seed, notes) -> dict | None:
+    """The pooled decomposition row's hearing, over the shuffled control of exactly that row's pairs (the
+    controls' pooled row pools every pair with a shuffled twin, which need not be these); None, with a
+    note, when one of them has no shuffled row scored by the row's metric."""
+    rows = {p: (controls or {}).get(p, {}).get("shuffled") for p in pairs}
+    missing = [p for p, row in rows.items() if row is None or row["metric"] != metric]
+    if missing:
+        if len(missing) < len(pairs):
+            notes.append(f"decomposition: the pooled row has no hearing: {missing} have no shuffled control "
+                         f"scored by {metric} (hearing is in their own rows where they have one)")
+        return None
+    members = [control_items(run, p, "shuffled", include_truncated) for p in pairs]
+    g = paired_gap(np.concatenate([it["speech_correct"] for it in members]),
+                   np.concatenate([it["control_correct"] for it in members]), n_boot=n_boot, seed=seed)
+    return {"hearing": g["gap"], "ci_low": g["ci_low"], "ci_high": g["ci_high"], "n": g["n"]}
 
 
 def _decompose(text, cascade, speech, base_text, wer, metric, shuffled, n_boot, seed) -> dict:
@@ -309,9 +327,10 @@ def _item_rows(items_by_pair: dict) -> list[dict]:
     return rows
 
 
-def _open_capture(settings: dict, capture, notes: list) -> tuple[CaptureReader | None, str | None]:
-    """The capture reader: ``--capture`` must exist; a dir found in model_args may have moved."""
-    model_args = settings["model_args_parsed"]
+def _open_capture(run: dict, manifest: dict, capture, notes: list) -> tuple[CaptureReader | None, str | None]:
+    """The capture reader: ``--capture`` must exist; a dir found in model_args may have moved. A capture
+    of another model or made under other conditions than this run is refused (``_check_capture``)."""
+    model_args = manifest["model_args"]
     if capture is None:
         capture = model_args.get("capture_dir")
         if not capture:
@@ -325,11 +344,73 @@ def _open_capture(settings: dict, capture, notes: list) -> tuple[CaptureReader |
     elif not Path(capture).is_dir():
         raise FileNotFoundError(f"--capture {capture} is not a directory")
     reader = CaptureReader(capture)
-    captured_by = reader.meta.get("pretrained")
-    if captured_by and model_args.get("pretrained") and str(captured_by) != str(model_args["pretrained"]):
-        notes.append(f"the capture was written by pretrained={captured_by} but this run used "
-                     f"pretrained={model_args['pretrained']}: states may not belong to these scores")
+    _check_capture(reader, run, manifest, str(capture), notes)
     return reader, str(capture)
+
+
+#: Identity fields a capture and its run may record differently: the device (one rank's, ``cuda:0`` vs ``cpu``).
+DEVICE_FIELDS = ("device",)
+#: The capture conditions (``lslm.conditions``) the run manifest records in its ``settings``.
+SETTINGS_CONDITIONS = ("tts_override", "noise", "audio_overflow", "max_audio_seconds", "max_length")
+
+
+def _run_conditions(run: dict, manifest: dict) -> dict:
+    """This run's side of a capture's ``conditions``, from what the run recorded: ``lslm``'s settings, its
+    intervention spec (less the hook sites and where its calibration was saved, which the capture leaves
+    out) and the two model args recorded nowhere else, read as ``lslm`` reads them. Empty for a run that
+    ``lslm`` did not describe."""
+    ours = (run["results"].get("config") or {}).get("lmeval_speech") or {}
+    if "settings" not in ours:
+        return {}
+    out = {k: ours["settings"][k] for k in SETTINGS_CONDITIONS if k in ours["settings"]}
+    if "hooks" in ours:
+        spec = (ours["hooks"] or {}).get("intervention")
+        out["intervention"] = None if spec is None else {k: v for k, v in spec.items()
+                                                         if k not in ("hooks", "save_calibration")}
+    bos, prefix = manifest["model_args"].get("add_bos_token"), manifest["model_args"].get("prefix_token_id")
+    out["add_bos_token"] = None if bos is None else str(bos).lower() in {"1", "true", "yes", "on"}
+    out["prefix_token_id"] = None if prefix is None else int(prefix)
+    return out
+
+
+def _check_capture(reader: CaptureReader, run: dict, manifest: dict, capture: str, notes: list) -> None:
+    """Refuse a capture written by another model, or under other conditions, than this run: its states
+    would be read beside this run's scores (``--capture`` naming another run's dir, a relative
+    ``capture_dir`` read from another folder, a dir refilled since). Compared: the model identity both
+    record (every field but the device; only ``pretrained`` where one side has no full identity) and
+    each capture condition the run records too (noise, TTS override, intervention, audio limits ...).
+    What neither side lets compare is left unchecked with a note."""
+    ours = (run["results"].get("config") or {}).get("lmeval_speech") or {}
+    captured_model, run_model = reader.meta.get("model"), ours.get("model")
+    if captured_model and run_model:
+        keys = sorted((set(captured_model) | set(run_model)) - set(DEVICE_FIELDS))
+        stored, current = ({f"model.{k}": side.get(k) for k in keys} for side in (captured_model, run_model))
+    else:
+        stored = {"model.pretrained": (captured_model or {}).get("pretrained") or reader.meta.get("pretrained")}
+        current = {"model.pretrained": (run_model or {}).get("pretrained") or manifest["model_args"].get("pretrained")}
+        if stored["model.pretrained"] is None or current["model.pretrained"] is None:
+            stored, current = {}, {}
+            notes.append(f"capture dir {capture} or this run records no model identity (made by an older version, "
+                         "or not by lslm): not checked that its states are this run's model's")
+        else:
+            notes.append(f"capture dir {capture} or this run records no full model identity: only pretrained "
+                         "checked against this run's")
+    captured_conditions, run_conditions = reader.meta.get("conditions"), _run_conditions(run, manifest)
+    if captured_conditions is None or not run_conditions:
+        notes.append(f"capture dir {capture} or this run records no run settings (made by an older version, or "
+                     "not by lslm): not checked that its states were captured under this run's noise, TTS and "
+                     "intervention")
+    else:
+        keys = [k for k in captured_conditions if k in run_conditions]
+        stored |= {f"conditions.{k}": captured_conditions[k] for k in keys}
+        current |= {f"conditions.{k}": run_conditions[k] for k in keys}
+    differ = mismatch(stored, current)
+    if differ:
+        raise ValueError(
+            f"capture dir {capture} holds states of another model or run settings than this run's ({differ[0]}; "
+            f"this run has {differ[1]}): its similarity and alignment would describe another run. Pass --capture "
+            "with the dir this run captured into (a relative capture_dir= is read from the current folder: run "
+            "the report from the folder lm_eval ran in)")
 
 
 def _common_layers(rec_s: dict, rec_t: dict) -> list[int]:

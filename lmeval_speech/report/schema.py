@@ -62,8 +62,9 @@ controls            {pair: {shuffled|silence: {control_task, n, speech_acc, cont
 decomposition       {pair: {n, metric, base_text_acc, forgetting, base_gap (with --base, else null),
                     text_acc, cascade_acc, speech_acc, recognition, misalignment,
                     gap (each {gap, ci_low, ci_high, p}; recognition + misalignment = gap exactly, on
-                    the items valid in text, cascade and speech), hearing (the shuffled control's,
-                    or null), recovery_rate (speech / text), asr_wer_mean, wer_vs_speech_only_error
+                    the items valid in text, cascade and speech), hearing (the shuffled control's
+                    {hearing, ci_low, ci_high, n}, or null; the pooled row's over the shuffled twins of
+                    the pairs it pools, null when one of them has none), recovery_rate (speech / text), asr_wer_mean, wer_vs_speech_only_error
                     (point-biserial)}}, or null when the run has no cascade twin; with more than one
                     pair of the headline metric, also "overall (pooled)": those pairs' valid items
                     together (forgetting only when each has its base run; pairs of another metric
