@@ -206,8 +206,10 @@ def test_a_use_cache_database_made_before_the_spoken_form_rules_changed_is_refus
     first.loglikelihood(mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX, 7))
     first.dbdict.close()
     monkeypatch.undo()
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3)
+    assert lm.get_model_info()["lmeval_speech"]["settings"]["spoken_form"] == 1  # the run's results record it
     with pytest.raises(ValueError, match=r"other settings \(spoken_form=0\); this run has spoken_form=1"):
-        CachingLM(LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3), path)
+        CachingLM(lm, path)
 
 
 def test_a_capture_dir_without_a_record_of_its_settings_is_refused(tmp_path):

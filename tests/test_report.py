@@ -342,7 +342,7 @@ CONDITIONS = {"tts_override": None, "noise": None, "intervention": None, "audio_
               "max_audio_seconds": 300.0, "max_length": 2048, "add_bos_token": None, "prefix_token_id": None,
               "spoken_form": 1}
 SETTINGS = {"audio_overflow": "truncate", "max_audio_seconds": 300.0, "tts_override": None, "fail_fast": False,
-            "noise": None, "max_length": 2048, "batch_size": 8}
+            "noise": None, "max_length": 2048, "batch_size": 8, "spoken_form": 1}
 
 
 def lslm_record(out, identity=IDENTITY, settings=SETTINGS, intervention=None) -> None:
@@ -369,6 +369,8 @@ def test_a_capture_of_another_model_or_condition_is_refused(tmp_path, capsys):
         "noise": (IDENTITY, {**CONDITIONS, "noise": noisy}, "conditions.noise={'kind': 'white'"),
         "intervention": (IDENTITY, {**CONDITIONS, "intervention": intervention}, "conditions.intervention={'kind'"),
         "voice": (IDENTITY, {**CONDITIONS, "tts_override": {"voice": "en-gb"}}, "conditions.tts_override"),
+        # a capture made before the TTS text rules changed heard other audio
+        "spoken form": (IDENTITY, {**CONDITIONS, "spoken_form": 0}, "conditions.spoken_form=0"),
     }
     for name, (identity, conditions, named) in cases.items():
         cap, out = tmp_path / name / "cap", tmp_path / name / "out"
@@ -392,8 +394,7 @@ def test_a_capture_of_another_model_or_condition_is_refused(tmp_path, capsys):
 
 
 def test_the_runs_own_capture_matches_it_even_from_a_relative_capture_dir(tmp_path, monkeypatch, capsys):
-    """The same run matches itself: a capture stamped on another device (one rank's ``cuda:0``), with
-    conditions the run does not record (``spoken_form``) and the intervention as the capture keeps it
+    """The same run matches itself: a capture stamped on another device (one rank's ``cuda:0``) and the intervention as the capture keeps it
     (without where its calibration was saved or its hook sites). A relative ``capture_dir`` is read from
     the current folder: from another folder holding another run's ``cap/``, the report refuses it."""
     intervention = {"kind": "angle", "layers": "input", "critical": "bottom3", "strength": 1.0, "mode": "oracle",

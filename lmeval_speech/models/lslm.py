@@ -315,7 +315,8 @@ class LSLM(BatchRunner, TemplateLM):
             "settings": {"audio_overflow": self.audio_overflow, "max_audio_seconds": self.max_audio_seconds,
                          "tts_override": self.tts_override or None, "fail_fast": self.fail_fast,
                          "noise": None if self.noise is None else self.noise.to_dict(),
-                         "max_length": self.max_length, "batch_size": self.batch_size},
+                         "max_length": self.max_length, "batch_size": self.batch_size,
+                         "spoken_form": SPOKEN_FORM_VERSION},
             "hooks": {"capture": None if self.capture is None else self.capture.spec(),
                       "intervention": None if self.intervener is None else self._intervention_manifest()},
         }}

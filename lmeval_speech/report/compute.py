@@ -351,7 +351,7 @@ def _open_capture(run: dict, manifest: dict, capture, notes: list) -> tuple[Capt
 #: Identity fields a capture and its run may record differently: the device (one rank's, ``cuda:0`` vs ``cpu``).
 DEVICE_FIELDS = ("device",)
 #: The capture conditions (``lslm.conditions``) the run manifest records in its ``settings``.
-SETTINGS_CONDITIONS = ("tts_override", "noise", "audio_overflow", "max_audio_seconds", "max_length")
+SETTINGS_CONDITIONS = ("tts_override", "noise", "audio_overflow", "max_audio_seconds", "max_length", "spoken_form")
 
 
 def _run_conditions(run: dict, manifest: dict) -> dict:
