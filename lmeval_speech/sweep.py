@@ -101,7 +101,8 @@ def recorded_differences(results: dict, cmd: list[str]) -> list[str]:
     """What the run of ``results`` (an lm-eval results file) was asked differently from the lm_eval command
     ``cmd`` (``lm_eval_command``'s), read by lm-eval's own parser as lm-eval would record it: model,
     model_args, limit, gen_kwargs and seeds, the tasks (groups expanded through the run's
-    ``group_subtasks``), ``--num_fewshot`` when given, chat template and system instruction."""
+    ``group_subtasks``), ``--num_fewshot`` when given, chat template, system instruction and, for
+    ``lslm``, the spoken-form rules' version."""
     from lm_eval._cli.harness import HarnessCLI
     from lm_eval.config.evaluate_config import EvaluatorConfig
     from lm_eval.utils import simple_parse_args_string
@@ -132,6 +133,11 @@ def recorded_differences(results: dict, cmd: list[str]) -> list[str]:
         recorded["num_fewshot"] = {t: (results.get("n-shot") or {}).get(t) for t in ran}
     requested |= {"chat_template": bool(cfg.apply_chat_template), "system_instruction": cfg.system_instruction}
     recorded |= {"chat_template": bool(results.get("chat_template")), "system_instruction": results.get("system_instruction")}
+    if cfg.model == "lslm":  # the rules that rewrite TTS texts (other rules, other audio)
+        from lmeval_speech.audio.spoken_form import VERSION
+
+        requested["spoken_form"] = VERSION
+        recorded["spoken_form"] = ((config.get("lmeval_speech") or {}).get("settings") or {}).get("spoken_form")
     requested = json.loads(json.dumps(requested))  # as the results file holds it
     return [f"{k}: {recorded[k]!r} in the run, {requested[k]!r} requested" for k in requested if recorded[k] != requested[k]]
 

@@ -337,3 +337,17 @@ def test_noise_and_intervention_are_flagged(tmp_path, capsys):
     del data["settings"]["conditions"]
     baseline.write_text(json.dumps(data))
     assert check(tmp_path / "noisy", "--baseline", baseline) == 0
+
+
+def test_runs_under_other_spoken_form_rules_are_flagged(tmp_path, capsys):
+    """A run made before a spoken-form rule changed heard other audio for the same items: flagged as a
+    difference of conditions, not fitted as comparable."""
+    for name, version in (("old", 1), ("new", 2)):
+        write_run(tmp_path / name, "pretrained=mini")
+        lslm_record(tmp_path / name, settings={**SETTINGS, "spoken_form": version})
+    assert cli(["compare", str(tmp_path / "old"), str(tmp_path / "new"), "--out", str(tmp_path / "lb"),
+                "--labels", "old,new"]) == 0
+    lb = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())
+    assert not lb["comparability"]["comparable"]
+    (diff,) = lb["comparability"]["differences"]
+    assert diff["aspect"] == "conditions" and diff["detail"] == ["conditions.spoken_form: 1 -> 2"]

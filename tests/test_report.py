@@ -371,6 +371,9 @@ def test_a_capture_of_another_model_or_condition_is_refused(tmp_path, capsys):
         "voice": (IDENTITY, {**CONDITIONS, "tts_override": {"voice": "en-gb"}}, "conditions.tts_override"),
         # a capture made before the TTS text rules changed heard other audio
         "spoken form": (IDENTITY, {**CONDITIONS, "spoken_form": 0}, "conditions.spoken_form=0"),
+        # made before the rules existed (no record of them): it heard the symbols dropped
+        "no spoken form": (IDENTITY, {k: v for k, v in CONDITIONS.items() if k != "spoken_form"},
+                           "conditions.spoken_form=None"),
     }
     for name, (identity, conditions, named) in cases.items():
         cap, out = tmp_path / name / "cap", tmp_path / name / "out"

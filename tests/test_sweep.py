@@ -179,3 +179,22 @@ def test_sweep_refuses_to_reuse_a_run_of_other_settings(tiny_qwen2_audio_dir, tm
         assert "voice-task_rate-task_clean" in proc.stderr
     assert sorted((tmp_path / "sw").rglob("results_*.json")) == results  # nothing ran again
     assert (tmp_path / "sw" / "sweep.json").read_text() == written
+
+
+def test_a_run_made_under_other_spoken_form_rules_is_not_reused():
+    """Its speech twins heard other audio (the rules rewrite what TTS says)."""
+    from pathlib import Path
+
+    from lmeval_speech.audio.spoken_form import VERSION
+    from lmeval_speech.sweep import lm_eval_command, recorded_differences
+
+    cmd = lm_eval_command(["--model_args", "pretrained=mini"], "t", {"voice": None, "rate": None, "snr_db": None},
+                          "white", 0, Path("out"))
+    config = {"model": "lslm", "model_args": "pretrained=mini", "limit": None, "gen_kwargs": {},
+              "random_seed": 0, "numpy_seed": 1234, "torch_seed": 1234, "fewshot_seed": 1234}
+    ran = {"config": {**config, "lmeval_speech": {"settings": {"spoken_form": VERSION}}}, "configs": {"t": {}}}
+    assert recorded_differences(ran, cmd) == []
+    ran["config"]["lmeval_speech"]["settings"]["spoken_form"] = VERSION - 1
+    assert recorded_differences(ran, cmd) == [f"spoken_form: {VERSION - 1} in the run, {VERSION} requested"]
+    del ran["config"]["lmeval_speech"]
+    assert recorded_differences(ran, cmd) == [f"spoken_form: None in the run, {VERSION} requested"]

@@ -90,20 +90,26 @@ def _normalize_words(text: str) -> str:
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
-    """WER after lower-casing and dropping punctuation (jiwer's measure on normalized words)."""
+    """WER after lower-casing and dropping punctuation (jiwer's measure on normalized words), against
+    the reference as it is spoken (:func:`~lmeval_speech.audio.spoken_form.spoken_form`: "x < 0" is
+    heard, and rightly transcribed, as "x less than 0")."""
     import jiwer
 
-    norm = [_normalize_words(t) for t in (reference, hypothesis)]
+    from .spoken_form import spoken_form
+
+    norm = [_normalize_words(t) for t in (spoken_form(reference), hypothesis)]
     if not norm[0]:
         return float("nan")
     return float(jiwer.wer(norm[0], norm[1] or "<empty>"))
 
 
 def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
-    """Word errors over all references / their words, normalized as :func:`word_error_rate`."""
+    """Word errors over all references / their words, normalized (and spoken) as :func:`word_error_rate`."""
     import jiwer
 
-    refs = [_normalize_words(t) for t in references]
+    from .spoken_form import spoken_form
+
+    refs = [_normalize_words(spoken_form(t)) for t in references]
     if len(refs) != len(hypotheses) or not all(refs):
         raise ValueError("corpus_wer needs one hypothesis per non-empty reference")
     return float(jiwer.wer(refs, [_normalize_words(h) or "<empty>" for h in hypotheses]))

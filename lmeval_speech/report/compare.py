@@ -208,10 +208,11 @@ def settings(rep: dict, notes: list | None = None) -> dict:
 
 def _conditions(man: dict) -> dict:
     """The run conditions that change what the model hears or computes besides the TTS spec: the noise
-    ``lslm`` mixed into the audio and its intervention (the spec, less the hook sites and where its
+    ``lslm`` mixed into the audio, the rules that rewrote its TTS texts, and its intervention (the spec, less the hook sites and where its
     calibration was saved, which change no number)."""
     intervention = (man.get("hooks") or {}).get("intervention")
     return {"noise": (man.get("settings") or {}).get("noise"),
+            "spoken_form": (man.get("settings") or {}).get("spoken_form"),
             "intervention": None if intervention is None else
             {k: v for k, v in intervention.items() if k not in ("hooks", "save_calibration")}}
 

@@ -401,8 +401,9 @@ def _check_capture(reader: CaptureReader, run: dict, manifest: dict, capture: st
                      "not by lslm): not checked that its states were captured under this run's noise, TTS and "
                      "intervention")
     else:
-        keys = [k for k in captured_conditions if k in run_conditions]
-        stored |= {f"conditions.{k}": captured_conditions[k] for k in keys}
+        # a capture made before the spoken-form rules existed has no record of them: it heard other audio
+        keys = [k for k in run_conditions if k in captured_conditions or k == "spoken_form"]
+        stored |= {f"conditions.{k}": captured_conditions.get(k) for k in keys}
         current |= {f"conditions.{k}": run_conditions[k] for k in keys}
     differ = mismatch(stored, current)
     if differ:
