@@ -102,6 +102,19 @@ def test_an_espeak_voice_or_variant_it_does_not_have_is_refused_before_synthesis
         get_audio(SENTENCE, spec, cache_dir=tmp_path)
 
 
+def test_an_mbrola_voice_without_mbrola_is_refused_before_synthesis(tmp_path, monkeypatch):
+    """espeak-ng lists its mbrola voices whether or not mbrola is installed; without it every item failed
+    (exit 1 per item), and a run that also had recorded-audio tasks ended with exit 0."""
+    import shutil
+
+    from lmeval_speech.audio.tts import TTSSpecError
+
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "mbrola" else real_which(name, *a, **k))
+    with pytest.raises(TTSSpecError, match="needs mbrola"):
+        get_audio(SENTENCE, TTSSpec(voice="mb-en1"), cache_dir=tmp_path)
+
+
 def test_the_voices_espeak_ng_has_are_accepted_and_differ():
     """The embedded model's training voices, espeak's own spellings (file, name, +N variants), all
     accepted; each variant is heard (not the plain voice)."""

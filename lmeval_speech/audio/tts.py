@@ -158,6 +158,10 @@ class EspeakEngine:
         one (en-uss is heard as en-gb, en-us+f33 as en-us), which the run would label as the typed one."""
         voices, variants = _espeak_voices(self._exe())
         name, plus, variant = voice.partition("+")
+        if name.lower().startswith(("mb-", "mb/")) and shutil.which("mbrola") is None:
+            # listed by --voices=mb whether or not mbrola is installed; without it every item fails
+            raise TTSSpecError(f"espeak-ng voice {voice!r} needs mbrola: apt-get install mbrola and its voice "
+                               f"(e.g. mbrola-{name.lower().removeprefix('mb/').removeprefix('mb-')})")
         if variant.isascii() and variant.isdigit():  # espeak's +N: variant mN below 10, f(N-10) from 10
             variant = f"m{int(variant)}" if int(variant) < 10 else f"f{int(variant) - 10}"
         if name.lower() not in voices or (plus and variant not in variants):
