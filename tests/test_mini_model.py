@@ -143,8 +143,10 @@ def test_demo_questions_are_heard(mini):
 
     items, groups = demo_items(20)
     res = three_way(mini, items, groups)
-    assert res["nats_own_minus_other_mean"] >= 1.0, res  # met (2026-12-02, shipped adapter: +2.89 nats)
-    # not met yet (measured: speech - shuffled +0.017, CI [-0.05, +0.08]; 71% of items positive)
+    assert res["nats_own_minus_other_mean"] >= 1.0, res  # met (2026-12-02, shipped adapter: +3.02 nats)
+    # 75% of items positive: met at the line since the speech twin speaks the questions' blanks (90 of 120;
+    # 71% when espeak-ng dropped them). Not met: speech - shuffled -0.025, CI [-0.09, +0.04]; even the text
+    # twin is only +0.058 [0.00, +0.13] above this control (text 0.400: SmolLM2 is near chance on MMLU)
     if res["speech_minus_shuffled_ci"][0] <= 0 or res["nats_share_positive"] < 0.75:
         pytest.xfail(f"issue 13 demo goals not met yet: speech - shuffled CI {res['speech_minus_shuffled_ci']}, "
                      f"{res['nats_share_positive']:.0%} of items with own > other (goal 75%)")
