@@ -11,10 +11,18 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import tone
 from lm_eval.api.instance import Instance
 
-from conftest import tone
-from lmeval_speech.audio import AudioCache, AudioError, TTSSpec, get_audio, recorded, resolve_audio, spoken
+from lmeval_speech.audio import (
+    AudioCache,
+    AudioError,
+    TTSSpec,
+    get_audio,
+    recorded,
+    resolve_audio,
+    spoken,
+)
 from lmeval_speech.audio.noise import snr_db
 
 SENTENCE = "Which planet is known as the red planet?"

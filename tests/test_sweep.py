@@ -157,7 +157,7 @@ def test_sweep_refuses_to_reuse_a_run_of_other_settings(tiny_qwen2_audio_dir, tm
     def sweep(*lm_eval_args, tasks=task, model_args=model_args):
         cmd = [sys.executable, "-m", "lmeval_speech.cli", "sweep", "--tasks", tasks, "--out", "sw", "--n-boot", "100",
                "--", "--model_args", model_args, *lm_eval_args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path, check=False)
 
     first = sweep(*rest)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -168,10 +168,10 @@ def test_sweep_refuses_to_reuse_a_run_of_other_settings(tiny_qwen2_audio_dir, tm
     results = sorted((tmp_path / "sw").rglob("results_*.json"))
     written = (tmp_path / "sw" / "sweep.json").read_text()
     for changed, named in [
-        (dict(model_args=f"pretrained={tmp_path / 'other_model'}"), "model_args: {'pretrained': "),
-        (dict(rest=["--limit", "3", *rest[2:]]), "limit: 2.0 in the run, 3.0 requested"),
-        (dict(rest=[*rest, "--seed", "7"]), "random_seed: 0 in the run, 7 requested"),
-        (dict(tasks=f"{task},{task}_shuffled"), f"'{task}_shuffled', '{task}_speech', '{task}_text'] requested"),
+        ({"model_args": f"pretrained={tmp_path / 'other_model'}"}, "model_args: {'pretrained': "),
+        ({"rest": ["--limit", "3", *rest[2:]]}, "limit: 2.0 in the run, 3.0 requested"),
+        ({"rest": [*rest, "--seed", "7"]}, "random_seed: 0 in the run, 7 requested"),
+        ({"tasks": f"{task},{task}_shuffled"}, f"'{task}_shuffled', '{task}_speech', '{task}_text'] requested"),
     ]:
         proc = sweep(*changed.get("rest", rest), **{k: v for k, v in changed.items() if k != "rest"})
         assert proc.returncode == 2, (named, proc.stderr[-3000:])

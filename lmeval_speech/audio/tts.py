@@ -113,7 +113,7 @@ def _espeak_version(exe: str) -> str:
     return match.group(1) if match else out.strip()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _espeak_voices(exe: str) -> tuple[frozenset, frozenset]:
     """(what ``-v`` selects, lower-cased: languages, names, files; the ``+variant`` files) of this
     espeak-ng, from ``--voices`` (and ``=mb``) and ``--voices=variant``, once per process."""
