@@ -166,33 +166,35 @@ def test_forgetting_from_a_base_run_completes_the_decomposition(tmp_path):
     assert rep2["decomposition"]["speech_toy_a"]["forgetting"] is None
 
 
+def _toy_run(out, tasks):
+    """A run folder of toy twins: ``{task: (pair, modality, per-item correctness)}``."""
+    from test_report import _config, _sample, write_samples
+
+    model_dir = out / "lslm__m"
+    model_dir.mkdir(parents=True)
+    configs = {}
+    for task, (pair, modality, scores) in tasks.items():
+        configs[task] = _config(task, pair, "speech" if modality != "text" else "text")
+        configs[task]["metadata"]["modality"] = modality
+        write_samples(model_dir / f"samples_{task}_2025-01-01T00-00-00.000001.jsonl", [_sample(d, c) for d, c in enumerate(scores)])
+    (model_dir / "results_2025-01-01T00-00-00.000001.json").write_text(json.dumps(
+        {"results": {t: {} for t in tasks}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
+    return out
+
+
 def test_pooled_rows_put_every_pairs_items_together(tmp_path):
     """Two pairs (6 + 4 items): the "overall (pooled)" decomposition and control rows are computed on
     the 10 items together (not a mean of the two pairs' figures), with the same exact sums."""
-    from test_report import _config, _sample, write_samples
-
     from lmeval_speech.report import report
     from lmeval_speech.report.schema import POOLED
 
-    def run(out, tasks):
-        model_dir = out / "lslm__m"
-        model_dir.mkdir(parents=True)
-        configs = {}
-        for task, (pair, modality, scores) in tasks.items():
-            configs[task] = _config(task, pair, "speech" if modality != "text" else "text")
-            configs[task]["metadata"]["modality"] = modality
-            write_samples(model_dir / f"samples_{task}_2025-01-01T00-00-00.000001.jsonl", [_sample(d, c) for d, c in enumerate(scores)])
-        (model_dir / "results_2025-01-01T00-00-00.000001.json").write_text(json.dumps(
-            {"results": {t: {} for t in tasks}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
-        return out
-
     a, b = "speech_toy_a", "speech_toy_b"
-    lslm = run(tmp_path / "lslm", {
+    lslm = _toy_run(tmp_path / "lslm", {
         f"{a}_text": (a, "text", [1, 1, 0, 1, 0, 1]), f"{a}_speech": (a, "speech", [0, 0, 0, 1, 0, 1]),
         f"{a}_cascade": (a, "cascade", [1, 0, 0, 1, 0, 1]), f"{a}_shuffled": (a, "shuffled", [0, 0, 0, 0, 0, 1]),
         f"{b}_text": (b, "text", [1, 1, 1, 1]), f"{b}_speech": (b, "speech", [1, 1, 1, 0]),
         f"{b}_cascade": (b, "cascade", [1, 1, 1, 1]), f"{b}_shuffled": (b, "shuffled", [1, 0, 0, 0])})
-    base = run(tmp_path / "base", {f"{a}_text": (a, "text", [1, 1, 1, 1, 0, 1]), f"{b}_text": (b, "text", [1, 1, 1, 1])})
+    base = _toy_run(tmp_path / "base", {f"{a}_text": (a, "text", [1, 1, 1, 1, 0, 1]), f"{b}_text": (b, "text", [1, 1, 1, 1])})
     rep, _ = report.build_report(report.load_run(lslm), n_boot=200, base=report.load_run(base))
     d = rep["decomposition"][POOLED]
     assert d["n"] == 10
@@ -211,22 +213,8 @@ def test_pooled_decomposition_hearing_is_over_the_rows_own_pairs(tmp_path):
     """The pooled decomposition row pools the pairs with a cascade twin (a, b); its hearing was the
     controls' pooled row, which pools the pairs with a shuffled twin (a, c): 0.25 from c's items, a pair
     not in the row. It is now over the row's own pairs, or null when one of them has no shuffled twin."""
-    from test_report import _config, _sample, write_samples
-
     from lmeval_speech.report import report
     from lmeval_speech.report.schema import POOLED
-
-    def run(out, tasks):
-        model_dir = out / "lslm__m"
-        model_dir.mkdir(parents=True)
-        configs = {}
-        for task, (pair, modality, scores) in tasks.items():
-            configs[task] = _config(task, pair, "speech" if modality != "text" else "text")
-            configs[task]["metadata"]["modality"] = modality
-            write_samples(model_dir / f"samples_{task}_2025-01-01T00-00-00.000001.jsonl", [_sample(d, c) for d, c in enumerate(scores)])
-        (model_dir / "results_2025-01-01T00-00-00.000001.json").write_text(json.dumps(
-            {"results": {t: {} for t in tasks}, "configs": configs, "config": {"model": "lslm", "model_args": "pretrained=m"}}))
-        return out
 
     right, half, wrong = [1] * 10, [1] * 5 + [0] * 5, [0] * 10
     a, b, c = "speech_toy_a", "speech_toy_b", "speech_toy_c"
@@ -234,7 +222,7 @@ def test_pooled_decomposition_hearing_is_over_the_rows_own_pairs(tmp_path):
              f"{a}_shuffled": (a, "shuffled", wrong),
              f"{b}_text": (b, "text", right), f"{b}_speech": (b, "speech", half), f"{b}_cascade": (b, "cascade", right),
              f"{c}_text": (c, "text", right), f"{c}_speech": (c, "speech", half), f"{c}_shuffled": (c, "shuffled", half)}
-    rep, _ = report.build_report(report.load_run(run(tmp_path / "r1", tasks)), n_boot=200)
+    rep, _ = report.build_report(report.load_run(_toy_run(tmp_path / "r1", tasks)), n_boot=200)
     d = rep["decomposition"]
     assert set(d) == {a, b, POOLED} and d[POOLED]["n"] == 20
     assert rep["controls"][POOLED]["shuffled"]["hearing"] == pytest.approx(0.25)  # a + c: not the row's pairs
@@ -242,7 +230,7 @@ def test_pooled_decomposition_hearing_is_over_the_rows_own_pairs(tmp_path):
     assert d[POOLED]["hearing"] is None  # b, in the row, has no shuffled twin
     assert any("pooled row has no hearing" in n and b in n for n in rep["notes"])
     # with b's shuffled twin too, the row's hearing is over a + b (speech 10/20, shuffled 0/20), not a + b + c
-    rep, _ = report.build_report(report.load_run(run(tmp_path / "r2", {**tasks, f"{b}_shuffled": (b, "shuffled", wrong)})),
+    rep, _ = report.build_report(report.load_run(_toy_run(tmp_path / "r2", {**tasks, f"{b}_shuffled": (b, "shuffled", wrong)})),
                                  n_boot=200)
     assert rep["controls"][POOLED]["shuffled"]["hearing"] == pytest.approx(1 / 3)
     assert rep["decomposition"][POOLED]["hearing"]["hearing"] == pytest.approx(0.5)
