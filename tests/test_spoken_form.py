@@ -71,3 +71,15 @@ def test_word_error_rate_is_against_what_the_audio_says():
     said = "If delta H less than 0 and delta S greater than 0, then 2 to the power of x = 8."
     assert word_error_rate("If delta H < 0 and delta S > 0, then 2^x = 8.", said) == 0.0
     assert corpus_wer(["They are ______ and more.", "x < 1"], ["they are blank and more", "x less than 1"]) == 0.0
+
+
+def test_the_rules_cannot_change_without_a_new_version():
+    """VERSION keys the audio cache and the run conditions: a rule edited without a new VERSION would
+    serve the old rules' cached audio and accept old captures, exit 0. Change a rule: bump VERSION and
+    the pinned hash here together."""
+    import hashlib
+
+    from lmeval_speech.audio import spoken_form as rules
+
+    digest = hashlib.sha256(repr([(p.pattern, r) for p, r in rules._RULES]).encode()).hexdigest()[:16]
+    assert (rules.VERSION, digest) == (2, "350a31625d42f743")
