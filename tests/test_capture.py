@@ -200,15 +200,17 @@ def test_a_use_cache_database_made_before_the_spoken_form_rules_changed_is_refus
 
     from lmeval_speech.models import lslm as lslm_module
 
+    from lmeval_speech.audio.spoken_form import VERSION
+
     path = str(tmp_path / "cache_rank0.db")
-    monkeypatch.setattr(lslm_module, "SPOKEN_FORM_VERSION", 0)
+    monkeypatch.setattr(lslm_module, "SPOKEN_FORM_VERSION", VERSION - 1)
     first = CachingLM(LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3), path)
     first.loglikelihood(mc_requests("speech_mmlu_continuation_geo_text", TEXT_CTX, 7))
     first.dbdict.close()
     monkeypatch.undo()
     lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", batch_size=3)
-    assert lm.get_model_info()["lmeval_speech"]["settings"]["spoken_form"] == 1  # the run's results record it
-    with pytest.raises(ValueError, match=r"other settings \(spoken_form=0\); this run has spoken_form=1"):
+    assert lm.get_model_info()["lmeval_speech"]["settings"]["spoken_form"] == VERSION  # the results record it
+    with pytest.raises(ValueError, match=rf"other settings \(spoken_form={VERSION - 1}\); this run has spoken_form={VERSION}"):
         CachingLM(lm, path)
 
 
