@@ -76,6 +76,7 @@ FAMILIES: list[tuple[str, Callable[[dict], str], Callable[[dict], str]]] = [
     ("speech_mmlu_", mmlu_letter_spoken, mmlu_letter_shown),
     ("speech_arc_", question_spoken, question_spoken),
     ("speech_openbookqa", question_stem_spoken, question_stem_spoken),
+    ("speech_sciq", question_spoken, question_spoken),
     ("speech_voicebench_", voicebench_spoken, voicebench_spoken),
 ]
 

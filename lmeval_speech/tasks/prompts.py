@@ -90,6 +90,15 @@ def labelled_choices(doc: dict) -> list[str]:
     return list(doc["choices"]["text"])
 
 
+def sciq_gold(doc: dict) -> int:
+    """SciQ: lm-eval's ``doc_to_target: 3`` (the correct answer is listed after the three distractors)."""
+    return 3
+
+
+def sciq_choices(doc: dict) -> list[str]:
+    return [doc["distractor1"], doc["distractor2"], doc["distractor3"], doc["correct_answer"]]
+
+
 def voicebench_gold(doc: dict) -> int:
     return "ABCD".index(doc["reference"].strip())
 
@@ -99,6 +108,7 @@ def voicebench_gold(doc: dict) -> int:
 mmlu_results = mc_results(mmlu_gold, letters, norm=False)
 mmlu_continuation_results = mc_results(mmlu_gold, mmlu_choices, norm=False)
 labelled_results = mc_results(labelled_gold, labelled_choices, norm=True)
+sciq_results = mc_results(sciq_gold, sciq_choices, norm=True)
 voicebench_results = mc_results(voicebench_gold, letters, norm=False)
 
 
@@ -224,6 +234,7 @@ mmlu_cascade_results = mc_results(mmlu_gold, letters, norm=False, spoken=twins.m
 mmlu_continuation_cascade_results = mc_results(mmlu_gold, mmlu_choices, norm=False, spoken=twins.question_spoken)
 arc_cascade_results = mc_results(labelled_gold, labelled_choices, norm=True, spoken=twins.question_spoken)
 openbookqa_cascade_results = mc_results(labelled_gold, labelled_choices, norm=True, spoken=twins.question_stem_spoken)
+sciq_cascade_results = mc_results(sciq_gold, sciq_choices, norm=True, spoken=twins.question_spoken)
 voicebench_cascade_results = mc_results(voicebench_gold, letters, norm=False, spoken=twins.voicebench_spoken)
 # SD-QA (generation): the same contains_proxy, plus the transcript and its WER
 sdqa_cascade_results = gen_cascade_results(sdqa_process_results, twins.voicebench_spoken)
