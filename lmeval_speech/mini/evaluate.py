@@ -4,11 +4,13 @@
   cloze accuracy (``acc``: the option with the highest log-likelihood) with the question as text,
   spoken (espeak-ng en-us 160, passed as a plain audio array), and spoken *shuffled* (another
   item's audio: a fixed derangement). Paired bootstrap CI of speech - shuffled.
-* **Demo subjects** (MMLU test items of ``speech_mmlu_continuation_demo``'s 6 subjects): the same
-  three accuracies, and the *nats* measure: log p(right answer | its own spoken question) minus
-  log p(right answer | another item's spoken question of the same subject), mean and share > 0.
+* **Demo items** (the README demo's items: the first ``DEMO_LIMIT`` ARC-Easy test questions, lm-eval's
+  cloze prompt): the same three accuracies, and the *nats* measure: log p(right answer | its own spoken
+  question) minus log p(right answer | another item's spoken question), mean and share > 0. (Until
+  2026-12-06 the demo was 6 MMLU subjects; the JSON files in benchmarks/mini_hearing before that date
+  hold those.)
 
-    python -m lmeval_speech.mini.evaluate [--adapter FILE] [--per-subject 20] [--out result.json]
+    python -m lmeval_speech.mini.evaluate [--adapter FILE] [--demo-items 200] [--out result.json]
 
 * **Choosing the posterior temperature** on a *development* set (``tests/data/easy_questions_dev.jsonl``,
   80 other easy questions written for this, never the two evaluation sets above): for each T, the
@@ -67,7 +69,8 @@ def set_temperature(lm, t: float) -> None:
 
 
 def option_loglik(lm, items: list[dict], audio_of: list[str] | None) -> np.ndarray:
-    """``[n, 4]`` log-likelihood of each option; ``audio_of[i]`` is the text spoken for item i (None: text twin)."""
+    """``[n, max options]`` log-likelihood of each option, ``-inf`` past an item's last option (ARC has
+    items with 3 and 5); ``audio_of[i]`` is the text spoken for item i (None: text twin)."""
     from lm_eval.api.instance import Instance
 
     from lmeval_speech.audio import spoken
@@ -79,8 +82,11 @@ def option_loglik(lm, items: list[dict], audio_of: list[str] | None) -> np.ndarr
                 reqs.append(Instance("loglikelihood", {}, (PROMPT_TEXT.format(q=it["question"].strip()), " " + opt), 0))
             else:
                 reqs.append(Instance("loglikelihood", {}, (PROMPT_SPEECH, " " + opt, {"audio": [spoken(audio_of[i])]}), 0))
-    ll = np.array([x for x, _ in lm.loglikelihood(reqs, disable_tqdm=True)])
-    return ll.reshape(len(items), len(items[0]["options"]))
+    flat = iter([x for x, _ in lm.loglikelihood(reqs, disable_tqdm=True)])
+    out = np.full((len(items), max(len(it["options"]) for it in items)), -np.inf)
+    for i, it in enumerate(items):
+        out[i, : len(it["options"])] = [next(flat) for _ in it["options"]]
+    return out
 
 
 def greedy_transcripts(lm, texts: list[str]) -> list[str] | None:
@@ -141,18 +147,17 @@ def three_way(lm, items: list[dict], groups: list[int] | None = None) -> dict:
     }
 
 
-def demo_items(per_subject: int) -> tuple[list[dict], list[int]]:
-    from lmeval_speech.tasks._generate import DEMO_SUBJECTS
-    from lmeval_speech.tasks.mmlu_data import load_mmlu
+def demo_items(n: int | None = None) -> tuple[list[dict], list[int]]:
+    """The README demo's items (tasks/_generate.py: DEMO_PAIR's first DEMO_LIMIT test questions), one
+    group: the shuffled audio is another demo item's."""
+    from lmeval_speech.tasks import science_data
+    from lmeval_speech.tasks._generate import DEMO_LIMIT, DEMO_PAIR, SCIENCE
 
-    items, groups = [], []
-    for g, subject in enumerate(DEMO_SUBJECTS):
-        ds = load_mmlu(subject)["test"]
-        for r in ds.select(range(min(per_subject, len(ds)))):
-            items.append({"question": r["question"].strip(), "options": [str(c) for c in r["choices"]],
-                          "answer": int(r["answer"])})
-            groups.append(g)
-    return items, groups
+    ds = science_data.load_split(SCIENCE[DEMO_PAIR], "test")
+    rows = ds.select(range(min(n or DEMO_LIMIT, len(ds))))
+    items = [{"question": r["question"].strip(), "options": list(r["choices"]["text"]),
+              "answer": r["choices"]["label"].index(r["answerKey"])} for r in rows]
+    return items, [0] * len(items)
 
 
 def main(argv=None):
@@ -160,7 +165,7 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--adapter", type=Path, default=None, help="adapter safetensors (default: the shipped one)")
-    ap.add_argument("--per-subject", type=int, default=20)
+    ap.add_argument("--demo-items", type=int, default=None, help="first N demo items (default: the demo's DEMO_LIMIT)")
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--limit", type=int, default=None, help="first N easy questions only (smoke test)")
     ap.add_argument("--threads", type=int, default=1)
@@ -197,7 +202,7 @@ def main(argv=None):
     res = {"adapter": str(args.adapter or "shipped"), "temperature": args.temperature, "easy": three_way(lm, load_easy()[: args.limit])}
     print(json.dumps(res["easy"], indent=1), flush=True)
     if not args.skip_demo:
-        items, groups = demo_items(args.per_subject)
+        items, groups = demo_items(args.demo_items)
         res["demo"] = three_way(lm, items, groups)
         print(json.dumps(res["demo"], indent=1), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
