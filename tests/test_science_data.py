@@ -162,3 +162,27 @@ def test_sciq_target_is_the_correct_answer():
     own = lm_eval_own("sciq/sciq.yaml", "sciq", "validation")
     doc = own.test_docs()[1]
     assert own.doc_to_choice(doc)[own.doc_to_target(doc)] == doc["correct_answer"] == "amino"
+
+
+def test_demo_script_runs_the_pair_and_limit_the_generator_names():
+    """scripts/demo.sh (the README's main command) runs DEMO_PAIR with its shuffled control on DEMO_LIMIT
+    items: the one place they are set is tasks/_generate.py."""
+    from lmeval_speech.tasks._generate import DEMO_LIMIT, DEMO_PAIR, SCIENCE
+
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "demo.sh").read_text()
+    assert f"--tasks {DEMO_PAIR},{DEMO_PAIR}_shuffled " in script
+    assert f"LIMIT=${{LIMIT:-{DEMO_LIMIT}}}" in script
+    assert SCIENCE[DEMO_PAIR] == "arc_easy" and DEMO_LIMIT <= 2376
+
+
+def test_eight_word_rule_covers_the_science_sets():
+    """A training sentence that shares 8 consecutive words with an evaluated science item is dropped
+    (the rule before 2026-12-06 covered only MMLU and the easy check: this sentence was kept)."""
+    from lmeval_speech.mini import corpus
+
+    sentence = ("A solar year is the time for the earth to make one revolution around the sun, measured "
+                "between two vernal equinoxes.")
+    assert corpus.ngrams(sentence) & corpus.contamination_ngrams()
+    hits = corpus.science_overlap([sentence, "The cat sat on the mat and looked at the moon for a while."])
+    assert hits["arc_easy"]["items"] == [1118] and hits["arc_easy"]["n_sentences"] == 1
+    assert all(hits[n]["n_sentences"] == 0 for n in ("arc_challenge", "openbookqa", "sciq"))
