@@ -223,7 +223,8 @@ def test_markdown_and_plots_are_written(full, capsys):
     out, rep = full
     folder = out / "gap_report"
     plots = rep["files"]["plots"]
-    assert plots == {"gap": "gap.png", "layers": "layers.png", "alignment": "alignment_speech_toy_a_6.png"}
+    assert plots == {"gap": "gap.png", "layers": "layers.png", "cka": "cka.png",
+                     "alignment": "alignment_speech_toy_a_6.png"}
     for name in ["report.md", *plots.values()]:
         assert (folder / name).stat().st_size > 1000, name
     md = (folder / "report.md").read_text()

@@ -195,12 +195,13 @@ class CaptureReader:
         self._verified.add(shard)
         return path
 
-    def load(self, record: dict) -> dict[str, np.ndarray]:
+    def load(self, record: dict, names=None) -> dict[str, np.ndarray]:
+        """The record's arrays (``names``: only those, e.g. ``("pooled",)``, which skips token states)."""
         from safetensors import safe_open
 
         path = self._check(record["shard"])
         out = {}
         with safe_open(str(path), framework="numpy") as f:
-            for name in record["arrays"]:
+            for name in record["arrays"] if names is None else [n for n in record["arrays"] if n in names]:
                 out[name] = f.get_tensor(f"{record['slot']}.{name}")
         return out

@@ -23,6 +23,7 @@ from lmeval_speech.metrics import (
     point_biserial,
     similarity_matrix,
 )
+from lmeval_speech.report.reference import reference_section
 from lmeval_speech.report.runs import PREFERRED_METRICS, control_items, logged_flags, pair_items, run_settings
 from lmeval_speech.report.runs import twin_rows as runs_twin_rows
 from lmeval_speech.report.schema import GAP_FIELDS, N_CRITICAL, POOLED, SCHEMA_VERSION
@@ -65,10 +66,12 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
     rows = _item_rows(items_by_pair)
     settings = run_settings(run)
     reader, capture_dir = _open_capture(run, manifest, capture, notes)
-    similarity = alignment = correlation = heatmap = None
+    similarity = alignment = correlation = heatmap = reference = None
     if reader is not None:
-        similarity, alignment, per_pair, per_item = _hidden_state_sections(reader, rows, items_by_pair, measure,
-                                                                          path, notes)
+        similarity, alignment, per_pair, per_item, compared = _hidden_state_sections(reader, rows, items_by_pair,
+                                                                                    measure, path, notes)
+        if similarity is not None:
+            reference = reference_section(reader, compared, measure, path, notes, seed=seed)
         rows = [{**r, **per_item.get((r["pair"], r["doc_id"]), {})} for r in rows]
         for pair, sections in per_pair.items():
             pairs[pair].update(sections)
@@ -95,6 +98,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         "voicebench": voicebench_overall(paired_results(full_run, all_items)),
         "manifest": manifest,
         "similarity": similarity,
+        "reference": reference,
         "alignment": alignment,
         "correlation": correlation,
         "items": rows,
@@ -434,11 +438,12 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
 
     Each item's arrays are loaded once and dropped, so memory stays at one item whatever the run size.
     Returns (similarity, alignment, per-pair sections, per-item values {(pair, doc_id): {cosine,
-    euclidean, aps, monotonicity}}); the item rows themselves are not changed.
+    euclidean, aps, monotonicity}}, the compared items as (pair, doc_id, speech record, text record));
+    the item rows themselves are not changed.
     """
     records = {(r["task"], r["doc_id"]): r for r in reader.records}
     per_item: dict[tuple, dict] = {}
-    cos, euc, sim_pairs = [], [], []
+    cos, euc, sim_pairs, compared = [], [], [], []
     aps_layers: dict[int, list[float]] = {}
     missing, no_tokens, non_finite, non_finite_tokens = 0, 0, 0, 0
     mono_paths, mono_undefined = 0, 0  # alignment paths (item x layer), those with no Spearman rho
@@ -459,6 +464,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
         cos.append(sim["cosine"])
         euc.append(sim["euclidean"])
         sim_pairs.append(row["pair"])
+        compared.append((row["pair"], row["doc_id"], rec_s, rec_t))
         values = per_item.setdefault((row["pair"], row["doc_id"]), {})
         values["cosine"], values["euclidean"] = float(sim["cosine"].mean()), float(sim["euclidean"].mean())
         layers = _common_layers(rec_s, rec_t) if "tokens" in speech and "tokens" in text else []
@@ -494,7 +500,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
                      "correlation omitted" if non_finite else
                      "the capture holds no item of this run's pairs: similarity, alignment and "
                      "correlation omitted")
-        return None, None, {}, per_item
+        return None, None, {}, per_item, compared
     cos, euc = np.array(cos), np.array(euc)
     similarity = {"layers": list(range(cos.shape[1])),
                   "cosine_mean": cos.mean(0), "cosine_std": cos.std(0),
@@ -527,7 +533,7 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
     else:
         notes.append("no token-level states (capture=pooled, or capture_limit reached): alignment "
                      "(APS, monotonicity, critical tokens) omitted")
-    return similarity, alignment, per_pair, per_item
+    return similarity, alignment, per_pair, per_item, compared
 
 
 def _item_detail(reader, rows, items_by_pair, item, layer, measure, path, notes):

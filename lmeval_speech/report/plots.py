@@ -70,8 +70,9 @@ def gap_plot(pairs: dict, overall: dict, path) -> str:
     return _save(fig, path)
 
 
-def layers_plot(similarity: dict, alignment: dict | None, path) -> str:
-    """Pooled cosine and Euclidean distance over depth (mean ± std over items), and APS per layer."""
+def layers_plot(similarity: dict, alignment: dict | None, path, reference: dict | None = None) -> str:
+    """Pooled cosine and Euclidean distance over depth (mean ± std over items), and APS per layer; with
+    a reference section, the mismatched pair's values dashed beside them (and the centered cosine)."""
     panels = 3 if alignment else 2
     fig = Figure(figsize=(4.2 * panels, 3.6), layout="constrained")
     axes = fig.subplots(1, panels)
@@ -80,18 +81,56 @@ def layers_plot(similarity: dict, alignment: dict | None, path) -> str:
                                   (axes[1], "euclidean", SPEECH_COLOR, "Euclidean distance (lower = closer)")):
         mean = np.array([_nan(v) for v in similarity[f"{key}_mean"]])
         std = np.array([_nan(v) for v in similarity[f"{key}_std"]])
-        ax.plot(layers, mean, color=color, marker="o", ms=3)
+        ax.plot(layers, mean, color=color, marker="o", ms=3, label="own text")
         ax.fill_between(layers, mean - std, mean + std, color=color, alpha=0.25, lw=0)
+        if reference:
+            pl = reference["per_layer"]
+            ax.plot(pl["layers"], [_nan(v) for v in pl[f"{key}_mismatched"]], color=color, ls="--",
+                    label="mismatched item's text")
+            if key == "cosine":
+                ax.plot(pl["layers"], [_nan(v) for v in pl["centered_cosine_own"]], color=GAP_COLOR, marker=".",
+                        label="centered, own")
+                ax.plot(pl["layers"], [_nan(v) for v in pl["centered_cosine_mismatched"]], color=GAP_COLOR, ls="--",
+                        label="centered, mismatched")
+            ax.legend(fontsize="x-small")
         ax.set_title(title, fontsize="medium")
         ax.set_xlabel("hidden-state index (0 = embeddings)")
         ax.grid(alpha=0.3)
     if alignment:
         ax = axes[2]
-        ax.plot(alignment["layers"], [_nan(v) for v in alignment["aps_per_layer"]], color=GAP_COLOR, marker="o")
+        ax.plot(alignment["layers"], [_nan(v) for v in alignment["aps_per_layer"]], color=GAP_COLOR, marker="o",
+                label="own text")
+        if reference and reference.get("aps"):
+            ax.plot(reference["aps"]["layers"], [_nan(v) for v in reference["aps"]["per_layer_mismatched"]],
+                    color=GAP_COLOR, ls="--", label="mismatched item's text")
+            ax.legend(fontsize="x-small")
         ax.set_title(f"APS per layer ({alignment['measure']}, {alignment['path']})", fontsize="medium")
         ax.set_xlabel("hidden-state index (0 = embeddings)")
         ax.grid(alpha=0.3)
     fig.suptitle(f"Speech vs text hidden states over depth (n = {similarity['n_items']} items)")
+    return _save(fig, path)
+
+
+def cka_plot(reference: dict, path) -> str:
+    """Left: linear CKA of speech vs text states per hidden state, own and mismatched; right: the
+    cross-layer CKA matrix (speech layer x text layer)."""
+    pl = reference["per_layer"]
+    fig = Figure(figsize=(9.5, 3.9), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2)
+    ax.plot(pl["layers"], pl["cka"], color=TEXT_COLOR, marker="o", ms=3, label="speech vs its own text")
+    ax.plot(pl["layers"], pl["cka_mismatched"], color=TEXT_COLOR, ls="--", label="vs mismatched items' text")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("hidden-state index (0 = embeddings)")
+    ax.set_title("linear CKA per hidden state", fontsize="medium")
+    ax.legend(fontsize="x-small")
+    ax.grid(alpha=0.3)
+    image = ax2.imshow(np.asarray(reference["cross_layer_cka"], dtype=float), origin="lower", vmin=0, vmax=1,
+                       cmap="viridis", aspect="auto")
+    ax2.set_xlabel("text hidden state")
+    ax2.set_ylabel("speech hidden state")
+    ax2.set_title("cross-layer CKA", fontsize="medium")
+    fig.colorbar(image, ax=ax2, shrink=0.85)
+    fig.suptitle(f"Speech vs text representation geometry (n = {reference['cka_items']} items)")
     return _save(fig, path)
 
 

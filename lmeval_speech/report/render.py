@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from pathlib import Path
 
 from lmeval_speech.fileio import atomic_write
@@ -18,7 +20,11 @@ over items and McNemar's p from the items only one modality got right (`text-onl
 **Layer similarity** compares, at every depth, the speech positions' mean hidden state with the
 mean state of the text twin's question tokens: a cosine that rises (distance that falls) with depth
 means the model maps speech onto its text representation as it goes; the layer where it stays low
-is where the modality gap lives. **APS** (Alignment Path Score) matches every text token to its most
+is where the modality gap lives. A decoder's states share a large common direction, so *any* two
+inputs look similar: read every similarity against its **baselines**, the same measure between an
+item's speech and a *mismatched* item's text (what "similar" means by chance), the **centered** cosine
+(the run's mean state removed: near 0 for unrelated items) and **CKA** (does the speech geometry across
+items match the text geometry). **APS** (Alignment Path Score) matches every text token to its most
 similar speech position and averages that similarity: 1 means each word has a speech frame
 represented like it; monotonicity near 1 means those matches follow word order. The **Bottom-3
 speech positions** of an item are the frames that align worst, candidates for interventions.
@@ -39,7 +45,10 @@ def write_outputs(report: dict, heatmap: dict | None, out) -> None:
     if report.get("decomposition"):
         files["decomposition"] = Path(plots.decomposition_plot(report["decomposition"], out / "decomposition.png")).name
     if report["similarity"]:
-        files["layers"] = Path(plots.layers_plot(report["similarity"], report["alignment"], out / "layers.png")).name
+        files["layers"] = Path(plots.layers_plot(report["similarity"], report["alignment"], out / "layers.png",
+                                                 report.get("reference"))).name
+    if report.get("reference"):
+        files["cka"] = Path(plots.cka_plot(report["reference"], out / "cka.png")).name
     if heatmap:
         title = (f"{heatmap['pair']} doc {heatmap['doc_id']}\nA_l at hidden state {heatmap['layer']} "
                  f"({heatmap['measure']}), APS at this layer {heatmap['aps_layer']:.3f}")
@@ -151,8 +160,9 @@ def markdown(report: dict) -> str:
         lines += ["![layers](layers.png)", "",
                   f"S_cos = {fmt(sim['S_cos'])}, S_euc = {fmt(sim['S_euc'])} over {sim['n_items']} items "
                   "(means over layers)" + (f"; {sim['excluded_non_finite']} items with NaN/inf states left out"
-                                           if sim.get("excluded_non_finite") else "") + ".", "",
-                  "| hidden state | cosine mean | cosine std | Euclidean mean | Euclidean std |",
+                                           if sim.get("excluded_non_finite") else "") + ".", ""]
+        lines += reference_lines(report.get("reference"))
+        lines += ["| hidden state | cosine mean | cosine std | Euclidean mean | Euclidean std |",
                   "|---:|---:|---:|---:|---:|"]
         lines += [f"| {layer} | {fmt(cm)} | {fmt(cs)} | {fmt(em)} | {fmt(es)} |" for layer, cm, cs, em, es in
                   zip(sim["layers"], sim["cosine_mean"], sim["cosine_std"], sim["euclidean_mean"],
@@ -205,6 +215,37 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _diff(d: dict, digits: int = 3) -> str:
+    return (f"{fmt(d['own'], digits)} vs mismatched {fmt(d['mismatched'], digits)}: own - mismatched "
+            f"{d['difference']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]")
+
+
+def reference_lines(ref: dict | None) -> list[str]:
+    """Every similarity beside its baseline (report/reference.py), as the similarity section's head."""
+    if not ref:
+        return ["No baseline (fewer than 2 items with a mismatched partner): the figures below cannot be "
+                "told apart from what any two inputs give.", ""]
+    pl = ref["per_layer"]
+    lines = ["**Against the baselines** (each item's speech against a *mismatched* item's text, a seeded "
+             f"derangement within the pair; n = {ref['n_items']}; 95% paired bootstrap CIs):", "",
+             f"- S_cos {_diff(ref['S_cos'])}",
+             f"- S_euc {_diff(ref['S_euc'], 2)} (lower = closer)",
+             f"- centered S_cos (the mean state per layer over both modalities, from {ref['n_items']} items, "
+             f"removed first) {_diff(ref['S_cos_centered'])}"]
+    if ref.get("aps"):
+        lines.append(f"- APS {_diff(ref['aps'])} (token-captured items)")
+    best = int(np.nanargmax(pl["cka"]))
+    lines += [f"- linear CKA of speech vs text states across {ref['cka_items']} items: highest "
+              f"{fmt(pl['cka'][best])} at hidden state {pl['layers'][best]} (mismatched "
+              f"{fmt(pl['cka_mismatched'][best])}); cross-layer matrix in `cka.png`", "",
+              "| hidden state | cosine own | mismatched | centered own | centered mismatched | CKA | CKA mismatched |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {layer} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(d)} | {fmt(e)} | {fmt(f)} |" for layer, a, b, c, d, e, f in
+              zip(pl["layers"], pl["cosine_own"], pl["cosine_mismatched"], pl["centered_cosine_own"],
+                  pl["centered_cosine_mismatched"], pl["cka"], pl["cka_mismatched"])]
+    return lines + [""]
+
+
 def summary(report: dict) -> str:
     """The stdout table: gap per pair and overall, then the hidden-state headline numbers."""
     names = list(report["pairs"])
@@ -218,6 +259,12 @@ def summary(report: dict) -> str:
     sim, al = report["similarity"], report["alignment"]
     if sim:
         lines.append(f"\nS_cos {fmt(sim['S_cos'])}  S_euc {fmt(sim['S_euc'])}  (n = {sim['n_items']})")
+        ref = report.get("reference")
+        if ref:
+            lines.append(f"  vs a mismatched item's text: S_cos {fmt(ref['S_cos']['mismatched'])} (own - mismatched "
+                         f"{ref['S_cos']['difference']:+.3f} [{ref['S_cos']['ci_low']:+.3f}, {ref['S_cos']['ci_high']:+.3f}]); "
+                         f"centered S_cos {fmt(ref['S_cos_centered']['own'])} vs {fmt(ref['S_cos_centered']['mismatched'])}"
+                         + (f"; APS {fmt(ref['aps']['own'])} vs {fmt(ref['aps']['mismatched'])}" if ref.get("aps") else ""))
     if al:
         lines.append(f"APS {fmt(al['aps'])} ({al['measure']}, {al['path']})  monotonicity "
                      f"{fmt(al['monotonicity'])}  (n = {al['n_items']})")

@@ -38,6 +38,18 @@ similarity          pooled states, all captured items: layers (hidden-state indi
                     layer, mean and population std over items), S_cos, S_euc (means over
                     layers), n_items, excluded_non_finite (items left out because a twin's
                     captured states hold NaN/inf; also in notes). null without a capture.
+reference           the similarity items' baselines (report/reference.py): seed, derangement [[pair,
+                    doc_id, mismatched doc_id]] (a seeded derangement within each pair), mean_from,
+                    n_items, sampled_from (the item count when a seeded sample of 1,000 was used,
+                    else null), per_layer {layers, cosine_own, cosine_mismatched, euclidean_own,
+                    euclidean_mismatched, centered_cosine_own, centered_cosine_mismatched (the mean
+                    state per layer over both modalities subtracted first), cka, cka_mismatched
+                    (linear CKA of speech vs text pooled states across items; mismatched: the text
+                    states of a derangement)}, S_cos, S_euc, S_cos_centered, aps (each {own,
+                    mismatched, difference, ci_low, ci_high, n}: means over layers per item, own -
+                    mismatched with a paired bootstrap CI; aps over token-captured items, null with
+                    fewer than 2, also layers, per_layer_own, per_layer_mismatched), cka_items (items in CKA, a seeded sample of at most 256),
+                    cross_layer_cka [speech layer][text layer]. null without a capture.
 alignment           token states: measure, path, aps (mean over items of the item APS), aps_per_layer,
                     layers (token-level hidden-state indices), monotonicity (mean over items of
                     the Spearman rho of the path, averaged over layers; a path that maps every word
