@@ -39,8 +39,9 @@ def _nan(x) -> float:
     return np.nan if x is None else float(x)
 
 
-def gap_plot(pairs: dict, overall: dict, path) -> str:
-    """Left: text and speech accuracy per pair; right: the gap with its bootstrap 95% CI."""
+def gap_plot(pairs: dict, overall: dict, path, controls: dict | None = None) -> str:
+    """Left: text and speech accuracy per pair, with each pair's prior controls (another item's audio,
+    silence) marked on its speech bar where the run has them; right: the gap with its bootstrap 95% CI."""
     names = list(pairs)
     rows = [pairs[n] for n in names] + [overall]
     metric = overall.get("metric", "acc")
@@ -51,6 +52,13 @@ def gap_plot(pairs: dict, overall: dict, path) -> str:
 
     ax_acc.barh(y + 0.2, [r["text_acc"] for r in rows], height=0.4, color=TEXT_COLOR, label="text")
     ax_acc.barh(y - 0.2, [r["speech_acc"] for r in rows], height=0.4, color=SPEECH_COLOR, label="speech")
+    for control, marker in (("shuffled", "|"), ("silence", "x")):
+        at = [(yy, (controls or {}).get(n, {}).get(control, {}).get("control_acc"))
+              for yy, n in zip(y, names)]
+        at = [(yy, v) for yy, v in at if v is not None]
+        if at:
+            ax_acc.scatter([v for _, v in at], [yy - 0.2 for yy, _ in at], marker=marker, s=220, color="black",
+                           lw=2, zorder=3, label={"shuffled": "another item's audio", "silence": "silence"}[control])
     ax_acc.set_yticks(y, labels)
     ax_acc.set_xlim(0, 1)
     ax_acc.set_xlabel("accuracy")

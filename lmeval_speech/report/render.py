@@ -41,7 +41,7 @@ def write_outputs(report: dict, heatmap: dict | None, out) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = report["files"]["plots"]
-    files["gap"] = Path(plots.gap_plot(report["pairs"], report["overall"], out / "gap.png")).name
+    files["gap"] = Path(plots.gap_plot(report["pairs"], report["overall"], out / "gap.png", report.get("controls"))).name
     if report.get("decomposition"):
         files["decomposition"] = Path(plots.decomposition_plot(report["decomposition"], out / "decomposition.png")).name
     if report["similarity"]:
