@@ -258,16 +258,18 @@ def grow_from(proj, state: dict) -> None:
                 lin.bias.zero_()
 
 
-def save_adapter(proj, stats: dict, out_dir: Path, temperature: float | None = None) -> None:
-    """``adapter.safetensors`` (+ ``ctc_temperature`` when given, as :func:`.build.set_adapter_temperature`
-    stores it) and ``training.json`` into ``out_dir``, each written atomically."""
+def save_adapter(proj, stats: dict | None, out_dir: Path, temperature: float | None = None,
+                 name: str = "adapter.safetensors") -> None:
+    """``name`` (+ ``ctc_temperature`` when given, as :func:`.build.set_adapter_temperature` stores it)
+    and, with ``stats``, ``training.json`` into ``out_dir``, each written atomically."""
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous() for k, v in proj.state_dict().items()}
     if temperature is not None:
         state["ctc_temperature"] = torch.tensor(float(temperature))
-    atomic_write_bytes(out_dir / "adapter.safetensors", lambda fh: fh.write(save(state)))
-    atomic_write_bytes(out_dir / "training.json", lambda fh: fh.write(json.dumps(stats, indent=1).encode()))
+    atomic_write_bytes(out_dir / name, lambda fh: fh.write(save(state)))
+    if stats is not None:
+        atomic_write_bytes(out_dir / "training.json", lambda fh: fh.write(json.dumps(stats, indent=1).encode()))
 
 
 def main(argv=None):
@@ -296,7 +298,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16", type=int, default=1, help="bfloat16 CTC score products (1) or float32 (0)")
     ap.add_argument("--min-count", type=int, default=1, help="CTC vocabulary: tokens seen at least this often")
+    ap.add_argument("--schedule-steps", type=int, default=None,
+                    help="cosine schedule over this many steps instead of --minutes (the same run on any machine)")
+    ap.add_argument("--save-at", default="", metavar="N1,N2,...",
+                    help="also write adapter_step<N>.safetensors into --out at these steps (0: before training)")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="posterior temperature stored in every adapter written (default: none stored)")
     args = ap.parse_args(argv)
+    save_at = {int(x) for x in args.save_at.split(",") if x.strip()}
     if args.init is not None and args.out.resolve() == args.init.resolve().parent:
         raise SystemExit(f"--out {args.out} holds the --init adapter, which the first checkpoint would overwrite "
                          "(without its posterior temperature): give --out another folder")
@@ -358,7 +367,11 @@ def main(argv=None):
         stats = {"summary": summary(), "loss_curve_every50": [round(float(np.mean(state["losses"][i : i + 50])), 4)
                                                               for i in range(0, len(state["losses"]), 50)],
                  "valid_token_error_rate": state["valid"]}
-        save_adapter(proj, stats, args.out)
+        save_adapter(proj, stats, args.out, args.temperature)
+
+    def snapshot() -> None:
+        if state["step"] in save_at:
+            save_adapter(proj, None, args.out, args.temperature, name=f"adapter_step{state['step']}.safetensors")
 
     def summary() -> dict:
         return {"recipe": "ctc-over-llm-vocabulary + LegoSLM posterior-weighted embeddings",
@@ -373,6 +386,7 @@ def main(argv=None):
     last_save = time.time()
     order: list[int] = []
     last_refresh = state["step"]
+    snapshot()  # step 0: the untrained adapter, when asked for
     while state["step"] < args.max_steps and state["train_seconds"] < budget:
         t_step = time.time()
         if refresh_due(state["step"], last_refresh):
@@ -386,7 +400,8 @@ def main(argv=None):
         groups = [pool[i : i + args.batch] for i in range(0, len(pool), args.batch)]
         rng.shuffle(groups)
         for g in groups:
-            lr = cosine_lr(args.lr, state["step"], args.warmup, min(1.0, state["train_seconds"] / budget), args.min_lr_frac)
+            progress = state["step"] / args.schedule_steps if args.schedule_steps else state["train_seconds"] / budget
+            lr = cosine_lr(args.lr, state["step"], args.warmup, min(1.0, progress), args.min_lr_frac)
             for pg in opt.param_groups:
                 pg["lr"] = lr
             loss = ctc_batch_loss(proj, vocab_emb, [train.items[i] for i in g], tok_targets)
@@ -397,6 +412,7 @@ def main(argv=None):
             state["losses"].append(float(loss.detach()))
             state["step"] += 1
             state["utterances"] += len(g)
+            snapshot()
             now = time.time()
             state["train_seconds"] += now - t_step
             t_step = now
@@ -409,6 +425,8 @@ def main(argv=None):
                                        "ter": round(ter, 4)})
                 print(f"  valid TER {ter:.3f}", flush=True)
                 t_step = time.time()
+            if state["step"] >= args.max_steps:
+                break
             if time.time() - last_save > args.save_minutes * 60:
                 checkpoint()
                 last_save = time.time()
