@@ -35,6 +35,9 @@ ci_high, mcnemar_p, S_cos, S_euc, aps, aps_measure, aps_path, flags), ``pairs`` 
 and pair, with ``pair``), ``fits`` {gap_vs_aps, gap_vs_S_cos, gap_vs_S_euc: ``linear_fit`` of gap
 on the value across runs, plus ``runs`` used and ``flagged`` among them}, ``comparability``
 {comparable, differences [{aspect, pairs (null: run level), reference, runs, detail}]}, ``files``, ``notes``.
+``regression`` (report/regression.py; null with fewer than 3 runs): {fits {value: linear_fit fields plus
+x, y, labels, n_items_gap, n_items_value, r2_ci, slope_ci, n_boot}, n_runs, n_items, seed}, plotted in
+``gap_vs_similarity.png``.
 ``leaderboard.csv`` holds the run rows (``scope`` = overall) followed by the pair rows (``scope`` =
 the pair).
 """
@@ -51,6 +54,7 @@ import numpy as np
 
 from lmeval_speech.fileio import atomic_write
 from lmeval_speech.manifest import PROMPT_KEYS
+from lmeval_speech.report.regression import regression, regression_plot
 from lmeval_speech.report.render import fmt, fmt_p
 from lmeval_speech.report.schema import jsonable, read_report
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -388,9 +392,10 @@ def build_leaderboard(reports: list[dict], labels: list[str], paths: list[str]) 
         if fit["flagged"] and fit["note"] is None:
             notes.append(f"{name} pools runs that are not comparable to the reference: {fit['flagged']}")
     return {"schema_version": SCHEMA_VERSION, "runs": runs, "pairs": pairs, "fits": fits,
+            "regression": regression(reports, labels),
             "comparability": {"comparable": not differences, "differences": differences},
             "files": {"markdown": "leaderboard.md", "csv": "leaderboard.csv", "json": "leaderboard.json",
-                      "plot": None},
+                      "plot": None, "regression_plot": None},
             "notes": notes}
 
 
@@ -473,6 +478,7 @@ def markdown(board: dict) -> str:
     for name, fit in board["fits"].items():
         lines.append(f"| {name} | {fit['n']} | {fmt(fit['slope'])} | {fmt(fit['r2'])} | "
                      f"{fmt_p(fit['p'])} | {_cell(', '.join(fit['runs']))} | {fit['note'] or ''} |")
+    lines += regression_lines(board.get("regression"), board["files"].get("regression_plot"))
     lines += ["", "## Comparability", ""]
     diffs = board["comparability"]["differences"]
     if not diffs:
@@ -487,12 +493,33 @@ def markdown(board: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def regression_lines(reg: dict | None, plot: str | None) -> list[str]:
+    """The across-run regression (report/regression.py): R² with its item-bootstrap CI per value."""
+    if not reg:
+        return []
+    lines = ["", "## Gap regressed on closeness, with item-bootstrap CIs", "",
+             f"Least-squares line of gap on each value across the {reg['n_runs']} runs, over the "
+             f"{reg['n_items']} items every run scored; the 95% CIs resample those items (the same resample in "
+             "every run).", ""]
+    if plot:
+        lines += [f"![gap vs similarity]({plot})", ""]
+    lines += ["| value | runs | items (value) | slope | 95% CI | R² | 95% CI | p |", "|---|---:|---:|---:|---|---:|---|---:|"]
+    for name, f in reg["fits"].items():
+        ci = f["r2_ci"] or [None, None]
+        sci = f["slope_ci"] or [None, None]
+        lines.append(f"| {name} | {f['n']} | {f['n_items_value']} | {fmt(f['slope'])} | [{fmt(sci[0])}, {fmt(sci[1])}] | "
+                     f"{fmt(f['r2'])} | [{fmt(ci[0])}, {fmt(ci[1])}] | {fmt_p(f['p'])} |")
+    return lines
+
+
 def write_outputs(board: dict, out) -> None:
     """The plot first (its name goes into the JSON), then md, csv and json, each written atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if any(r["aps"] is not None for r in board["runs"]):
         board["files"]["plot"] = Path(gap_vs_aps_plot(board, out / "gap_vs_aps.png")).name
+    if board.get("regression"):
+        board["files"]["regression_plot"] = Path(regression_plot(board["regression"], out / "gap_vs_similarity.png")).name
     else:
         board["notes"].append("no run has token-level states (capture=tokens): no APS, no gap_vs_aps.png")
     clean = jsonable(board)

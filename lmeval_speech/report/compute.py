@@ -71,7 +71,8 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         similarity, alignment, per_pair, per_item, compared = _hidden_state_sections(reader, rows, items_by_pair,
                                                                                     measure, path, notes)
         if similarity is not None:
-            reference = reference_section(reader, compared, measure, path, notes, seed=seed)
+            reference, ref_items = reference_section(reader, compared, measure, path, notes, seed=seed)
+            rows = [{**r, **ref_items.get((r["pair"], r["doc_id"]), {})} for r in rows]
         rows = [{**r, **per_item.get((r["pair"], r["doc_id"]), {})} for r in rows]
         for pair, sections in per_pair.items():
             pairs[pair].update(sections)

@@ -47,8 +47,10 @@ def _deranged(pairs: list[str], seed: int) -> tuple[np.ndarray, list[str]]:
 
 
 def reference_section(reader, items: list[tuple], measure: str, path: str, notes: list, seed: int = 0,
-                      n_boot: int = 2000) -> dict | None:
-    """``items``: (pair, doc_id, speech record, text record) of the report's similarity items."""
+                      n_boot: int = 2000) -> tuple[dict | None, dict]:
+    """``items``: (pair, doc_id, speech record, text record) of the report's similarity items. Returns the
+    section and per-item values {(pair, doc_id): {centered_cosine, cosine_minus_mismatched}} (means over
+    hidden states; the second only for items with a mismatched partner)."""
     total = len(items)
     items = [items[i] for i in _sample(total, MAX_ITEMS, seed)]
     perm, skipped = _deranged([it[0] for it in items], seed)
@@ -57,7 +59,7 @@ def reference_section(reader, items: list[tuple], measure: str, path: str, notes
     keep = perm >= 0
     if keep.sum() < 2:
         notes.append("reference: fewer than 2 items with a mismatched partner: no baseline section")
-        return None
+        return None, {}
     speech = np.stack([reader.load(it[2], names=("pooled",))["pooled"] for it in items]).astype(np.float32)
     text = np.stack([reader.load(it[3], names=("pooled",))["pooled"] for it in items]).astype(np.float32)
     own = layer_similarity_batch(speech, text)
@@ -92,7 +94,10 @@ def reference_section(reader, items: list[tuple], measure: str, path: str, notes
         "cross_layer_cka": cross_layer_cka(s_cka, t_cka),
         "aps": _aps_reference(reader, items, perm, measure, path, seed, n_boot),
     }
-    return section
+    per_item = {(it[0], it[1]): {"centered_cosine": float(own_c[k].mean())} for k, it in enumerate(items)}
+    for k, (it, value) in enumerate(zip([it for it, ok in zip(items, keep) if ok], mis["cosine"].mean(1))):
+        per_item[(it[0], it[1])]["cosine_minus_mismatched"] = float(own["cosine"][keep][k].mean() - value)
+    return section, per_item
 
 
 def _token_layers(rec_s: dict, rec_t: dict) -> list[int]:

@@ -65,7 +65,9 @@ correlation         does closeness predict a speech-only error (text right, spee
                     over layers, euclidean = item mean distance, aps) {point_biserial {r, p, n,
                     note}, logistic {coef, intercept, se, z, p, n, note}}. null without capture.
 items               one row per paired item: pair, doc_id, target, text_correct, speech_correct,
-                    speech_only_error, cosine, euclidean, aps, monotonicity (null if not captured)
+                    speech_only_error, cosine, euclidean, aps, monotonicity (null if not captured);
+                    with a reference section also centered_cosine and cosine_minus_mismatched
+                    (the item's own cosine minus its mismatched pair's; means over hidden states)
 controls            {pair: {shuffled|silence: {control_task, n, speech_acc, control_acc, hearing
                     (= speech_acc - control_acc), ci_low, ci_high, mcnemar_p, excluded, metric}}},
                     or null when the run has no prior-control twin; with more than one pair of the
