@@ -248,3 +248,52 @@ def test_a_control_hearing_another_items_audio_never_shares_that_items_edited_pa
                 assert abs(e[0] - p[0]) > 1e-5, (controls_first, prefix_cache)  # every speech twin is edited
             else:
                 assert e[0] == p[0], (name, controls_first, prefix_cache)  # text twins and controls never
+
+
+# ---------------------------------------------------------------- same-size random controls (issue 28)
+
+
+def test_random_controls_are_edits_of_the_same_size_in_a_random_direction():
+    from lmeval_speech.interventions.ops import random_angle, random_length
+
+    g = torch.Generator().manual_seed(0)
+    h_s, h_t = torch.randn(64, 32, generator=g), 3 * torch.randn(64, 32, generator=g)
+    real = angle_projection(h_s, h_t)
+    ctrl = random_angle(h_s, h_t, generator=torch.Generator().manual_seed(1))
+    cos = torch.nn.functional.cosine_similarity
+    torch.testing.assert_close(ctrl.norm(dim=-1), h_s.norm(dim=-1))  # the norm kept, as the real edit keeps it
+    torch.testing.assert_close(cos(ctrl, h_s, dim=-1), cos(real, h_s, dim=-1), atol=1e-5, rtol=0)  # same angle
+    # ... but not towards the text state: the real edit lands on it, the control does not
+    assert float(cos(real, h_t, dim=-1).min()) > 0.9999 and float(cos(ctrl, h_t, dim=-1).abs().mean()) < 0.5
+    torch.testing.assert_close(ctrl, random_angle(h_s, h_t, generator=torch.Generator().manual_seed(1)))
+    assert not torch.allclose(ctrl, random_angle(h_s, h_t, generator=torch.Generator().manual_seed(2)))
+    # length: the same |log norm change| in a random direction (up or down), the direction of h_s kept
+    lreal, lctrl = length_normalization(h_s, h_t), random_length(h_s, h_t, generator=torch.Generator().manual_seed(3))
+    change = (lctrl.norm(dim=-1) / h_s.norm(dim=-1)).log()
+    torch.testing.assert_close(change.abs(), (lreal.norm(dim=-1) / h_s.norm(dim=-1)).log().abs(), atol=1e-5, rtol=0)
+    assert (change > 0).any() and (change < 0).any()
+    torch.testing.assert_close(cos(lctrl, h_s, dim=-1), torch.ones(64), atol=1e-5, rtol=0)
+
+
+def test_random_angle_control_runs_through_lslm_on_the_same_positions(tiny_qwen2_audio_dir, plain):
+    """The control edits exactly the positions the real edit would (the critical tokens), each rotated by
+    the real edit's angle, deterministically across reruns; nothing else changes."""
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="random_angle", intervene_layers="1",
+              critical="bottom2")
+    res, speech, _ = run(lm)
+    real = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="angle", intervene_layers="1",
+                critical="bottom2")
+    _, real_speech, _ = run(real)
+    p_res, p_speech, _ = plain
+    sp = speech_positions(lm)
+    changed = [p for p in sp if not torch.equal(speech[1][p], p_speech[1][p])]
+    assert changed == [p for p in sp if not torch.equal(real_speech[1][p], p_speech[1][p])] and len(changed) == 2
+    cos = torch.nn.functional.cosine_similarity
+    for p in changed:
+        assert torch.allclose(speech[1][p].norm(), p_speech[1][p].norm(), atol=1e-4)
+        assert abs(float(cos(speech[1][p], p_speech[1][p], dim=0) - cos(real_speech[1][p], p_speech[1][p], dim=0))) < 1e-4
+        assert not torch.allclose(speech[1][p], real_speech[1][p], atol=1e-3)
+    assert res[1] == p_res[1] and lm.intervener.edits == 2
+    again = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="random_angle", intervene_layers="1",
+                 critical="bottom2")
+    assert run(again)[0] == res

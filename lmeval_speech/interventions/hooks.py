@@ -33,7 +33,7 @@ import torch
 from lmeval_speech.metrics import argmax_path, critical_tokens, similarity_matrix
 from lmeval_speech.fileio import atomic_write
 
-from .ops import OPS
+from .ops import OPS, RANDOM_OPS
 
 INPUT = "input"
 
@@ -224,6 +224,13 @@ class Intervener:
         best_j = np.array([np.flatnonzero(path == i)[np.argmax(A[i, path == i])] for i in idx], dtype=np.int64)
         return torch.from_numpy(idx), text[torch.from_numpy(best_j)].to(speech.dtype)
 
+    @staticmethod
+    def _generator(key, layer) -> torch.Generator:
+        """The random controls' draws: one seed per (item, layer), the same in every batch and rerun."""
+        import zlib
+
+        return torch.Generator().manual_seed(zlib.crc32(repr((tuple(key), str(layer))).encode()))
+
     def _edit(self, layer, hidden: torch.Tensor, rows: list) -> None:
         op = OPS[self.spec.kind]
         for r, info in enumerate(rows):
@@ -236,5 +243,7 @@ class Intervener:
             if len(idx) == 0:
                 continue
             idx = idx.to(hidden.device)
-            hidden[r, pos[idx]] = op(speech[idx], tgt.to(hidden.device, hidden.dtype), self.spec.strength).to(hidden.dtype)
+            extra = {"generator": self._generator(key, layer)} if self.spec.kind in RANDOM_OPS else {}
+            hidden[r, pos[idx]] = op(speech[idx], tgt.to(hidden.device, hidden.dtype), self.spec.strength,
+                                     **extra).to(hidden.dtype)
             self.edits += len(idx)

@@ -5,6 +5,10 @@
 * Length normalization keeps the speech state's direction and takes the text norm:
   ``h' = ||h_t|| * h_s / ||h_s||``.
 
+``random_angle`` and ``random_length`` are their controls: an edit of the same size (the same rotation
+angle, the same log-norm change) in a random direction, seeded per item and layer, so that a change in
+accuracy can be told apart from what any edit of that size does.
+
 ``strength`` in [0, 1] interpolates: the direction along the great circle (slerp) for the angle,
 the norm in log space for the length; 1 is the paper's full edit, 0 leaves the state unchanged.
 """
@@ -50,4 +54,29 @@ def length_normalization(h_s: torch.Tensor, h_t: torch.Tensor | float, strength:
     return norm * _unit(h_s)
 
 
-OPS = {"angle": angle_projection, "length": length_normalization}
+def random_angle(h_s: torch.Tensor, h_t: torch.Tensor, strength: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The control of :func:`angle_projection`: the same norm and the same angle of rotation (the angle
+    between ``h_s`` and ``h_t``, times ``strength``), towards a random direction orthogonal to ``h_s``
+    instead of the text state's. An edit of the same size that carries no text information."""
+    u, v = _unit(h_s), _unit(h_t)
+    theta = torch.arccos((u * v).sum(-1, keepdim=True).clamp(-1.0, 1.0)) * strength
+    r = torch.randn(h_s.shape, generator=generator, dtype=torch.float32).to(h_s.dtype)
+    r = _unit(r - (r * u).sum(-1, keepdim=True) * u)
+    return h_s.norm(dim=-1, keepdim=True) * (torch.cos(theta) * u + torch.sin(theta) * r)
+
+
+def random_length(h_s: torch.Tensor, h_t: torch.Tensor | float, strength: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The control of :func:`length_normalization`: the norm scaled by the same factor |log(target/norm)|
+    in a random direction of change (up or down, a fair coin per state), direction kept."""
+    edited = length_normalization(h_s, h_t, strength)
+    log_ratio = torch.log(edited.norm(dim=-1, keepdim=True).clamp_min(EPS)) - torch.log(h_s.norm(dim=-1, keepdim=True).clamp_min(EPS))
+    sign = torch.where(torch.rand(log_ratio.shape, generator=generator) < 0.5, -1.0, 1.0).to(h_s.dtype)
+    return h_s * torch.exp(sign * log_ratio.abs())
+
+
+OPS = {"angle": angle_projection, "length": length_normalization,
+       "random_angle": random_angle, "random_length": random_length}
+#: the same-size random controls, which draw from a generator seeded per item and layer
+RANDOM_OPS = {"random_angle", "random_length"}
