@@ -95,8 +95,10 @@ def _write_shard(out: Path, idx: int, frames: list[np.ndarray], meta: list[dict]
     os.replace(tmp, out / f"shard{idx:05d}.json")  # the JSON last: a shard counts once its JSON exists
 
 
-def plan(sentences: list[str], seed: int, passes: int, n_valid: int = N_VALID) -> tuple[list[dict], list[dict]]:
-    """(validation items in the evaluation voice, training items with a random voice and rate per pass)."""
+def plan(sentences: list[str], seed: int, passes: int, n_valid: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(validation items in the evaluation voice, training items with a random voice and rate per pass);
+    ``n_valid`` held-out sentences (default ``N_VALID``, read when called)."""
+    n_valid = N_VALID if n_valid is None else n_valid
     rng = random.Random(seed)
     order = list(sentences)
     rng.shuffle(order)
@@ -120,7 +122,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--passes", type=int, default=3, help="voices per training sentence (one pass = every sentence once)")
     ap.add_argument("--max-items", type=int, default=None)
-    ap.add_argument("--valid", type=int, default=N_VALID, help=f"held-out sentences to encode (at most {N_VALID})")
+    ap.add_argument("--valid", type=int, default=None, help=f"held-out sentences to encode (default and at most {N_VALID})")
     ap.add_argument("--part", default="0/1", metavar="R/K",
                     help="encode only shards whose index is R modulo K (run K processes, R = 0..K-1, on K cores)")
     args = ap.parse_args(argv)
@@ -139,7 +141,7 @@ def main(argv=None):
         tmp = args.out / f".corpus.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(corpus))
         os.replace(tmp, corpus_file)
-    valid, train = plan(corpus["sentences"], args.seed, args.passes, min(args.valid, N_VALID))
+    valid, train = plan(corpus["sentences"], args.seed, args.passes, None if args.valid is None else min(args.valid, N_VALID))
     (args.out / "valid").mkdir(exist_ok=True)
     (args.out / "train").mkdir(exist_ok=True)
     fe = WhisperFeatureExtractor(feature_size=80)
