@@ -144,3 +144,25 @@ def test_a_pair_with_one_item_has_no_mismatched_partner(tmp_path):
     assert rep["reference"]["n_items"] == 2  # toy_b's two items, each against the other
     assert {(p, d, m) for p, d, m in rep["reference"]["derangement"]} == {("speech_toy_b", 0, 1), ("speech_toy_b", 1, 0)}
     assert any("single captured item" in n for n in rep["notes"])
+
+
+def test_correlations_use_the_corrected_values_and_say_the_items_needed(full):  # noqa: F811
+    """The per-item correlation with speech-only errors also runs on the baseline-corrected values, and
+    each row says how many items its r would need (Fisher z: |r| = 0.3 needs 85 for 80% power, a
+    textbook value)."""
+    from lmeval_speech.report.compute import n_for_power
+
+    assert n_for_power(0.3) == 85 and n_for_power(-0.3) == 85 and n_for_power(0.5) == 30
+    assert n_for_power(0.0) is None and n_for_power(float("nan")) is None
+    out, rep = full
+    corr = rep["correlation"]
+    assert {"centered_cosine", "cosine_minus_mismatched"} <= set(corr)
+    rows = [r for r in rep["items"] if r.get("centered_cosine") is not None]
+    x = np.array([r["centered_cosine"] for r in rows])
+    y = np.array([r["speech_only_error"] for r in rows], dtype=float)
+    from scipy.stats import pearsonr
+
+    assert corr["centered_cosine"]["point_biserial"]["r"] == pytest.approx(pearsonr(y, x)[0], abs=1e-9)
+    r = corr["cosine"]["point_biserial"]["r"]
+    assert corr["cosine"]["point_biserial"]["n_for_80pct_power"] == n_for_power(r)
+    assert "items for 80% power" in (out / "gap_report" / "report.md").read_text()

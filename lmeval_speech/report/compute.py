@@ -586,17 +586,34 @@ def _item_detail(reader, rows, items_by_pair, item, layer, measure, path, notes)
     return detail, heatmap
 
 
+#: the per-item values correlated with speech-only errors: raw, and baseline-corrected (report/reference.py)
+CORRELATED = ("cosine", "euclidean", "aps", "centered_cosine", "cosine_minus_mismatched")
+
+
+def n_for_power(r, power: float = 0.8, alpha: float = 0.05) -> int | None:
+    """Items a correlation of size |r| needs to reach two-sided significance ``alpha`` with ``power``
+    (Fisher z approximation: n = ((z_{1-alpha/2} + z_power) / atanh|r|)^2 + 3); None for r = 0 or NaN."""
+    from scipy.stats import norm
+
+    if r is None or not np.isfinite(r) or r == 0:
+        return None
+    z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
+    return int(np.ceil((z / np.arctanh(min(abs(r), 0.999999))) ** 2 + 3))
+
+
 def _correlation(rows: list[dict], notes: list) -> dict:
     """Point-biserial r and a logistic fit of speech-only error on each item's closeness."""
     out = {"target": "speech_only_error (text right, speech wrong)"}
     captured = [r for r in rows if r["cosine"] is not None]
     y = np.array([r["speech_only_error"] for r in captured], dtype=float)
     out["n_items"], out["n_speech_only_errors"] = len(captured), int(y.sum())
-    for key in ("cosine", "euclidean", "aps"):
-        x = np.array([np.nan if r[key] is None else r[key] for r in captured], dtype=float)
+    for key in CORRELATED:
+        x = np.array([np.nan if r.get(key) is None else r[key] for r in captured], dtype=float)
         if not np.isfinite(x).any():
             continue
-        out[key] = {"point_biserial": point_biserial(y, x), "logistic": logistic_fit(x, y)}
+        pb = point_biserial(y, x)
+        out[key] = {"point_biserial": {**pb, "n_for_80pct_power": n_for_power(pb["r"])},
+                    "logistic": logistic_fit(x, y)}
     if out["n_speech_only_errors"] == 0:
         notes.append("no speech-only errors among captured items: correlations are undefined")
     return out

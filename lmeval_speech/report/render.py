@@ -201,13 +201,13 @@ def markdown(report: dict) -> str:
     lines += ["## Closeness vs speech-only errors", ""]
     if corr:
         lines += [f"{corr['n_speech_only_errors']} speech-only errors among {corr['n_items']} captured items.", "",
-                  "| value | n | point-biserial r | p | logistic coef | p | note |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
-        for key in ("cosine", "euclidean", "aps"):
+                  "| value | n | point-biserial r | p | items for 80% power | logistic coef | p | note |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for key in ("cosine", "euclidean", "aps", "centered_cosine", "cosine_minus_mismatched"):
             if key in corr:
                 pb, lg = corr[key]["point_biserial"], corr[key]["logistic"]
-                lines.append(f"| {key} | {pb['n']} | {fmt(pb['r'])} | {fmt_p(pb['p'])} | {fmt(lg['coef'])} | "
-                             f"{fmt_p(lg['p'])} | {pb['note'] or lg['note'] or ''} |")
+                lines.append(f"| {key} | {pb['n']} | {fmt(pb['r'])} | {fmt_p(pb['p'])} | {pb.get('n_for_80pct_power') or '–'} | "
+                             f"{fmt(lg['coef'])} | {fmt_p(lg['p'])} | {pb['note'] or lg['note'] or ''} |")
     else:
         lines.append("Omitted: no captured hidden states (see notes).")
     lines += ["", "## Notes", ""]

@@ -62,8 +62,10 @@ alignment           token states: measure, path, aps (mean over items of the ite
                     euclidean, A and so APS are *negative* distances. null without token states.
 correlation         does closeness predict a speech-only error (text right, speech wrong)? target,
                     n_items, n_speech_only_errors, and per available value (cosine = item mean
-                    over layers, euclidean = item mean distance, aps) {point_biserial {r, p, n,
-                    note}, logistic {coef, intercept, se, z, p, n, note}}. null without capture.
+                    over layers, euclidean = item mean distance, aps, and the baseline-corrected
+                    centered_cosine and cosine_minus_mismatched) {point_biserial {r, p, n, note,
+                    n_for_80pct_power (items an r of this size needs for p < 0.05 with 80% power)},
+                    logistic {coef, intercept, se, z, p, n, note}}. null without capture.
 items               one row per paired item: pair, doc_id, target, text_correct, speech_correct,
                     speech_only_error, cosine, euclidean, aps, monotonicity (null if not captured);
                     with a reference section also centered_cosine and cosine_minus_mismatched
