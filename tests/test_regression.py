@@ -65,3 +65,21 @@ def test_compare_writes_the_regression(board):  # noqa: F811  (fixture of test_c
     assert np.isfinite(reg["fits"]["S_cos"]["r2"])
     md = (out / "leaderboard.md").read_text()
     assert "## Gap regressed on closeness" in md and (out / "gap_vs_similarity.png").exists()
+
+
+def test_the_no_aps_note_follows_aps_not_the_regression(runs, tmp_path):  # noqa: F811
+    """Two runs with token states (APS, no regression: fewer than 3 runs) get no "no run has token-level states"
+    note; two runs without capture get it. (The regression's plot was once wedged between the APS plot
+    and its else, so the note followed the regression instead.)"""
+    from lmeval_speech.report import compare
+
+    _, dirs = runs
+    with_aps = compare.build_leaderboard([compare.load_report(dirs[n])[0] for n in "ab"], ["A", "B"],
+                                         [str(dirs[n]) for n in "ab"])
+    compare.write_outputs(with_aps, tmp_path / "aps")
+    assert with_aps["regression"] is None and with_aps["files"]["plot"] == "gap_vs_aps.png"
+    assert not any("no run has token-level states" in n for n in with_aps["notes"])
+    without = compare.build_leaderboard([compare.load_report(dirs[n])[0] for n in ("voice", "limit")], ["V", "L"],
+                                        [str(dirs[n]) for n in ("voice", "limit")])
+    compare.write_outputs(without, tmp_path / "none")
+    assert any("no run has token-level states" in n for n in without["notes"])

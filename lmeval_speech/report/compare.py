@@ -518,10 +518,10 @@ def write_outputs(board: dict, out) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if any(r["aps"] is not None for r in board["runs"]):
         board["files"]["plot"] = Path(gap_vs_aps_plot(board, out / "gap_vs_aps.png")).name
-    if board.get("regression"):
-        board["files"]["regression_plot"] = Path(regression_plot(board["regression"], out / "gap_vs_similarity.png")).name
     else:
         board["notes"].append("no run has token-level states (capture=tokens): no APS, no gap_vs_aps.png")
+    if board.get("regression"):
+        board["files"]["regression_plot"] = Path(regression_plot(board["regression"], out / "gap_vs_similarity.png")).name
     clean = jsonable(board)
     atomic_write(out / "leaderboard.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
     atomic_write(out / "leaderboard.csv", to_csv(clean))
