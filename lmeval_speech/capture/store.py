@@ -158,6 +158,17 @@ class CaptureWriter:
         return len(self._buffer)
 
 
+def common_token_layers(*records: dict) -> list[int]:
+    """The hidden-state indices every one of ``records`` holds token-level states for, in the first's order."""
+    first, *rest = records
+    return [layer for layer in first.get("token_layers") or [] if all(layer in (r.get("token_layers") or []) for r in rest)]
+
+
+def token_states(arrays: dict, record: dict, layers: list[int]) -> list[np.ndarray]:
+    """A loaded record's token-level states [T, D] at each of ``layers``."""
+    return [arrays["tokens"][record["token_layers"].index(layer)] for layer in layers]
+
+
 class CaptureReader:
     """All records under a capture dir (every rank), loaded lazily shard by shard."""
 

@@ -247,12 +247,13 @@ def science_items() -> dict[str, list[str]]:
 def science_overlap(sentences: list[str]) -> dict:
     """The 8-word rule applied to the science sets: per set, the training sentences that share any 8
     consecutive words with one of its items, and the items they touch (by index in the split)."""
+    sets = science_items()
     by_gram: dict[tuple[str, ...], set[tuple[str, int]]] = {}
-    for name, items in science_items().items():
+    for name, items in sets.items():
         for i, text in enumerate(items):
             for g in ngrams(text):
                 by_gram.setdefault(g, set()).add((name, i))
-    out = {name: {"sentences": [], "items": set()} for name in science_items()}
+    out = {name: {"sentences": [], "items": set()} for name in sets}
     for s in sentences:
         hits = set().union(*(by_gram.get(g, set()) for g in ngrams(s)))
         for name in {n for n, _ in hits}:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lmeval_speech import twins
-from lmeval_speech.capture.store import CaptureReader, mismatch
+from lmeval_speech.capture.store import CaptureReader, common_token_layers, mismatch, token_states
 from lmeval_speech.manifest import build_manifest, manifest_path
 from lmeval_speech.metrics import (
 
@@ -419,14 +419,6 @@ def _check_capture(reader: CaptureReader, run: dict, manifest: dict, capture: st
             "the report from the folder lm_eval ran in)")
 
 
-def _common_layers(rec_s: dict, rec_t: dict) -> list[int]:
-    return [layer for layer in rec_s.get("token_layers") or [] if layer in (rec_t.get("token_layers") or [])]
-
-
-def _token_states(arrays: dict, record: dict, layers: list[int]) -> list[np.ndarray]:
-    return [arrays["tokens"][record["token_layers"].index(layer)] for layer in layers]
-
-
 def _mean_or_none(values) -> float | None:
     """Mean of the finite values (None counts as missing), None when there is none."""
     values = np.asarray(values, dtype=float)
@@ -468,11 +460,11 @@ def _hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
         compared.append((row["pair"], row["doc_id"], rec_s, rec_t))
         values = per_item.setdefault((row["pair"], row["doc_id"]), {})
         values["cosine"], values["euclidean"] = float(sim["cosine"].mean()), float(sim["euclidean"].mean())
-        layers = _common_layers(rec_s, rec_t) if "tokens" in speech and "tokens" in text else []
+        layers = common_token_layers(rec_s, rec_t) if "tokens" in speech and "tokens" in text else []
         if not layers:
             no_tokens += 1
             continue
-        s_layers, t_layers = _token_states(speech, rec_s, layers), _token_states(text, rec_t, layers)
+        s_layers, t_layers = token_states(speech, rec_s, layers), token_states(text, rec_t, layers)
         if not all(np.isfinite(x).all() for x in (*s_layers, *t_layers)):
             non_finite_tokens += 1
             continue
@@ -558,14 +550,14 @@ def _item_detail(reader, rows, items_by_pair, item, layer, measure, path, notes)
     records = {(r["task"], r["doc_id"]): r for r in reader.records}
     rec_s, rec_t = records[(it["speech_task"], doc_id)], records[(it["text_task"], doc_id)]
     speech, text = reader.load(rec_s), reader.load(rec_t)
-    layers = _common_layers(rec_s, rec_t)
+    layers = common_token_layers(rec_s, rec_t)
     if layer is None:
         layer = layers[-1]
     elif layer not in layers:
         notes.append(f"--layer {layer} was not captured at token level (token layers: {layers}): "
                      f"heat map drawn at layer {layers[-1]}")
         layer = layers[-1]
-    s_layers, t_layers = _token_states(speech, rec_s, layers), _token_states(text, rec_t, layers)
+    s_layers, t_layers = token_states(speech, rec_s, layers), token_states(text, rec_t, layers)
     res = alignment_path_score(s_layers, t_layers, measure=measure, path=path)
     critical, heatmap = [], None
     for k, (lay, s, t) in enumerate(zip(layers, s_layers, t_layers)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lmeval_speech.capture.store import common_token_layers, token_states
 from lmeval_speech.metrics import alignment_path_score, layer_similarity_batch
 from lmeval_speech.metrics.baselines import (
     center,
@@ -95,18 +96,15 @@ def reference_section(reader, items: list[tuple], measure: str, path: str, notes
         "aps": _aps_reference(reader, items, perm, measure, path, seed, n_boot),
     }
     per_item = {(it[0], it[1]): {"centered_cosine": float(own_c[k].mean())} for k, it in enumerate(items)}
-    for k, (it, value) in enumerate(zip([it for it, ok in zip(items, keep) if ok], mis["cosine"].mean(1))):
-        per_item[(it[0], it[1])]["cosine_minus_mismatched"] = float(own["cosine"][keep][k].mean() - value)
+    own_minus_mismatched = own["cosine"][keep].mean(1) - mis["cosine"].mean(1)
+    for k, value in zip(np.flatnonzero(keep), own_minus_mismatched):
+        per_item[(items[k][0], items[k][1])]["cosine_minus_mismatched"] = float(value)
     return section, per_item
-
-
-def _token_layers(rec_s: dict, rec_t: dict) -> list[int]:
-    return sorted(set(rec_s.get("token_layers") or []) & set(rec_t.get("token_layers") or []))
 
 
 def _aps_reference(reader, items, perm, measure, path, seed, n_boot) -> dict | None:
     """APS of each token-captured item against a mismatched token-captured item of its pair."""
-    with_tokens = [i for i, it in enumerate(items) if _token_layers(it[2], it[3])]
+    with_tokens = [i for i, it in enumerate(items) if common_token_layers(it[2], it[3])]
     if len(with_tokens) < 2:
         return None
     sub_perm, _ = _deranged([items[i][0] for i in with_tokens], seed)
@@ -115,7 +113,7 @@ def _aps_reference(reader, items, perm, measure, path, seed, n_boot) -> dict | N
         if sub_perm[k] < 0:
             continue
         j = with_tokens[sub_perm[k]]
-        layers = sorted(set(_token_layers(items[i][2], items[i][3])) & set(_token_layers(items[j][2], items[j][3])))
+        layers = common_token_layers(items[i][2], items[i][3], items[j][3])
         if not layers:
             continue
         s, t, t_other = (_tokens(reader, rec, layers) for rec in (items[i][2], items[i][3], items[j][3]))
@@ -137,5 +135,4 @@ def _aps_reference(reader, items, perm, measure, path, seed, n_boot) -> dict | N
 
 
 def _tokens(reader, record: dict, layers: list[int]) -> list[np.ndarray]:
-    tokens = reader.load(record, names=("tokens",))["tokens"]
-    return [tokens[record["token_layers"].index(layer)] for layer in layers]
+    return token_states(reader.load(record, names=("tokens",)), record, layers)

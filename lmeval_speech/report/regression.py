@@ -44,6 +44,7 @@ def regression(reports: list[dict], labels: list[str], n_boot: int = 2000, seed:
                         for t in tables])  # [runs, items]: per-item gap
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(common), size=(n_boot, len(common)))
+    y = correct.mean(axis=1)
     out = {}
     for name, key in VALUES.items():
         vals = np.array([[np.nan if t[k].get(key) is None else float(t[k][key]) for k in common] for t in tables])
@@ -51,7 +52,6 @@ def regression(reports: list[dict], labels: list[str], n_boot: int = 2000, seed:
         if has.sum() < 2:
             continue
         x = np.nanmean(np.where(has, vals, np.nan), axis=1)
-        y = correct.mean(axis=1)
         fit = linear_fit(x, y)
         boot_r2, boot_slope = [], []
         for idx in draws:

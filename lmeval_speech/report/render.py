@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 from lmeval_speech.fileio import atomic_write
 from lmeval_speech.outcomes import FLAG_METRICS

@@ -275,6 +275,8 @@ DEMO_PAIR = "speech_arc_easy"
 DEMO_LIMIT = 200
 #: The offline science sets (tasks/science_data.py): pair -> data set name.
 SCIENCE = {"speech_arc_easy": "arc_easy", "speech_arc_challenge": "arc_challenge"}
+
+
 def science_base(name: str, split: str = "test") -> dict:
     """What every twin of one offline science set shares: the data (no train/validation split: the
     offline copy has none for ARC/OpenBookQA test runs, and zero-shot needs none)."""
