@@ -1,4 +1,4 @@
-"""``lmeval-speech``: run | synthesize | report | compare | check | sweep.
+"""``lmeval-speech``: run | synthesize | report | compare | check | steer | sweep.
 
 ``run`` is ``lm_eval`` itself (the start-up hook has registered the ``lslm`` model and the tasks);
 every other subcommand lives in the module that owns the concept and exposes
@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "report": ("lmeval_speech.report.report", "modality gap, layer similarity and APS report for one run"),
     "compare": ("lmeval_speech.report.compare", "leaderboard across runs"),
     "check": ("lmeval_speech.report.check", "fail when gap metrics regress past a baseline"),
+    "steer": ("lmeval_speech.interventions.steer", "a steering vector (mean text - speech state) from a capture"),
     "sweep": ("lmeval_speech.sweep", "one run per voice x rate x SNR condition, and the metrics against each axis"),
 }
 

@@ -351,3 +351,39 @@ def test_runs_under_other_spoken_form_rules_are_flagged(tmp_path, capsys):
     assert not lb["comparability"]["comparable"]
     (diff,) = lb["comparability"]["differences"]
     assert diff["aspect"] == "conditions" and diff["detail"] == ["conditions.spoken_form: 1 -> 2"]
+
+
+def test_check_reads_the_figures_against_their_baselines_with_per_metric_tolerances():
+    """Issue 28: own - mismatched S_cos, kappa, ... are checked; a drop past the tolerance regresses, a
+    per-metric tolerance allows it, a figure the baseline has and the run lacks is a regression."""
+    from lmeval_speech.report.check import compare_metrics, per_metric_tolerances
+
+    base = {"gap": {"value": 0.1, "ci_low": 0.0, "ci_high": 0.2, "n": 100},
+            "S_cos_vs_mismatched": {"value": 0.06, "ci_low": 0.05, "ci_high": 0.07, "n": 100},
+            "speech_cascade_kappa": {"value": 0.5, "ci_low": 0.3, "ci_high": 0.7, "n": 100}}
+    run = {"gap": {"value": 0.1}, "S_cos_vs_mismatched": {"value": 0.02}, "speech_cascade_kappa": None}
+    status = {r["metric"]: r["status"] for r in compare_metrics(base, run, 0.02, False)}
+    assert status["S_cos_vs_mismatched"] == "REGRESSED (tolerance)"
+    assert status["speech_cascade_kappa"] == "REGRESSED (not in this run)"
+    assert status["aps_vs_mismatched"] == "skipped (not in baseline)" and status["gap"] == "ok"
+    loose = per_metric_tolerances(["S_cos_vs_mismatched=0.05"])
+    status = {r["metric"]: r["status"] for r in compare_metrics(base, run, 0.02, True, loose)}
+    assert status["S_cos_vs_mismatched"] == "REGRESSED (CI)"  # within its tolerance, below its CI
+    with pytest.raises(ValueError, match="no metric"):
+        per_metric_tolerances(["kappa=0.1"])
+
+
+def test_leaderboard_carries_the_baseline_columns():
+    from lmeval_speech.report.compare import baseline_columns
+    from lmeval_speech.report.leaderboard_out import baseline_lines
+
+    rep = {"reference": {"S_cos": {"difference": 0.061}, "S_cos_centered": {"own": 0.7},
+                         "aps": {"difference": 0.2}},
+           "logit_lens": {"best_speech_layer": {"top10": 0.69}},
+           "decomposition": {"p": {"speech_cascade_kappa": {"kappa": 0.42}}}}
+    cols = baseline_columns(rep)
+    assert cols == {"S_cos_vs_mismatched": 0.061, "S_cos_centered": 0.7, "aps_vs_mismatched": 0.2,
+                    "lens_speech_top10": 0.69, "speech_cascade_kappa": 0.42}
+    lines = baseline_lines([{"label": "a", **cols}])
+    assert lines[-2] == "| a | 0.061 | 0.700 | 0.200 | 0.690 | 0.420 |"
+    assert baseline_columns({})["S_cos_vs_mismatched"] is None and baseline_lines([{"label": "a"}]) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import os
 import subprocess
 from pathlib import Path
@@ -121,6 +122,23 @@ def test_cascade_decomposition_adds_up_and_records_the_transcript(tiny_qwen2_aud
     (res,) = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
     assert d["cascade_acc"] == pytest.approx(json.load(open(res))["results"][f"{PAIR}_cascade"]["acc,none"])
     assert d["hearing"]["hearing"] == pytest.approx(rep["controls"][PAIR]["shuffled"]["hearing"])
+    # agreement of chosen options, recomputed here from the logged log-likelihoods with scikit-learn
+    from sklearn.metrics import cohen_kappa_score
+
+    def chosen(task):
+        (path,) = glob.glob(str(tmp_path / "out" / "*" / f"samples_{task}_2*.jsonl"))
+        by_doc = {r["doc_id"]: r for r in map(json.loads, open(path))}
+        value = re.compile(r"-?\d+\.?\d*(?:e-?\d+)?")  # a cascade's responses read "Scored(-12.3, ...)"
+        return [int(np.argmax([float(value.search(str(x[0])).group()) for x in by_doc[k]["filtered_resps"]]))
+                for k in sorted(by_doc)]
+
+    speech_choice, cascade_choice = chosen(f"{PAIR}_speech"), chosen(f"{PAIR}_cascade")
+    agreement = d["speech_cascade_kappa"]
+    assert agreement["n"] == 4
+    assert agreement["agreement"] == pytest.approx(np.mean(np.array(speech_choice) == np.array(cascade_choice)))
+    expected = cohen_kappa_score(speech_choice, cascade_choice)
+    assert (agreement["kappa"] is None and not np.isfinite(expected)) or agreement["kappa"] == pytest.approx(expected)
+    assert d["recovery"]["rate"] == pytest.approx(d["speech_acc"] / d["text_acc"]) if d["text_acc"] else True
     out = tmp_path / "rep"
     report.write_outputs(rep, None, out)
     assert (out / "decomposition.png").stat().st_size > 1000 and "Where the gap comes from" in (out / "report.md").read_text()

@@ -297,3 +297,72 @@ def test_random_angle_control_runs_through_lslm_on_the_same_positions(tiny_qwen2
     again = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="random_angle", intervene_layers="1",
                  critical="bottom2")
     assert run(again)[0] == res
+
+
+# ---------------------------------------------------------------- issue 28: steering vectors
+def _steer_file(path, d, items=(), index=1, scale=0.5):
+    from lmeval_speech.interventions.steer import write
+
+    v = np.linspace(-1, 1, d).astype(np.float32) * scale
+    write(path, {0: np.zeros(d, np.float32), index: v}, [list(i) for i in items], {}, "test")
+    return torch.from_numpy(v)
+
+
+@pytest.mark.parametrize("kind", ["steer", "random_steer"])
+def test_steer_adds_the_vector_and_its_control_a_random_one_of_the_same_norm(tiny_qwen2_audio_dir, tmp_path, plain, kind):
+    """Hidden state 1 of every speech position gets + strength * v (steer) or + strength * |v| * a random unit
+    vector (random_steer, the same in a rerun); layer 0's input and the text twin are untouched."""
+    d = plain[1][1].shape[-1]
+    v = _steer_file(tmp_path / "v.safetensors", d)
+    args = dict(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention=kind, intervene_layers="1",
+                critical="all", calibration=str(tmp_path / "v.safetensors"), strength=2.0)
+    res, speech, _ = run(LSLM(**args))
+    p_res, p_speech, _ = plain
+    sp = speech_positions(LSLM(**args))
+    delta = speech[1][sp] - p_speech[1][sp]
+    if kind == "steer":
+        assert torch.allclose(delta, 2.0 * v.expand_as(delta), atol=1e-5)
+    else:
+        assert torch.allclose(delta.norm(dim=-1), torch.full((len(sp),), 2.0 * float(v.norm())), atol=1e-4)
+        cos = torch.nn.functional.cosine_similarity(delta, v[None], dim=-1)
+        assert cos.abs().max() < 0.9  # not the steering direction
+        _, again, _ = run(LSLM(**args))
+        assert torch.equal(again[1], speech[1])  # seeded per item and layer
+    others = [i for i in range(speech[1].shape[0]) if i not in sp]
+    assert torch.equal(speech[1][others], p_speech[1][others]) and torch.equal(speech[0], p_speech[0])
+    assert res[1] == p_res[1] and res[0][0] != p_res[0][0]
+
+
+def test_steer_refuses_a_vector_estimated_on_the_evaluated_items(tiny_qwen2_audio_dir, tmp_path, plain):
+    d = plain[1][1].shape[-1]
+    _steer_file(tmp_path / "v.safetensors", d, items=[("speech_mmlu_continuation_geo", 0)])
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="steer", intervene_layers="1",
+              calibration=str(tmp_path / "v.safetensors"))
+    with pytest.raises(ValueError, match="estimated on 1 of the items"):
+        lm.loglikelihood(requests())
+    with pytest.raises(ValueError, match="needs calibration=FILE"):
+        LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", intervention="steer")
+
+
+def test_steer_vector_is_the_mean_text_minus_speech_state(tmp_path):
+    """estimate() on a hand-written capture store: the mean over items with both twins of text - speech
+    pooled states; an item with one twin only is left out; the file records the items."""
+    from lmeval_speech.capture.store import CaptureWriter
+    from lmeval_speech.interventions.steer import estimate, load, write
+
+    rng = np.random.default_rng(0)
+    w = CaptureWriter(tmp_path / "cap")
+    states = {}
+    for doc in range(3):
+        for modality in ("text", "speech") if doc < 2 else ("text",):
+            x = rng.normal(size=(3, 4)).astype(np.float32)
+            states[(doc, modality)] = x
+            w.add({"task": f"p_{modality}", "pair": "p", "modality": modality, "doc_id": doc}, {"pooled": x})
+    w.flush()
+    vectors, items, _ = estimate(tmp_path / "cap")
+    want = np.mean([states[(d, "text")] - states[(d, "speech")] for d in (0, 1)], axis=0)
+    assert items == [["p", 0], ["p", 1]]
+    assert all(np.allclose(vectors[i], want[i], atol=1e-6) for i in range(3))
+    write(tmp_path / "v.safetensors", vectors, items, {}, "cap")
+    loaded, used = load(tmp_path / "v.safetensors")
+    assert used == {("p", 0), ("p", 1)} and np.allclose(loaded[2], want[2], atol=1e-6)

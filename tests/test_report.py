@@ -147,7 +147,7 @@ def full(tmp_path_factory):
 
 def test_gap_matches_hand_counts_and_uses_the_latest_run(full):
     out, rep = full
-    assert rep["schema_version"] == 1
+    assert rep["schema_version"] == 2
     assert rep["run"]["timestamp"] == STAMP and rep["run"]["model_args_parsed"]["pretrained"] == "mini"
     assert rep["run"]["tasks"]["speech_toy_a_speech"]["tts"] == TTS
     assert rep["run"]["unpaired_tasks"] == ["speech_toy_c_text"]

@@ -56,8 +56,10 @@ class HiddenStateCapture:
         return not self.writer.has(request.task_name, request.doc_id, input_sha256)
 
     def add(self, request, has_audio: bool, states: list[torch.Tensor], audio_notes,
-            input_sha256: str | None = None) -> None:
-        """``states``: one [P, D] tensor per hidden-state index, at this row's captured positions."""
+            input_sha256: str | None = None, lens=None, lens_ids=None) -> None:
+        """``states``: one [P, D] tensor per hidden-state index, at this row's captured positions. With
+        token states, ``lens(states [L, P, D], indices, lens_ids)`` gives the logit lens's ranks [L, P, Q]
+        of the text twin's question tokens ``lens_ids``, stored as ``lens_ranks`` beside ``lens_ids``."""
         n_positions = int(states[0].shape[0]) if states else 0
         if not n_positions:
             return
@@ -72,9 +74,14 @@ class HiddenStateCapture:
             keep = half if torch.isfinite(half).all() or not torch.isfinite(tokens).all() else tokens.float()
             tensors["tokens"] = keep.cpu().numpy()  # such an item keeps float32 (large activations are real)
             self._tokens_per_task[task] = self._tokens_per_task.get(task, 0) + 1
+            if lens is not None and lens_ids:
+                tensors["lens_ranks"], lens_vocab = lens(tokens, self.token_layers, lens_ids)
+                tensors["lens_ids"] = np.asarray(lens_ids, dtype=np.int64)
         record = {"task": task, "pair": pair, "modality": modality, "doc_id": request.doc_id,
                   "n_positions": n_positions, "token_layers": self.token_layers if "tokens" in tensors else [],
                   "audio": audio_notes, "input_sha256": input_sha256}
+        if "lens_ranks" in tensors:
+            record["lens_vocab"] = lens_vocab
         self.writer.add(record, {k: np.asarray(v) for k, v in tensors.items()})
 
     def flush(self) -> None:

@@ -33,7 +33,7 @@ import torch
 from lmeval_speech.metrics import argmax_path, critical_tokens, similarity_matrix
 from lmeval_speech.fileio import atomic_write
 
-from .ops import OPS, RANDOM_OPS
+from .ops import OPS, RANDOM_OPS, STEER_OPS
 
 INPUT = "input"
 
@@ -62,13 +62,20 @@ class InterventionSpec:
                   intervention_mode="oracle", calibration=None, save_calibration=None):
         if intervention not in OPS:
             raise ValueError(f"intervention must be none or one of {sorted(OPS)}, got {intervention!r}")
-        if intervention_mode not in {"oracle", "calibrated"}:
+        strength = float(strength)
+        if intervention in STEER_OPS:
+            if not calibration:
+                raise ValueError(f"intervention={intervention} needs calibration=FILE, a steering vector made by "
+                                 "`lmeval-speech steer CAPTURE_DIR --out FILE` from a capture of other items")
+            if not strength >= 0.0:
+                raise ValueError(f"strength scales the steering vector: it must be >= 0, got {strength}")
+            intervention_mode = "steer"
+        elif intervention_mode not in {"oracle", "calibrated"}:
             raise ValueError("intervention_mode must be oracle or calibrated")
+        elif not 0.0 <= strength <= 1.0:
+            raise ValueError("strength must be in [0, 1]")
         if intervention_mode == "calibrated" and not calibration:
             raise ValueError("intervention_mode=calibrated needs calibration=PATH (from an oracle run's save_calibration)")
-        strength = float(strength)
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError("strength must be in [0, 1]")
         return cls(intervention, str(intervene_layers or INPUT), _parse_critical(critical), strength,
                    intervention_mode, calibration, save_calibration)
 
@@ -93,6 +100,15 @@ class Intervener:
         self._pending: dict[tuple, int] = {}  # (pair, doc_id) -> speech sequences not yet scored
         self._sums: dict = {}
         self.calib = self._load_calibration(spec.calibration) if spec.mode == "calibrated" else None
+        self.steer, self.steer_items = None, set()
+        if spec.mode == "steer":
+            from .steer import load
+
+            vectors, self.steer_items = load(spec.calibration)
+            missing = [h for h in self.indices if h not in vectors]
+            if missing:
+                raise ValueError(f"{spec.calibration} has no steering vector at hidden states {missing}")
+            self.steer = {self._key(h): torch.from_numpy(vectors[h]) for h in self.indices}
         self.edits = 0
 
     # ---------------------------------------------------------------- calibration file
@@ -152,6 +168,11 @@ class Intervener:
 
     def expect(self, keys) -> None:
         """Speech sequences about to be scored, by item: their references are kept until the last one."""
+        keys = list(keys)
+        if overlap := {tuple(k) for k in keys} & self.steer_items:
+            raise ValueError(f"the steering vector {self.spec.calibration} was estimated on {len(overlap)} of the items "
+                             f"this run evaluates (e.g. {sorted(overlap)[:3]}): estimate it on other items (another "
+                             "split or other doc ids), or the edit hands each item its own text states")
         for key in keys:
             self._pending[key] = self._pending.get(key, 0) + 1
 
@@ -205,6 +226,14 @@ class Intervener:
     def targets(self, layer, key, speech: torch.Tensor):
         """(speech row indices to edit, target states or norms) for one item at one layer."""
         k = self.spec.critical
+        if self.steer is not None:
+            vector = self.steer[layer].to(speech.dtype)
+            if k is None:
+                idx = torch.arange(speech.shape[0])
+            else:  # the speech positions least aligned with the text-ward direction
+                sim = torch.nn.functional.cosine_similarity(speech.float(), vector.float()[None], dim=-1)
+                idx = torch.argsort(sim)[:k]
+            return idx, vector[None].expand(len(idx), -1)
         if self.calib is not None:
             ref = self.calib[layer]
             direction = ref["direction"].to(speech.dtype)

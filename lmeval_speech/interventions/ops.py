@@ -9,8 +9,10 @@
 angle, the same log-norm change) in a random direction, seeded per item and layer, so that a change in
 accuracy can be told apart from what any edit of that size does.
 
+``steer`` adds a steering vector (``interventions/steer.py``), ``random_steer`` its same-size control.
+
 ``strength`` in [0, 1] interpolates: the direction along the great circle (slerp) for the angle,
-the norm in log space for the length; 1 is the paper's full edit, 0 leaves the state unchanged.
+the norm in log space for the length; 1 is the paper's full edit, 0 leaves the state unchanged; for ``steer`` it scales the vector (any value >= 0).
 """
 
 from __future__ import annotations
@@ -76,7 +78,21 @@ def random_length(h_s: torch.Tensor, h_t: torch.Tensor | float, strength: float 
     return h_s * torch.exp(sign * log_ratio.abs())
 
 
+def steer(h_s: torch.Tensor, v: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Add the steering vector (mean text - speech state, ``interventions/steer.py``) times ``strength``."""
+    return h_s + strength * v
+
+
+def random_steer(h_s: torch.Tensor, v: torch.Tensor, strength: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The control of :func:`steer`: add a random direction (one per state) of the same norm ``strength |v|``."""
+    r = _unit(torch.randn(h_s.shape, generator=generator, dtype=torch.float32).to(h_s.dtype))
+    return h_s + strength * v.norm(dim=-1, keepdim=True) * r
+
+
 OPS = {"angle": angle_projection, "length": length_normalization,
-       "random_angle": random_angle, "random_length": random_length}
+       "random_angle": random_angle, "random_length": random_length, "steer": steer, "random_steer": random_steer}
 #: the same-size random controls, which draw from a generator seeded per item and layer
-RANDOM_OPS = {"random_angle", "random_length"}
+RANDOM_OPS = {"random_angle", "random_length", "random_steer"}
+#: edits by a steering vector file (``calibration=``), which need no text twin
+STEER_OPS = {"steer", "random_steer"}

@@ -498,6 +498,7 @@ class LSLM(BatchRunner, TemplateLM):
             transcript = " | ".join(status[k].transcript for k in keys if status[k].transcript is not None)
             if truncated or transcript:
                 marks[i] = (truncated, transcript)
+        self._collect_lens_ids(seqs)
         phases = [seqs] if self.intervener is None else self._oracle_phases(seqs)
         if self.backend_impl.modality_dependent:  # never one batch of audio and text rows (Granite's LoRA)
             phases = [part for ph in phases for part in ([s for s in ph if not s.audio], [s for s in ph if s.audio]) if part]

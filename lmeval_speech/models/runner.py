@@ -132,9 +132,25 @@ class BatchRunner:
         return s.speech_positions if s.audio else list(range(*s.span))
 
     def _capture_row(self, s: Seq, states: list) -> None:
-        """``states``: one [P, D] tensor per hidden-state index, at ``_capture_positions(s)``."""
+        """``states``: one [P, D] tensor per hidden-state index, at ``_capture_positions(s)``. With token
+        states, the logit lens (``models/lens.py``) ranks the text twin's question tokens at every captured
+        position: a text row's own span tokens, a speech row's twin's (when the twin is in this run)."""
+        from functools import partial
+
+        from lmeval_speech.models.lens import lens_ranks
+
         audio_notes = [self.planner.status[k].notes for _, k, _ in s.audio] if s.audio else []
-        self.capture.add(s.request, bool(s.audio), states, audio_notes, s.input_sha256)
+        ids = self._lens_ids.get(s.twin_key) if s.audio else s.tokens[s.span[0]:s.span[1]]
+        lens = partial(lens_ranks, self.backend_impl, len(self.backend_impl.decoder_layers))
+        self.capture.add(s.request, bool(s.audio), states, audio_notes, s.input_sha256, lens=lens, lens_ids=ids)
+
+    _lens_ids: dict = {}
+
+    def _collect_lens_ids(self, seqs: list[Seq]) -> None:
+        """Each text twin's question tokens by item (pair, doc id), for the logit lens on its speech twin."""
+        if self.capture is not None and self.capture.mode == "tokens":
+            self._lens_ids = {s.twin_key: list(s.tokens[s.span[0]:s.span[1]]) for s in seqs
+                              if not s.audio and s.span is not None and s.twin_key is not None}
 
     @staticmethod
     def _context(s: Seq) -> list[int]:

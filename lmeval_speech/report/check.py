@@ -13,7 +13,16 @@ text_acc    lower            percentile bootstrap of the mean over items (binomi
 speech_acc  lower            same
 aps         lower            percentile bootstrap of the mean item APS (skipped if the baseline
                              has no APS)
+S_cos_vs_mismatched  lower   own - mismatched S_cos (report ``reference``), its paired CI
+aps_vs_mismatched    lower   own - mismatched APS, its paired CI
+speech_cascade_kappa lower   the decomposition's kappa (pooled row, or the only pair), its CI
+lens_speech_top10    lower   the logit lens's best speech top-10 share (no CI)
 ==========  ===============  ==================================================================
+
+The four figures read against a baseline are skipped when the baseline has none (an older baseline,
+or a run without capture or cascade); one the baseline has and the run lacks is a regression.
+``--tolerance-for METRIC=VALUE`` (repeatable) sets one metric's tolerance (e.g. a kappa on few items
+moves more than an accuracy).
 
 A metric regresses when it moves in its bad direction by more than ``--tolerance`` (absolute), or,
 with ``--ci``, when it falls outside the baseline's CI on the bad side. Exit codes: 0 all passed
@@ -49,7 +58,9 @@ from lmeval_speech.report import compare
 SCHEMA_VERSION = 1
 KIND = "lmeval-speech baseline"
 #: metric -> True when a higher value is worse
-HIGHER_IS_WORSE = {"gap": True, "text_acc": False, "speech_acc": False, "aps": False}
+HIGHER_IS_WORSE = {"gap": True, "text_acc": False, "speech_acc": False, "aps": False,
+                   "S_cos_vs_mismatched": False, "aps_vs_mismatched": False, "speech_cascade_kappa": False,
+                   "lens_speech_top10": False}
 REFUSED_ASPECTS = ("tasks", "limit", "conditions", "aps_method", "pairs")
 _EPS = 1e-12  # a delta exactly at the tolerance passes despite float rounding
 _CHUNK = 500
@@ -74,6 +85,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--baseline", required=True, help="baseline JSON (written by --update)")
     parser.add_argument("--tolerance", type=_tolerance, default=0.02,
                         help="allowed absolute move in the bad direction (default 0.02)")
+    parser.add_argument("--tolerance-for", action="append", default=[], metavar="METRIC=VALUE",
+                        help=f"one metric's tolerance, repeatable (metrics: {', '.join(HIGHER_IS_WORSE)})")
     parser.add_argument("--ci", action="store_true",
                         help="also fail when a metric leaves the baseline's bootstrap CI on the bad side")
     parser.add_argument("--update", action="store_true", help="write this run as the new baseline and exit 0")
@@ -109,7 +122,12 @@ def main(args) -> int:
             print(f"  - {line}", file=sys.stderr)
         print("  (run with --update to make this run the baseline)", file=sys.stderr)
         return 2
-    rows = compare_metrics(baseline["metrics"], current["metrics"], args.tolerance, args.ci)
+    try:
+        tolerances = per_metric_tolerances(args.tolerance_for)
+    except ValueError as err:
+        print(f"lmeval-speech check: error: {err}", file=sys.stderr)
+        return 2
+    rows = compare_metrics(baseline["metrics"], current["metrics"], args.tolerance, args.ci, tolerances)
     print(table(rows, args.tolerance, args.ci))
     regressed = [r["metric"] for r in rows if r["status"].startswith("REGRESSED")]
     passed = [r["metric"] for r in rows if r["status"].startswith("ok")]
@@ -139,6 +157,24 @@ def _accuracy_ci(n: int, acc: float, n_boot: int, seed: int, alpha: float) -> tu
     return float(low), float(high)
 
 
+def _baseline_figures(rep: dict) -> dict:
+    """The figures read against their baselines, each {value, ci_low, ci_high, n} or None."""
+    ref, lens, dec = rep.get("reference") or {}, rep.get("logit_lens") or {}, rep.get("decomposition") or {}
+    row = dec.get(compare.POOLED) or (next(iter(dec.values())) if len(dec) == 1 else {})
+    kappa = row.get("speech_cascade_kappa") or {}
+
+    def diff(d):
+        return None if not d or d.get("difference") is None else \
+            {"value": d["difference"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": d["n"]}
+
+    best = lens.get("best_speech_layer") or {}
+    return {"S_cos_vs_mismatched": diff(ref.get("S_cos")), "aps_vs_mismatched": diff(ref.get("aps")),
+            "speech_cascade_kappa": None if kappa.get("kappa") is None else
+            {"value": kappa["kappa"], "ci_low": kappa["ci_low"], "ci_high": kappa["ci_high"], "n": kappa["n"]},
+            "lens_speech_top10": None if best.get("top10") is None else
+            {"value": best["top10"], "ci_low": None, "ci_high": None, "n": best.get("n_tokens")}}
+
+
 def make_baseline(rep: dict, path, notes: list | None = None) -> dict:
     """The baseline dict (schema above) for one report: settings, metrics and their CIs."""
     ov = rep["overall"]
@@ -152,6 +188,7 @@ def make_baseline(rep: dict, path, notes: list | None = None) -> dict:
     if rep.get("alignment") and aps_items:
         low, high = _bootstrap_mean_ci(aps_items, n_boot, seed, alpha)
         metrics["aps"] = {"value": rep["alignment"]["aps"], "ci_low": low, "ci_high": high, "n": len(aps_items)}
+    metrics.update(_baseline_figures(rep))
     run = rep["run"]
     return {"schema_version": SCHEMA_VERSION, "kind": KIND,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -187,7 +224,22 @@ def settings_differences(baseline: dict, current: dict) -> list[str]:
 
 # --------------------------------------------------------------------------------------- check
 
-def compare_metrics(baseline: dict, current: dict, tolerance: float, use_ci: bool) -> list[dict]:
+def per_metric_tolerances(items: list[str]) -> dict[str, float]:
+    """``["kappa=0.1", ...]`` -> {metric: tolerance}; an unknown metric or a bad number is an error."""
+    out = {}
+    for item in items:
+        metric, _, value = item.partition("=")
+        if metric not in HIGHER_IS_WORSE:
+            raise ValueError(f"--tolerance-for {item!r}: no metric {metric!r} (metrics: {', '.join(HIGHER_IS_WORSE)})")
+        try:
+            out[metric] = _tolerance(value)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"--tolerance-for {item!r}: {err}") from None
+    return out
+
+
+def compare_metrics(baseline: dict, current: dict, tolerance: float, use_ci: bool,
+                    tolerances: dict | None = None) -> list[dict]:
     rows = []
     for metric, higher_is_worse in HIGHER_IS_WORSE.items():
         base, new = baseline.get(metric), current.get(metric)
@@ -195,18 +247,23 @@ def compare_metrics(baseline: dict, current: dict, tolerance: float, use_ci: boo
         if base is None:
             rows.append({**row, "delta": None, "status": "skipped (not in baseline)"})
             continue
+        if new is None or new.get("value") is None:
+            rows.append({**row, "delta": None, "status": "REGRESSED (not in this run)"})
+            continue
+        tol = (tolerances or {}).get(metric, tolerance)
         delta = new["value"] - base["value"]
         worse_by = delta if higher_is_worse else -delta
         reasons = []
-        if worse_by > tolerance + _EPS:
+        if worse_by > tol + _EPS:
             reasons.append("tolerance")
-        outside = new["value"] > base["ci_high"] if higher_is_worse else new["value"] < base["ci_low"]
+        bound = base.get("ci_high") if higher_is_worse else base.get("ci_low")
+        outside = bound is not None and (new["value"] > bound if higher_is_worse else new["value"] < bound)
         if use_ci and outside:
             reasons.append("CI")
         if reasons:
             status = f"REGRESSED ({', '.join(reasons)})"
         else:
-            status = "ok (improved)" if -worse_by > tolerance + _EPS else "ok"
+            status = "ok (improved)" if -worse_by > tol + _EPS else "ok"
         rows.append({**row, "delta": delta, "status": status})
     return rows
 
@@ -217,13 +274,13 @@ def _num(x, sign: bool = False) -> str:
 
 def table(rows: list[dict], tolerance: float, use_ci: bool) -> str:
     """The diff table: baseline value and CI, this run's value, the move and the verdict."""
-    head = (f"{'metric':<10}  {'worse if':<8}  {'baseline':>8}  {'baseline 95% CI':>18}  {'run':>8}  "
+    head = (f"{'metric':<20}  {'worse if':<8}  {'baseline':>8}  {'baseline 95% CI':>18}  {'run':>8}  "
             f"{'delta':>8}  status")
     lines = [f"tolerance {tolerance:g} (absolute){', CI check on' if use_ci else ''}", head, "-" * len(head)]
     for r in rows:
         base = r["baseline"] or {}
         ci = f"[{_num(base.get('ci_low'))}, {_num(base.get('ci_high'))}]" if base else "–"
-        lines.append(f"{r['metric']:<10}  {r['worse']:<8}  {_num(base.get('value')):>8}  {ci:>18}  "
+        lines.append(f"{r['metric']:<20}  {r['worse']:<8}  {_num(base.get('value')):>8}  {ci:>18}  "
                      f"{_num((r['run'] or {}).get('value')):>8}  {_num(r['delta'], sign=True):>8}  {r['status']}")
     return "\n".join(lines)
 

@@ -23,9 +23,11 @@ from lmeval_speech.metrics import (
     point_biserial,
     similarity_matrix,
 )
+from lmeval_speech.report.decomposition import decomposition as decompose_gap
+from lmeval_speech.report.decomposition import headline_metric
+from lmeval_speech.report.lens import lens_section
 from lmeval_speech.report.reference import reference_section
-from lmeval_speech.report.runs import PREFERRED_METRICS, control_items, logged_flags, pair_items, run_settings
-from lmeval_speech.report.runs import twin_rows as runs_twin_rows
+from lmeval_speech.report.runs import PREFERRED_METRICS, control_items, pair_items, run_settings
 from lmeval_speech.report.schema import GAP_FIELDS, N_CRITICAL, POOLED, SCHEMA_VERSION
 from lmeval_speech.report.voicebench import paired_results, voicebench_overall
 
@@ -62,16 +64,17 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
 
     pairs, overall = _gap_sections(items_by_pair, n_boot, seed, notes)
     controls = _control_sections(run, include_truncated, n_boot, seed, notes)
-    decomposition = _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed, notes, base)
+    decomposition = decompose_gap(run, items_by_pair, controls, include_truncated, n_boot, seed, notes, base)
     rows = _item_rows(items_by_pair)
     settings = run_settings(run)
     reader, capture_dir = _open_capture(run, manifest, capture, notes)
-    similarity = alignment = correlation = heatmap = reference = None
+    similarity = alignment = correlation = heatmap = reference = logit_lens = None
     if reader is not None:
         similarity, alignment, per_pair, per_item, compared = _hidden_state_sections(reader, rows, items_by_pair,
                                                                                     measure, path, notes)
         if similarity is not None:
             reference, ref_items = reference_section(reader, compared, measure, path, notes, seed=seed)
+            logit_lens = lens_section(reader, compared, notes)
             rows = [{**r, **ref_items.get((r["pair"], r["doc_id"]), {})} for r in rows]
         rows = [{**r, **per_item.get((r["pair"], r["doc_id"]), {})} for r in rows]
         for pair, sections in per_pair.items():
@@ -100,6 +103,7 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         "manifest": manifest,
         "similarity": similarity,
         "reference": reference,
+        "logit_lens": logit_lens,
         "alignment": alignment,
         "correlation": correlation,
         "items": rows,
@@ -107,13 +111,6 @@ def build_report(run: dict, *, capture=None, measure="cosine", path="argmax", it
         "notes": notes,
     }
     return report, heatmap
-
-
-def _headline(metrics) -> str:
-    """The metric a pooled row pools when pairs are scored differently: the first of
-    ``PREFERRED_METRICS`` present (``acc`` first), else the first one met."""
-    metrics = list(dict.fromkeys(metrics))
-    return next((m for m in PREFERRED_METRICS if m in metrics), metrics[0])
 
 
 def _gap_sections(items_by_pair: dict, n_boot: int, seed: int, notes: list | None = None) -> tuple[dict, dict]:
@@ -182,7 +179,7 @@ def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int
     if not out:
         return None
     for control, members in pooled.items():  # the pairs' items together, paired item by item as in each pair
-        headline = _headline(it["metric"] for _, it in members)
+        headline = headline_metric(it["metric"] for _, it in members)
         same = [(p, it) for p, it in members if it["metric"] == headline]
         if len(same) < len(members):
             notes.append(f"controls: the pooled {control} row pools the pairs scored by {headline} only (not "
@@ -198,129 +195,6 @@ def _control_sections(run: dict, include_truncated: bool, n_boot: int, seed: int
     notes.append("controls: hearing = speech accuracy - control accuracy on the same items (paired bootstrap CI)")
     return out
 
-
-def _base_text(base: dict | None, pair: str, metric: str, filt: str, doc_ids, targets: dict, notes: list
-               ) -> dict[int, bool] | None:
-    """{doc_id: correct} of the base LLM's run of this pair's text twin (``report --base``), read
-    under the same filter and metric as this run's pair. A doc id whose target differs from this run's
-    is another item: refused, as is a score that is not 0/1. Items the base run did not score are left
-    out of the decomposition, and the note says how many."""
-    task = f"{pair}_text"
-    if base is None or task not in base["tasks"]:
-        return None
-    rows = {r["doc_id"]: r for r in base["tasks"][task]["samples"] if r.get("filter", "none") == filt}
-    differ = [d for d in doc_ids if d in rows and str(rows[d].get("target")) != targets[d]]
-    if differ:
-        raise ValueError(f"--base run's {task} is not this run's items: doc {differ[0]} target "
-                         f"{str(rows[differ[0]].get('target'))!r} there vs {targets[differ[0]]!r} here "
-                         f"({len(differ)} docs differ)")
-    out, cut = {}, []
-    for d in doc_ids:
-        if d in rows and any(logged_flags(rows[d])):  # a base run's failed or cut item compares nothing
-            cut.append(d)
-        elif d in rows and metric in rows[d]:
-            value = float(rows[d][metric])
-            if value not in (0.0, 1.0):
-                raise ValueError(f"--base run's {task}: per-item {metric} of doc {d} is {value}, not 0/1")
-            out[d] = value == 1.0
-    if missing := [d for d in doc_ids if d not in out]:
-        notes.append(f"{pair}: {len(missing)} items not scored in the --base run's {task} are left out of the "
-                     f"decomposition (doc ids {missing[:10]}{' ...' if len(missing) > 10 else ''}"
-                     f"{f'; {len(cut)} of them failed or cut there' if cut else ''})")
-    return out
-
-
-def _decomposition(run, items_by_pair, controls, include_truncated, n_boot, seed, notes, base=None) -> dict | None:
-    """Where the gap comes from, per pair with a cascade twin, on the items valid in every twin used:
-    forgetting = base LLM text - LSLM text (with ``--base``), recognition = text - cascade (what ASR
-    errors cost), misalignment = cascade - speech (what the end-to-end path loses beyond recognition);
-    they add up to (base) text - speech on those items. hearing = speech - shuffled control (its own
-    items), modality recovery rate = speech / text."""
-    out, arrays = {}, {}
-    for pair, names in run["pairs"].items():
-        if twins.CASCADE not in names:
-            continue
-        it = items_by_pair[pair]
-        metric = it["metric"]
-        casc = control_items(run, pair, twins.CASCADE, include_truncated)  # speech vs cascade, valid in both
-        valid = sorted(set(it["doc_ids"]) & set(casc["doc_ids"]))
-        base_correct = _base_text(base, pair, metric, it["filter"], valid,
-                                  dict(zip(it["doc_ids"], it["targets"], strict=True)), notes)
-        if base is not None and base_correct is None:
-            notes.append(f"--base run has no {pair}_text: forgetting left out for {pair}")
-        if base_correct is not None:
-            valid = [d for d in valid if d in base_correct]
-        if not valid:
-            notes.append(f"{pair}: no item valid in the text, speech and cascade twins"
-                         f"{' and the --base run' if base_correct is not None else ''}: no decomposition row")
-            continue
-        pos_t, pos_c = {d: i for i, d in enumerate(it["doc_ids"])}, {d: i for i, d in enumerate(casc["doc_ids"])}
-        text = np.array([it["text_correct"][pos_t[d]] for d in valid], dtype=bool)
-        speech = np.array([it["speech_correct"][pos_t[d]] for d in valid], dtype=bool)
-        cascade = np.array([casc["control_correct"][pos_c[d]] for d in valid], dtype=bool)
-        rows = runs_twin_rows(run, pair, twins.CASCADE)
-        wer = np.array([float(rows[d].get("asr_wer", np.nan)) for d in valid], dtype=float)
-        base_text = np.array([base_correct[d] for d in valid], dtype=bool) if base_correct is not None else None
-        arrays[pair] = (text, cascade, speech, base_text, wer)
-        out[pair] = _decompose(*arrays[pair], metric, (controls or {}).get(pair, {}).get("shuffled"), n_boot, seed)
-    headline = _headline(out[p]["metric"] for p in out) if out else None
-    same = [p for p in out if out[p]["metric"] == headline]
-    if len(same) < len(out):
-        notes.append(f"decomposition: the pooled row pools the pairs scored by {headline} only (not "
-                     f"{[p for p in out if p not in same]})")
-    if len(same) > 1:  # those pairs' valid items together (forgetting only if every pair has its base)
-        parts = list(zip(*(arrays[p] for p in same)))
-        base_all = None if any(b is None for b in parts[3]) else np.concatenate(parts[3])
-        hearing = _pooled_hearing(run, same, headline, controls, include_truncated, n_boot, seed, notes)
-        out[POOLED] = _decompose(*(np.concatenate(x) for x in parts[:3]), base_all, np.concatenate(parts[4]),
-                                 headline, hearing, n_boot, seed)
-    if out:
-        notes.append("decomposition: (forgetting +) recognition + misalignment = (base) text - speech exactly, on "
-                     "the items valid in every twin used" + ("" if base else "; forgetting needs --base BASE_RUN"))
-    return out or None
-
-
-
-def _pooled_hearing(run, pairs, metric, controls, include_truncated, n_boot, seed, notes) -> dict | None:
-    """The pooled decomposition row's hearing, over the shuffled control of exactly that row's pairs (the
-    controls' pooled row pools every pair with a shuffled twin, which need not be these); None, with a
-    note, when one of them has no shuffled row scored by the row's metric."""
-    rows = {p: (controls or {}).get(p, {}).get("shuffled") for p in pairs}
-    missing = [p for p, row in rows.items() if row is None or row["metric"] != metric]
-    if missing:
-        if len(missing) < len(pairs):
-            notes.append(f"decomposition: the pooled row has no hearing: {missing} have no shuffled control "
-                         f"scored by {metric} (hearing is in their own rows where they have one)")
-        return None
-    members = [control_items(run, p, "shuffled", include_truncated) for p in pairs]
-    g = paired_gap(np.concatenate([it["speech_correct"] for it in members]),
-                   np.concatenate([it["control_correct"] for it in members]), n_boot=n_boot, seed=seed)
-    return {"hearing": g["gap"], "ci_low": g["ci_low"], "ci_high": g["ci_high"], "n": g["n"]}
-
-
-def _decompose(text, cascade, speech, base_text, wer, metric, shuffled, n_boot, seed) -> dict:
-    """One decomposition row from per-item correctness arrays over the same valid items."""
-    valid = len(text)
-    pairs_of = {"recognition": (text, cascade), "misalignment": (cascade, speech), "gap": (text, speech)}
-    if base_text is not None:
-        pairs_of |= {"forgetting": (base_text, text), "base_gap": (base_text, speech)}
-    steps = {name: paired_gap(a, b, n_boot=n_boot, seed=seed) for name, (a, b) in pairs_of.items()}
-    speech_only = text & ~speech
-    d = {
-        "n": valid, "metric": metric, "text_acc": float(text.mean()) if valid else None,
-        "cascade_acc": float(cascade.mean()) if valid else None, "speech_acc": float(speech.mean()) if valid else None,
-        "base_text_acc": float(base_text.mean()) if base_text is not None and valid else None,
-        "forgetting": None, "base_gap": None,
-        **{name: {k: g[k] for k in ("gap", "ci_low", "ci_high")} | {"p": g["mcnemar"]["p"]} for name, g in steps.items()},
-        "hearing": None if shuffled is None else {k: shuffled[k] for k in ("hearing", "ci_low", "ci_high", "n")},
-        "recovery_rate": float(speech.mean() / text.mean()) if valid and text.mean() > 0 else None,
-        "asr_wer_mean": float(np.nanmean(wer)) if np.isfinite(wer).any() else None,
-        "wer_vs_speech_only_error": point_biserial(speech_only.astype(float), wer) if valid > 2 else None,
-    }
-    assert abs(d["recognition"]["gap"] + d["misalignment"]["gap"] - d["gap"]["gap"]) < 1e-9
-    if d["forgetting"] is not None:
-        assert abs(d["forgetting"]["gap"] + d["gap"]["gap"] - d["base_gap"]["gap"]) < 1e-9
-    return d
 
 def _item_rows(items_by_pair: dict) -> list[dict]:
     rows = []

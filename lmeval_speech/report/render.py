@@ -108,10 +108,12 @@ def markdown(report: dict) -> str:
                   "`--base`), **recognition** = text - cascade "
                   "(what ASR errors cost), **misalignment** = cascade - speech (what the end-to-end speech path "
                   "loses beyond recognition); they add up to the gap on those items. **hearing** = speech - "
-                  "shuffled-audio control; **recovery** = speech / text. 95% paired bootstrap CIs.", "",
+                  "shuffled-audio control; **recovery** = speech / text (1 = speech recovers all of text); "
+                  "**kappa** = Cohen's kappa of the options the speech and cascade twins chose (1 = the end-to-end "
+                  "model answers as its ASR cascade would, 0 = chance agreement). 95% paired bootstrap CIs.", "",
                   "| pair | n | base text | forgetting | text | cascade | speech | recognition | misalignment | gap | "
-                  "hearing | recovery | ASR WER |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "hearing | recovery | speech-cascade kappa | ASR WER |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
         def step(x):
             return "–" if not x else f"{fmt(x.get('gap', x.get('hearing')))} [{fmt(x['ci_low'])}, {fmt(x['ci_high'])}]"
@@ -119,7 +121,8 @@ def markdown(report: dict) -> str:
         lines += [f"| {pair} | {d['n']} | {fmt(d.get('base_text_acc'))} | {step(d.get('forgetting'))} | "
                   f"{fmt(d['text_acc'])} | {fmt(d['cascade_acc'])} | {fmt(d['speech_acc'])} | "
                   f"{step(d['recognition'])} | {step(d['misalignment'])} | {step(d['gap'])} | {step(d['hearing'])} | "
-                  f"{fmt(d['recovery_rate'])} | {fmt(d['asr_wer_mean'])} |" for pair, d in report["decomposition"].items()]
+                  f"{_ci(d.get('recovery'), 'rate', d['recovery_rate'])} | {_ci(d.get('speech_cascade_kappa'), 'kappa')} | "
+                  f"{fmt(d['asr_wer_mean'])} |" for pair, d in report["decomposition"].items()]
         lines.append("")
 
     if report.get("voicebench"):
@@ -196,6 +199,8 @@ def markdown(report: dict) -> str:
     else:
         lines.append("Omitted: no token-level hidden states (see notes).")
     lines.append("")
+    lines += lens_lines(report.get("logit_lens"))
+    lines.append("")
 
     corr = report["correlation"]
     lines += ["## Closeness vs speech-only errors", ""]
@@ -213,6 +218,13 @@ def markdown(report: dict) -> str:
     lines += ["", "## Notes", ""]
     lines += [f"- {n}" for n in report["notes"]] or ["- none"]
     return "\n".join(lines) + "\n"
+
+
+def _ci(d: dict | None, key: str, fallback=None) -> str:
+    """``value [low, high]`` of a statistic with a CI (``–`` when absent)."""
+    if not d or d.get(key) is None:
+        return fmt(fallback) if fallback is not None else "–"
+    return f"{fmt(d[key])} [{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]"
 
 
 def _diff(d: dict, digits: int = 3) -> str:
@@ -243,6 +255,27 @@ def reference_lines(ref: dict | None) -> list[str]:
     lines += [f"| {layer} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(d)} | {fmt(e)} | {fmt(f)} |" for layer, a, b, c, d, e, f in
               zip(pl["layers"], pl["cosine_own"], pl["cosine_mismatched"], pl["centered_cosine_own"],
                   pl["centered_cosine_mismatched"], pl["cka"], pl["cka_mismatched"])]
+    return lines + [""]
+
+
+def lens_lines(lens: dict | None) -> list[str]:
+    """The logit-lens table (report/lens.py): speech positions through the argmax path, the text twin's
+    own positions as the reference, chance beside both."""
+    if not lens:
+        return []
+    ch = lens["chance"]
+    lines = ["## Logit lens: are the question's words readable from the speech states?", "",
+             f"Each state read through the final norm and LM head; the share of the question's tokens ranked top-1 "
+             f"/ top-10 at the speech position aligned to them (argmax path, per hidden state), beside the text "
+             f"twin's own positions (reference; its last index predicts the *next* token, so it drops there) and "
+             f"chance ({fmt(ch['top1'], 6)} / {fmt(ch['top10'], 6)}); {lens['n_items']} items, "
+             f"{lens['speech']['n_tokens'][0]} tokens.", "",
+             "| hidden state | speech top-1 | speech top-10 | speech median rank | text top-1 | text top-10 | "
+             "text median rank |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    sp, tx = lens["speech"], lens["text"]
+    lines += [f"| {layer} | {fmt(a)} | {fmt(b)} | {fmt(c, 0)} | {fmt(d)} | {fmt(e)} | {fmt(f, 0)} |"
+              for layer, a, b, c, d, e, f in zip(lens["layers"], sp["top1"], sp["top10"], sp["median_rank"],
+                                                 tx["top1"], tx["top10"], tx["median_rank"])]
     return lines + [""]
 
 

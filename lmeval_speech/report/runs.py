@@ -195,6 +195,46 @@ def logged_flags(row: dict) -> tuple[str, str]:
     return failed, truncated
 
 
+def _logged_value(value) -> float:
+    """A logged log-likelihood as a number: a plain float, or the value inside ``lslm``'s mark
+    ``Scored(-12.3, failed='', truncated='', ...)`` (read with ``ast``, never evaluated)."""
+    text = str(value).strip()
+    if not text.startswith("Scored("):
+        return float(text)
+    call = ast.parse(text, mode="eval").body
+    arg = call.args[0]
+    return float("nan") if isinstance(arg, ast.Name) else float(ast.literal_eval(arg))
+
+
+def chosen_option(row: dict, metric: str) -> int | None:
+    """The option a multiple-choice item's scoring chose (lm-eval's ``acc``: the largest log-likelihood;
+    ``acc_norm``: the largest per character of the choice), from its logged responses; None for another
+    metric, a generation, or a response that is not a finite log-likelihood."""
+    if metric not in ("acc", "acc_norm"):
+        return None
+    try:
+        lls = np.array([_logged_value(r[0]) for r in row.get("filtered_resps") or []], dtype=float)
+    except (TypeError, ValueError, IndexError, SyntaxError):
+        return None
+    if lls.size == 0 or not np.isfinite(lls).all():
+        return None
+    if metric == "acc_norm":
+        args = row.get("arguments") or {}
+        conts = [a.get("arg_1") for a in args.values()] if isinstance(args, dict) else [a[1] for a in args]
+        if len(conts) != lls.size or not all(isinstance(c, str) and c for c in conts):
+            return None
+        # lm-eval divides by the choice's length, without the target delimiter (" " by default)
+        lls = lls / np.array([len(c.removeprefix(" ")) for c in conts], dtype=float)
+    chosen = int(np.argmax(lls))
+    try:  # the logged score must agree with the choice read here, else it is not this scoring's choice
+        if metric in row and str(row.get("target", "")).isdigit() and \
+                float(row[metric]) != float(chosen == int(row["target"])):
+            return None
+    except (TypeError, ValueError):
+        return None
+    return chosen
+
+
 def _fmt_ids(ids) -> str:
     ids = sorted(ids)
     more = f" ... (+{len(ids) - _MAX_LISTED})" if len(ids) > _MAX_LISTED else ""

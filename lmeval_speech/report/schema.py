@@ -5,13 +5,14 @@ by ``report.render`` (markdown and plots) and read by ``compare`` and ``check``.
 
 The command is ``lmeval-speech report RUN_DIR`` (``report/report.py``).
 
-``report.json`` schema (version 1). Keys are only ever added within a version; ``null`` stands for
+``report.json`` schema (version 2: adds ``logit_lens``, the decomposition's ``recovery`` and
+``speech_cascade_kappa``). Keys are only ever added within a version; ``null`` stands for
 a value that is undefined (nan: a constant input, fewer than 3 items, ...) or a section left out.
 
 ==================  ===========================================================================
 key                 content
 ==================  ===========================================================================
-schema_version      1
+schema_version      2
 run                 ``results_file``, ``samples_files`` {task: path}, ``timestamp`` (lm-eval's
                     date id), ``date`` (unix start time), ``capture_dir``, ``model``,
                     ``model_args`` (as recorded), ``model_args_parsed``, ``limit``,
@@ -50,6 +51,13 @@ reference           the similarity items' baselines (report/reference.py): seed,
                     mismatched with a paired bootstrap CI; aps over token-captured items, null with
                     fewer than 2, also layers, per_layer_own, per_layer_mismatched), cka_items (items in CKA, a seeded sample of at most 256),
                     cross_layer_cka [speech layer][text layer]. null without a capture.
+logit_lens          (report/lens.py) per hidden-state index of the token-captured items: layers, k [1, 10],
+                    speech {top1, top10, mean_rank, median_rank, n_tokens} (lists per layer: the share
+                    of the question's tokens ranked top-1 / top-10 by the lens at the speech position
+                    the argmax path aligns to them; ranks 0 = top), text {the same at each token's own
+                    position: the reference row}, chance {top1, top10} (k / vocab_size), vocab_size,
+                    n_items, excluded {reason: count}, path, best_speech_layer {layer, top1, ...}.
+                    null without lens ranks (capture=tokens writes them).
 alignment           token states: measure, path, aps (mean over items of the item APS), aps_per_layer,
                     layers (token-level hidden-state indices), monotonicity (mean over items of
                     the Spearman rho of the path, averaged over layers; a path that maps every word
@@ -80,7 +88,10 @@ decomposition       {pair: {n, metric, base_text_acc, forgetting, base_gap (with
                     gap (each {gap, ci_low, ci_high, p}; recognition + misalignment = gap exactly, on
                     the items valid in text, cascade and speech), hearing (the shuffled control's
                     {hearing, ci_low, ci_high, n}, or null; the pooled row's over the shuffled twins of
-                    the pairs it pools, null when one of them has none), recovery_rate (speech / text), asr_wer_mean, wer_vs_speech_only_error
+                    the pairs it pools, null when one of them has none), recovery_rate (speech / text), recovery {rate, ci_low, ci_high, n, ...}
+                    (its paired bootstrap CI), speech_cascade_kappa {kappa, ci_low, ci_high, agreement,
+                    n, ...} (Cohen's kappa of the options the speech and cascade twins chose; null for
+                    a metric other than acc/acc_norm), asr_wer_mean, wer_vs_speech_only_error
                     (point-biserial)}}, or null when the run has no cascade twin; with more than one
                     pair of the headline metric, also "overall (pooled)": those pairs' valid items
                     together (forgetting only when each has its base run; pairs of another metric
@@ -110,7 +121,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 N_CRITICAL = 3
 #: the key of the every-pair row in ``controls`` and ``decomposition``
 POOLED = "overall (pooled)"
