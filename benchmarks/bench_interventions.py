@@ -12,6 +12,11 @@ positions in a random direction; "vs control" is the edit's accuracy minus the c
     python benchmarks/bench_interventions.py --limit 25 [--model mini]                  # the MMLU demo, as before
     python benchmarks/bench_interventions.py --task speech_arc_easy --limit 100 --layers input,8,16,24 \
         --configs oracle --controls --json benchmarks/interventions_arc.json
+    python benchmarks/bench_interventions.py --task speech_arc_easy --limit 200 --layers 8,16 \
+        --steer benchmarks/steer_arc_challenge.safetensors --strengths 1 --controls --json benchmarks/interventions_arc_steer.json
+
+``--steer`` rows add a steering vector (the mean text - speech state of *other* items, ``lmeval-speech steer``)
+at every speech position, beside ``random_steer`` (a random direction of the same norm).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def speech_correct(model, tasks, limit) -> dict:
     return correct
 
 
-CONTROL_OF = {"angle": "random_angle", "length": "random_length"}
+CONTROL_OF = {"angle": "random_angle", "length": "random_length", "steer": "random_steer"}
 
 
 def main():
@@ -67,11 +72,19 @@ def main():
     ap.add_argument("--critical", default="bottom3,all", help="critical-token settings to run (comma-separated)")
     ap.add_argument("--controls", action="store_true", help="add each oracle edit's same-size random control")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
+    ap.add_argument("--steer", default=None, help="a steering vector file (lmeval-speech steer), estimated on other "
+                    "items: adds steer rows (critical=all) at each of --strengths, instead of the oracle/calibrated rows")
+    ap.add_argument("--strengths", default="1", help="steer strengths (comma-separated)")
     args = ap.parse_args()
     configs = [(n, c) for n, c in CONFIGS if (args.configs == "all" or c.get("intervention_mode") != "calibrated")
                and (not c or c["critical"] in args.critical.split(","))]
+    if args.steer:
+        configs = [("none", {})] + [(f"steer all x{s}", {"intervention": "steer", "critical": "all", "strength": float(s),
+                                                         "calibration": args.steer})
+                                    for s in args.strengths.split(",")]
     if args.controls:
-        configs += [(f"{CONTROL_OF[c['intervention']]} {c['critical']} (control)",
+        configs += [(f"{CONTROL_OF[c['intervention']]} {c['critical']}"
+                     f"{' x' + str(c['strength']) if 'strength' in c else ''} (control)",
                      {**c, "intervention": CONTROL_OF[c["intervention"]]})
                     for _, c in configs if c and c.get("intervention_mode") != "calibrated"]
     t0 = time.time()
@@ -102,7 +115,8 @@ def main():
                        "delta_vs_none": g["gap"], "ci_low": g["ci_low"], "ci_high": g["ci_high"],
                        "mcnemar_p": g["mcnemar"]["p"], "n": g["n"], "edited_positions": edits}
                 real = [n for n, c in configs if c and CONTROL_OF.get(c["intervention"]) == cfg.get("intervention")
-                        and c["critical"] == cfg.get("critical") and c.get("intervention_mode") != "calibrated"]
+                        and c["critical"] == cfg.get("critical") and c.get("strength") == cfg.get("strength")
+                        and c.get("intervention_mode") != "calibrated"]
                 if real:  # a control row: the real edit (run before it) minus the control, item by item
                     v = paired_gap([results[real[0]][k] for k in keys], [speech[k] for k in keys], n_boot=10000, seed=0)
                     row["edit_minus_control"] = {"edit": real[0], "gap": v["gap"], "ci_low": v["ci_low"],

@@ -58,13 +58,13 @@ def dev_ngrams() -> set:
 def load_sentences(path: Path) -> list[str]:
     """Stage 1's corpus (``corpus.json`` of the feature folder, built if missing) minus dev 8-grams."""
     from .corpus import build_corpus, ngrams
-    from .train import atomic_write_bytes
+    from lmeval_speech.fileio import atomic_write
 
     if path.exists():
         sentences = json.loads(path.read_text())["sentences"]
     else:
         sentences, stats = build_corpus()
-        atomic_write_bytes(path, lambda fh: fh.write(json.dumps({"sentences": sentences, "stats": stats}).encode()))
+        atomic_write(path, json.dumps({"sentences": sentences, "stats": stats}))
     bad = dev_ngrams()
     return [s for s in sentences if not (ngrams(s) & bad)]
 
