@@ -150,7 +150,7 @@ def test_correlations_use_the_corrected_values_and_say_the_items_needed(full):  
     """The per-item correlation with speech-only errors also runs on the baseline-corrected values, and
     each row says how many items its r would need (Fisher z: |r| = 0.3 needs 85 for 80% power, a
     textbook value)."""
-    from lmeval_speech.report.compute import n_for_power
+    from lmeval_speech.report.states import n_for_power
 
     assert n_for_power(0.3) == 85 and n_for_power(-0.3) == 85 and n_for_power(0.5) == 30
     assert n_for_power(0.0) is None and n_for_power(float("nan")) is None
