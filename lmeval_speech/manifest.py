@@ -24,8 +24,6 @@ TTS_OVERRIDES = {"tts_engine": "engine", "tts_voice": "voice", "tts_rate": "rate
 PROMPT_KEYS = ("description", "target_delimiter", "fewshot_delimiter", "doc_to_choice")
 #: Run-level chat settings lm-eval records.
 CHAT_KEYS = ("system_instruction", "chat_template", "fewshot_as_multiturn")
-#: What must be equal for two runs' numbers to be compared (``compare --allow-mismatch`` overrides).
-COMPARED = ("prompt", "speech_prompt", "audio", *PROMPT_KEYS, "n_shot")
 
 
 def _audio_spec(meta: dict, tts_override: dict | None) -> dict | None:
@@ -43,8 +41,8 @@ def _audio_spec(meta: dict, tts_override: dict | None) -> dict | None:
 
 
 def build_manifest(run: dict) -> dict:
-    """The manifest of a run loaded by ``report.runs.load_run``."""
-    from lmeval_speech.report.runs import logged_flags, parse_model_args
+    """The manifest of a run loaded by ``runs.load_run``."""
+    from lmeval_speech.runs import logged_flags, parse_model_args
 
     results = run["results"]
     config = results.get("config") or {}
@@ -95,9 +93,10 @@ def manifest_path(run: dict) -> Path:
     return Path(run["dir"]) / f"manifest_{run['timestamp']}.json"
 
 
-def write_manifest(run: dict) -> dict:
-    """Build and write (atomically) the manifest of ``run``; returns it with its ``path``."""
-    manifest = build_manifest(run)
+def write_manifest(run: dict, manifest: dict | None = None) -> dict:
+    """Write (atomically) the manifest of ``run``, built here unless given (a report has built it once
+    already); returns it with its ``path``."""
+    manifest = build_manifest(run) if manifest is None else {k: v for k, v in manifest.items() if k != "path"}
     path = manifest_path(run)
     atomic_write_json(path, manifest)
     return {**manifest, "path": str(path)}
@@ -105,22 +104,10 @@ def write_manifest(run: dict) -> dict:
 
 def load_manifest(run_dir) -> dict:
     """The manifest of the latest run in RUN_DIR (written from its results and samples if absent)."""
-    from lmeval_speech.report.runs import load_run
+    from lmeval_speech.runs import load_run
 
     run = load_run(run_dir)
     path = manifest_path(run)
     if path.exists():
         return {**json.loads(path.read_text(encoding="utf-8")), "path": str(path)}
     return write_manifest(run)
-
-
-def differences(a: dict, b: dict) -> list[str]:
-    """What differs between two manifests in what makes numbers comparable: the model's TTS
-    override, chat template, and per task its prompt and effective audio spec."""
-    out = []
-    if a.get("chat_template") != b.get("chat_template"):
-        out.append(f"chat template: {a.get('chat_template')} vs {b.get('chat_template')}")
-    for task in sorted(set(a.get("tasks", {})) & set(b.get("tasks", {}))):
-        ta, tb = a["tasks"][task], b["tasks"][task]
-        out += [f"{task} {k}: {ta.get(k)!r} vs {tb.get(k)!r}" for k in COMPARED if ta.get(k) != tb.get(k)]
-    return out

@@ -151,7 +151,7 @@ def summarize(rep: dict) -> dict:
 
 def main(args) -> int:
     from lmeval_speech.report import report as report_mod
-    from lmeval_speech.report.runs import find_results_file
+    from lmeval_speech.runs import find_results_file
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

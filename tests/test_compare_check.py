@@ -86,7 +86,7 @@ def board(runs):
 def _report(path):
     """The report of a run, built here (compare writes nothing into its input folders)."""
     from lmeval_speech.report import report as report_mod
-    from lmeval_speech.report.runs import load_run
+    from lmeval_speech.runs import load_run
 
     assert not (path / "gap_report").exists()
     rep, _ = report_mod.build_report(load_run(path))

@@ -24,7 +24,7 @@ from scipy import stats
 
 from lmeval_speech.capture.store import CaptureWriter
 from lmeval_speech.report import report
-from lmeval_speech.report.runs import UnpairedError, load_run, pair_items
+from lmeval_speech.runs import UnpairedError, load_run, pair_items
 
 STAMP, OLD_STAMP = "2025-03-04T05-06-07.123456", "2025-01-02T03-04-05.000001"
 N_STATES, TOKEN_LAYERS, D = 5, [0, 2, 4], 16
@@ -303,7 +303,7 @@ def test_items_with_non_finite_states_are_excluded_and_counted(tmp_path):
     (argmax path) or the DTW path raised from inside dtw-python."""
     from lmeval_speech.report.compute import build_report
     from lmeval_speech.report.render import markdown
-    from lmeval_speech.report.runs import load_run
+    from lmeval_speech.runs import load_run
     from lmeval_speech.report.schema import jsonable
 
     cap = tmp_path / "cap"

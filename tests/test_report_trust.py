@@ -14,7 +14,7 @@ from test_report import STAMP, write_run
 from lmeval_speech.manifest import build_manifest
 from lmeval_speech.outcomes import Scored
 from lmeval_speech.report.compute import build_report
-from lmeval_speech.report.runs import load_run, pair_items
+from lmeval_speech.runs import load_run, pair_items
 
 def _logged(value):
     """A log-likelihood response as lm-eval's sample log holds it (``sanitize_list`` of (value, greedy))."""

@@ -207,7 +207,7 @@ def test_ifeval_pair_runs_both_twins_through_lm_eval(tiny_qwen2_audio_dir, tmp_p
     assert first["arguments"]["gen_args_0"]["arg_0"] == IFEVAL_DOCS[first["doc_id"]]["prompt"]
     # the gap report pairs the twins on prompt-level strict accuracy, without the unscored item
     from lmeval_speech.report.compute import build_report
-    from lmeval_speech.report.runs import load_run
+    from lmeval_speech.runs import load_run
 
     rep, _ = build_report(load_run(tmp_path / "out"), n_boot=200)
     gap = rep["pairs"][IFEVAL]
@@ -336,7 +336,7 @@ def test_report_gives_voicebench_overall(tmp_path):
 
     from lmeval_speech.report.compute import build_report
     from lmeval_speech.report.render import markdown
-    from lmeval_speech.report.runs import load_run
+    from lmeval_speech.runs import load_run
     from lmeval_speech.report.schema import jsonable
     from lmeval_speech.report.voicebench import MMSU_DOMAINS
 
@@ -431,7 +431,7 @@ def test_mcq_gen_pair_runs_beside_the_loglikelihood_pair_and_the_report_shows_bo
     recording is unreadable: both speech twins leave it unscored and count it."""
     from lmeval_speech.report.compute import build_report
     from lmeval_speech.report.render import markdown
-    from lmeval_speech.report.runs import load_run
+    from lmeval_speech.runs import load_run
     from lmeval_speech.report.schema import jsonable
 
     data = tmp_path / "openbookqa.parquet"
@@ -514,7 +514,7 @@ def test_voicebench_suite_runs_on_the_embedded_model(tmp_path):
     included); one AdvBench recording is unreadable and is counted, never scored. The report's Overall
     is VoiceBench's formula applied, here by hand, to the run's sample log over the items valid in both twins."""
     from lmeval_speech.report.compute import build_report
-    from lmeval_speech.report.runs import load_run
+    from lmeval_speech.runs import load_run
     from lmeval_speech.report.voicebench import MMSU_DOMAINS
 
     def audio(n, bad=()):

@@ -66,7 +66,7 @@ from lmeval_speech.report.leaderboard_out import (  # noqa: F401 (the leaderboar
     write_outputs,
 )
 from lmeval_speech.report.regression import regression
-from lmeval_speech.report.runs import find_results_file, load_run
+from lmeval_speech.runs import find_results_file, load_run
 from lmeval_speech.report.schema import POOLED, jsonable, read_report
 
 SCHEMA_VERSION = 1

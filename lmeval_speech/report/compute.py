@@ -15,7 +15,7 @@ from lmeval_speech.report.decomposition import decomposition as decompose_gap
 from lmeval_speech.report.decomposition import headline_metric
 from lmeval_speech.report.lens import lens_section
 from lmeval_speech.report.reference import reference_section
-from lmeval_speech.report.runs import PREFERRED_METRICS, control_items, pair_items, run_settings
+from lmeval_speech.runs import PREFERRED_METRICS, control_items, pair_items, run_settings
 from lmeval_speech.report.schema import GAP_FIELDS, POOLED, SCHEMA_VERSION
 from lmeval_speech.report.states import correlation as correlate
 from lmeval_speech.report.states import hidden_state_sections, item_detail

@@ -9,14 +9,14 @@ import numpy as np
 from lmeval_speech import twins
 from lmeval_speech.metrics import paired_gap, point_biserial
 from lmeval_speech.metrics.agreement import cohen_kappa, recovery_rate
-from lmeval_speech.report.runs import chosen_option, control_items, logged_flags, twin_rows
+from lmeval_speech.runs import chosen_option, control_items, logged_flags, twin_rows
 from lmeval_speech.report.schema import POOLED
 
 
 def headline_metric(metrics) -> str:
     """The metric a pooled row pools when pairs are scored differently: the first of
     ``PREFERRED_METRICS`` present (``acc`` first), else the first one met."""
-    from lmeval_speech.report.runs import PREFERRED_METRICS
+    from lmeval_speech.runs import PREFERRED_METRICS
 
     metrics = list(dict.fromkeys(metrics))
     return next((m for m in PREFERRED_METRICS if m in metrics), metrics[0])

@@ -25,7 +25,7 @@ from lmeval_speech.manifest import write_manifest
 from lmeval_speech.metrics.alignment import MEASURES, PATHS
 from lmeval_speech.report.compute import build_report
 from lmeval_speech.report.render import markdown, summary, write_outputs
-from lmeval_speech.report.runs import UnpairedError, load_run
+from lmeval_speech.runs import UnpairedError, load_run
 from lmeval_speech.report.schema import SCHEMA_VERSION, jsonable
 
 __all__ = ["SCHEMA_VERSION", "add_arguments", "build_report", "jsonable", "load_run", "main", "markdown",
@@ -77,7 +77,7 @@ def main(args) -> int:
     except (UnpairedError, ValueError, FileNotFoundError, CaptureCorruptError) as err:
         print(f"lmeval-speech report: error: {err}", file=sys.stderr)
         return 2
-    write_manifest(run)  # next to lm-eval's results: the record of what was measured
+    write_manifest(run, report["manifest"])  # next to lm-eval's results: the record of what was measured
     write_outputs(report, heatmap, out)
     print(summary(report))
     print(f"\nwrote {out / 'report.json'}, {out / 'report.md'} and "

@@ -57,12 +57,12 @@ TERM_METRICS = ("refusal_rate", "prompt_level_strict_acc", "inst_level_strict_ac
 def paired_results(run: dict, items_by_pair: dict) -> dict:
     """lm-eval-style ``results`` entries (``{task: {"<metric>,none": mean, "sample_len": n}}``) of the
     suite's twins, computed from the sample log over the items valid in **both** twins of each pair
-    (``report.runs.pair_items``: an item whose audio failed in the speech twin leaves the text twin
+    (``runs.pair_items``: an item whose audio failed in the speech twin leaves the text twin
     too). lm-eval's own aggregates average each twin over the items *it* scored, so with one
     unreadable recording the two twins of a subset would be means over different items: not a gap.
     Instruction-level IFEval fields are pooled over the instructions of the valid items, as lm-eval's
     ``agg_inst_level_acc`` pools them over all items."""
-    from lmeval_speech.report.runs import twin_rows
+    from lmeval_speech.runs import twin_rows
 
     out = {}
     for pair, it in items_by_pair.items():

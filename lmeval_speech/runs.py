@@ -1,4 +1,5 @@
-"""Load one ``lm_eval --output_path OUT --log_samples`` run into plain dicts and pair its twins.
+"""Owns reading a finished run: one ``lm_eval --output_path OUT --log_samples`` run loaded into plain
+dicts, its twins paired item by item (below the manifest and every reporter, importing neither).
 
 lm-eval writes ``OUT/<model_name_sanitized>/results_<date_id>.json`` and, per leaf task,
 ``samples_<task>_<date_id>.jsonl`` with the same ``date_id`` (see lm-eval's
