@@ -86,6 +86,8 @@ def add_arguments(parser) -> None:
                         "(default: model_args pretrained [@revision] + TTS)")
     parser.add_argument("--allow-mismatch", action="store_true",
                         help="rank runs whose TTS spec or prompt (incl. chat template) differ; the tables mark them")
+    parser.add_argument("--html", action="store_true",
+                        help="also write leaderboard.html: sortable tables with the comparability flags")
 
 
 def main(args) -> int:
@@ -104,6 +106,10 @@ def main(args) -> int:
         return 2
     out = Path(args.out)
     write_outputs(board, out)
+    if getattr(args, "html", False):
+        from lmeval_speech.report.html import write_leaderboard_html
+
+        board["files"]["html"] = Path(write_leaderboard_html(jsonable(board), out)).name
     print(summary(board))
     print(f"\nwrote {', '.join(str(out / f) for f in board['files'].values() if f)}")
     return 0

@@ -1,0 +1,66 @@
+"""Owns the clips the HTML item browser plays: the samples a speech twin's model heard, rebuilt from
+the audio cache with the run's recorded settings and written beside the page as FLAC (soundfile).
+
+What ``models/plan.Planner.load`` does before the encoder, repeated with the ``audio`` functions it
+calls (``resolve_audio`` with the run's TTS override, then ``prepare_audio`` at the model's rate with the
+run's truncation limit), so the clip has exactly the samples the model heard; a test checks it against
+``Planner.load``. Not reproduced: added noise (``noise=`` runs; its key is ``models/plan``'s, which the
+report does not import): such a clip is the clean one and says so. The model's sampling rate is not
+recorded in a run; every backend of this package but Gemma 3n uses 16 kHz, the rate used here.
+FLAC of 16-bit samples is lossless for the cache's PCM16 clips (tests/test_html.py checks it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from lmeval_speech.audio.cache import AudioCache, audio_source, resolve_audio
+from lmeval_speech.audio.prepare import prepare_audio
+from lmeval_speech.audio.spoken_form import spoken_form
+from lmeval_speech.audio.tts import TTSSpec
+from lmeval_speech.fileio import atomic_write
+
+MODEL_RATE = 16000
+
+
+def heard(item: dict, settings: dict, rate: int = MODEL_RATE, cache_dir=None) -> tuple[np.ndarray, list[str]]:
+    """(mono float32 samples at ``rate``, notes) the model heard for one audio item, given the run's
+    ``lmeval_speech.settings`` (``tts_override``, ``audio_overflow``, ``max_audio_seconds``, ``noise``)."""
+    array, sr, info = resolve_audio(item, override=settings.get("tts_override") or None, cache_dir=cache_dir)
+    notes = list(info.get("fixes", []))
+    if settings.get("noise"):
+        n = settings["noise"]
+        notes.append(f"clean clip: the model heard it with {n.get('kind')} noise at {n.get('snr_db')} dB SNR, "
+                     "not reproduced here")
+    limit = settings.get("max_audio_seconds") if settings.get("audio_overflow", "truncate") == "truncate" else None
+    array, fixes = prepare_audio(array, sr, target_rate=rate, max_seconds=limit)
+    return array, notes + fixes
+
+
+def cache_file(item: dict, settings: dict, cache_dir=None) -> str | None:
+    """Where the audio cache holds a synthesized item's clip (None for other sources)."""
+    if audio_source(item) != "tts":
+        return None
+    spec = TTSSpec.from_dict(item.get("tts")).with_overrides(**(settings.get("tts_override") or {}))
+    return str(AudioCache(cache_dir).path_for(item["tts_text"], spec))
+
+
+def synthesized_text(item: dict) -> str | None:
+    """The text the TTS engine was given (after ``spoken_form``), for a synthesized item."""
+    return spoken_form(item["tts_text"]) if audio_source(item) == "tts" else None
+
+
+def write_flac(path, samples: np.ndarray, rate: int = MODEL_RATE) -> dict:
+    """Write ``samples`` as 16-bit FLAC (atomically); returns {samples, seconds, bytes}. The samples are
+    stored as round(x * 32768), which a decoder turns back into x / 32768: exact for the cache's PCM16
+    clips, within half a step of 16 bits for resampled or noisy ones."""
+    import io
+
+    pcm = np.clip(np.round(np.asarray(samples, dtype=np.float64) * 32768), -32768, 32767).astype(np.int16)
+    buf = io.BytesIO()
+    sf.write(buf, pcm, rate, format="FLAC", subtype="PCM_16")
+    atomic_write(Path(path), buf.getvalue())
+    return {"samples": int(len(pcm)), "seconds": len(pcm) / rate, "bytes": buf.tell()}

@@ -1,0 +1,180 @@
+"""report.html (the item browser) and leaderboard.html: records, clips, and the page in a real browser.
+
+The run is test_report's synthetic lm-eval layout, named as the ARC pair so its speech twin's audio is
+rebuilt (espeak-ng, into a private cache): per-option log-likelihoods are set so the loss of the gold
+option is known (text -1, speech -3: 2.0 nats), and one speech item failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+from test_report import STAMP, run_report, write_run, write_samples
+
+from lmeval_speech.report import clips
+from lmeval_speech.report.html import choose_clips, item_records
+from lmeval_speech.report.runs import load_run
+
+PAIR = "speech_arc_easy"
+TEXT = [1, 1, 1, 1, 0, 1, 0, 1]
+SPEECH = [1, 0, 1, 1, 1, 0, 0, 0]  # doc 3 fails below; speech-only errors: 1, 5, 7
+SPEECH_ONLY, FAILED = {1, 5, 7}, 3
+QUESTIONS = ["Which gas do plants take in?", "What is x if x = -4?", "Why is the sky blue?", "Name a mammal.",
+             "What melts ice?", "How many legs has a spider?", "What is the boiling point of water?",
+             "Which planet is red?"]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "audio-cache"))
+
+
+def make_run(out):
+    rows = write_run(out, "pretrained=mini", correct={PAIR: (TEXT, SPEECH)})
+    for task, task_rows in rows.items():
+        for r in task_rows:
+            r["doc"]["question"] = QUESTIONS[r["doc_id"]]
+            gold_ll = -1.0 if task.endswith("_text") else -3.0
+            r["resps"] = [[[str(gold_ll if i == r["doc_id"] % 4 else -5.0 - i), "False"]] for i in range(4)]
+            if task.endswith("_speech") and r["doc_id"] == FAILED:
+                del r["acc"], r["acc_norm"]
+                r["metrics"] = ["audio_failed"]
+                r["audio_failed"] = "AudioError: espeak-ng said nothing"
+        write_samples(out / "lslm__mini" / f"samples_{task}_{STAMP}.jsonl", task_rows)
+    return out
+
+
+def test_item_records_hold_every_item_with_its_twins_and_reasons(tmp_path):
+    from lmeval_speech.report.compute import build_report
+
+    run = load_run(make_run(tmp_path / "run"))
+    report, _ = build_report(run, n_boot=50)
+    recs = {r["doc"]: r for r in item_records(run, report)}
+    assert sorted(recs) == list(range(8))  # the failed item too, not only the gap's 7
+    assert {d for d, r in recs.items() if r["cat"] == "speech_only"} == SPEECH_ONLY
+    assert recs[FAILED]["cat"] == "failed" and "espeak-ng said nothing" in recs[FAILED]["reason"]
+    assert recs[FAILED]["twins"]["speech"]["choice"] is not None  # its logged values are still shown
+    r = recs[5]
+    assert r["gold"] == 1 and r["options"] == [" w", " x", " y", " z"]
+    assert r["twins"]["text"]["ll"] == [-5.0, -1.0, -7.0, -8.0] and r["twins"]["text"]["choice"] == 1
+    assert r["twins"]["speech"]["correct"] is False and r["twins"]["text"]["correct"] is True
+    assert r["dll"] == pytest.approx(2.0)  # text ll of gold - speech ll of gold
+    assert r["spoken"] == QUESTIONS[5] and r["prompt"] == "Question: q5\nAnswer:"
+    # clips: every speech-only error first, then the failed item, then a seeded sample, capped
+    chosen = choose_clips(list(recs.values()), 4)
+    assert len(chosen) == 4 and {f"{PAIR}:{d}" for d in SPEECH_ONLY | {FAILED}} == chosen
+    assert choose_clips(list(recs.values()), 2) <= {f"{PAIR}:{d}" for d in SPEECH_ONLY}
+
+
+def test_clip_is_what_the_planner_heard_and_flac_is_lossless(tmp_path):
+    """The page's samples equal Planner.load's (after truncation) and survive FLAC exactly."""
+    from lmeval_speech.models.plan import Planner
+
+    pytest.importorskip("soundfile")
+    if not shutil.which("espeak-ng"):
+        pytest.skip("espeak-ng not installed (bash scripts/install.sh)")
+    item = {"tts_text": QUESTIONS[6], "tts": {"engine": "espeak-ng", "voice": "en-us", "rate": 160, "sample_rate": 16000}}
+    lm = SimpleNamespace(tts_override={}, noise=None, max_audio_seconds=0.75, audio_overflow="truncate",
+                         backend_impl=SimpleNamespace(sampling_rate=16000))
+    expected, _ = Planner(lm).load(item)
+    got, notes = clips.heard(item, {"max_audio_seconds": 0.75, "audio_overflow": "truncate"})
+    assert len(got) == 12000 and np.array_equal(got, expected)
+    assert any(n.startswith("truncated") for n in notes)
+    info = clips.write_flac(tmp_path / "a.flac", got)
+    back, rate = sf.read(tmp_path / "a.flac", dtype="float32")
+    assert rate == 16000 and info["samples"] == 12000 and np.array_equal(back, got)
+    full, _ = clips.heard(item, {})
+    assert len(full) > 12000  # no limit recorded: the whole clip
+
+
+def _chromium():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI: scripts/install.sh installs it")
+        pytest.skip("chromium not installed (bash scripts/install.sh installs it from Debian)")
+    return exe
+
+
+def dump_dom(exe, page, fragment="") -> str:
+    """The DOM after the page's scripts ran (and its media loaded), network blocked."""
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--mute-audio", "--virtual-time-budget=8000",
+           "--host-resolver-rules=MAP * ~NOTFOUND", "--dump-dom", page.as_uri() + fragment]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    return dom[:dom.index('<script id="data"')]  # the rendered body, not the page's own code and data
+
+
+@pytest.mark.slow
+def test_report_html_in_a_real_browser_from_a_copied_folder(tmp_path):
+    exe = _chromium()
+    if not shutil.which("espeak-ng"):
+        pytest.skip("espeak-ng not installed (bash scripts/install.sh)")
+    make_run(tmp_path / "run")
+    assert run_report(tmp_path / "run", "--out", tmp_path / "rep", "--n-boot", 50, "--html-clips", 4) == 0
+    copy = shutil.copytree(tmp_path / "rep", tmp_path / "elsewhere" / "copied")  # no absolute path may leak
+    shutil.rmtree(tmp_path / "rep")
+    flacs = sorted(p.name for p in (copy / "audio").glob("*.flac"))
+    assert flacs == sorted(f"{PAIR}_{d}.flac" for d in SPEECH_ONLY | {FAILED})  # the cap: 4 clips
+    page = copy / "report.html"
+
+    dom = dump_dom(exe, page)
+    assert 'data-ready="1"' in dom and set(re.findall(r'data-id="([^"]+)"', dom)) == {f"{PAIR}:{d}" for d in range(8)}
+    dom = dump_dom(exe, page, f"#filter=speech_only&open={PAIR}:5")
+    assert set(re.findall(r'data-id="([^"]+)"', dom)) == {f"{PAIR}:{d}" for d in SPEECH_ONLY}
+    audio = re.findall(r"<audio[^>]*>", dom)
+    assert len(audio) == 3 and all("data-error" not in a for a in audio)
+    for tag in audio:  # each source decoded: the browser's duration is the clip's
+        src = re.search(r'src="([^"]+)"', tag).group(1)
+        duration = float(re.search(r'data-duration="([^"]+)"', tag).group(1))
+        assert duration == pytest.approx(sf.info(copy / src).duration, abs=1e-3)
+    dom = dump_dom(exe, page, "#filter=failed")
+    assert re.findall(r'data-id="([^"]+)"', dom) == [f"{PAIR}:{FAILED}"] and "espeak-ng said nothing" in dom
+
+
+def test_leaderboard_html_lists_runs_and_flags(tmp_path):
+    from lmeval_speech.report import compare
+
+    for name, tts in (("a", ""), ("b", ",tts_rate=120")):
+        make_run(tmp_path / name)
+        text = (tmp_path / name / "lslm__mini" / f"results_{STAMP}.json").read_text()
+        res = json.loads(text)
+        res["config"]["model_args"] = "pretrained=mini" + tts
+        (tmp_path / name / "lslm__mini" / f"results_{STAMP}.json").write_text(json.dumps(res))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    compare.add_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "lb"),
+                              "--allow-mismatch", "--html", "--labels", "rate160,rate120"])
+    assert compare.main(args) == 0
+    page = (tmp_path / "lb" / "leaderboard.html").read_text()
+    body = page[page.index('<table class="num sortable" id="runs">'):page.index('id="pairs"')]
+    assert body.count("<tr") == 3 and "rate160" in body and "rate120" in body
+    assert body.count('class="flagged"') == 1 and "tts" in page  # the re-voiced run is flagged, its aspect listed
+
+
+def test_each_items_bottom3_is_the_critical_tokens_of_its_deepest_layer(tmp_path):
+    """The per-item Bottom-3 the browser shows equals what the single-item detail (--item) computes."""
+    from test_report import write_capture
+
+    write_capture(tmp_path / "cap")
+    write_run(tmp_path / "run", f"pretrained=mini,capture_dir={tmp_path / 'cap'}")
+    assert run_report(tmp_path / "run", "--out", tmp_path / "rep", "--n-boot", 50, "--item", "speech_toy_a:5",
+                      "--no-html") == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert not (tmp_path / "rep" / "report.html").exists()
+    deepest = rep["alignment"]["item"]["critical_tokens"][-1]
+    row = next(r for r in rep["items"] if r["pair"] == "speech_toy_a" and r["doc_id"] == 5)
+    assert row["bottom3"] == deepest["positions"] and row["bottom3_layer"] == deepest["layer"] == 4
+    assert row["bottom3"] != [0, 1, 2] and row["n_speech"] == 5  # random states: not the tie order
+    worst = [r for r in rep["items"] if r["pair"] == "speech_toy_a" and r["doc_id"] >= 6]
+    assert all(r["bottom3"] == [0, 1, 2] and r["n_speech"] == 6 for r in worst)  # equal scores: lowest positions
+    assert all(r.get("bottom3") is None for r in rep["items"] if r["pair"] == "speech_toy_b")  # pooled only
