@@ -20,7 +20,7 @@ import soundfile as sf
 from test_report import STAMP, run_report, write_run, write_samples
 
 from lmeval_speech.report import clips
-from lmeval_speech.report.html import choose_clips, item_records
+from lmeval_speech.report.html import attach_audio, choose_clips, item_records
 from lmeval_speech.report.runs import load_run
 
 PAIR = "speech_arc_easy"
@@ -72,6 +72,12 @@ def test_item_records_hold_every_item_with_its_twins_and_reasons(tmp_path):
     chosen = choose_clips(list(recs.values()), 4)
     assert len(chosen) == 4 and {f"{PAIR}:{d}" for d in SPEECH_ONLY | {FAILED}} == chosen
     assert choose_clips(list(recs.values()), 2) <= {f"{PAIR}:{d}" for d in SPEECH_ONLY}
+    # no clips asked for: each item names its cache file, and shows what the engine said where it differs
+    counts = attach_audio(list(recs.values()), run, tmp_path / "page", max_clips=0)
+    assert counts["written"] == 0 and not (tmp_path / "page" / "audio").exists()
+    assert all(r["audio"] is None and "audio-cache" in r["audio_note"] for r in recs.values())
+    assert recs[0]["spoken_form"] is None  # nothing to rewrite
+    assert "4" in recs[1]["spoken_form"] and "-4" not in recs[1]["spoken_form"]  # x = -4: the minus spoken
 
 
 def test_clip_is_what_the_planner_heard_and_flac_is_lossless(tmp_path):

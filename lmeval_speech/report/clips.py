@@ -62,5 +62,6 @@ def write_flac(path, samples: np.ndarray, rate: int = MODEL_RATE) -> dict:
     pcm = np.clip(np.round(np.asarray(samples, dtype=np.float64) * 32768), -32768, 32767).astype(np.int16)
     buf = io.BytesIO()
     sf.write(buf, pcm, rate, format="FLAC", subtype="PCM_16")
-    atomic_write(Path(path), buf.getvalue())
-    return {"samples": int(len(pcm)), "seconds": len(pcm) / rate, "bytes": buf.tell()}
+    data = buf.getvalue()
+    atomic_write(Path(path), data)
+    return {"samples": int(len(pcm)), "seconds": len(pcm) / rate, "bytes": len(data)}

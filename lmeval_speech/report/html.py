@@ -63,11 +63,17 @@ def _args(row: dict) -> list[dict]:
     return [args[k] for k in sorted(args, key=lambda k: int(k.rsplit("_", 1)[-1]))] if isinstance(args, dict) else []
 
 
-def audio_item(run: dict, task: str, doc) -> dict | None:
-    """The speech twin's audio reference for ``doc``: ``{"tts_text", "tts"}`` rebuilt from the task's
-    metadata and ``twins.spoken_text`` (what ``tasks/prompts`` synthesizes); None for recorded audio."""
+def audio_item(run: dict, task: str, row: dict | None) -> dict | None:
+    """The audio reference the speech twin's request carried for one item: lm-eval logs it in the
+    sample's ``arguments`` (``arg_2``: ``{"audio": [...]}``; the first audio); else rebuilt from the task's
+    metadata and ``twins.spoken_text`` (what ``tasks/prompts`` synthesizes). None when neither gives one."""
+    logged = next(iter(_args(row or {})), {}).get("arg_2")
+    audio = logged.get("audio") if isinstance(logged, dict) else None
+    audio = audio[0] if isinstance(audio, list) and audio else audio
+    if isinstance(audio, dict) and (audio.get("tts_text") or audio.get("recorded") or audio.get("path")):
+        return audio
     meta = run["tasks"][task]["config"].get("metadata") or {}
-    text = twins.spoken_text(task, doc)
+    text = twins.spoken_text(task, (row or {}).get("doc"))
     if not meta.get("tts") or text is None:
         return None
     return {"tts_text": text, "tts": meta["tts"]}
@@ -91,9 +97,9 @@ def item_records(run: dict, report: dict) -> list[dict]:
                    "options": options, "prompt": str(args[0].get("arg_0", "")) if args else "",
                    "speech_prompt": str((_args(speech_row) or [{}])[0].get("arg_0", "")) if speech_row else "",
                    "twins": {twin: _twin_view(r[doc_id], metric) for twin, r in rows.items() if doc_id in r}}
-            item = audio_item(run, tasks["speech"], first.get("doc"))
+            item = audio_item(run, tasks["speech"], speech_row or first)
             rec["_audio_item"] = item
-            rec["spoken"] = item["tts_text"] if item else None
+            rec["spoken"] = item.get("tts_text") if item else None
             scored = rows_by_key.get((pair, doc_id))
             for key in ("aps", "monotonicity", "cosine", "bottom3", "bottom3_layer", "n_speech"):
                 rec[key] = scored.get(key) if scored else None
@@ -143,10 +149,12 @@ def attach_audio(records: list[dict], run: dict, out: Path, max_clips: int = MAX
         if item is None:
             rec["audio_note"] = "no synthesized audio to rebuild (recorded audio, or a task of no known family)"
             continue
-        rec["spoken_form"] = clips.synthesized_text(item)
+        said = clips.synthesized_text(item)
+        rec["spoken_form"] = said if said != rec.get("spoken") else None  # only when spoken_form rewrote it
         if rec["id"] not in chosen:
+            where = clips.cache_file(item, settings) or json.dumps(item)[:200]
             rec["audio_note"] = (f"not written (the page holds {max_clips} clips: speech-only errors first); "
-                                 f"cache file: {clips.cache_file(item, settings)}")
+                                 f"the audio: {where}")
             continue
         try:
             samples, notes = clips.heard(item, settings)
@@ -178,7 +186,7 @@ def _img(path: Path) -> str:
 
 def _gap_table(report: dict) -> str:
     head = ("<tr><th>pair</th><th>n</th><th>text acc</th><th>speech acc</th><th>gap</th><th>95% CI</th>"
-            "<th>McNemar p</th><th>text-only / speech-only</th><th>excluded</th></tr>")
+            "<th>McNemar p</th><th>only text right / only speech right</th><th>excluded</th></tr>")
     rows = []
     for name, g in [*report["pairs"].items(), ("overall", report["overall"])]:
         t = g["table"]
