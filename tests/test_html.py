@@ -42,6 +42,9 @@ def make_run(out):
     for task, task_rows in rows.items():
         for r in task_rows:
             r["doc"]["question"] = QUESTIONS[r["doc_id"]]
+            if task.endswith("_text"):
+                for a in r["arguments"].values():
+                    a["arg_0"] = f"Question: {QUESTIONS[r['doc_id']]}\nAnswer:"
             gold_ll = -1.0 if task.endswith("_text") else -3.0
             r["resps"] = [[[str(gold_ll if i == r["doc_id"] % 4 else -5.0 - i), "False"]] for i in range(4)]
             if task.endswith("_speech") and r["doc_id"] == FAILED:
@@ -67,7 +70,8 @@ def test_item_records_hold_every_item_with_its_twins_and_reasons(tmp_path):
     assert r["twins"]["text"]["ll"] == [-5.0, -1.0, -7.0, -8.0] and r["twins"]["text"]["choice"] == 1
     assert r["twins"]["speech"]["correct"] is False and r["twins"]["text"]["correct"] is True
     assert r["dll"] == pytest.approx(2.0)  # text ll of gold - speech ll of gold
-    assert r["spoken"] == QUESTIONS[5] and r["prompt"] == "Question: q5\nAnswer:"
+    assert r["prompt"] == f"Question: {QUESTIONS[5]}\nAnswer:" and r["spoken"] is None  # held once, as a span:
+    assert r["prompt"][slice(*r["spoken_at"])] == QUESTIONS[5]
     # clips: every speech-only error first, then the failed item, then a seeded sample, capped
     chosen = choose_clips(list(recs.values()), 4)
     assert len(chosen) == 4 and {f"{PAIR}:{d}" for d in SPEECH_ONLY | {FAILED}} == chosen
@@ -75,7 +79,7 @@ def test_item_records_hold_every_item_with_its_twins_and_reasons(tmp_path):
     # no clips asked for: each item names its cache file, and shows what the engine said where it differs
     counts = attach_audio(list(recs.values()), run, tmp_path / "page", max_clips=0)
     assert counts["written"] == 0 and not (tmp_path / "page" / "audio").exists()
-    assert all(r["audio"] is None and "audio-cache" in r["audio_note"] for r in recs.values())
+    assert all(r["audio"] is None and "audio-cache" in r["audio_cache"] for r in recs.values())
     assert recs[0]["spoken_form"] is None  # nothing to rewrite
     assert "4" in recs[1]["spoken_form"] and "-4" not in recs[1]["spoken_form"]  # x = -4: the minus spoken
 
@@ -141,6 +145,7 @@ def test_report_html_in_a_real_browser_from_a_copied_folder(tmp_path):
         src = re.search(r'src="([^"]+)"', tag).group(1)
         duration = float(re.search(r'data-duration="([^"]+)"', tag).group(1))
         assert duration == pytest.approx(sf.info(copy / src).duration, abs=1e-3)
+    assert f"<mark title=\"the part the speech twin hears as audio\">{QUESTIONS[5]}</mark>" in dom
     dom = dump_dom(exe, page, "#filter=failed")
     assert re.findall(r'data-id="([^"]+)"', dom) == [f"{PAIR}:{FAILED}"] and "espeak-ng said nothing" in dom
 

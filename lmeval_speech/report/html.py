@@ -100,6 +100,9 @@ def item_records(run: dict, report: dict) -> list[dict]:
             item = audio_item(run, tasks["speech"], speech_row or first)
             rec["_audio_item"] = item
             rec["spoken"] = item.get("tts_text") if item else None
+            at = rec["prompt"].find(rec["spoken"]) if rec["spoken"] else -1
+            if at >= 0:  # the page holds the text once: the spoken part is a span of the prompt
+                rec["spoken_at"], rec["spoken"] = [at, at + len(rec["spoken"])], None
             scored = rows_by_key.get((pair, doc_id))
             for key in ("aps", "monotonicity", "cosine", "bottom3", "bottom3_layer", "n_speech"):
                 rec[key] = scored.get(key) if scored else None
@@ -150,11 +153,9 @@ def attach_audio(records: list[dict], run: dict, out: Path, max_clips: int = MAX
             rec["audio_note"] = "no synthesized audio to rebuild (recorded audio, or a task of no known family)"
             continue
         said = clips.synthesized_text(item)
-        rec["spoken_form"] = said if said != rec.get("spoken") else None  # only when spoken_form rewrote it
+        rec["spoken_form"] = said if said != item.get("tts_text") else None  # only when spoken_form rewrote it
         if rec["id"] not in chosen:
-            where = clips.cache_file(item, settings) or json.dumps(item)[:200]
-            rec["audio_note"] = (f"not written (the page holds {max_clips} clips: speech-only errors first); "
-                                 f"the audio: {where}")
+            rec["audio_cache"] = clips.cache_file(item, settings) or json.dumps(item)[:200]  # the page says why
             continue
         try:
             samples, notes = clips.heard(item, settings)
