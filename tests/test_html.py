@@ -189,3 +189,20 @@ def test_each_items_bottom3_is_the_critical_tokens_of_its_deepest_layer(tmp_path
     worst = [r for r in rep["items"] if r["pair"] == "speech_toy_a" and r["doc_id"] >= 6]
     assert all(r["bottom3"] == [0, 1, 2] and r["n_speech"] == 6 for r in worst)  # equal scores: lowest positions
     assert all(r.get("bottom3") is None for r in rep["items"] if r["pair"] == "speech_toy_b")  # pooled only
+
+
+def test_a_clip_whose_length_differs_from_the_capture_says_so(tmp_path):
+    from lmeval_speech.report.compute import build_report
+
+    if not shutil.which("espeak-ng"):
+        pytest.skip("espeak-ng not installed (bash scripts/install.sh)")
+    run = load_run(make_run(tmp_path / "run"))
+    report, _ = build_report(run, n_boot=50)
+    recs = item_records(run, report)
+    counts = attach_audio(recs, run, tmp_path / "page", max_clips=2, captured={(PAIR, 1): 99.0, (PAIR, 2): 1.0})
+    assert counts["checked_against_capture"] == 1 and counts["differ_from_capture"] == 1  # doc 2 has no clip
+    one = next(r for r in recs if r["doc"] == 1)
+    assert "NOT the model's length" in one["audio"]["notes"][-1]
+    recs = item_records(run, report)
+    counts = attach_audio(recs, run, tmp_path / "page", max_clips=2, captured={(PAIR, 1): one["audio"]["seconds"]})
+    assert counts["differ_from_capture"] == 0 and not any("NOT" in n for r in recs if r["audio"] for n in r["audio"]["notes"])

@@ -6,7 +6,8 @@ calls (``resolve_audio`` with the run's TTS override, then ``prepare_audio`` at 
 run's truncation limit), so the clip has exactly the samples the model heard; a test checks it against
 ``Planner.load``. Not reproduced: added noise (``noise=`` runs; its key is ``models/plan``'s, which the
 report does not import): such a clip is the clean one and says so. The model's sampling rate is not
-recorded in a run; every backend of this package but Gemma 3n uses 16 kHz, the rate used here.
+recorded in a run: 16 kHz (``backends/base.py``'s default) is assumed, and ``report/html.py`` checks each
+clip's length against the one the model's capture recorded, where there is one.
 FLAC of 16-bit samples is lossless for the cache's PCM16 clips (tests/test_html.py checks it).
 """
 
@@ -64,4 +65,4 @@ def write_flac(path, samples: np.ndarray, rate: int = MODEL_RATE) -> dict:
     sf.write(buf, pcm, rate, format="FLAC", subtype="PCM_16")
     data = buf.getvalue()
     atomic_write(Path(path), data)
-    return {"samples": int(len(pcm)), "seconds": len(pcm) / rate, "bytes": len(data)}
+    return {"samples": len(pcm), "seconds": len(pcm) / rate, "bytes": len(data)}

@@ -23,9 +23,8 @@ import numpy as np
 
 from lmeval_speech import twins
 from lmeval_speech.fileio import atomic_write
-from lmeval_speech.report.runs import logged_flags, twin_rows
 from lmeval_speech.report.render import fmt, fmt_p
-
+from lmeval_speech.report.runs import logged_flags, twin_rows
 
 TEMPLATES = Path(__file__).with_name("templates")
 #: clips written by default: every speech-only error first, then a seeded sample of the other items
@@ -138,14 +137,32 @@ def choose_clips(records: list[dict], max_clips: int, seed: int = 0) -> set[str]
     return set((first + second + rest)[:max(0, max_clips)])
 
 
-def attach_audio(records: list[dict], run: dict, out: Path, max_clips: int = MAX_CLIPS) -> dict:
+def captured_seconds(capture_dir) -> dict:
+    """{(pair, doc_id): seconds} of the speech twin's audio as the model's capture recorded it (the
+    length of the array the encoder got), {} without a capture."""
+    if not capture_dir or not Path(capture_dir).is_dir():
+        return {}
+    from lmeval_speech.capture.store import CaptureReader
+
+    seconds = {}
+    for rec in CaptureReader(capture_dir).records:
+        notes = rec.get("audio")
+        notes = notes[0] if isinstance(notes, list) and notes else notes
+        if rec.get("modality") == "speech" and isinstance(notes, dict) and notes.get("seconds") is not None:
+            seconds[(rec["pair"], rec["doc_id"])] = float(notes["seconds"])
+    return seconds
+
+
+def attach_audio(records: list[dict], run: dict, out: Path, max_clips: int = MAX_CLIPS, captured=None) -> dict:
     """Write the chosen items' clips to ``out/audio/`` and add ``audio`` (src, seconds, samples, notes)
-    or ``audio_note`` (why not, and the cache file) to every record; returns the counts and bytes."""
+    or ``audio_cache`` / ``audio_note`` (where the audio is, or why there is none) to every record;
+    ``captured`` (:func:`captured_seconds`): a clip whose length differs from the one the model's capture
+    recorded says so. Returns the counts, bytes, and clips checked against / differing from the capture."""
     from lmeval_speech.report import clips
 
     settings = ((run["results"].get("config") or {}).get("lmeval_speech") or {}).get("settings") or {}
     chosen = choose_clips(records, max_clips)
-    written, total, failed = 0, 0, 0
+    written, total, failed, checked, differ = 0, 0, 0, 0, 0
     for rec in records:
         item = rec.pop("_audio_item")
         rec["audio"] = None
@@ -165,13 +182,21 @@ def attach_audio(records: list[dict], run: dict, out: Path, max_clips: int = MAX
             continue
         name = f"{AUDIO_DIR}/{_safe(rec['pair'])}_{rec['doc']}.flac"
         info = clips.write_flac(out / name, samples)
+        heard_s = (captured or {}).get((rec["pair"], rec["doc"]))
+        if heard_s is not None:
+            checked += 1
+            if abs(heard_s - info["seconds"]) > 0.5 / clips.MODEL_RATE:
+                differ += 1
+                notes = [*notes, (f"NOT the model's length: its capture recorded {heard_s:.4f} s (another "
+                                  "sampling rate or settings than this report assumes)")]
         rec["audio"] = {"src": name, "seconds": info["seconds"], "samples": info["samples"], "notes": notes}
         written, total = written + 1, total + info["bytes"]
     keep = {out / r["audio"]["src"] for r in records if r["audio"]}
     for stale in (out / AUDIO_DIR).glob("*.flac"):  # an earlier report's clips in this folder
         if stale not in keep:
             stale.unlink()
-    return {"written": written, "bytes": total, "not_rebuilt": failed, "max_clips": max_clips}
+    return {"written": written, "bytes": total, "not_rebuilt": failed, "max_clips": max_clips,
+            "checked_against_capture": checked, "differ_from_capture": differ}
 
 
 def _safe(name: str) -> str:
@@ -211,7 +236,7 @@ def write_report_html(report: dict, run: dict, out, max_clips: int = MAX_CLIPS) 
 
     out = Path(out)
     records = item_records(run, report)
-    audio = attach_audio(records, run, out, max_clips)
+    audio = attach_audio(records, run, out, max_clips, captured_seconds(report["run"].get("capture_dir")))
     plots = "".join(f"<figure>{_img(out / f)}</figure>" for f in report["files"]["plots"].values()
                     if (out / f).is_file())
     model = report["run"].get("model_args") or ""
@@ -223,7 +248,9 @@ def write_report_html(report: dict, run: dict, out, max_clips: int = MAX_CLIPS) 
         notes="".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes") or []) or "<li>none</li>",
         clips=html.escape(f"{audio['written']} clips written ({audio['bytes'] / 1e6:.1f} MB of FLAC, "
                           f"at most {max_clips}: every speech-only error first, then failed or truncated items, "
-                          "then a seeded sample); other items name their audio cache file"),
+                          "then a seeded sample); other items name their audio cache file. "
+                          f"{audio['checked_against_capture']} clips checked against the length the model's "
+                          f"capture recorded: {audio['differ_from_capture']} differ"),
         data=_script_json(data))
     atomic_write(out / "report.html", page)
     return {"path": str(out / "report.html"), "items": len(records), "audio": audio,
