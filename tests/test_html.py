@@ -105,6 +105,29 @@ def test_clip_is_what_the_planner_heard_and_flac_is_lossless(tmp_path):
     assert len(full) > 12000  # no limit recorded: the whole clip
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["white", "babble"])
+def test_a_noisy_runs_clip_is_the_noisy_samples_the_planner_made(kind):
+    from lmeval_speech.audio.noise import NoiseSpec
+    from lmeval_speech.models.plan import Planner, audio_key
+
+    if not shutil.which("espeak-ng"):
+        pytest.skip("espeak-ng not installed (bash scripts/install.sh)")
+    item = {"tts_text": QUESTIONS[1], "tts": {"engine": "espeak-ng", "voice": "en-us", "rate": 160, "sample_rate": 16000}}
+    assert clips.content_key(item) == audio_key(item) and clips.content_key({"recorded": "ab" * 32}) == \
+        audio_key({"recorded": "ab" * 32})
+    noise = NoiseSpec(kind, 5.0, 3)
+    lm = SimpleNamespace(tts_override={}, noise=noise, max_audio_seconds=30.0, audio_overflow="truncate",
+                         backend_impl=SimpleNamespace(sampling_rate=16000))
+    expected, _ = Planner(lm).load(item)
+    settings = {"noise": noise.to_dict(), "max_audio_seconds": 30.0, "audio_overflow": "truncate"}
+    got, notes = clips.heard(item, settings)
+    clean, _ = clips.heard(item, {})
+    assert np.array_equal(got, expected) and not np.array_equal(got, clean)
+    assert any(f"{kind} noise at 5.0 dB" in n for n in notes)
+
+
 def _chromium():
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if exe is None:
