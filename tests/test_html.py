@@ -193,6 +193,14 @@ def test_leaderboard_html_lists_runs_and_flags(tmp_path):
     body = page[page.index('<table class="num sortable" id="runs">'):page.index('id="pairs"')]
     assert body.count("<tr") == 3 and "rate160" in body and "rate120" in body
     assert body.count('class="flagged"') == 1 and "tts" in page  # the re-voiced run is flagged, its aspect listed
+    if shutil.which("chromium") or os.environ.get("CI"):  # the sort, in a real browser
+        exe = _chromium()
+        for frag, order in (("#sort=label", ["rate120", "rate160"]), ("#sort=-label", ["rate160", "rate120"])):
+            cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000", "--dump-dom",
+                   (tmp_path / "lb" / "leaderboard.html").as_uri() + frag]
+            dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+            runs = dom[dom.index('id="runs"'):dom.index('id="pairs"')]
+            assert 'data-ready="1"' in dom and re.findall(r"<tr[^>]*><td>(rate\d+)</td>", runs) == order
 
 
 def test_each_items_bottom3_is_the_critical_tokens_of_its_deepest_layer(tmp_path):
