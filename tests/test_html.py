@@ -52,6 +52,20 @@ def make_run(out):
                 r["metrics"] = ["audio_failed"]
                 r["audio_failed"] = "AudioError: espeak-ng said nothing"
         write_samples(out / "lslm__mini" / f"samples_{task}_{STAMP}.jsonl", task_rows)
+    # the cascade twin: the speech twin's audio transcribed by an ASR, read as text (its transcript and WER logged)
+    task = f"{PAIR}_cascade"
+    cascade = []
+    for r in rows[f"{PAIR}_text"]:
+        c = json.loads(json.dumps(r))
+        c.update(metrics=["acc", "acc_norm", "asr_transcript", "asr_wer"], asr_transcript=f"heard {r['doc_id']}",
+                 asr_wer=r["doc_id"] / 10)
+        cascade.append(c)
+    write_samples(out / "lslm__mini" / f"samples_{task}_{STAMP}.jsonl", cascade)
+    results_file = out / "lslm__mini" / f"results_{STAMP}.json"
+    results = json.loads(results_file.read_text())
+    results["configs"][task] = {**results["configs"][f"{PAIR}_speech"], "task": task,
+                                "metadata": {**results["configs"][f"{PAIR}_speech"]["metadata"], "modality": "cascade"}}
+    results_file.write_text(json.dumps(results))
     return out
 
 
@@ -70,6 +84,7 @@ def test_item_records_hold_every_item_with_its_twins_and_reasons(tmp_path):
     assert r["twins"]["text"]["ll"] == [-5.0, -1.0, -7.0, -8.0] and r["twins"]["text"]["choice"] == 1
     assert r["twins"]["speech"]["correct"] is False and r["twins"]["text"]["correct"] is True
     assert r["dll"] == pytest.approx(2.0)  # text ll of gold - speech ll of gold
+    assert r["twins"]["cascade"]["transcript"] == "heard 5" and r["twins"]["cascade"]["wer"] == 0.5
     assert r["prompt"] == f"Question: {QUESTIONS[5]}\nAnswer:" and r["spoken"] is None  # held once, as a span:
     assert r["prompt"][slice(*r["spoken_at"])] == QUESTIONS[5]
     # clips: every speech-only error first, then the failed item, then a seeded sample, capped
@@ -169,6 +184,7 @@ def test_report_html_in_a_real_browser_from_a_copied_folder(tmp_path):
         duration = float(re.search(r'data-duration="([^"]+)"', tag).group(1))
         assert duration == pytest.approx(sf.info(copy / src).duration, abs=1e-3)
     assert f"<mark title=\"the part the speech twin hears as audio\">{QUESTIONS[5]}</mark>" in dom
+    assert "<b>Cascade transcript</b> (WER 0.500)<pre>heard 5</pre>" in dom
     dom = dump_dom(exe, page, "#filter=failed")
     assert re.findall(r'data-id="([^"]+)"', dom) == [f"{PAIR}:{FAILED}"] and "espeak-ng said nothing" in dom
 
