@@ -26,7 +26,7 @@ from lmeval_speech.report.runs import load_run
 PAIR = "speech_arc_easy"
 TEXT = [1, 1, 1, 1, 0, 1, 0, 1]
 SPEECH = [1, 0, 1, 1, 1, 0, 0, 0]  # doc 3 fails below; speech-only errors: 1, 5, 7
-SPEECH_ONLY, FAILED = {1, 5, 7}, 3
+SPEECH_ONLY, FAILED, TRUNCATED = {1, 5, 7}, 3, 6  # doc 6 (both wrong) was cut: out of the gap
 QUESTIONS = ["Which gas do plants take in?", "What is x if x = -4?", "Why is the sky blue?", "Name a mammal.",
              "What melts ice?", "How many legs has a spider?", "What is the boiling point of water?",
              "Which planet is red?"]
@@ -51,6 +51,9 @@ def make_run(out):
                 del r["acc"], r["acc_norm"]
                 r["metrics"] = ["audio_failed"]
                 r["audio_failed"] = "AudioError: espeak-ng said nothing"
+            if task.endswith("_speech") and r["doc_id"] == TRUNCATED:
+                r["metrics"] = [*r["metrics"], "audio_truncated"]
+                r["audio_truncated"] = "truncated 31.2s -> 30.0s"
         write_samples(out / "lslm__mini" / f"samples_{task}_{STAMP}.jsonl", task_rows)
     # the cascade twin: the speech twin's audio transcribed by an ASR, read as text (its transcript and WER logged)
     task = f"{PAIR}_cascade"
@@ -79,6 +82,7 @@ def test_item_records_hold_every_item_with_its_twins_and_reasons(tmp_path):
     assert {d for d, r in recs.items() if r["cat"] == "speech_only"} == SPEECH_ONLY
     assert recs[FAILED]["cat"] == "failed" and "espeak-ng said nothing" in recs[FAILED]["reason"]
     assert recs[FAILED]["twins"]["speech"]["choice"] is not None  # its logged values are still shown
+    assert recs[TRUNCATED]["cat"] == "truncated" and recs[TRUNCATED]["reason"] == "speech: truncated 31.2s -> 30.0s"
     r = recs[5]
     assert r["gold"] == 1 and r["options"] == [" w", " x", " y", " z"]
     assert r["twins"]["text"]["ll"] == [-5.0, -1.0, -7.0, -8.0] and r["twins"]["text"]["choice"] == 1
@@ -186,7 +190,8 @@ def test_report_html_in_a_real_browser_from_a_copied_folder(tmp_path):
     assert f"<mark title=\"the part the speech twin hears as audio\">{QUESTIONS[5]}</mark>" in dom
     assert "<b>Cascade transcript</b> (WER 0.500)<pre>heard 5</pre>" in dom
     dom = dump_dom(exe, page, "#filter=failed")
-    assert re.findall(r'data-id="([^"]+)"', dom) == [f"{PAIR}:{FAILED}"] and "espeak-ng said nothing" in dom
+    assert re.findall(r'data-id="([^"]+)"', dom) == [f"{PAIR}:{FAILED}", f"{PAIR}:{TRUNCATED}"]
+    assert "espeak-ng said nothing" in dom and "truncated 31.2s -&gt; 30.0s" in dom
 
 
 def test_leaderboard_html_lists_runs_and_flags(tmp_path):
