@@ -8,7 +8,8 @@ RUN_DIR is lm-eval's ``--output_path`` (or its model folder, or one ``results_*.
 with ``--log_samples``. The capture dir is read from ``capture_dir=`` in the run's ``model_args``
 unless ``--capture`` is given; a capture stamped with another model or other run settings (noise,
 TTS override, intervention ...) than the run records is refused (exit 2). Writes ``report.json``,
-``report.md``, PNGs and ``report.html`` (with ``audio/*.flac``; ``report/html.py``) to ``--out`` (default ``RUN_DIR/gap_report``) and prints a summary. A section
+``report.md``, PNGs and ``report.html`` (the item browser, with ``audio/*.flac``; ``report/html.py``)
+to ``--out`` (default ``RUN_DIR/gap_report``) and prints a summary. A section
 whose inputs are missing (no capture, no token-level states) is left out with a line in ``notes``.
 
 The report's format is documented in ``report/schema.py``; computing it is ``report/compute.py``,
