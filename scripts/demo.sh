@@ -17,4 +17,4 @@ lm_eval --model lslm \
   --tasks speech_arc_easy,speech_arc_easy_shuffled --limit "$LIMIT" --batch_size 8 --device cpu \
   --log_samples --output_path "$OUT/results"
 lmeval-speech report "$OUT/results" --out "$OUT/report"
-echo "demo finished in $(( $(date +%s) - start )) s; report: $OUT/report/report.md"
+echo "demo finished in $(( $(date +%s) - start )) s; report: $OUT/report/report.md, item browser: $OUT/report/report.html"

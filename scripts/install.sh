@@ -6,10 +6,14 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
-# TTS engine (default espeak-ng) and sox, from Debian.
-if ! command -v espeak-ng >/dev/null 2>&1; then
+# TTS engine (default espeak-ng) and sox, and headless Chromium (report.html's browser test,
+# tests/test_html.py), from Debian.
+apt_pkgs=()
+command -v espeak-ng >/dev/null 2>&1 || apt_pkgs+=(espeak-ng sox)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || apt_pkgs+=(chromium)
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq espeak-ng sox >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
 fi
 
 # CPU torch first: an unpinned torch would pull gigabytes of CUDA packages.

@@ -1,12 +1,13 @@
 """``lmeval-speech compare``: a leaderboard of several runs' modality gaps, with comparability checks.
 
-    lmeval-speech compare RUN_OR_REPORT... [--out DIR] [--labels a,b,...]
+    lmeval-speech compare RUN_OR_REPORT... [--out DIR] [--labels a,b,...] [--html]
 
 Each argument is a ``report.json``, a folder holding one, or an lm-eval run dir (``--output_path``,
 its model folder or a ``results_*.json``). For a run dir the report in ``gap_report/`` is used when
 it was built from the run's latest results file; otherwise it is built there (as ``lmeval-speech
 report`` would, default options). Writes ``leaderboard.md``, ``leaderboard.csv``,
-``leaderboard.json`` and ``gap_vs_aps.png`` to ``--out`` (default ``./leaderboard``).
+``leaderboard.json`` and ``gap_vs_aps.png`` to ``--out`` (default ``./leaderboard``); with ``--html`` also
+``leaderboard.html`` (sortable tables, flagged rows; ``report/html.py``).
 
 A gap only compares across runs that asked the same questions the same way, so the runs' settings
 are diffed and every difference is listed in a "comparability" section; rows stay in the tables
@@ -89,6 +90,8 @@ def add_arguments(parser) -> None:
                         "(default: model_args pretrained [@revision] + TTS)")
     parser.add_argument("--allow-mismatch", action="store_true",
                         help="rank runs whose TTS spec or prompt (incl. chat template) differ; the tables mark them")
+    parser.add_argument("--html", action="store_true",
+                        help="also write leaderboard.html: sortable tables with the comparability flags")
 
 
 def main(args) -> int:
@@ -107,6 +110,10 @@ def main(args) -> int:
         return 2
     out = Path(args.out)
     write_outputs(board, out)
+    if getattr(args, "html", False):
+        from lmeval_speech.report.html import write_leaderboard_html
+
+        board["files"]["html"] = Path(write_leaderboard_html(jsonable(board), out)).name
     print(summary(board))
     print(f"\nwrote {', '.join(str(out / f) for f in board['files'].values() if f)}")
     return 0

@@ -2,12 +2,14 @@
 
     lmeval-speech report RUN_DIR [--capture DIR] [--out DIR] [--measure cosine|euclidean]
                          [--path argmax|dtw] [--item PAIR:DOC_ID] [--layer L] [--n-boot N] [--seed S]
+                         [--no-html] [--html-clips N]
 
 RUN_DIR is lm-eval's ``--output_path`` (or its model folder, or one ``results_*.json``) of a run
 with ``--log_samples``. The capture dir is read from ``capture_dir=`` in the run's ``model_args``
 unless ``--capture`` is given; a capture stamped with another model or other run settings (noise,
 TTS override, intervention ...) than the run records is refused (exit 2). Writes ``report.json``,
-``report.md`` and PNGs to ``--out`` (default ``RUN_DIR/gap_report``) and prints a summary. A section
+``report.md``, PNGs and ``report.html`` (the item browser, with ``audio/*.flac``; ``report/html.py``)
+to ``--out`` (default ``RUN_DIR/gap_report``) and prints a summary. A section
 whose inputs are missing (no capture, no token-level states) is left out with a line in ``notes``.
 
 The report's format is documented in ``report/schema.py``; computing it is ``report/compute.py``,
@@ -64,6 +66,11 @@ def add_arguments(parser) -> None:
                         "adds forgetting = base text - LSLM text to the decomposition")
     parser.add_argument("--include-truncated", action="store_true",
                         help="keep items whose audio was cut to the model's limit in the gap (left out by default)")
+    parser.add_argument("--no-html", dest="html", action="store_false",
+                        help="skip report.html (the item browser: look, listen, compare; report/html.py)")
+    parser.add_argument("--html-clips", type=int, default=None, metavar="N",
+                        help="clips report.html writes as FLAC beside it (default 300: every speech-only error "
+                        "first, then failed/truncated items, then a seeded sample; 0: none)")
 
 
 def main(args) -> int:
@@ -79,10 +86,21 @@ def main(args) -> int:
         return 2
     write_manifest(run, report["manifest"])  # next to lm-eval's results: the record of what was measured
     write_outputs(report, heatmap, out)
+    page = _write_html(report, run, out, args) if getattr(args, "html", True) else None
     print(summary(report))
     print(f"\nwrote {out / 'report.json'}, {out / 'report.md'} and "
           f"{', '.join(report['files']['plots'].values())}")
+    if page:
+        print(f"wrote {page['path']} ({page['items']} items, {page['page_bytes'] / 1e6:.1f} MB; "
+              f"{page['audio']['written']} clips, {page['audio']['bytes'] / 1e6:.1f} MB in {out / 'audio'})")
     return 0
+
+
+def _write_html(report: dict, run: dict, out: Path, args) -> dict:
+    from lmeval_speech.report.html import MAX_CLIPS, write_report_html
+
+    clips = MAX_CLIPS if getattr(args, "html_clips", None) is None else args.html_clips
+    return write_report_html(report, run, out, max_clips=clips)
 
 
 def _default_out(run_dir) -> Path:

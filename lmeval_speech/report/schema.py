@@ -76,6 +76,8 @@ correlation         does closeness predict a speech-only error (text right, spee
                     logistic {coef, intercept, se, z, p, n, note}}. null without capture.
 items               one row per paired item: pair, doc_id, target, text_correct, speech_correct,
                     speech_only_error, cosine, euclidean, aps, monotonicity (null if not captured);
+                    with token states also bottom3 (the Bottom-3 speech positions at the deepest token
+                    layer, worst first), bottom3_layer and n_speech (the item's speech positions);
                     with a reference section also centered_cosine and cosine_minus_mismatched
                     (the item's own cosine minus its mismatched pair's; means over hidden states)
 controls            {pair: {shuffled|silence: {control_task, n, speech_acc, control_acc, hearing

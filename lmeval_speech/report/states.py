@@ -72,6 +72,10 @@ def hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
             continue
         res = alignment_path_score(s_layers, t_layers, measure=measure, path=path)
         values["aps"], values["monotonicity"] = res["aps"], _mean_or_none(res["monotonicity"])
+        # the item browser's Bottom-3: speech positions that align worst at the deepest token layer
+        deep = similarity_matrix(s_layers[-1], t_layers[-1], measure)
+        values["bottom3_layer"], values["n_speech"] = layers[-1], int(s_layers[-1].shape[0])
+        values["bottom3"] = [int(p) for p in critical_tokens(deep, res["paths"][-1], k=N_CRITICAL)]
         mono_paths += len(res["monotonicity"])
         mono_undefined += int(np.count_nonzero(np.isnan(res["monotonicity"])))
         for layer, value in zip(layers, res["per_layer"]):
