@@ -54,7 +54,7 @@ reference           the similarity items' baselines (report/reference.py): seed,
 logit_lens          (report/lens.py) per hidden-state index of the token-captured items: layers, k [1, 10],
                     speech {top1, top10, mean_rank, median_rank, n_tokens} (lists per layer: the share
                     of the question's tokens ranked top-1 / top-10 by the lens at the speech position
-                    the argmax path aligns to them; ranks 0 = top), text {the same at each token's own
+                    the argmax path aligns to them; ranks 0 = top, capped at 1000), text {the same at each token's own
                     position: the reference row}, chance {top1, top10} (k / vocab_size), vocab_size,
                     n_items, excluded {reason: count}, path, best_speech_layer {layer, top1, ...}.
                     null without lens ranks (capture=tokens writes them).
