@@ -111,12 +111,11 @@ def test_kill_9_mid_run_then_rerun_loses_nothing(tiny_qwen2_audio_dir, tmp_path)
     recs = CaptureReader(tmp_path / "cap").records
     assert sorted((r["modality"], r["doc_id"]) for r in recs) == [(m, d) for m in ("speech", "text") for d in range(8)]
 
-    clean = sh(*(base + ["--model_args", f"pretrained={tiny_qwen2_audio_dir}", "--output_path", str(tmp_path / "r2")]),
+    sh(*(base + ["--model_args", f"pretrained={tiny_qwen2_audio_dir}", "--output_path", str(tmp_path / "r2")]),
                env_extra={"LMEVAL_SPEECH_CACHE": str(cache)})
     res = [json.load(open(glob.glob(str(tmp_path / d / "*/results_*.json"))[0]))["results"] for d in ("r1", "r2")]
     for twin in ("text", "speech"):
         assert res[0][f"{TASK}_{twin}"]["acc,none"] == res[1][f"{TASK}_{twin}"]["acc,none"]
-    assert clean.returncode == 0
 
 
 def test_data_parallel_two_cpu_processes(tiny_qwen2_audio_dir, tmp_path):
