@@ -299,8 +299,8 @@ class Planner:
         the very string lm-eval's ``_encode_pair`` encoded as the context."""
         target = twins.text_counterpart(request.task_name, request.doc)
         if target is None:
-            self._warn_once(f"{request.task_name}: no known spoken text (not a task family of this package); "
-                            "its text twin's states are not captured")
+            self._warn_once(f"{request.task_name}: {twins.no_spoken_text(request.task_name)}; until then its "
+                            "text twin's states are not captured (no similarity, APS or oracle intervention)")
             return None
         n_spaces = len(context) - len(context.rstrip())
         stripped = context[: len(context) - n_spaces] if n_spaces else context  # as _encode_pair encodes it
