@@ -65,16 +65,21 @@ def test_readme_own_recordings_example_runs_verbatim(tmp_path):
     assert not any("spoken text" in n for n in rep["notes"])
 
 
-def _broken_quiz(tmp_path, extra_yaml: dict | None = None) -> Path:
-    """myquiz with q1's WAV empty (0 bytes) and q5's WAV missing: both have gold 0, the choice
-    ``argmax`` of NaNs picks."""
+def _quiz(tmp_path, empty: int | None = None, missing: int | None = None, as_dict: bool = False) -> Path:
+    """myquiz with one item's WAV empty (0 bytes) and/or one missing; items 0 and 4 have gold 0, the
+    choice ``argmax`` of NaNs picks. ``as_dict``: audio as ``{"path": ...}`` (read by the code before)."""
     inc = tmp_path / "tasks"
     inc.mkdir()
     rows = [json.loads(line) for line in (MYQUIZ / "questions.jsonl").read_text().splitlines()]
     (tmp_path / "empty.wav").write_bytes(b"")
     for r in rows:
         r["audio"] = str(ROOT / r["audio"])
-    rows[0]["audio"], rows[4]["audio"] = str(tmp_path / "empty.wav"), str(tmp_path / "gone.wav")
+    if empty is not None:
+        rows[empty]["audio"] = str(tmp_path / "empty.wav")
+    if missing is not None:
+        rows[missing]["audio"] = str(tmp_path / "gone.wav")
+    for r in rows:
+        r["audio"] = {"path": r["audio"]} if as_dict else r["audio"]
     assert rows[0]["answer"] == 0 and rows[4]["answer"] == 0
     data = tmp_path / "quiz.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -90,12 +95,13 @@ def _broken_quiz(tmp_path, extra_yaml: dict | None = None) -> Path:
 
 
 @pytest.mark.slow
-def test_failed_and_missing_recordings_are_never_scored_whatever_the_scoring(tmp_path):
+def test_a_failed_recording_is_never_scored_whatever_the_scoring(tmp_path):
     """lm-eval's default multiple-choice scoring (no flags in the YAML) and the package's
-    ``process_results`` without flag metric lines: an empty and a missing WAV (both gold 0) fail their
-    items only, get no accuracy in lm-eval's table, and are counted; capture finds the text twin's
-    question tokens from ``metadata.spoken_text``, so the report has APS over the 3 valid items."""
-    inc = _broken_quiz(tmp_path)
+    ``process_results`` without flag metric lines: an empty WAV (gold 0) gets no accuracy in lm-eval's
+    table and is counted (before: counted correct, speech 0.6 over 5 items; the second task died with a
+    TypeError); capture finds the text twin's question tokens from ``metadata.spoken_text``, so the
+    report has APS over the 4 valid items (before: "no known spoken text", no APS)."""
+    inc = _quiz(tmp_path, empty=0, as_dict=True)
     out = tmp_path / "results"
     _sh([sys.executable, "-m", "lm_eval", "--model", "lslm", "--model_args",
          f"capture=tokens,capture_dir={tmp_path / 'cap'}", "--include_path", str(inc),
@@ -104,30 +110,32 @@ def test_failed_and_missing_recordings_are_never_scored_whatever_the_scoring(tmp
     res = _results(out)["results"]
     for task in ("myquiz_speech", "myquizpr_speech"):
         samples = _samples(out, task)
-        assert "acc" not in samples[0] and "acc" not in samples[4], task
-        assert "not" in samples[0]["audio_failed"] or "cannot" in samples[0]["audio_failed"]
-        assert "gone.wav" in samples[4]["audio_failed"]
-        scored = [samples[i]["acc"] for i in (1, 2, 3)]
-        assert res[task]["acc,none"] == pytest.approx(sum(scored) / 3)
-        assert res[task]["audio_failed,none"] == 2 and res[task]["audio_truncated,none"] == 0
+        assert "acc" not in samples[0] and samples[0]["audio_failed"], task
+        assert res[task]["acc,none"] == pytest.approx(sum(samples[i]["acc"] for i in (1, 2, 3, 4)) / 4)
+        assert res[task]["audio_failed,none"] == 1 and res[task]["audio_truncated,none"] == 0
     assert res["myquiz_speech"]["acc_norm,none"] == pytest.approx(
-        sum(_samples(out, "myquiz_speech")[i]["acc_norm"] for i in (1, 2, 3)) / 3)
+        sum(_samples(out, "myquiz_speech")[i]["acc_norm"] for i in (1, 2, 3, 4)) / 4)
     _sh(["lmeval-speech", "report", str(out), "--out", str(tmp_path / "rep")], ROOT, tmp_path)
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     row = rep["pairs"]["myquiz"]
-    assert row["n"] == 3 and row["excluded"]["audio_failed"] == 2
-    assert rep["alignment"]["n_items"] == 3 and 0.5 < rep["alignment"]["aps"] <= 1.0
+    assert row["n"] == 4 and row["excluded"]["audio_failed"] == 1
+    assert rep["alignment"]["n_items"] == 4 and 0.5 < rep["alignment"]["aps"] <= 1.0
 
 
 @pytest.mark.slow
-def test_oracle_intervention_on_an_own_pair(tmp_path):
-    """``intervention=angle`` (oracle) on a user's pair edits its speech twin from its text twin's states
-    (it failed with ``KeyError ... (add myquiz_text to --tasks)`` with myquiz_text in the run)."""
+def test_a_missing_recording_fails_its_item_and_oracle_interventions_work(tmp_path):
+    """A JSONL path to a missing WAV fails its item only (it aborted the run with a FileNotFoundError
+    while lm-eval built the requests), and ``intervention=angle`` (oracle) runs on a user's pair (it
+    failed with ``KeyError ... (add myquiz_text to --tasks)`` with myquiz_text in the run)."""
+    inc = _quiz(tmp_path, missing=4)
     out = tmp_path / "results"
     _sh([sys.executable, "-m", "lm_eval", "--model", "lslm", "--model_args", "intervention=angle",
-         "--include_path", str(MYQUIZ), "--tasks", "myquiz_text,myquiz_speech", "--limit", "2",
-         "--device", "cpu", "--log_samples", "--output_path", str(out)], ROOT, tmp_path)
-    assert _results(out)["results"]["myquiz_speech"]["audio_failed,none"] == 0
+         "--include_path", str(inc), "--tasks", "myquiz_text,myquiz_speech", "--device", "cpu",
+         "--log_samples", "--output_path", str(out)], ROOT, tmp_path)
+    res = _results(out)["results"]["myquiz_speech"]
+    samples = _samples(out, "myquiz_speech")
+    assert res["audio_failed,none"] == 1 and "gone.wav" in samples[4]["audio_failed"] and "acc" not in samples[4]
+    assert res["acc,none"] == pytest.approx(sum(samples[i]["acc"] for i in range(4)) / 4)
 
 
 def test_a_pair_without_spoken_text_is_named_precisely():
@@ -141,3 +149,25 @@ def test_a_pair_without_spoken_text_is_named_precisely():
     twins.declare("theirquiz3", spoken_text="transcript")
     with pytest.raises(KeyError, match="transcript"):
         twins.text_counterpart("theirquiz3_text", {"question": "why?"})
+
+
+def test_voice_language_of_a_voice_name():
+    from lmeval_speech.own_tasks import check_voice_language, voice_language
+
+    assert [voice_language(v) for v in ("en-us", "en-gb-x-rp", "en-us+f3", "en_US-joe-medium", "ja", "fr-fr")] == \
+        ["en", "en", "en", "en", "ja", "fr"]
+    check_voice_language("en-gb", ["speech_arc_easy_speech"], allow=False)
+    check_voice_language("ja", ["speech_arc_easy_speech"], allow=True)
+    with pytest.raises(ValueError, match="tts_voice=fr speaks 'fr'.*speech_arc_easy_speech is in 'en'"):
+        check_voice_language("fr", ["speech_arc_easy_speech"], allow=False)
+
+
+@pytest.mark.slow
+def test_a_voice_of_another_language_is_refused_before_synthesis(tmp_path):
+    """``tts_voice=ja`` on English questions spelled every letter ("W-H-I-C-H..."), exit 0, scored."""
+    proc = _sh([sys.executable, "-m", "lm_eval", "--model", "lslm", "--model_args", "tts_voice=ja",
+                "--tasks", "speech_arc_easy_speech", "--limit", "1", "--device", "cpu",
+                "--output_path", str(tmp_path / "r")], ROOT, tmp_path, ok=False)
+    assert proc.returncode != 0
+    assert "tts_voice=ja speaks 'ja', but task speech_arc_easy_speech is in 'en'" in proc.stderr
+    assert not list((tmp_path / "audio_cache").rglob("*.pcm")) if (tmp_path / "audio_cache").exists() else True

@@ -155,6 +155,14 @@ class Planner:
             self._babble[key] = [get_audio(text, spec) for text in BABBLE_SENTENCES]
         return self._babble[key]
 
+    def check_voice_language(self, requests, per_request) -> None:
+        """A ``tts_voice`` must speak the language of the tasks whose synthesized audio it re-voices
+        (``metadata.language``, English by default) unless ``voice_language=any``."""
+        from lmeval_speech.own_tasks import check_voice_language
+
+        voiced = {r.task_name for r, keys in zip(requests, per_request) if any("tts:" in k for k in keys)}
+        check_voice_language(self.lm.tts_override.get("voice"), voiced, self.lm.voice_language == "any")
+
     def resolve(self, items: dict[str, dict]) -> dict[str, AudioStatus]:
         """Resolve every distinct audio once (synthesizing cache misses) and count its tokens.
 
