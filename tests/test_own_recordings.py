@@ -63,6 +63,19 @@ def test_readme_own_recordings_example_runs_verbatim(tmp_path):
     assert rep["similarity"]["n_items"] == 5 and 0.0 < rep["similarity"]["S_cos"] <= 1.0
     assert rep["alignment"]["n_items"] == 5 and 0.5 < rep["alignment"]["aps"] <= 1.0
     assert not any("spoken text" in n for n in rep["notes"])
+    # report run from another folder: the relative capture_dir resolves from the results' location
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    results = tmp_path / "out" / "myquiz" / "results"
+    _sh(["lmeval-speech", "report", str(results), "--out", str(tmp_path / "rep2")], elsewhere, tmp_path)
+    rep2 = json.loads((tmp_path / "rep2" / "report.json").read_text())
+    assert rep2["alignment"]["aps"] == rep["alignment"]["aps"]
+    # ... and where it is not found, refused (exit 2) without overwriting the earlier report
+    (tmp_path / "out" / "myquiz" / "capture").rename(tmp_path / "moved")
+    before = (tmp_path / "rep2" / "report.json").read_bytes()
+    proc = _sh(["lmeval-speech", "report", str(results), "--out", str(tmp_path / "rep2")], elsewhere, tmp_path, ok=False)
+    assert proc.returncode == 2 and "capture_dir=out/myquiz/capture" in proc.stderr and "--capture" in proc.stderr
+    assert (tmp_path / "rep2" / "report.json").read_bytes() == before
 
 
 def _quiz(tmp_path, empty: int | None = None, missing: int | None = None, as_dict: bool = False) -> Path:

@@ -342,6 +342,13 @@ def _open_capture(run: dict, manifest: dict, capture, notes: list) -> tuple[Capt
             notes.append("no capture: similarity, alignment and correlation omitted (run with "
                          "model_args capture=pooled|tokens,capture_dir=DIR, or pass --capture DIR)")
             return None, None
+        if not Path(capture).is_dir() and not Path(capture).is_absolute():  # lm_eval ran in another folder:
+            above = [p / capture for p in Path(run["dir"]).resolve().parents if (p / capture).is_dir()]
+            if not above:  # the folder the run's results are under, or one above it
+                raise FileNotFoundError(f"capture_dir={capture} (relative, from the run's model_args) is neither under "
+                                        f"the current folder nor under a folder above the results {run['dir']}: "
+                                        "pass --capture DIR (nothing written)")
+            capture = above[0]
         if not Path(capture).is_dir():
             notes.append(f"capture dir {capture} from model_args not found: similarity, alignment and "
                          "correlation omitted (pass --capture DIR)")
