@@ -13,7 +13,8 @@ wrapping three of its methods once, at lm-eval's start-up (``registration.patch_
   twin (a task with ``doc_to_audio``) gets the flags beside its metrics.
 * ``aggregation`` / ``higher_is_better``: ``audio_failed`` and ``audio_truncated`` are counted
   (``outcomes.count_flagged``) even when the YAML lists no metric line for them (lm-eval averaged the
-  reason strings: a ``TypeError``).
+  reason strings: a ``TypeError``); a task without audio reports them only when one of its items is marked
+  (a text twin cut to ``max_length``), so a plain lm-eval task's results are unchanged.
 * ``__init__``: a task's ``metadata.spoken_text`` (a doc field or a Jinja template: what the text twin
   shows where the speech twin has its audio) and ``metadata.language`` (default ``en``) are declared
   to ``twins`` under the task's pair, so capture, APS and oracle interventions find the text twin's
@@ -68,8 +69,8 @@ def patch(task_module) -> None:
         return {**dict.fromkeys(FLAG_METRICS, count_flagged), **aggregation(self)}
 
     @functools.wraps(hib)
-    def higher_is_better_(self):
-        return {**dict.fromkeys(FLAG_METRICS, False), **hib(self)}
+    def higher_is_better_(self):  # into the results JSON: only a speech twin's (a plain lm-eval task's stays as it was)
+        return {**dict.fromkeys(FLAG_METRICS, False), **hib(self)} if _is_speech(self) else hib(self)
 
     process_results._lmeval_speech = True
     cls.__init__, cls.process_results = __init__, process_results
