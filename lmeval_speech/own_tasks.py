@@ -8,8 +8,9 @@ NaNs made choice 0 "right". The package's own tasks avoid it in their ``process_
 wrapping three of its methods once, at lm-eval's start-up (``registration.patch_task_manager``):
 
 * ``process_results``: an item any of whose responses carries a failure (``outcomes.flags``: a
-  ``Scored`` NaN with its reason, or a plain NaN) returns only the two flag counts, so it is neither
-  right nor wrong in lm-eval's table and is counted in ``audio_failed``; a scored item of a speech
+  ``Scored`` NaN with its reason, or a plain NaN) returns only the two flag counts (or, from a
+  ``process_results`` that counts failures itself, its own fields), so it is neither right nor wrong
+  in lm-eval's table and is counted in ``audio_failed``; a scored item of a speech
   twin (a task with ``doc_to_audio``) gets the flags beside its metrics.
 * ``aggregation`` / ``higher_is_better``: ``audio_failed`` and ``audio_truncated`` are counted
   (``outcomes.count_flagged``) even when the YAML lists no metric line for them (lm-eval averaged the
@@ -56,8 +57,14 @@ def patch(task_module) -> None:
     @functools.wraps(process)
     def process_results(self, doc, results):
         marks = flags(results)
-        if marks["audio_failed"]:
-            return marks  # not scored: neither right nor wrong, counted
+        if marks["audio_failed"]:  # not scored: neither right nor wrong, counted
+            if not callable(getattr(self.config, "process_results", None)):
+                return marks  # lm-eval's default scoring would take argmax of the NaNs
+            try:  # a process_results that counts failures itself (the package's) keeps its extra fields
+                out = process(self, doc, results)
+            except Exception:  # noqa: BLE001 -- one written for scored items only: the item is still counted
+                return marks
+            return out if isinstance(out, dict) and out.get("audio_failed") else marks
         out = process(self, doc, results)
         if isinstance(out, dict) and (_is_speech(self) or any(marks.values())):
             for key in FLAG_METRICS:
