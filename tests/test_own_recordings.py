@@ -124,7 +124,7 @@ def test_a_failed_recording_is_never_scored_whatever_the_scoring(tmp_path):
     res = _results(out)["results"]
     for task in ("myquiz_speech", "myquizpr_speech"):
         samples = _samples(out, task)
-        assert "acc" not in samples[0] and samples[0]["audio_failed"], task
+        assert "acc" not in samples[0] and "empty.wav" in samples[0]["audio_failed"], task
         assert res[task]["acc,none"] == pytest.approx(sum(samples[i]["acc"] for i in (1, 2, 3, 4)) / 4)
         assert res[task]["audio_failed,none"] == 1 and res[task]["audio_truncated,none"] == 0
     assert res["myquiz_speech"]["acc_norm,none"] == pytest.approx(
@@ -150,6 +150,12 @@ def test_a_missing_recording_fails_its_item_and_oracle_interventions_work(tmp_pa
     samples = _samples(out, "myquiz_speech")
     assert res["audio_failed,none"] == 1 and "gone.wav" in samples[4]["audio_failed"] and "acc" not in samples[4]
     assert res["acc,none"] == pytest.approx(sum(samples[i]["acc"] for i in range(4)) / 4)
+    plain = tmp_path / "plain"  # the same speech items unedited: the oracle edit changed their scores
+    _sh([sys.executable, "-m", "lm_eval", "--model", "lslm", "--include_path", str(inc), "--tasks", "myquiz_speech",
+         "--limit", "2", "--device", "cpu", "--log_samples", "--output_path", str(plain)], ROOT, tmp_path)
+    unedited = _samples(plain, "myquiz_speech")
+    for i in (0, 1):
+        assert [r[0] for r in samples[i]["filtered_resps"]] != [r[0] for r in unedited[i]["filtered_resps"]]
 
 
 def test_a_pair_without_spoken_text_is_named_precisely():

@@ -68,9 +68,10 @@ def recorded_audio(doc: dict) -> list[dict]:
         return [recorded(audio["bytes"])]
     try:
         with open(audio["path"], "rb") as f:
-            return [recorded(f.read())]
+            data = f.read()
     except OSError:
-        return [{"path": str(audio["path"])}]
+        data = b""
+    return [recorded(data)] if data else [{"path": str(audio["path"])}]  # fails naming the file
 
 
 # ---- gold answers and choices: one function each, used by the YAMLs and by process_results
