@@ -25,6 +25,7 @@ wrapping three of its methods once, at lm-eval's start-up (``registration.patch_
 from __future__ import annotations
 
 import functools
+import os
 
 from lmeval_speech import twins
 from lmeval_speech.outcomes import FLAG_METRICS, count_flagged, flags
@@ -88,7 +89,7 @@ def voice_language(voice: str) -> str:
     """The language of a TTS voice name: espeak-ng ``en-us``/``en-gb-x-rp``/``ja``/``en-us+f3`` and
     Piper ``en_US-joe-medium`` give ``en``, ``ja``, ``fr``...; an mbrola ``mb-fr1`` gives ``mb``, which
     matches nothing, so it needs the same opt-in."""
-    return voice.split("+")[0].replace("_", "-").split("-")[0].lower()
+    return os.path.basename(voice).split("+")[0].replace("_", "-").split("-")[0].lower()
 
 
 def check_voice_language(voice: str | None, task_names, allow: bool) -> None:

@@ -173,7 +173,7 @@ def test_a_pair_without_spoken_text_is_named_precisely():
 def test_voice_language_of_a_voice_name():
     from lmeval_speech.own_tasks import check_voice_language, voice_language
 
-    assert [voice_language(v) for v in ("en-us", "en-gb-x-rp", "en-us+f3", "en_US-joe-medium", "ja", "fr-fr")] == \
+    assert [voice_language(v) for v in ("en-us", "en-gb-x-rp", "en-us+f3", "/v/en_US-joe-medium.onnx", "ja", "fr-fr")] == \
         ["en", "en", "en", "en", "ja", "fr"]
     check_voice_language("en-gb", ["speech_arc_easy_speech"], allow=False)
     check_voice_language("ja", ["speech_arc_easy_speech"], allow=True)

@@ -158,10 +158,19 @@ class Planner:
     def check_voice_language(self, requests, per_request) -> None:
         """A ``tts_voice`` must speak the language of the tasks whose synthesized audio it re-voices
         (``metadata.language``, English by default) unless ``voice_language=any``."""
+        from lmeval_speech.audio import TTSSpec
+        from lmeval_speech.audio.tts import get_engine
         from lmeval_speech.own_tasks import check_voice_language
 
+        voice = self.lm.tts_override.get("voice")
         voiced = {r.task_name for r, keys in zip(requests, per_request) if any("tts:" in k for k in keys)}
-        check_voice_language(self.lm.tts_override.get("voice"), voiced, self.lm.voice_language == "any")
+        if not voice or not voiced:
+            return
+        try:  # a voice the engine lacks, or a rate it cannot speak, stops the run in resolve() with its own error
+            get_engine(TTSSpec().with_overrides(**self.lm.tts_override).engine).check_voice(voice)
+        except Exception:  # noqa: BLE001
+            return
+        check_voice_language(voice, voiced, self.lm.voice_language == "any")
 
     def resolve(self, items: dict[str, dict]) -> dict[str, AudioStatus]:
         """Resolve every distinct audio once (synthesizing cache misses) and count its tokens.
