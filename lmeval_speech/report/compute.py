@@ -25,6 +25,7 @@ from lmeval_speech.metrics import (
 )
 from lmeval_speech.report.reference import reference_section
 from lmeval_speech.report.runs import PREFERRED_METRICS, control_items, logged_flags, pair_items, run_settings
+from lmeval_speech.report.runs import relative_capture_dir
 from lmeval_speech.report.runs import twin_rows as runs_twin_rows
 from lmeval_speech.report.schema import GAP_FIELDS, N_CRITICAL, POOLED, SCHEMA_VERSION
 from lmeval_speech.report.voicebench import paired_results, voicebench_overall
@@ -342,13 +343,7 @@ def _open_capture(run: dict, manifest: dict, capture, notes: list) -> tuple[Capt
             notes.append("no capture: similarity, alignment and correlation omitted (run with "
                          "model_args capture=pooled|tokens,capture_dir=DIR, or pass --capture DIR)")
             return None, None
-        if not Path(capture).is_dir() and not Path(capture).is_absolute():  # lm_eval ran in another folder:
-            above = [p / capture for p in Path(run["dir"]).resolve().parents if (p / capture).is_dir()]
-            if not above:  # the folder the run's results are under, or one above it
-                raise FileNotFoundError(f"capture_dir={capture} (relative, from the run's model_args) is neither under "
-                                        f"the current folder nor under a folder above the results {run['dir']}: "
-                                        "pass --capture DIR (nothing written)")
-            capture = above[0]
+        capture = relative_capture_dir(capture, run["dir"])  # lm_eval may have run in another folder
         if not Path(capture).is_dir():
             notes.append(f"capture dir {capture} from model_args not found: similarity, alignment and "
                          "correlation omitted (pass --capture DIR)")
