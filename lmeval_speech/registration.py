@@ -21,6 +21,11 @@ def register_model_lazily(registry_module) -> None:
 
 def patch_task_manager(manager_module) -> None:
     """Make every TaskManager index ``lmeval_speech/tasks`` besides its own paths."""
+    import lm_eval.api.task
+
+    from lmeval_speech import own_tasks
+
+    own_tasks.patch(lm_eval.api.task)  # a user's own tasks are twins too (failed items never scored)
     cls = manager_module.TaskManager
     if getattr(cls.__init__, "_lmeval_speech", False):
         return

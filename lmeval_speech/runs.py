@@ -58,6 +58,19 @@ def find_results_file(run_dir) -> Path:
     return max(found, key=_timestamp)
 
 
+def relative_capture_dir(capture: str, run_dir) -> str | Path:
+    """A relative ``capture_dir`` of a run's model_args, from the current folder, else from the folder
+    the run's results are under or one above it (``lm_eval`` ran there); found nowhere: refused."""
+    if Path(capture).is_dir() or Path(capture).is_absolute():
+        return capture
+    above = [p / capture for p in Path(run_dir).resolve().parents if (p / capture).is_dir()]
+    if not above:
+        raise FileNotFoundError(f"capture_dir={capture} (relative, from the run's model_args) is neither under the "
+                                f"current folder nor under a folder above the results {run_dir}: pass --capture DIR "
+                                "(nothing written)")
+    return above[0]
+
+
 def parse_model_args(model_args) -> dict:
     """lm-eval's ``--model_args`` as a dict (recorded as ``a=1,b=x`` or as a dict), parsed by
     lm-eval's own ``simple_parse_args_string`` (values stay strings where lm-eval keeps them)."""

@@ -9,6 +9,7 @@ Report, compare and check read pairs from the run manifest, which records what t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,11 +82,55 @@ FAMILIES: list[tuple[str, Callable[[dict], str], Callable[[dict], str]]] = [
 ]
 
 
+#: pair -> {"spoken_text": field or Jinja template, "language": tag}, as a task's metadata declares
+#: them (``own_tasks`` declares every task lm-eval builds): a user's own pair is a family too.
+DECLARED: dict[str, dict] = {}
+
+
+def declare(pair: str, spoken_text: str | None = None, language: str | None = None) -> None:
+    entry = DECLARED.setdefault(pair, {})
+    if spoken_text:
+        entry["spoken_text"] = str(spoken_text)
+    if language:
+        entry["language"] = str(language)
+
+
+def declared_language(task_name: str | None) -> str:
+    """The language a task declares (``metadata.language`` of either twin); English when none does."""
+    return DECLARED.get(twin_of(task_name).pair, {}).get("language", "en")
+
+
+def _declared_text(spec: str, doc: dict) -> str:
+    if "{{" in spec or "{%" in spec:
+        from lm_eval.utils import apply_template
+
+        return apply_template(spec, doc).strip()
+    if spec not in doc:
+        raise KeyError(f"metadata.spoken_text names the field {spec!r}, which the doc does not have "
+                       f"(fields: {sorted(doc)})")
+    return str(doc[spec]).strip()
+
+
 def _family(task_name: str | None):
     for family in FAMILIES:
         if (task_name or "").startswith(family[0]):
             return family
+    spec = DECLARED.get(twin_of(task_name).pair, {}).get("spoken_text")
+    if spec is not None:
+        read = functools.partial(_declared_text, spec)
+        return (twin_of(task_name).pair, read, read)
     return None
+
+
+def has_spoken_text(task_name: str | None) -> bool:
+    return _family(task_name) is not None
+
+
+def no_spoken_text(task_name: str | None) -> str:
+    """Why a task has no spoken text, said precisely (for capture, the report and interventions)."""
+    return (f"{twin_of(task_name).pair} declares no spoken text: add `spoken_text: <doc field or Jinja template>` "
+            "(what the text twin shows where the speech twin has its audio, e.g. the question or the "
+            "recording's transcript) to the metadata of its task YAMLs")
 
 
 def spoken_text(task_name: str | None, doc) -> str | None:

@@ -157,6 +157,19 @@ def test_a_capture_dir_made_under_other_settings_is_refused(captured, tiny_qwen2
     LSLM(**kw).loglikelihood(reqs)  # the same settings resume (nothing new to capture)
 
 
+def test_a_capture_dir_reused_with_other_capture_layers_is_refused(captured, tiny_qwen2_audio_dir):
+    """capture.json was rewritten to the new layers while the earlier records hold others: the report
+    then averaged APS over a mix of layers with no note (issue 33)."""
+    _, reqs, _, _, _, root = captured
+    kw = {"pretrained": tiny_qwen2_audio_dir, "device": "cpu", "batch_size": 3, "capture": "tokens",
+          "capture_dir": str(root)}
+    before = (root / "capture.json").read_bytes()
+    with pytest.raises(ValueError, match=r"holds token states of hidden states \[0, 1, 2\]; this run captures \[1\]"):
+        LSLM(capture_layers="1", **kw)
+    assert (root / "capture.json").read_bytes() == before
+    LSLM(capture_layers="all", **kw).loglikelihood(reqs)  # the same layers resume
+
+
 def test_a_captured_item_from_another_prompt_is_refused_not_reused(captured, tiny_qwen2_audio_dir):
     from lmeval_speech.capture.store import CaptureInputMismatch
 

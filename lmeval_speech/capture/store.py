@@ -99,6 +99,11 @@ class CaptureWriter:
         if identity is not None:
             check_identity(self.root, existing.meta.get("model"), identity, bool(self._records))
         check_conditions(self.root, existing.meta.get("conditions"), conditions, bool(self._records))
+        if self._records and meta is not None and existing.meta.get("token_layers", meta.get("token_layers")) != \
+                meta.get("token_layers"):  # capture.json would name the new layers over records holding the old
+            raise ValueError(f"capture dir {self.root} holds token states of hidden states "
+                             f"{existing.meta['token_layers']}; this run captures {meta.get('token_layers')} "
+                             "(capture_layers): use a new capture_dir, or the same capture_layers")
         if meta is not None and rank == 0:
             atomic_write(self.root / "capture.json", json.dumps(
                 {"schema_version": SCHEMA_VERSION, **meta, "model": identity or existing.meta.get("model"),

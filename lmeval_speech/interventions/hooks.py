@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from lmeval_speech.metrics import argmax_path, critical_tokens, similarity_matrix
+from lmeval_speech import twins
 from lmeval_speech.fileio import atomic_write
 
 from .ops import OPS, RANDOM_OPS, STEER_OPS
@@ -243,6 +244,9 @@ class Intervener:
             tgt = direction[None].expand(len(idx), -1) * ref["norm"]
             return idx, tgt
         text = self.text_states.get(key, {}).get(layer)
+        if text is None and not twins.has_spoken_text(key[0]):
+            raise KeyError(f"oracle intervention on {key[0]} doc {key[1]}: {twins.no_spoken_text(key[0])}, so its "
+                           "text twin's states are not known; or intervention_mode=calibrated")
         if text is None:
             raise KeyError(f"oracle intervention needs the text twin of {key[0]} doc {key[1]} in the same run "
                            f"(add {key[0]}_text to --tasks) or intervention_mode=calibrated")

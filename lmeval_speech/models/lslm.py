@@ -83,6 +83,7 @@ class LSLM(BatchRunner, TemplateLM):
         tts_engine: str | None = None,
         tts_voice: str | None = None,
         tts_rate: int | None = None,
+        voice_language: str = "task",
         noise: str | None = None,
         snr_db: float | None = None,
         noise_seed: int = 0,
@@ -133,10 +134,9 @@ class LSLM(BatchRunner, TemplateLM):
         limit = self.backend_impl.max_audio_seconds
         self.max_audio_seconds = limit if max_audio_seconds in (None, "") else min(float(max_audio_seconds), limit)
         self.fail_fast = _as_bool(fail_fast)
-        self.tts_override = {
-            k: v for k, v in {"engine": tts_engine, "voice": tts_voice,
-                              "rate": None if tts_rate is None else int(tts_rate)}.items() if v is not None
-        }
+        self.tts_override = {k: v for k, v in {"engine": tts_engine, "voice": tts_voice, "rate": None if tts_rate
+                                               is None else int(tts_rate)}.items() if v is not None}
+        self.voice_language = voice_language  # "any": a tts_voice of another language than the task's is allowed
         if "engine" in self.tts_override:  # an impossible rate, or a voice the engine lacks, stops here
             # (with the task's own engine unknown until its items are resolved, the first item checks it)
             from lmeval_speech.audio import TTSSpec
@@ -427,9 +427,8 @@ class LSLM(BatchRunner, TemplateLM):
 
     # ------------------------------------------------------------------ lm-eval API
     def _plan(self, requests):
-        """Audio keys per request and each distinct audio's outcome (resolved once). A prompt whose
-        ``<audio>`` markers do not match its audios (few-shot exemplars of a speech twin) stops the
-        run here, before any audio is synthesized."""
+        """Audio keys per request and each distinct audio's outcome (resolved once). Stops before any audio is
+        synthesized at a prompt whose ``<audio>`` markers do not match its audios, or a voice of another language."""
         self._warn_if_instruct_without_chat_template()
         items: dict[str, dict] = {}
         per_request = []
@@ -443,6 +442,7 @@ class LSLM(BatchRunner, TemplateLM):
             keys = [key_of[id(a)] if id(a) in key_of else key_of.setdefault(id(a), audio_key(a)) for a in audio]
             items.update(zip(keys, audio))
             per_request.append(keys)
+        self.planner.check_voice_language(requests, per_request)
         return items, per_request, self.planner.resolve(items)
 
     def _warn_if_instruct_without_chat_template(self) -> None:

@@ -155,6 +155,23 @@ class Planner:
             self._babble[key] = [get_audio(text, spec) for text in BABBLE_SENTENCES]
         return self._babble[key]
 
+    def check_voice_language(self, requests, per_request) -> None:
+        """A ``tts_voice`` must speak the language of the tasks whose synthesized audio it re-voices
+        (``metadata.language``, English by default) unless ``voice_language=any``."""
+        from lmeval_speech.audio import TTSSpec
+        from lmeval_speech.audio.tts import get_engine
+        from lmeval_speech.own_tasks import check_voice_language
+
+        voice = self.lm.tts_override.get("voice")
+        voiced = {r.task_name for r, keys in zip(requests, per_request) if any("tts:" in k for k in keys)}
+        if not voice or not voiced:
+            return
+        try:  # a voice the engine lacks, or a rate it cannot speak, stops the run in resolve() with its own error
+            get_engine(TTSSpec().with_overrides(**self.lm.tts_override).engine).check_voice(voice)
+        except Exception:  # noqa: BLE001
+            return
+        check_voice_language(voice, voiced, self.lm.voice_language == "any")
+
     def resolve(self, items: dict[str, dict]) -> dict[str, AudioStatus]:
         """Resolve every distinct audio once (synthesizing cache misses) and count its tokens.
 
@@ -299,8 +316,8 @@ class Planner:
         the very string lm-eval's ``_encode_pair`` encoded as the context."""
         target = twins.text_counterpart(request.task_name, request.doc)
         if target is None:
-            self._warn_once(f"{request.task_name}: no known spoken text (not a task family of this package); "
-                            "its text twin's states are not captured")
+            self._warn_once(f"{request.task_name}: {twins.no_spoken_text(request.task_name)}; until then its "
+                            "text twin's states are not captured (no similarity, APS or oracle intervention)")
             return None
         n_spaces = len(context) - len(context.rstrip())
         stripped = context[: len(context) - n_spaces] if n_spaces else context  # as _encode_pair encodes it

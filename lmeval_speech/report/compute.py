@@ -15,7 +15,7 @@ from lmeval_speech.report.decomposition import decomposition as decompose_gap
 from lmeval_speech.report.decomposition import headline_metric
 from lmeval_speech.report.lens import lens_section
 from lmeval_speech.report.reference import reference_section
-from lmeval_speech.runs import PREFERRED_METRICS, control_items, pair_items, run_settings
+from lmeval_speech.runs import PREFERRED_METRICS, control_items, pair_items, relative_capture_dir, run_settings
 from lmeval_speech.report.schema import GAP_FIELDS, POOLED, SCHEMA_VERSION
 from lmeval_speech.report.states import correlation as correlate
 from lmeval_speech.report.states import hidden_state_sections, item_detail
@@ -206,6 +206,7 @@ def _open_capture(run: dict, manifest: dict, capture, notes: list) -> tuple[Capt
             notes.append("no capture: similarity, alignment and correlation omitted (run with "
                          "model_args capture=pooled|tokens,capture_dir=DIR, or pass --capture DIR)")
             return None, None
+        capture = relative_capture_dir(capture, run["dir"])  # lm_eval may have run in another folder
         if not Path(capture).is_dir():
             notes.append(f"capture dir {capture} from model_args not found: similarity, alignment and "
                          "correlation omitted (pass --capture DIR)")

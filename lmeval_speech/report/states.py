@@ -41,12 +41,14 @@ def hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
     cos, euc, sim_pairs, compared = [], [], [], []
     aps_layers: dict[int, list[float]] = {}
     missing, no_tokens, non_finite, non_finite_tokens = 0, 0, 0, 0
+    text_only_missing = 0  # speech captured, text twin not: its spoken text was not found in the prompt
     mono_paths, mono_undefined = 0, 0  # alignment paths (item x layer), those with no Spearman rho
     for row in rows:
         it = items_by_pair[row["pair"]]
         rec_s, rec_t = records.get((it["speech_task"], row["doc_id"])), records.get((it["text_task"], row["doc_id"]))
         if rec_s is None or rec_t is None:
             missing += 1
+            text_only_missing += rec_s is not None and rec_t is None
             continue
         speech, text = reader.load(rec_s), reader.load(rec_t)
         if not (np.isfinite(speech["pooled"]).all() and np.isfinite(text["pooled"]).all()):
@@ -84,6 +86,11 @@ def hidden_state_sections(reader, rows, items_by_pair, measure, path, notes):
         notes.append(f"{mono_undefined} of {mono_paths} alignment paths (item x layer) have no monotonicity: every "
                      "word matched one speech position (or one word): left out of the monotonicity means, which "
                      "thus overstate order-keeping")
+    if text_only_missing:
+        notes.append(f"{text_only_missing} of {len(rows)} paired items have speech states but none of their text "
+                     "twin: its spoken text was not found in its prompt (a task of your own must declare "
+                     "metadata.spoken_text; the run's log names the task)")
+        missing -= text_only_missing
     if missing:
         notes.append(f"{missing} of {len(rows)} paired items lack a captured state for one or both twins "
                      "(capture_limit, an interrupted run, or another task selection): left out of "

@@ -54,16 +54,24 @@ def recorded_audio(doc: dict) -> list[dict]:
     so lm-eval's ``--use_cache`` works, and decoded only by the model, so one broken recording is
     one failed item rather than a crash while lm-eval builds the requests.
 
-    Accepts an undecoded ``{"bytes", "path"}`` (from :func:`voicebench_docs`) or an already decoded
-    ``{"array", "sampling_rate"}`` (local fixtures, older ``datasets``).
+    Accepts an undecoded ``{"bytes", "path"}`` (from :func:`voicebench_docs`), an already decoded
+    ``{"array", "sampling_rate"}`` (local fixtures, older ``datasets``) or a file path (a user's JSONL:
+    relative to the current directory, as lm-eval's ``data_files``). A file that cannot be opened
+    becomes a ``{"path"}`` item, which fails (with its path) when the model resolves it: its item only.
     """
     audio = doc["audio"]
+    if isinstance(audio, str):
+        audio = {"path": audio}
     if audio.get("array") is not None:
         return [recorded(np.asarray(audio["array"]), int(audio["sampling_rate"]))]
     if audio.get("bytes"):
         return [recorded(audio["bytes"])]
-    with open(audio["path"], "rb") as f:
-        return [recorded(f.read())]
+    try:
+        with open(audio["path"], "rb") as f:
+            data = f.read()
+    except OSError:
+        data = b""
+    return [recorded(data)] if data else [{"path": str(audio["path"])}]  # fails naming the file
 
 
 # ---- gold answers and choices: one function each, used by the YAMLs and by process_results
