@@ -212,7 +212,7 @@ def test_a_use_cache_database_made_before_the_spoken_form_rules_changed_is_refus
     from lm_eval.api.model import CachingLM
 
     from lmeval_speech.audio.spoken_form import VERSION
-    from lmeval_speech.models import lslm as lslm_module
+    from lmeval_speech.models import record as lslm_module  # where lslm keeps its run conditions
 
     path = str(tmp_path / "cache_rank0.db")
     monkeypatch.setattr(lslm_module, "SPOKEN_FORM_VERSION", VERSION - 1)

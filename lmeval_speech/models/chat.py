@@ -18,7 +18,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from lmeval_speech import AUDIO_MARKER
+
+log = logging.getLogger("lmeval_speech.models.lslm")
 
 
 def fold_system(messages: list[dict]) -> list[dict]:
@@ -74,3 +78,50 @@ def render(backend, chat_history: list[dict], add_generation_prompt: bool = True
         raise ValueError(f"the chat template of {type(owner).__name__} rendered {text.count(placeholder)} "
                          f"{placeholder!r} for {n_audio} audios; lslm cannot place the audio")
     return text.replace(placeholder, AUDIO_MARKER)
+
+
+class ChatPrompts:
+    """``lslm``'s chat side of lm-eval's API (a mixin of ``LSLM``): the template text lm-eval records, the
+    rendering above, and the warning for a chat checkpoint run on raw prompts."""
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template text lm-eval records (and hashes): the processor's when it has one (see
+        ``models/chat.py``), else the tokenizer's default or the one named (``--apply_chat_template NAME``)."""
+        if chat_template is False or chat_template is None:
+            return None
+        # lm-eval asks for the template's text whenever --apply_chat_template is given, also when its requests
+        # come from --cache_requests and apply_chat_template itself is never called
+        self._chat_applied = True
+        owner = template_owner(self.backend_impl)
+        if owner is not self.tokenizer and chat_template is True:
+            return owner.chat_template
+        try:
+            return self.tokenizer.get_chat_template(None if chat_template is True else chat_template)
+        except NotImplementedError:  # mistral-common (Voxtral) renders its own format and exposes no template text
+            if chat_template is not True:
+                raise
+            return f"{type(self.tokenizer).__name__}: the tokenizer's own chat format (no template text)"
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
+        self._chat_applied = True
+        return render(self.backend_impl, chat_history, add_generation_prompt, system=self.system_prompt)
+
+    def _warn_if_instruct_without_chat_template(self) -> None:
+        """A chat checkpoint (one that ships a chat template, or is named instruct) run on raw prompts: its
+        authors prompt it through the template. Not for the embedded model, trained on raw prompts."""
+        from lmeval_speech.mini.modeling import MODEL_TYPE
+
+        if self._chat_applied or self._chat_warned or self.pretrained in ("mini", "mini-base") \
+                or self.identity.get("model_type") == MODEL_TYPE:
+            return
+        try:
+            ships = bool(getattr(self.tokenizer, "chat_template", None))
+        except (NotImplementedError, AttributeError, TypeError, ValueError):  # no template text (mistral-common): a chat tokenizer
+            ships = True
+        if not ships and "instruct" not in self.pretrained.lower():
+            return
+        self._chat_warned = True
+        log.warning("%s is a chat checkpoint (it ships a chat template) evaluated without it; its authors prompt "
+                    "it through the template: add --apply_chat_template (the gap may otherwise be a prompting "
+                    "artefact)", self.pretrained)
+

@@ -1,6 +1,7 @@
-"""Owns ``lslm``, lm-eval's model class for speech LLMs (and their text twins): model args, loading,
-data-parallel set-up and lm-eval's API (``loglikelihood``, ``loglikelihood_rolling``,
-``generate_until``, chat templates).
+"""Owns ``lslm``, lm-eval's model class for speech LLMs (and their text twins): model args, loading, the
+tokenizer side of lm-eval's API and ``loglikelihood``. Its other jobs are mixins, one module each:
+the run's record (``models/record.py``), data parallel (``models/distributed.py``), chat templates
+(``models/chat.py``), ``generate_until`` and ``loglikelihood_rolling`` (``models/generation.py``).
 
 A request is ``(context, continuation[, {"audio": [...]}])``. ``models/plan.py`` turns requests into
 sequences (audio resolved once and keyed by content, failures and truncations recorded, spans);
@@ -12,26 +13,21 @@ padding), which the parity test checks.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
-from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import (
-    Collator,
     _add_special_kwargs,
-    handle_stop_sequences,
     has_bos_prefix,
-    normalize_gen_kwargs,
-    postprocess_generated_text,
 )
-from tqdm import tqdm
 
 from lmeval_speech import AUDIO_MARKER, outcomes
-from lmeval_speech.audio.spoken_form import VERSION as SPOKEN_FORM_VERSION
-from lmeval_speech.capture.store import mismatch
+from lmeval_speech.models.chat import ChatPrompts
+from lmeval_speech.models.distributed import DataParallel
+from lmeval_speech.models.generation import Generation
 from lmeval_speech.models.plan import AudioRequestError, Planner, Seq, audio_items, audio_key
+from lmeval_speech.models.record import RunRecord, model_identity
 from lmeval_speech.models.runner import BatchRunner, SpeechEmbeddings
 
 log = logging.getLogger(__name__)
@@ -43,25 +39,7 @@ def _as_bool(v) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in {"1", "true", "yes", "on"}
 
 
-def model_identity(pretrained: str, revision, backend, device) -> dict:
-    """What identifies the weights that produced a number: path or hub id, revision, backend, dtype,
-    and SHA-256 of the model config (and of the trained adapter, for the embedded model)."""
-    import hashlib
-
-    model = backend.model
-    config = model.config.to_json_string(use_diff=False)
-    ident = {"pretrained": pretrained, "revision": revision, "backend": type(backend).__name__,
-             "model_type": getattr(model.config, "model_type", None),
-             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": str(device),
-             "config_sha256": hashlib.sha256(config.encode()).hexdigest()}
-    adapter = getattr(backend, "adapter_file", None)
-    if adapter:
-        with open(adapter, "rb") as f:
-            ident["adapter_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
-    return ident
-
-
-class LSLM(BatchRunner, TemplateLM):
+class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, TemplateLM):
     MULTIMODAL = True
     _DEFAULT_MAX_LENGTH = 2048
 
@@ -179,44 +157,6 @@ class LSLM(BatchRunner, TemplateLM):
             self.intervener = Intervener(spec, len(self.backend_impl.decoder_layers))
         self.capture = self._make_capture(capture, capture_dir, capture_layers, capture_limit, int(capture_shard_size))
 
-    @staticmethod
-    def _pick_device(device) -> torch.device:
-        """``auto`` picks CUDA when present; lm-eval's CLI default ``cuda`` falls back to CPU with a warning."""
-        if device in (None, "", "auto"):
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            log.warning("device=%s requested but CUDA is not available: running on CPU", device)
-            return torch.device("cpu")
-        return dev
-
-    # ------------------------------------------------------------------ data parallel
-    def _init_data_parallel(self):
-        """Under ``accelerate launch -m lm_eval`` (as lm-eval's ``hf`` model): rank and world size."""
-        import os
-
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return None
-        from accelerate import Accelerator
-
-        acc = Accelerator(cpu=not torch.cuda.is_available())  # gloo across CPU processes
-        self._rank, self._world_size = acc.process_index, acc.num_processes
-        return acc
-
-    def all_gather(self, tensor):
-        return tensor if self.accelerator is None else self.accelerator.gather(tensor.to(self.device))
-
-    def gather_object(self, obj, dst=0):
-        if self.accelerator is None:
-            return [obj]
-        out = [None] * self.world_size if self.rank == dst else None
-        torch.distributed.gather_object(obj=obj, object_gather_list=out, dst=dst)
-        return out
-
-    def barrier(self):
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-
     # ------------------------------------------------------------------ loading
     def _resolve_dtype(self, dtype):
         if dtype in (None, "auto"):
@@ -258,75 +198,6 @@ class LSLM(BatchRunner, TemplateLM):
             token_limit=None if limit in (None, "") else int(limit), rank=self.rank, shard_size=shard_size,
             identity=self.identity, conditions=self.conditions(),
         )
-
-    def conditions(self) -> dict:
-        """The run settings besides the model and the prompts that change what is scored or captured:
-        a capture dir or ``--use_cache`` database made under other conditions is refused."""
-        intervention = None
-        if self.intervener is not None:  # where its calibration is saved changes no number
-            intervention = {k: v for k, v in self.intervener.spec.to_dict().items() if k != "save_calibration"}
-        conditions = {"tts_override": self.tts_override or None,
-                      "noise": None if self.noise is None else self.noise.to_dict(),
-                      "intervention": intervention,
-                      "audio_overflow": self.audio_overflow, "max_audio_seconds": self.max_audio_seconds,
-                      "max_length": self.max_length, "add_bos_token": self.add_bos_token,
-                      "prefix_token_id": self.custom_prefix_token_id,
-                      "spoken_form": SPOKEN_FORM_VERSION}  # how TTS texts are rewritten before synthesis
-        return json.loads(json.dumps(conditions))  # as stored (JSON), so a reread compares equal
-
-    @property
-    def audio_log(self) -> dict[str, dict]:
-        """Audio key -> what was done to it (fix-ups, truncation) or why it was not scored."""
-        return {k: ({"error": st.error} if st.error else st.notes) for k, st in self.planner.status.items()}
-
-    #: The record ``lslm`` keeps in lm-eval's ``--use_cache`` database (lm-eval keys results by request only).
-    CACHE_CONDITIONS_KEY = "lmeval_speech:conditions"
-
-    def set_cache_hook(self, cache_hook) -> None:
-        """lm-eval's ``--use_cache`` keys each result by its request alone, so a rerun with another model,
-        ``tts_voice``, ``noise`` or intervention would take the first run's numbers. The database records
-        the model and conditions it was made under; another run's is refused, as is a database that has
-        results but no such record (made by another model or an older version)."""
-        super().set_cache_hook(cache_hook)
-        db = getattr(cache_hook, "dbdict", None)
-        if db is None:
-            return
-        mine = {"model": {k: v for k, v in self.identity.items() if k != "device"}, **self.conditions()}
-        stored = db.get(self.CACHE_CONDITIONS_KEY)
-        if stored is None and len(db):
-            raise ValueError(f"--use_cache database {db.filename} holds {len(db)} results made without lmeval_speech's "
-                             "record of their model and settings (another model, or an older version): use a new "
-                             "--use_cache path")
-        if stored is None:
-            db[self.CACHE_CONDITIONS_KEY] = mine
-            return
-        flat = lambda d: {**{f"model.{k}": v for k, v in d.get("model", {}).items()},  # noqa: E731
-                          **{k: v for k, v in d.items() if k != "model"}}
-        differ = mismatch(flat(stored), flat(mine))
-        if differ:
-            raise ValueError(f"--use_cache database {db.filename} holds results made under other settings "
-                             f"({differ[0]}); this run has {differ[1]}: its cached numbers are not this "
-                             "run's. Use a new --use_cache path per model and condition")
-
-    def get_model_info(self) -> dict:
-        """lm-eval writes this into ``results["config"]``: the model's side of the run manifest."""
-        return {"lmeval_speech": {
-            "model": self.identity,
-            "settings": {"audio_overflow": self.audio_overflow, "max_audio_seconds": self.max_audio_seconds,
-                         "tts_override": self.tts_override or None, "fail_fast": self.fail_fast,
-                         "noise": None if self.noise is None else self.noise.to_dict(),
-                         "max_length": self.max_length, "batch_size": self.batch_size,
-                         "spoken_form": SPOKEN_FORM_VERSION},
-            "hooks": {"capture": None if self.capture is None else self.capture.spec(),
-                      "intervention": None if self.intervener is None else self._intervention_manifest()},
-        }}
-
-    def _intervention_manifest(self) -> dict:
-        iv, n = self.intervener, len(self.backend_impl.decoder_layers)
-        hooks = {"edit": iv.hook_spec("edit").to_dict(n)}
-        if iv.spec.mode == "oracle":
-            hooks["read"] = iv.hook_spec("read").to_dict(n)
-        return {**iv.spec.to_dict(), "hooks": hooks}
 
     # ------------------------------------------------------------------ lm-eval properties
     @property
@@ -381,32 +252,6 @@ class LSLM(BatchRunner, TemplateLM):
             return None
         return int(window)
 
-    def chat_template(self, chat_template: bool | str = False) -> str | None:
-        """The template text lm-eval records (and hashes): the processor's when it has one (see
-        ``models/chat.py``), else the tokenizer's default or the one named (``--apply_chat_template NAME``)."""
-        if chat_template is False or chat_template is None:
-            return None
-        # lm-eval asks for the template's text whenever --apply_chat_template is given, also when its requests
-        # come from --cache_requests and apply_chat_template itself is never called
-        self._chat_applied = True
-        from lmeval_speech.models.chat import template_owner
-
-        owner = template_owner(self.backend_impl)
-        if owner is not self.tokenizer and chat_template is True:
-            return owner.chat_template
-        try:
-            return self.tokenizer.get_chat_template(None if chat_template is True else chat_template)
-        except NotImplementedError:  # mistral-common (Voxtral) renders its own format and exposes no template text
-            if chat_template is not True:
-                raise
-            return f"{type(self.tokenizer).__name__}: the tokenizer's own chat format (no template text)"
-
-    def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
-        from lmeval_speech.models.chat import render
-
-        self._chat_applied = True
-        return render(self.backend_impl, chat_history, add_generation_prompt, system=self.system_prompt)
-
     def special_token_kwargs(self, string: str, add_special_tokens=None) -> dict:
         """lm-eval ``hf``'s rule for adding BOS (shared by ``tok_encode`` and the span offsets)."""
         kw = _add_special_kwargs(add_special_tokens, self.add_bos_token)
@@ -444,25 +289,6 @@ class LSLM(BatchRunner, TemplateLM):
             per_request.append(keys)
         self.planner.check_voice_language(requests, per_request)
         return items, per_request, self.planner.resolve(items)
-
-    def _warn_if_instruct_without_chat_template(self) -> None:
-        """A chat checkpoint (one that ships a chat template, or is named instruct) run on raw prompts: its
-        authors prompt it through the template. Not for the embedded model, trained on raw prompts."""
-        from lmeval_speech.mini.modeling import MODEL_TYPE
-
-        if self._chat_applied or self._chat_warned or self.pretrained in ("mini", "mini-base") \
-                or self.identity.get("model_type") == MODEL_TYPE:
-            return
-        try:
-            ships = bool(getattr(self.tokenizer, "chat_template", None))
-        except (NotImplementedError, AttributeError, TypeError, ValueError):  # no template text (mistral-common): a chat tokenizer
-            ships = True
-        if not ships and "instruct" not in self.pretrained.lower():
-            return
-        self._chat_warned = True
-        log.warning("%s is a chat checkpoint (it ships a chat template) evaluated without it; its authors prompt "
-                    "it through the template: add --apply_chat_template (the gap may otherwise be a prompting "
-                    "artefact)", self.pretrained)
 
     def _with_cut(self, truncated: str, cut: int, total: int) -> str:
         """A prompt cut to fit ``max_length`` is marked like a cut audio: its twin heard or read the
@@ -536,109 +362,3 @@ class LSLM(BatchRunner, TemplateLM):
             whole = ctx_enc + cont_enc
             seqs.append(Seq(i, whole[-(self.max_length + 1):][:-1], cont_enc))
         return self._score(seqs, {}, "Running loglikelihood requests", disable_tqdm)
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        out = []
-        for req in tqdm(requests, desc="Running loglikelihood_rolling requests", disable=disable_tqdm or self.rank != 0):
-            if audio_items(req.args):
-                raise AudioRequestError("loglikelihood_rolling scores text only; drop doc_to_audio from the task")
-            (string,) = req.args[:1]
-            windows = map(
-                lm_utils.make_disjoint_window,
-                lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1,
-                ),
-            )
-            pre = [((None, None), ctx, cont) for ctx, cont in windows]
-            total = sum(ll for ll, _ in self._loglikelihood_tokens(pre, disable_tqdm=True))
-            out.append(total)
-            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
-        return out
-
-    @torch.no_grad()
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        """Batched greedy/sampled generation: requests with the same generation kwargs are batched
-        (lm-eval's ``Collator``, longest first), left-padded, and every row stops at its stop
-        strings during generation (lm-eval's stopping criteria); each audio is encoded once."""
-        from lm_eval.models.utils_hf import stop_sequences_criteria
-
-        if self.intervener is not None and requests:
-            # generation installs no hooks: its answers would be the unedited model's, recorded as intervened
-            raise ValueError(f"intervention={self.intervener.spec.kind} applies to log-likelihood scoring only; "
-                             f"{requests[0].task_name} is a generation task: run it without intervention=")
-        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
-        items, per_request, status = self._plan(requests)
-        out: list = [None] * len(requests)
-        todo = []
-        for i, (req, keys) in enumerate(zip(requests, per_request, strict=True)):
-            failed, truncated = self._outcome(keys, status)
-            if failed:  # an empty generation marked as failed, never an answer
-                out[i] = outcomes.ScoredText("", failed=failed)
-                continue
-            context, transcript = req.args[0], ""
-            heard = [k for k in keys if status[k].transcript is not None]
-            if heard:  # cascade twin: each marker becomes its transcript, and the prompt is text only
-                if len(heard) != len(keys) or context.count(AUDIO_MARKER) != len(keys):
-                    if self.fail_fast:
-                        raise AudioRequestError("a cascade prompt needs one <audio> marker per transcribed audio")
-                    out[i] = outcomes.ScoredText("", failed="AudioRequestError: a cascade prompt needs one "
-                                                 "<audio> marker per transcribed audio")
-                    continue
-                for k in keys:
-                    context = context.replace(AUDIO_MARKER, status[k].transcript, 1)
-                transcript, keys = " | ".join(status[k].transcript for k in heard), []
-            todo.append((i, req, keys, truncated, context, transcript))
-        pbar = tqdm(total=len(todo), desc="Running generate_until requests", disable=disable_tqdm or self.rank != 0)
-        # batches share generation kwargs and modality (a modality-dependent model, e.g. Granite's
-        # speech LoRA, is switched per batch)
-        collator = Collator([(i, context, req.args[1], bool(keys)) for i, req, keys, _, context, _ in todo],
-                            sort_fn=lambda x: (-len(x[1]), x[1]), group_by="gen_kwargs",
-                            group_fn=lambda x: (json.dumps(x[2], sort_keys=True, default=str), x[3]))
-        info = {i: (req, keys, (truncated, transcript)) for i, req, keys, truncated, _, transcript in todo}
-        for chunk in collator.get_batched(n=max(1, self.batch_size), batch_fn=None):
-            kwargs = normalize_gen_kwargs(dict(chunk[0][2]), self.max_gen_toks)
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-            max_new = kwargs.pop("max_gen_toks")
-            kwargs.pop("max_length", None)
-            seqs = []
-            for index, context, _, _ in chunk:
-                req, keys, _ = info[index]
-                try:
-                    if keys:
-                        context = self.planner.place_audio(context, len(keys))
-                    tokens, spans = self.planner.expand(self.tok_encode(context), keys)
-                    cut = max(0, len(tokens) - (self.max_length - max_new))
-                    if cut and spans and spans[0][0] < cut:
-                        raise AudioRequestError(f"prompt of {len(tokens)} tokens leaves no room for the audio "
-                                                "within max_length")
-                except AudioRequestError as err:  # this item only, as in loglikelihood
-                    if self.fail_fast or not keys:
-                        raise
-                    out[index] = outcomes.ScoredText("", failed=f"AudioRequestError: {err}")
-                    pbar.update(1)
-                    continue
-                if cut:
-                    truncated, transcript = info[index][2]
-                    info[index] = (req, keys, (self._with_cut(truncated, cut, len(tokens)), transcript))
-                seqs.append(Seq(index, tokens[cut:], [], [(s - cut, k, n) for s, k, n in spans]))
-            if not seqs:
-                continue
-            embeds, mask, ids = self._left_padded(seqs, items)
-            self._set_modality(seqs)
-            stopping = stop_sequences_criteria(self.tokenizer, until, 0, len(seqs))
-            if self.backend_impl.generate_needs_ids:
-                kwargs["prompt_ids"] = ids
-            gen = self.backend_impl.generate(
-                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new, pad_token_id=self._pad_id,
-                stopping_criteria=stopping, **kwargs)
-            for row, s in enumerate(seqs):
-                req, _, (truncated, transcript) = info[s.index]
-                text = postprocess_generated_text(self.tok_decode(gen[row].tolist()), stop=until, think_end_token=None)
-                if truncated or transcript:
-                    text = outcomes.ScoredText(text, truncated=truncated, transcript=transcript)
-                out[s.index] = text
-                self.cache_hook.add_partial("generate_until", (req.args[0], req.args[1]), text)
-            pbar.update(len(seqs))
-        pbar.close()
-        return out
