@@ -358,8 +358,8 @@ class LSLM(BatchRunner, TemplateLM):
         return 256
 
     @property
-    def batch_size(self) -> int:
-        return self.batch_size_per_gpu
+    def batch_size(self) -> int:  # one sequence a pass where the scores depend on the batch (LongRoPE)
+        return self.batch_size_per_gpu if self.backend_impl.batch_independent else 1
 
     @property
     def device(self):
