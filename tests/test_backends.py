@@ -176,8 +176,6 @@ def voxtral_reference(path, reqs):
 def granite_reference(path, reqs):
     from transformers import AutoTokenizer, GraniteSpeechFeatureExtractor, GraniteSpeechForConditionalGeneration
 
-    from lmeval_speech.models.backends.granite_speech import granite_log_mel
-
     model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     fe_settings = SimpleNamespace(melspec_kwargs={"hop_length": 160}, projector_window_size=15,
@@ -186,11 +184,14 @@ def granite_reference(path, reqs):
     for r in reqs:
         ctx, cont, extra = r.args
         audio = extra["audio"][0]["array"]
-        feats = granite_log_mel(audio)  # checked against an independent implementation below
+        # transformers' numpy audio utilities, not the backend's torch log-mel (the real extractor needs torchaudio)
+        feats = torch.from_numpy(_granite_log_mel_numpy(audio)).float()
         n = GraniteSpeechFeatureExtractor._get_num_audio_features(fe_settings, [len(audio)])[0]
         prompt = ctx.replace("<audio>", "<|audio|>" * n)
         # transformers 5's GraniteSpeechForConditionalGeneration returns lm_head(h) without the Granite head's
-        # division by logits_scaling (applied by GraniteForCausalLM, and by this model through transformers 4.x)
+        # division by logits_scaling, which the Granite LLM was trained with (GraniteForCausalLM, IBM's own
+        # training stack, vLLM) and which this model's forward applied through transformers 4.x: the choice is
+        # pinned in test_backends_fixes.test_granite_scores_divide_the_installed_class_logits_by_logits_scaling
         scale = model.config.text_config.logits_scaling
         out.append(_score(tok, lambda ids: model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
                                                  input_features=feats).logits / scale, prompt, cont))
@@ -1306,8 +1307,6 @@ def _voxtral_hidden_states(path):
 
 def _granite_hidden_states(path):
     from transformers import AutoTokenizer, GraniteSpeechFeatureExtractor, GraniteSpeechForConditionalGeneration
-
-    from lmeval_speech.models.backends.granite_speech import granite_log_mel
 
     model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import tone
 from lmeval_speech.models.lslm import LSLM
-from test_backends import _score, save_tiny_phi4
+from test_backends import _score, save_tiny_phi4, tiny_granite_dir, tiny_omni_dir  # noqa: F401 (fixtures)
 from test_lslm import req
 
 # ---------------------------------------------------------------- Phi-4-multimodal: LongRoPE and prefix sharing
@@ -52,3 +52,56 @@ def test_phi4_longrope_scores_equal_the_whole_sequence_forward(tiny_phi4_longrop
     assert not lm.backend_impl.supports_prefix_cache and lm.batch_size == 1
     got = [ll for ll, _ in lm.loglikelihood([req(ctx, c) for c in conts])]
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+# ---------------------------------------------------------------- Qwen2.5-Omni: audio token count
+OMNI_CLIPS = [11_200, 16_001, 16_159, 16_161, 36_801, 117_679, 479_999, 480_000]
+
+
+def test_omni_audio_token_count_is_the_processor_modules(tiny_omni_dir):
+    """The count ``Qwen2_5OmniProcessor`` writes (its module's ``_get_feat_extract_output_lengths`` on the
+    feature extractor's attention mask, as the processor calls it) for short, odd-length and long clips (up to
+    the 30 s window of the tiny checkpoint), and the number of embeddings the thinker's encoder gives."""
+    from transformers import WhisperFeatureExtractor
+    from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths
+
+    fe = WhisperFeatureExtractor.from_pretrained(tiny_omni_dir)
+    b = LSLM(pretrained=tiny_omni_dir, device="cpu").backend_impl
+    clips = [tone((n + 0.5) / 16000, seed=n) for n in OMNI_CLIPS]
+    assert [len(a) for a in clips] == OMNI_CLIPS
+    feats = fe(clips, sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt")
+    expected = _get_feat_extract_output_lengths(feats["attention_mask"].sum(-1)).tolist()
+    assert [b.num_audio_tokens(n) for n in OMNI_CLIPS] == expected
+    assert [e.shape[0] for e in b.encode(clips)] == expected
+
+
+# ---------------------------------------------------------------- Granite Speech: logits_scaling
+def test_granite_scores_divide_the_installed_class_logits_by_logits_scaling(tiny_granite_dir):
+    """The choice, against the installed ``GraniteSpeechForConditionalGeneration``: its transformers 5 forward
+    returns ``lm_head(h)``; the Granite LLM inside was trained, and is served (``GraniteForCausalLM``, vLLM's
+    Granite), with ``lm_head(h) / logits_scaling``, and this class's forward did so through transformers 4.x.
+    lslm scores with the division: multi-token log-likelihoods equal the installed class's logits divided by
+    ``logits_scaling`` and differ from its raw logits (same argmax, so greedy generation is unchanged)."""
+    from test_backends import _granite_log_mel_numpy
+    from test_lslm import speech_requests
+    from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
+
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(tiny_granite_dir, dtype=torch.float32).eval()
+    scale = model.config.text_config.logits_scaling
+    assert scale != 1.0
+    tok = AutoTokenizer.from_pretrained(tiny_granite_dir)
+    reqs = [r for r in speech_requests((1.0,)) if len(r.args[1].split()) > 1]  # " Madrid and more": 3 tokens
+    got = [ll for ll, _ in LSLM(pretrained=tiny_granite_dir, device="cpu").loglikelihood(reqs)]
+    ctx, cont, extra = reqs[0].args
+    audio = extra["audio"][0]["array"]
+    feats = torch.from_numpy(_granite_log_mel_numpy(audio)).float()
+    n = (len(audio) // 160 + 1) // 2  # encoder frames; 3 tokens per 15 (GraniteSpeechFeatureExtractor)
+    prompt = ctx.replace("<audio>", "<|audio|>" * (math.ceil(n / 15) * 3))
+
+    def logits(ids):
+        return model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], input_features=feats).logits
+
+    divided = _score(tok, lambda ids: logits(ids) / scale, prompt, cont)
+    raw = _score(tok, logits, prompt, cont)
+    np.testing.assert_allclose(got, [divided], atol=1e-4)
+    assert abs(raw - divided) > 0.1

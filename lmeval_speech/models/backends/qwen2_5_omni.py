@@ -56,8 +56,10 @@ class Qwen25OmniThinkerBackend(MRopeBackend, WhisperStyleBackend, ComposedSpeech
 
     @staticmethod
     def _output_length(frames):
-        """Audio tokens for ``frames`` real mel frames (conv stride 2, then 2x avg-pool)."""
-        return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+        """Audio tokens for ``frames`` real mel frames: the processor module's own rule (conv stride 2, 2x avg-pool)."""
+        from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths
+
+        return _get_feat_extract_output_lengths(frames)
 
     def num_audio_tokens(self, num_samples: int) -> int:
         fe = self.feature_extractor  # as Qwen2_5OmniProcessor._get_num_audio_tokens
