@@ -13,6 +13,7 @@ SPEECH_BACKENDS = {
     "granite_speech": "lmeval_speech.models.backends.granite_speech:GraniteSpeechBackend",
     "audioflamingo3": "lmeval_speech.models.backends.audioflamingo3:AudioFlamingo3Backend",
     "gemma3n": "lmeval_speech.models.backends.gemma3n:Gemma3nBackend",
+    "gemma4": "lmeval_speech.models.backends.gemma4:Gemma4Backend",
     "qwen3_omni_moe": "lmeval_speech.models.backends.qwen3_omni_moe:Qwen3OmniMoeThinkerBackend",
     "qwen3_omni_moe_thinker": "lmeval_speech.models.backends.qwen3_omni_moe:Qwen3OmniMoeThinkerBackend",
     "phi4_multimodal": "lmeval_speech.models.backends.phi4_multimodal:Phi4MultimodalBackend",
