@@ -104,6 +104,7 @@ class LSLM(BatchRunner, TemplateLM):
         **unknown,
     ):
         super().__init__()
+        self.asr = unknown.pop("asr", None)  # the cascade twin's ASR for every cascade item (audio/asr.effective_spec)
         if unknown:
             raise TypeError(f"lslm got unknown model_args {sorted(unknown)}")
         self.accelerator = self._init_data_parallel()
