@@ -31,6 +31,7 @@ from tqdm import tqdm
 from lmeval_speech import AUDIO_MARKER, outcomes
 from lmeval_speech.audio.spoken_form import VERSION as SPOKEN_FORM_VERSION
 from lmeval_speech.capture.store import mismatch
+from lmeval_speech.models.backends.placement import place, placement_kwargs
 from lmeval_speech.models.plan import AudioRequestError, Planner, Seq, audio_items, audio_key
 from lmeval_speech.models.runner import BatchRunner, SpeechEmbeddings
 
@@ -105,6 +106,7 @@ class LSLM(BatchRunner, TemplateLM):
     ):
         super().__init__()
         self.asr = unknown.pop("asr", None)  # the cascade twin's ASR for every cascade item (audio/asr.effective_spec)
+        load = placement_kwargs(unknown)  # parallelize / device_map / max memory / offload / attn_implementation
         if unknown:
             raise TypeError(f"lslm got unknown model_args {sorted(unknown)}")
         self.accelerator = self._init_data_parallel()
@@ -116,10 +118,8 @@ class LSLM(BatchRunner, TemplateLM):
         else:
             self._device = self._pick_device(device)
         torch_dtype = self._resolve_dtype(dtype)
-        self.backend_impl = self._load_backend(
-            self.pretrained, torch_dtype, revision, _as_bool(trust_remote_code)
-        )
-        self.backend_impl.model.to(self._device).eval()
+        self.backend_impl = self._load_backend(self.pretrained, torch_dtype, revision, _as_bool(trust_remote_code), **load)
+        self._device = place(self.backend_impl.model, self._device)  # a device map keeps its placement
         self.tokenizer = self.backend_impl.tokenizer
         if hasattr(self.backend_impl, "check_logits"):  # text-only families: parity with their own forward
             self.backend_impl.check_logits()
@@ -229,7 +229,7 @@ class LSLM(BatchRunner, TemplateLM):
         return DTYPES[dtype]
 
     @staticmethod
-    def _load_backend(pretrained, dtype, revision, trust_remote_code):
+    def _load_backend(pretrained, dtype, revision, trust_remote_code, **load):
         from lmeval_speech.mini import modeling  # noqa: F401  -- registers the mini model type
         from lmeval_speech.models.backends import backend_for_config
 
@@ -245,7 +245,7 @@ class LSLM(BatchRunner, TemplateLM):
 
         config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
         cls = backend_for_config(config)
-        return cls.from_pretrained(pretrained, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+        return cls.from_pretrained(pretrained, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, **load)
 
     def _make_capture(self, mode, capture_dir, layers, limit, shard_size):
         from lmeval_speech.capture.recorder import HiddenStateCapture

@@ -108,11 +108,11 @@ class Backend:
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path: str, *, dtype, revision=None, trust_remote_code=False, **load):
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+            path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, **load
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code

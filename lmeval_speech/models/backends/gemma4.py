@@ -49,13 +49,13 @@ class Gemma4Backend(ComposedSpeechBackend):
             self.max_audio_seconds = cut / fe.sampling_rate
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
         from transformers import Gemma4ForConditionalGeneration, Gemma4Processor
 
         from .processor_half import load_processor
 
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
-        model = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
+        model = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw, **load)
         processor = load_processor(Gemma4Processor, path, **kw)
         return cls(model, processor.tokenizer, processor)
 

@@ -120,12 +120,12 @@ class GraniteSpeechBackend(ComposedSpeechBackend):
                 module.enable_adapters(has_audio)
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
         from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
         from transformers.utils import is_torchaudio_available
 
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
-        model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
+        model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw, **load)
         if model.config.has_lora_adapter and not getattr(model, "_hf_peft_config_loaded", False):
             import importlib.util
 

@@ -43,7 +43,7 @@ class Qwen3OmniMoeThinkerBackend(MRopeBackend, ComposedSpeechBackend):
             self.audio_placeholder = "".join(names)
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
         from types import SimpleNamespace
 
         from transformers import (AutoConfig, AutoProcessor, AutoTokenizer, Qwen3OmniMoeThinkerForConditionalGeneration,
@@ -54,7 +54,7 @@ class Qwen3OmniMoeThinkerBackend(MRopeBackend, ComposedSpeechBackend):
         config = AutoConfig.from_pretrained(path, **kw)
         if config.model_type == "qwen3_omni_moe":  # full checkpoint: build and load the thinker only
             config = config.thinker_config
-        model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **kw)
+        model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **kw, **load)
         if is_torchvision_available():  # the whole processor (and its chat template)
             processor = AutoProcessor.from_pretrained(path, **kw)
             return cls(model, processor.tokenizer, processor)
