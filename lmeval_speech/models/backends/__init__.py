@@ -11,6 +11,7 @@ SPEECH_BACKENDS = {
     "qwen2_5_omni_thinker": "lmeval_speech.models.backends.qwen2_5_omni:Qwen25OmniThinkerBackend",
     "voxtral": "lmeval_speech.models.backends.voxtral:VoxtralBackend",
     "granite_speech": "lmeval_speech.models.backends.granite_speech:GraniteSpeechBackend",
+    "granite_speech_plus": "lmeval_speech.models.backends.granite_speech:GraniteSpeechPlusBackend",
     "audioflamingo3": "lmeval_speech.models.backends.audioflamingo3:AudioFlamingo3Backend",
     "gemma3n": "lmeval_speech.models.backends.gemma3n:Gemma3nBackend",
     "gemma4": "lmeval_speech.models.backends.gemma4:Gemma4Backend",
