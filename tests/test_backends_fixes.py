@@ -105,3 +105,55 @@ def test_granite_scores_divide_the_installed_class_logits_by_logits_scaling(tiny
     raw = _score(tok, logits, prompt, cont)
     np.testing.assert_allclose(got, [divided], atol=1e-4)
     assert abs(raw - divided) > 0.1
+
+
+# ---------------------------------------------------------------- Qwen3-Omni: its processor and chat template
+QWEN3_OMNI_CHAT_TEMPLATE = (  # in the shape of Qwen's omni templates (the released one cannot be downloaded here)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'audio' %}<|audio_start|><|audio_pad|><|audio_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_qwen3_omni_renders_its_processors_chat_template_and_scores_its_call(tmp_path):
+    """Without torchvision the backend holds ``Qwen3OmniMoeProcessor`` itself (its audio half): its chat template
+    renders the prompt, and the score equals the thinker's forward on the processor's own ``__call__``."""
+    import shutil
+
+    from test_backends import save_tiny_qwen3_omni
+    from transformers import Qwen3OmniMoeProcessor, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    path = save_tiny_qwen3_omni(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3OmniMoeProcessor"}))
+    (tmp_path / "ckpt" / "chat_template.jinja").write_text(QWEN3_OMNI_CHAT_TEMPLATE)
+    lm = LSLM(pretrained=path, device="cpu")
+    assert isinstance(lm.backend_impl.processor, Qwen3OmniMoeProcessor)
+    speech = lm.apply_chat_template([{"role": "user", "content": "Question: <audio>\nAnswer:"}])
+    assert speech == "<|im_start|>user\nQuestion: <audio>\nAnswer:<|im_end|>\n<|im_start|>assistant\n"
+    audio = tone(2.3, seed=5)
+    extra = {"audio": [{"array": audio, "sampling_rate": 16000}]}
+    (ll, _), = lm.loglikelihood([req(speech.rstrip(), "\nParis", extra)])
+    # the reference: the processor built here by the class's own __init__ with its vision halves left out
+    real_check = Qwen3OmniMoeProcessor.check_argument_for_proper_class
+    Qwen3OmniMoeProcessor.check_argument_for_proper_class = lambda self, n, a: None if a is None else real_check(self, n, a)
+    try:
+        from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+        proc = Qwen3OmniMoeProcessor(None, None, WhisperFeatureExtractor.from_pretrained(path),
+                                     AutoTokenizer.from_pretrained(path), chat_template=QWEN3_OMNI_CHAT_TEMPLATE)
+    finally:
+        Qwen3OmniMoeProcessor.check_argument_for_proper_class = real_check
+    rendered = proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "text", "text": "Question: "}, {"type": "audio"}, {"type": "text", "text": "\nAnswer:"}]}],
+        tokenize=False, add_generation_prompt=True)
+    assert rendered == speech.replace("<audio>", "<|audio_start|><|audio_pad|><|audio_end|>")
+    model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    full = proc(text=rendered.rstrip() + "\nParis", audio=[audio], return_tensors="pt")
+    n_ctx = proc(text=rendered.rstrip(), audio=[audio], return_tensors="pt")["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(**full).logits[0]
+    ids = full["input_ids"][0]
+    expected = float(torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None])[n_ctx - 1:, 0].sum())
+    assert ll == pytest.approx(expected, abs=1e-4)
+    shutil.rmtree(tmp_path / "ckpt")
