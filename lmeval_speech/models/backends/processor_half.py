@@ -43,7 +43,8 @@ def load_processor(processor_cls, path, *, revision=None, trust_remote_code=Fals
         return AutoProcessor.from_pretrained(path, **kw)
     settings, _ = processor_cls.get_processor_dict(path, revision=revision)
     init = inspect.signature(processor_cls.__init__).parameters
-    own = {k: v for k, v in settings.items() if k in init and k not in ("feature_extractor", "tokenizer", *VISION_HALVES)}
-    return audio_half_class(processor_cls)(
-        feature_extractor=AutoFeatureExtractor.from_pretrained(path, **kw), tokenizer=AutoTokenizer.from_pretrained(path, **kw),
-        image_processor=None, video_processor=None, **own)
+    halves = processor_cls.get_attributes()  # tokenizer, the audio processor (under its own name), image/video ones
+    parts = {name: None if name in VISION_HALVES else AutoTokenizer.from_pretrained(path, **kw) if name == "tokenizer"
+             else AutoFeatureExtractor.from_pretrained(path, **kw) for name in halves}
+    own = {k: v for k, v in settings.items() if k in init and k not in halves}
+    return audio_half_class(processor_cls)(**parts, **own)
