@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import tone
 from scipy.signal import resample_poly
 
-from conftest import tone
 from lmeval_speech.audio.asr import ASRMissing, ASRSpec, checkpoint_identity, transcribe
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
@@ -140,11 +140,11 @@ def test_the_asr_model_arg_runs_the_cascade_through_the_pipeline(whisper_tiny_en
                                                                    tmp_path, monkeypatch):
     """``asr=transformers:DIR`` replaces the task's faster-whisper for every cascade item: the text model reads the
     pipeline's transcript (scored as that text), and the item's notes name the ASR that made it."""
+    from test_lslm import req
     from transformers import pipeline
 
     from lmeval_speech.models.lslm import LSLM
     from lmeval_speech.tasks import prompts
-    from test_lslm import req
 
     monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "cache"))
     lm = LSLM(pretrained=tiny_llama_dir, device="cpu", asr=f"transformers:{whisper_tiny_en_dir}")

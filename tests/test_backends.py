@@ -1316,7 +1316,7 @@ def _granite_hidden_states(path):
     def hidden_states(prompt, audio):
         kw = {}
         if audio is not None:
-            kw["input_features"] = granite_log_mel(audio)
+            kw["input_features"] = torch.from_numpy(_granite_log_mel_numpy(audio)).float()  # independent of the backend
             n = GraniteSpeechFeatureExtractor._get_num_audio_features(fe_settings, [len(audio)])[0]
             prompt = prompt.replace("<audio>", "<|audio|>" * n)
         ids = tok(prompt, return_tensors="pt")

@@ -3,9 +3,7 @@ an ``lslm`` backend with parity tests, or listed in README's "Not supported" tab
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
 import re
 from pathlib import Path
 
@@ -114,4 +112,4 @@ def test_every_supported_model_type_has_parity_tests():
             file, _, name = node.partition("::")
             assert (here / file).is_file(), (model_type, node)
             if name:
-                assert re.search(rf"^def {name}\(", (here / file).read_text(), re.M), (model_type, node)
+                assert re.search(rf"^def {name}\(", (here / file).read_text(), re.MULTILINE), (model_type, node)

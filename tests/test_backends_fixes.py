@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import tone
-from lmeval_speech.models.lslm import LSLM
 from test_backends import _score, save_tiny_phi4, tiny_granite_dir, tiny_omni_dir  # noqa: F401 (fixtures)
 from test_lslm import req
+
+from lmeval_speech.models.lslm import LSLM
 
 # ---------------------------------------------------------------- Phi-4-multimodal: LongRoPE and prefix sharing
 LONGROPE_SWITCH = 24  # original_max_position_embeddings of the tiny model (4096 in released checkpoints)
@@ -63,7 +63,9 @@ def test_omni_audio_token_count_is_the_processor_modules(tiny_omni_dir):
     feature extractor's attention mask, as the processor calls it) for short, odd-length and long clips (up to
     the 30 s window of the tiny checkpoint), and the number of embeddings the thinker's encoder gives."""
     from transformers import WhisperFeatureExtractor
-    from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths
+    from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import (
+        _get_feat_extract_output_lengths,
+    )
 
     fe = WhisperFeatureExtractor.from_pretrained(tiny_omni_dir)
     b = LSLM(pretrained=tiny_omni_dir, device="cpu").backend_impl
@@ -122,7 +124,10 @@ def test_qwen3_omni_renders_its_processors_chat_template_and_scores_its_call(tmp
     import shutil
 
     from test_backends import save_tiny_qwen3_omni
-    from transformers import Qwen3OmniMoeProcessor, Qwen3OmniMoeThinkerForConditionalGeneration
+    from transformers import (
+        Qwen3OmniMoeProcessor,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+    )
 
     path = save_tiny_qwen3_omni(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3OmniMoeProcessor"}))

@@ -5,15 +5,22 @@ processors) and chat template, scored against the processor's ``__call__`` + the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_tokenizer, tone
-from lmeval_speech.models.lslm import LSLM
-from test_backends import _score, check_capture, check_interventions, check_parity, processor_reference
+from test_backends import (
+    _score,
+    check_capture,
+    check_interventions,
+    check_parity,
+    processor_reference,
+)
 from test_lslm import req, speech_requests
+
+from lmeval_speech.models.lslm import LSLM
 
 # A chat template in the shape of Gemma's (turns, one audio token per audio item, trimmed text), written here: the
 # released Gemma 4 template cannot be downloaded where these tests run.
@@ -48,7 +55,11 @@ def gemma4_tokenizer():
 def save_tiny_gemma4(path):
     """Model, tokenizer and the files ``Gemma4Processor.save_pretrained`` writes for its audio half: processor
     settings with the nested feature extractor, and the chat template (its image/video halves need torchvision)."""
-    from transformers import Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers import (
+        Gemma4AudioFeatureExtractor,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+    )
 
     tok = gemma4_tokenizer()
     ids = tok.convert_tokens_to_ids
@@ -91,16 +102,21 @@ def tiny_gemma4_dir(tmp_path_factory):
 def _gemma4(path):
     """The model as transformers loads it and ``Gemma4Processor`` built here from the checkpoint's files, its image
     and video processors left out by monkeypatching the class's argument check (the backend's loader is not used)."""
-    from transformers import AutoFeatureExtractor, AutoTokenizer, Gemma4ForConditionalGeneration, Gemma4Processor
+    from transformers import (
+        AutoFeatureExtractor,
+        AutoTokenizer,
+        Gemma4ForConditionalGeneration,
+        Gemma4Processor,
+    )
 
     model = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    settings = json.loads(open(f"{path}/processor_config.json").read())
+    settings = json.loads(Path(path, "processor_config.json").read_text())
     real_check = Gemma4Processor.check_argument_for_proper_class
     Gemma4Processor.check_argument_for_proper_class = (
         lambda self, name, arg: None if arg is None else real_check(self, name, arg))
     try:
         proc = Gemma4Processor(AutoFeatureExtractor.from_pretrained(path), None, AutoTokenizer.from_pretrained(path), None,
-                               chat_template=open(f"{path}/chat_template.jinja").read(),
+                               chat_template=Path(path, "chat_template.jinja").read_text(),
                                audio_seq_length=settings["audio_seq_length"])
     finally:
         Gemma4Processor.check_argument_for_proper_class = real_check

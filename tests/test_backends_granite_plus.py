@@ -11,16 +11,26 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import tone
-from lmeval_speech.models.lslm import LSLM
-from test_backends import (GRANITE_FE, _granite_log_mel_numpy, _score, _text_config, check_capture, check_interventions,
-                           check_parity)
+from test_backends import (
+    GRANITE_FE,
+    _granite_log_mel_numpy,
+    _score,
+    _text_config,
+    check_capture,
+    check_interventions,
+    check_parity,
+)
 from test_lslm import req, speech_requests
+
+from lmeval_speech.models.lslm import LSLM
 
 
 def save_tiny_granite_plus(path, tokenizer):
-    from transformers import GraniteSpeechPlusConfig, GraniteSpeechPlusForConditionalGeneration
+    from transformers import (
+        GraniteSpeechPlusConfig,
+        GraniteSpeechPlusForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
     cfg = GraniteSpeechPlusConfig(

@@ -9,12 +9,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
-
 from conftest import build_tokenizer, save_tiny_qwen2_audio
+from test_prefix_cache import cloze_requests
+
 from lmeval_speech.models.backends.placement import placement_kwargs
 from lmeval_speech.models.lslm import LSLM
-from test_prefix_cache import cloze_requests
 
 
 def layer_split_map(path, disk_layer=1):

@@ -48,7 +48,7 @@ class ASRSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "ASRSpec":
+    def from_dict(cls, d: dict | None) -> ASRSpec:
         return cls(**(d or {}))
 
 
