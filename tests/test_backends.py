@@ -165,8 +165,11 @@ def voxtral_reference(path, reqs):
         feats = proc._retrieve_input_features(  # the processor's own audio path, with its default audio kwargs
             [audio], 3000, sampling_rate=16000, padding=True, truncation=False, pad_to_multiple_of=480000,
             return_tensors="pt")
-        # mistral-common's count: pad to whole 30 s, one token per 8 mel frames (12.5 Hz)
-        n = math.ceil(math.ceil(len(audio) / 480000) * 480000 / 160 / 8)
+        # the count the model itself takes for the processor's features (its forward requires one placeholder per
+        # audio embedding), not the backend's rule; mistral-common (not installed here) counts 12.5 tokens a second
+        with torch.no_grad():
+            n = model.get_audio_features(feats).pooler_output.shape[0]
+        assert n == math.ceil(math.ceil(len(audio) / 480000) * 480000 / 160 / 8)
         prompt = tok.bos_token + ctx.replace("<audio>", "[BEGIN_AUDIO]" + "[AUDIO]" * n)  # mistral-common's <s>
         out.append(_score(tok, lambda ids: model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
                                                  input_features=feats).logits, prompt, cont))
