@@ -165,8 +165,11 @@ def voxtral_reference(path, reqs):
         feats = proc._retrieve_input_features(  # the processor's own audio path, with its default audio kwargs
             [audio], 3000, sampling_rate=16000, padding=True, truncation=False, pad_to_multiple_of=480000,
             return_tensors="pt")
-        # mistral-common's count: pad to whole 30 s, one token per 8 mel frames (12.5 Hz)
-        n = math.ceil(math.ceil(len(audio) / 480000) * 480000 / 160 / 8)
+        # the count the model itself takes for the processor's features (its forward requires one placeholder per
+        # audio embedding), not the backend's rule; mistral-common (not installed here) counts 12.5 tokens a second
+        with torch.no_grad():
+            n = model.get_audio_features(feats).pooler_output.shape[0]
+        assert n == math.ceil(math.ceil(len(audio) / 480000) * 480000 / 160 / 8)
         prompt = tok.bos_token + ctx.replace("<audio>", "[BEGIN_AUDIO]" + "[AUDIO]" * n)  # mistral-common's <s>
         out.append(_score(tok, lambda ids: model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
                                                  input_features=feats).logits, prompt, cont))
@@ -176,8 +179,6 @@ def voxtral_reference(path, reqs):
 def granite_reference(path, reqs):
     from transformers import AutoTokenizer, GraniteSpeechFeatureExtractor, GraniteSpeechForConditionalGeneration
 
-    from lmeval_speech.models.backends.granite_speech import granite_log_mel
-
     model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     fe_settings = SimpleNamespace(melspec_kwargs={"hop_length": 160}, projector_window_size=15,
@@ -186,11 +187,14 @@ def granite_reference(path, reqs):
     for r in reqs:
         ctx, cont, extra = r.args
         audio = extra["audio"][0]["array"]
-        feats = granite_log_mel(audio)  # checked against an independent implementation below
+        # transformers' numpy audio utilities, not the backend's torch log-mel (the real extractor needs torchaudio)
+        feats = torch.from_numpy(_granite_log_mel_numpy(audio)).float()
         n = GraniteSpeechFeatureExtractor._get_num_audio_features(fe_settings, [len(audio)])[0]
         prompt = ctx.replace("<audio>", "<|audio|>" * n)
         # transformers 5's GraniteSpeechForConditionalGeneration returns lm_head(h) without the Granite head's
-        # division by logits_scaling (applied by GraniteForCausalLM, and by this model through transformers 4.x)
+        # division by logits_scaling, which the Granite LLM was trained with (GraniteForCausalLM, IBM's own
+        # training stack, vLLM) and which this model's forward applied through transformers 4.x: the choice is
+        # pinned in test_backends_fixes.test_granite_scores_divide_the_installed_class_logits_by_logits_scaling
         scale = model.config.text_config.logits_scaling
         out.append(_score(tok, lambda ids: model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
                                                  input_features=feats).logits / scale, prompt, cont))
@@ -1307,8 +1311,6 @@ def _voxtral_hidden_states(path):
 def _granite_hidden_states(path):
     from transformers import AutoTokenizer, GraniteSpeechFeatureExtractor, GraniteSpeechForConditionalGeneration
 
-    from lmeval_speech.models.backends.granite_speech import granite_log_mel
-
     model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     fe_settings = SimpleNamespace(melspec_kwargs={"hop_length": 160}, projector_window_size=15,
@@ -1317,7 +1319,7 @@ def _granite_hidden_states(path):
     def hidden_states(prompt, audio):
         kw = {}
         if audio is not None:
-            kw["input_features"] = granite_log_mel(audio)
+            kw["input_features"] = torch.from_numpy(_granite_log_mel_numpy(audio)).float()  # independent of the backend
             n = GraniteSpeechFeatureExtractor._get_num_audio_features(fe_settings, [len(audio)])[0]
             prompt = prompt.replace("<audio>", "<|audio|>" * n)
         ids = tok(prompt, return_tensors="pt")

@@ -48,10 +48,11 @@ def speech_positions(lm):
 
 
 def text_positions(lm):
-    """The question's tokens, by the tokenizer's character offsets."""
+    """The question's tokens, by the tokenizer's character offsets, after the BOS the tokenizer adds (Gemma's)."""
     enc = lm.tokenizer(TEXT_CTX, return_offsets_mapping=True, add_special_tokens=False)
     start = TEXT_CTX.index(Q)
-    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < start + len(Q)]
+    offset = len(lm.tok_encode(TEXT_CTX)) - len(enc["input_ids"])
+    return [i + offset for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < start + len(Q)]
 
 
 def run(lm):

@@ -51,10 +51,10 @@ class MiniBackend(WhisperStyleBackend):
     max_audio_seconds = 300.0
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
         from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-        model = MiniLSLMForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model = MiniLSLMForConditionalGeneration.from_pretrained(path, dtype=dtype, **load)
         tokenizer = AutoTokenizer.from_pretrained(path)
         processor = MiniProcessor(tokenizer, WhisperFeatureExtractor.from_pretrained(path))
         backend = cls(model, tokenizer, processor)

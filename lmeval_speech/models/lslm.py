@@ -23,6 +23,7 @@ from lm_eval.models.utils import (
 )
 
 from lmeval_speech import AUDIO_MARKER, outcomes
+from lmeval_speech.models.backends.placement import place, placement_kwargs
 from lmeval_speech.models.chat import ChatPrompts
 from lmeval_speech.models.distributed import DataParallel
 from lmeval_speech.models.generation import Generation
@@ -83,6 +84,8 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
         **unknown,
     ):
         super().__init__()
+        self.asr = unknown.pop("asr", None)  # the cascade twin's ASR for every cascade item (audio/asr.effective_spec)
+        load = placement_kwargs(unknown)  # parallelize / device_map / max memory / offload / attn_implementation
         if unknown:
             raise TypeError(f"lslm got unknown model_args {sorted(unknown)}")
         self.accelerator = self._init_data_parallel()
@@ -94,10 +97,8 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
         else:
             self._device = self._pick_device(device)
         torch_dtype = self._resolve_dtype(dtype)
-        self.backend_impl = self._load_backend(
-            self.pretrained, torch_dtype, revision, _as_bool(trust_remote_code)
-        )
-        self.backend_impl.model.to(self._device).eval()
+        self.backend_impl = self._load_backend(self.pretrained, torch_dtype, revision, _as_bool(trust_remote_code), **load)
+        self._device = place(self.backend_impl.model, self._device)  # a device map keeps its placement
         self.tokenizer = self.backend_impl.tokenizer
         if hasattr(self.backend_impl, "check_logits"):  # text-only families: parity with their own forward
             self.backend_impl.check_logits()
@@ -168,7 +169,7 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
         return DTYPES[dtype]
 
     @staticmethod
-    def _load_backend(pretrained, dtype, revision, trust_remote_code):
+    def _load_backend(pretrained, dtype, revision, trust_remote_code, **load):
         from lmeval_speech.mini import modeling  # noqa: F401  -- registers the mini model type
         from lmeval_speech.models.backends import backend_for_config
 
@@ -184,7 +185,7 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
 
         config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
         cls = backend_for_config(config)
-        return cls.from_pretrained(pretrained, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+        return cls.from_pretrained(pretrained, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, **load)
 
     def _make_capture(self, mode, capture_dir, layers, limit, shard_size):
         from lmeval_speech.capture.recorder import HiddenStateCapture
@@ -229,8 +230,8 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
         return 256
 
     @property
-    def batch_size(self) -> int:
-        return self.batch_size_per_gpu
+    def batch_size(self) -> int:  # one sequence a pass where the scores depend on the batch (LongRoPE)
+        return self.batch_size_per_gpu if self.backend_impl.batch_independent else 1
 
     @property
     def device(self):

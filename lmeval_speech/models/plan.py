@@ -222,12 +222,13 @@ class Planner:
         """The ASR transcribes what the speech twin hears: the same voice override, noise and audio
         limit (``load``), at Whisper's 16 kHz; on a text-only model (an ASR + LLM baseline) the
         whole clip."""
-        from lmeval_speech.audio.asr import ASRSpec, transcribe
+        from lmeval_speech.audio.asr import effective_spec, transcribe
 
         array, notes = self.load(item["transcribe"], target_rate=16000, limited=self.lm.backend_impl.supports_audio)
-        text = transcribe(array, audio_key(item["transcribe"]), ASRSpec.from_dict(item.get("asr")))
+        spec = effective_spec(item.get("asr"), getattr(self.lm, "asr", None))  # the run's asr= model arg, if any
+        text = transcribe(array, audio_key(item["transcribe"]), spec)
         truncated = next((f for f in notes["fixes"] if f.startswith("truncated")), "")
-        return AudioStatus(truncated=truncated, notes={**notes, "asr": item.get("asr")}, transcript=text)
+        return AudioStatus(truncated=truncated, notes={**notes, "asr": spec.to_dict()}, transcript=text)
 
     # ------------------------------------------------------------------ sequences
     def place_audio(self, context: str, n_audio: int) -> str:

@@ -36,11 +36,11 @@ class AudioFlamingo3Backend(WhisperStyleBackend, ComposedSpeechBackend):
             self.audio_placeholder = getattr(processor, "audio_token", self.audio_placeholder)
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
         from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
 
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
-        model = AudioFlamingo3ForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
+        model = AudioFlamingo3ForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw, **load)
         processor = AutoProcessor.from_pretrained(path, **kw)
         return cls(model, processor.tokenizer, processor)
 

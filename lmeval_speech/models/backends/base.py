@@ -39,6 +39,18 @@ def select_rows(cache, rows: torch.Tensor):
                                         for layer in cache.layers])
 
 
+def length_dependent_rope(config) -> bool:
+    """The config's RoPE picks its frequencies from the pass's longest position (``longrope``, ``dynamic``:
+    transformers' ``dynamic_rope_update``), in the model's config or its text config."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        params = getattr(cfg, "rope_parameters", None) or {}
+        for p in (params.values() if all(isinstance(v, dict) for v in params.values()) and params else [params]):
+            kind = str(p.get("rope_type", p.get("type", "")))
+            if kind == "longrope" or "dynamic" in kind:
+                return True
+    return False
+
+
 class Backend:
     """Base class: a text-only causal LM (no audio). Speech families override the audio part."""
 
@@ -60,6 +72,9 @@ class Backend:
     #: runner may score an item's choices from one pass over their context (tested per backend in
     #: tests/test_prefix_cache.py); a backend that is not tested that way sets False.
     supports_prefix_cache: ClassVar[bool] = True
+    #: Scores do not depend on which other sequences share a batch. False where the RoPE frequencies are
+    #: chosen from the longest position of the pass (``length_dependent_rope``): each sequence then runs alone.
+    batch_independent: ClassVar[bool] = True
 
     #: The system prompt of the model card's own examples, rendered under ``--apply_chat_template``
     #: (``None``: the chat template's default); see ``models/chat.py``.
@@ -84,14 +99,20 @@ class Backend:
         self.model = model
         self.tokenizer = tokenizer
         self.processor = processor
+        if length_dependent_rope(getattr(model, "config", None)):
+            # Phi-4's LongRoPE: short factors while the pass's longest position is below the switch, long ones
+            # past it, for every row. A cached prefix below the switch, or a short row batched with a long one,
+            # would get other frequencies than the sequence run alone (the model's own forward on it).
+            self.supports_prefix_cache = False
+            self.batch_independent = False
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path: str, *, dtype, revision=None, trust_remote_code=False, **load):
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+            path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, **load
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code

@@ -80,12 +80,12 @@ class Gemma3nBackend(ComposedSpeechBackend):
         self.sampling_rate = getattr(fe, "sampling_rate", self.sampling_rate)
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
         from transformers import AutoProcessor, Gemma3nForConditionalGeneration
 
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
         with without_vision_tower():
-            model = Gemma3nForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
+            model = Gemma3nForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw, **load)
         processor = AutoProcessor.from_pretrained(path, **kw)
         return cls(model, processor.tokenizer, processor)
 

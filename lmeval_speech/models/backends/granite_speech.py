@@ -103,6 +103,8 @@ class GraniteSpeechBackend(ComposedSpeechBackend):
                           "You are Granite, developed by IBM. You are a helpful AI assistant")
     max_audio_seconds = 600.0
     modality_dependent = True
+    #: the transformers class this family loads (Granite Speech Plus: the same backend, another projector input)
+    model_class: str = "GraniteSpeechForConditionalGeneration"
 
     def generate(self, **kwargs):
         # GraniteSpeechForConditionalGeneration.generate switches the adapter off when it gets no
@@ -120,12 +122,13 @@ class GraniteSpeechBackend(ComposedSpeechBackend):
                 module.enable_adapters(has_audio)
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
-        from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
+        import transformers
+        from transformers import AutoTokenizer
         from transformers.utils import is_torchaudio_available
 
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
-        model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
+        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype, **kw, **load)
         if model.config.has_lora_adapter and not getattr(model, "_hf_peft_config_loaded", False):
             import importlib.util
 
@@ -153,3 +156,11 @@ class GraniteSpeechBackend(ComposedSpeechBackend):
             feats = self.processor.features(a).to(self.model.device, self.model.dtype)
             out.append(self.model.get_audio_features(feats).pooler_output[0])
         return out
+
+
+class GraniteSpeechPlusBackend(GraniteSpeechBackend):
+    """Granite Speech Plus (``GraniteSpeechPlusForConditionalGeneration``): Granite Speech whose projector reads the
+    encoder's last hidden states concatenated with some intermediate ones (``cat_hidden_layers``); the features, the
+    token count, the speech LoRA and the Granite LLM's head are Granite Speech's, so is everything here."""
+
+    model_class = "GraniteSpeechPlusForConditionalGeneration"

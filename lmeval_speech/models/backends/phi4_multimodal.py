@@ -77,7 +77,7 @@ class Phi4MultimodalBackend(Backend):
         self._audio_mode = True  # peft injects adapters switched on
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
         from pathlib import Path
         from types import SimpleNamespace
 
@@ -85,7 +85,7 @@ class Phi4MultimodalBackend(Backend):
         from transformers.utils import cached_file
 
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
-        model = Phi4MultimodalForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+        model = Phi4MultimodalForCausalLM.from_pretrained(path, dtype=dtype, **kw, **load)
         found = cached_file(path, "adapter_config.json", subfolder="speech-lora", revision=revision,
                             _raise_exceptions_for_missing_entries=False)
         if found:

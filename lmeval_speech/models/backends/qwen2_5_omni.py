@@ -38,7 +38,7 @@ class Qwen25OmniThinkerBackend(MRopeBackend, WhisperStyleBackend, ComposedSpeech
         self.max_audio_seconds = fe.n_samples / fe.sampling_rate  # the window the feature extractor pads to
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
         from types import SimpleNamespace
 
         from transformers import (AutoConfig, AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration,
@@ -48,7 +48,7 @@ class Qwen25OmniThinkerBackend(MRopeBackend, WhisperStyleBackend, ComposedSpeech
         config = AutoConfig.from_pretrained(path, **kw)
         if config.model_type == "qwen2_5_omni":  # full checkpoint: build and load the thinker only
             config = config.thinker_config
-        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **kw)
+        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **kw, **load)
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         processor = SimpleNamespace(tokenizer=tokenizer, feature_extractor=WhisperFeatureExtractor.from_pretrained(path, **kw))
         return cls(model, tokenizer, processor)
@@ -56,8 +56,10 @@ class Qwen25OmniThinkerBackend(MRopeBackend, WhisperStyleBackend, ComposedSpeech
 
     @staticmethod
     def _output_length(frames):
-        """Audio tokens for ``frames`` real mel frames (conv stride 2, then 2x avg-pool)."""
-        return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+        """Audio tokens for ``frames`` real mel frames: the processor module's own rule (conv stride 2, 2x avg-pool)."""
+        from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths
+
+        return _get_feat_extract_output_lengths(frames)
 
     def num_audio_tokens(self, num_samples: int) -> int:
         fe = self.feature_extractor  # as Qwen2_5OmniProcessor._get_num_audio_tokens

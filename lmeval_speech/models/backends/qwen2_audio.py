@@ -23,11 +23,11 @@ class Qwen2AudioBackend(WhisperStyleBackend, ComposedSpeechBackend):
     max_audio_seconds = 300.0
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
         from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
         model = Qwen2AudioForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+            path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, **load
         )
         processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         return cls(model, processor.tokenizer, processor)

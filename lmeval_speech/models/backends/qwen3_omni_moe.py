@@ -14,9 +14,9 @@ What is specific to this family:
 * Without images or videos, the thinker's multimodal RoPE positions are the plain running positions of
   the attention mask (``get_rope_index``'s text branch, 3 identical rows); ``run_decoder`` takes them
   from ``get_rope_index`` exactly as the thinker's forward does.
-* The processor needs torchvision (its image and video processors): without it the adapter uses its
-  audio half (the checkpoint's ``WhisperFeatureExtractor`` called as the processor calls it, the
-  processor module's own token count) and the tokenizer, so there is no processor chat template.
+* ``Qwen3OmniMoeProcessor`` is loaded whole where torchvision imports, else as its audio half
+  (``processor_half``: the same class without its image and video processors), with its chat template;
+  its feature extractor is called as the processor calls it, the count is the processor module's own.
 """
 
 from __future__ import annotations
@@ -43,24 +43,18 @@ class Qwen3OmniMoeThinkerBackend(MRopeBackend, ComposedSpeechBackend):
             self.audio_placeholder = "".join(names)
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
-        from types import SimpleNamespace
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
+        from transformers import AutoConfig, Qwen3OmniMoeProcessor, Qwen3OmniMoeThinkerForConditionalGeneration
 
-        from transformers import (AutoConfig, AutoProcessor, AutoTokenizer, Qwen3OmniMoeThinkerForConditionalGeneration,
-                                  WhisperFeatureExtractor)
-        from transformers.utils import is_torchvision_available
+        from .processor_half import load_processor
 
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(path, **kw)
         if config.model_type == "qwen3_omni_moe":  # full checkpoint: build and load the thinker only
             config = config.thinker_config
-        model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **kw)
-        if is_torchvision_available():  # the whole processor (and its chat template)
-            processor = AutoProcessor.from_pretrained(path, **kw)
-            return cls(model, processor.tokenizer, processor)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        processor = SimpleNamespace(tokenizer=tokenizer, feature_extractor=WhisperFeatureExtractor.from_pretrained(path, **kw))
-        return cls(model, tokenizer, processor)
+        model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **kw, **load)
+        processor = load_processor(Qwen3OmniMoeProcessor, path, **kw)  # whole, or its audio half without torchvision
+        return cls(model, processor.tokenizer, processor)
 
     @property
     def feature_extractor(self):

@@ -85,14 +85,14 @@ class VoxtralBackend(ComposedSpeechBackend):
         super().__init__(model, tokenizer, processor)
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False):
+    def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
         from types import SimpleNamespace
 
         from transformers import AutoTokenizer, VoxtralForConditionalGeneration, WhisperFeatureExtractor
 
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
         _require_mistral_common(path, revision)
-        model = VoxtralForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
+        model = VoxtralForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw, **load)
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         processor = SimpleNamespace(tokenizer=tokenizer, feature_extractor=WhisperFeatureExtractor.from_pretrained(path, **kw))
         return cls(model, tokenizer, processor)
