@@ -37,7 +37,7 @@ def speech(tmp_path_factory):
 def _save_processor(path, model_dir):
     from transformers import WhisperFeatureExtractor, WhisperProcessor
 
-    from lmeval_speech.mini.whisper_ct2 import load_tokenizer
+    from lmeval_speech.audio.whisper_ct2 import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     # the CTranslate2 copy's tokenizer.json does not mark Whisper's control tokens special, as the hub's tokenizer does
@@ -50,7 +50,7 @@ def _save_processor(path, model_dir):
 def whisper_tiny_en_dir(tmp_path_factory):
     """Whisper tiny.en's real weights (the CTranslate2 copy this package ships for faster-whisper), saved as a
     transformers checkpoint."""
-    from lmeval_speech.mini.whisper_ct2 import find_tiny_en_dir, load_whisper_from_ct2
+    from lmeval_speech.audio.whisper_ct2 import find_tiny_en_dir, load_whisper_from_ct2
 
     try:
         model_dir = find_tiny_en_dir()
@@ -66,7 +66,7 @@ def save_random_whisper(path, seed=0):
     """A tiny random Whisper built from its config, with tiny.en's tokenizer and generation settings."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from lmeval_speech.mini.whisper_ct2 import find_tiny_en_dir, load_whisper_from_ct2
+    from lmeval_speech.audio.whisper_ct2 import find_tiny_en_dir, load_whisper_from_ct2
 
     real = load_whisper_from_ct2(find_tiny_en_dir())
     cfg = WhisperConfig(**{**real.config.to_dict(), "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
@@ -85,7 +85,7 @@ def save_random_whisper(path, seed=0):
 def test_a_transformers_whisper_transcribes_as_faster_whisper_with_the_same_weights(whisper_tiny_en_dir, speech,
                                                                                    tmp_path):
     faster_whisper = pytest.importorskip("faster_whisper")
-    from lmeval_speech.mini.whisper_ct2 import find_tiny_en_dir
+    from lmeval_speech.audio.whisper_ct2 import find_tiny_en_dir
 
     spec = ASRSpec(engine="transformers", model=whisper_tiny_en_dir)
     got = transcribe(speech, "fox", spec, cache_dir=tmp_path)

@@ -16,7 +16,7 @@ ORDER = [
     "audio",                                                      # synthesis, loading, ASR
     "outcomes", "capture",                                        # per-item outcomes, the state store
     "interventions",                                              # edits (read the store for steering)
-    "tasks",                                                      # lm-eval task families
+    "tasks", "own_tasks",                                         # lm-eval task families, a user's own pairs
     "models",                                                     # the lslm adapter, backends, planner
     "mini",                                                       # the embedded model (a backend plugin)
     "runs", "manifest",                                           # reading a finished run

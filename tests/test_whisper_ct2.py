@@ -15,7 +15,7 @@ faster_whisper = pytest.importorskip("faster_whisper")
 
 from transformers import WhisperFeatureExtractor  # noqa: E402
 
-from lmeval_speech.mini.whisper_ct2 import (  # noqa: E402
+from lmeval_speech.audio.whisper_ct2 import (  # noqa: E402
     find_tiny_en_dir, load_tokenizer, load_whisper_from_ct2, read_ct2_variables)
 
 SENTENCES = [

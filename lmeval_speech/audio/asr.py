@@ -74,7 +74,7 @@ def _model(name: str):
         raise ASRMissing("the cascade twin needs faster-whisper: pip install 'lmeval-speech[asr]'") from err
     path = name
     if name == "tiny.en":
-        from lmeval_speech.mini.whisper_ct2 import find_tiny_en_dir
+        from lmeval_speech.audio.whisper_ct2 import find_tiny_en_dir
 
         try:
             path = str(find_tiny_en_dir())

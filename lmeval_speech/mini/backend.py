@@ -49,6 +49,8 @@ class MiniBackend(WhisperStyleBackend):
     # speech tokens are concatenated in order (the adapter was trained on clips of at most 30 s).
     segment_seconds = 30.0
     max_audio_seconds = 300.0
+    # trained on raw prompts (``Question: ...\nAnswer:``), not through a chat template: no chat-template warning
+    raw_prompts = True
 
     @classmethod
     def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):

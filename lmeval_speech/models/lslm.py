@@ -170,17 +170,13 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
 
     @staticmethod
     def _load_backend(pretrained, dtype, revision, trust_remote_code, **load):
-        from lmeval_speech.mini import modeling  # noqa: F401  -- registers the mini model type
-        from lmeval_speech.models.backends import backend_for_config
+        from lmeval_speech.models.backends import NAMED_BACKENDS, NAMED_PATHS, backend_for_config, load_plugins, resolve
 
-        if pretrained == "mini":
-            from lmeval_speech.mini.build import load_mini_backend
-
-            return load_mini_backend(dtype=dtype)
-        if pretrained == "mini-base":  # the embedded model's base LLM (SmolLM2-135M-Instruct), for --base
-            from lmeval_speech.mini.build import smollm2_fp32_dir
-
-            pretrained = str(smollm2_fp32_dir())
+        load_plugins()  # model types registered with transformers' Auto classes (the embedded model's)
+        if pretrained in NAMED_BACKENDS:  # pretrained=mini: the embedded model, built by its own package
+            return resolve(NAMED_BACKENDS[pretrained])(dtype=dtype)
+        if pretrained in NAMED_PATHS:  # mini-base: the embedded model's base LLM (SmolLM2-135M-Instruct), for --base
+            pretrained = str(resolve(NAMED_PATHS[pretrained])())
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)

@@ -21,6 +21,13 @@ SPEECH_BACKENDS = {
     "lmeval_speech_mini": "lmeval_speech.mini.backend:MiniBackend",
 }
 TEXT_BACKEND = "lmeval_speech.models.backends.causal_lm:CausalLMBackend"
+#: checkpoints known by name (``pretrained=NAME``): "module:function" giving the backend (``dtype=``) or the
+#: path to load, imported only when named. The embedded model is a plugin of this package's models: its
+#: package (``mini/``) imports ``models``, never the other way (``tests/test_structure.py``).
+NAMED_BACKENDS = {"mini": "lmeval_speech.mini.build:load_mini_backend"}
+NAMED_PATHS = {"mini-base": "lmeval_speech.mini.build:smollm2_fp32_dir"}
+#: modules that register model types with transformers' Auto classes, imported before a config is read
+PLUGINS = ("lmeval_speech.mini.modeling",)
 
 
 class UnsupportedModelError(ValueError):
@@ -30,6 +37,14 @@ class UnsupportedModelError(ValueError):
 def _load(target: str):
     module, _, name = target.partition(":")
     return getattr(import_module(module), name)
+
+
+resolve = _load
+
+
+def load_plugins() -> None:
+    for module in PLUGINS:
+        import_module(module)
 
 
 def backend_for_config(config) -> type:
