@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import tone
-from lmeval_speech.tasks import prompts
+from lmeval_speech.tasks import prompts, voicebench_scoring
 from test_trust import _wav_bytes
 
 TASKS_DIR = Path(prompts.__file__).resolve().parent
@@ -168,7 +168,7 @@ def test_offline_punkt_tab_is_nltk_s_english_model(tmp_path, monkeypatch):
 def test_ifeval_pair_runs_both_twins_through_lm_eval(tiny_qwen2_audio_dir, tmp_path):
     """Both twins through ``lm_eval`` and a real forward pass, on a parquet in VoiceBench's ifeval
     layout; doc 1's recording is unreadable: the speech twin leaves it unscored and counts it."""
-    lm_eval_ifeval = prompts._lm_eval_ifeval()  # lm-eval's own IFEval utils, after the offline punkt_tab
+    lm_eval_ifeval = voicebench_scoring._lm_eval_ifeval()  # lm-eval's own IFEval utils, after the offline punkt_tab
     data = tmp_path / "ifeval.parquet"
     audio = [{"bytes": _wav_bytes(tone(1.0, seed=1)), "path": "0.wav"}, {"bytes": b"RIFF not a wav", "path": "1.wav"},
              {"bytes": _wav_bytes(tone(1.5, seed=3)), "path": "2.wav"}]
