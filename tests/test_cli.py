@@ -21,6 +21,7 @@ def sh(*cmd, env_extra=None, timeout=600):
     return proc
 
 
+@pytest.mark.slow
 def test_registration_keeps_builtin_models():
     out = sh(sys.executable, "-c", "from lm_eval.api.registry import get_model;"
              "print(get_model('hf').__name__, get_model('lslm').__name__)").stdout
@@ -50,6 +51,7 @@ def cli_run(tiny_qwen2_audio_dir, tmp_path_factory):
     return out, first, second, files, cache
 
 
+@pytest.mark.slow
 def test_cli_writes_results_and_samples_for_both_twins(cli_run):
     out, first, _, _, _ = cli_run
     (results_path,) = glob.glob(str(out / "results/*/results_*.json"))[:1]
@@ -63,6 +65,7 @@ def test_cli_writes_results_and_samples_for_both_twins(cli_run):
     assert "|acc" in first.stdout.replace(" ", "")  # lm-eval printed its results table
 
 
+@pytest.mark.slow
 def test_second_run_synthesizes_nothing(cli_run):
     _, _, _, files, cache = cli_run
     assert len(files) == 3  # 3 spoken questions
@@ -70,6 +73,7 @@ def test_second_run_synthesizes_nothing(cli_run):
     assert after == files
 
 
+@pytest.mark.slow
 def test_capture_of_a_cli_run_has_both_twins(cli_run):
     from lmeval_speech.capture.store import CaptureReader
 
@@ -78,6 +82,7 @@ def test_capture_of_a_cli_run_has_both_twins(cli_run):
     assert sorted((r["modality"], r["doc_id"]) for r in recs) == [(m, d) for m in ("speech", "text") for d in range(3)]
 
 
+@pytest.mark.slow
 def test_synthesize_reports_hits(cli_run):
     _, _, _, _, cache = cli_run
     proc = sh("lmeval-speech", "synthesize", "--tasks", f"{TASK}_speech", "--limit", "3",
@@ -85,6 +90,7 @@ def test_synthesize_reports_hits(cli_run):
     assert '"hits": 3' in proc.stdout and '"misses": 0' in proc.stdout
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_loses_nothing(tiny_qwen2_audio_dir, tmp_path):
     """SIGKILL inside a capture run (fault injected after 5 batches), then rerun with --use_cache."""
     from lmeval_speech.capture.store import CaptureReader
@@ -118,6 +124,7 @@ def test_kill_9_mid_run_then_rerun_loses_nothing(tiny_qwen2_audio_dir, tmp_path)
         assert res[0][f"{TASK}_{twin}"]["acc,none"] == res[1][f"{TASK}_{twin}"]["acc,none"]
 
 
+@pytest.mark.slow
 def test_data_parallel_two_cpu_processes(tiny_qwen2_audio_dir, tmp_path):
     """torchrun (gloo on CPU): each rank captures its own shards, results equal one process's."""
     from lmeval_speech.capture.store import CaptureReader
@@ -137,6 +144,7 @@ def test_data_parallel_two_cpu_processes(tiny_qwen2_audio_dir, tmp_path):
     assert sorted((r["modality"], r["doc_id"]) for r in recs) == [(m, d) for m in ("speech", "text") for d in range(6)]
 
 
+@pytest.mark.slow
 def test_data_parallel_calibration_is_gathered_and_written_once(tiny_qwen2_audio_dir, tmp_path):
     """Two ranks' calibration statistics are gathered to rank 0 and written once: the file equals
     the one a single process writes from all items."""

@@ -74,6 +74,7 @@ def test_silence_is_as_long_as_the_items_own_audio(tmp_path, monkeypatch):
     assert rate == rate2 and silent.shape == speech.shape and not silent.any() and info["source"] == "silence"
 
 
+@pytest.mark.slow
 def test_report_measures_hearing_against_each_control(tiny_qwen2_audio_dir, tmp_path):
     from lmeval_speech.report import report
 
@@ -97,6 +98,7 @@ def test_report_measures_hearing_against_each_control(tiny_qwen2_audio_dir, tmp_
     assert np.isfinite(rep["overall"]["gap"]) and rep["overall"]["n"] == 4  # the text/speech gap is unchanged
 
 
+@pytest.mark.slow
 def test_cascade_decomposition_adds_up_and_records_the_transcript(tiny_qwen2_audio_dir, tmp_path):
     """The cascade twin: the speech twin's audio through Whisper tiny.en (faster-whisper), the transcript
     read as text; the report's recognition + misalignment equal text - speech on the same items."""
@@ -270,6 +272,7 @@ def test_mini_base_is_the_embedded_models_text_path():
     np.testing.assert_allclose([r[0] for r in mini.loglikelihood(reqs)], [r[0] for r in base.loglikelihood(reqs)], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sdqa_cascade_generates_from_the_recordings_transcript(tiny_qwen2_audio_dir, tmp_path, monkeypatch):
     """SD-QA's cascade twin (a generation task): the recording (espeak-ng speaking a known question,
     stored as the dataset's audio) is transcribed by Whisper tiny.en, and that transcript, in the speech

@@ -114,6 +114,7 @@ def test_wordnet_questions_never_ask_for_a_held_out_answer(tmp_path):
     assert "a device that launches aircraft from a warship?" in qs[0] and "female character" in qs[1]
 
 
+@pytest.mark.slow
 def test_stage_two_runs_checkpoints_and_resumes(tmp_path):
     """``distill`` end to end on a tiny corpus: step 0 is the shipped model (KL measured), a checkpoint
     and an adapter with its residual are written, and ``--resume`` continues at the saved step."""

@@ -134,6 +134,7 @@ def lm_eval_own(yaml_rel: str, name: str, split: str) -> ConfigurableTask:
     return ConfigurableTask(config=cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pair", list(PAIRS))
 def test_text_twin_is_lm_eval_task_item_for_item(tm, pair):
     """Prompt, choices and target of every item (first 300) equal lm-eval's own task's; the speech twin

@@ -62,6 +62,7 @@ def test_noise_needs_an_snr_and_a_known_kind(tiny_qwen2_audio_dir):
         LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", tts_engine="espeak-ng", tts_rate=60)
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_condition_and_records_the_noise(tiny_qwen2_audio_dir, tmp_path):
     task = "speech_mmlu_continuation_high_school_geography"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LMEVAL_SPEECH_CACHE": str(tmp_path / "tts")}
@@ -143,6 +144,7 @@ def test_each_condition_gets_its_own_capture_dir_and_use_cache():
         assert "lc/db_voice-task_rate-130_clean" in " ".join(cmd) and "lc/db " not in " ".join(cmd) + " "
 
 
+@pytest.mark.slow
 def test_sweep_refuses_to_reuse_a_run_of_other_settings(tiny_qwen2_audio_dir, tmp_path):
     """A condition whose folder held any results file was reused: a rerun with another model, --limit,
     seed or task set reported the old run's numbers as the new sweep's, exit 0. The run's recorded config

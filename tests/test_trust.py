@@ -138,6 +138,7 @@ def vb_run(tiny_qwen2_audio_dir, tmp_path_factory):
     return tmp, out
 
 
+@pytest.mark.slow
 def test_failed_and_truncated_items_are_counted_in_results_and_samples(vb_run):
     _, out = vb_run
     res = _results(out)["results"]
@@ -154,6 +155,7 @@ def test_failed_and_truncated_items_are_counted_in_results_and_samples(vb_run):
     assert speech["acc,none"] == pytest.approx(np.mean(scored))
 
 
+@pytest.mark.slow
 def test_report_counts_only_items_valid_in_both_twins(vb_run, tmp_path):
     from lmeval_speech.report import report
 
@@ -169,6 +171,7 @@ def test_report_counts_only_items_valid_in_both_twins(vb_run, tmp_path):
     assert "audio_failed" in md and "audio_truncated" in md
 
 
+@pytest.mark.slow
 def test_run_manifest_is_the_record_of_what_was_measured(vb_run):
     from lmeval_speech.manifest import load_manifest
 
@@ -184,6 +187,7 @@ def test_run_manifest_is_the_record_of_what_was_measured(vb_run):
     assert m["tasks"][f"{PAIR}_text"]["modality"] == "text"
 
 
+@pytest.mark.slow
 def test_use_cache_works_for_recorded_audio_and_resumes_after_kill(tiny_qwen2_audio_dir, tmp_path):
     cmd, out, env = voicebench_run(tmp_path, tiny_qwen2_audio_dir, ("--use_cache", str(tmp_path / "lmcache")),
                                    kill_after=3)
@@ -287,6 +291,7 @@ def test_audio_is_keyed_by_content_not_object_id(tiny_qwen2_audio_dir):
 
 # ------------------------------------------------------------------ 9, 12. smaller defects
 
+@pytest.mark.slow
 def test_capture_layers_survive_lm_eval_model_args(tiny_qwen2_audio_dir, tmp_path):
     from lmeval_speech.capture.store import CaptureReader
 

@@ -38,6 +38,7 @@ def test_refusal_rule_is_voicebench_s(response, refused):
     assert row["refusal_rate"] == float(refused) and row["audio_failed"] == ""
 
 
+@pytest.mark.slow
 def test_advbench_pair_runs_both_twins_through_lm_eval(tiny_qwen2_audio_dir, tmp_path):
     data = tmp_path / "advbench.parquet"
     datasets.Dataset.from_dict({
@@ -165,6 +166,7 @@ def test_offline_punkt_tab_is_nltk_s_english_model(tmp_path, monkeypatch):
         "Mr. Smith arrived at 5 p.m. on Monday.", "He met Dr. Jones.", "They left."]
 
 
+@pytest.mark.slow
 def test_ifeval_pair_runs_both_twins_through_lm_eval(tiny_qwen2_audio_dir, tmp_path):
     """Both twins through ``lm_eval`` and a real forward pass, on a parquet in VoiceBench's ifeval
     layout; doc 1's recording is unreadable: the speech twin leaves it unscored and counts it."""
@@ -217,6 +219,7 @@ def test_ifeval_pair_runs_both_twins_through_lm_eval(tiny_qwen2_audio_dir, tmp_p
 # ------------------------------------------------------------------------------------- SD-QA ----
 
 
+@pytest.mark.slow
 def test_sdqa_group_reports_every_region_and_pools_them(tmp_path):
     """``speech_voicebench_sdqa`` runs all of VoiceBench's sd-qa regions (one split each) and reports
     each region and the pooled ``contains_proxy`` per modality, never text and speech together."""
@@ -274,6 +277,7 @@ def test_sdqa_group_reports_every_region_and_pools_them(tmp_path):
     assert real["test_split"] == "kenya"  # ... the real task reads the region's split
 
 
+@pytest.mark.slow
 def test_voicebench_suite_group_is_the_paper_s_five_pairs():
     from lm_eval.tasks import TaskManager
 
@@ -426,6 +430,7 @@ def test_mcq_gen_fallback_is_fixed_per_item_and_failed_audio_is_not_scored():
     assert row == {"audio_failed": "audio could not be decoded", "audio_truncated": ""}
 
 
+@pytest.mark.slow
 def test_mcq_gen_pair_runs_beside_the_loglikelihood_pair_and_the_report_shows_both(tiny_qwen2_audio_dir, tmp_path):
     """OpenBookQA's two scorings in one lm_eval run, on a parquet in VoiceBench's layout; doc 1's
     recording is unreadable: both speech twins leave it unscored and count it."""

@@ -59,6 +59,7 @@ def features(clips):
     return extractor(clips, sampling_rate=16000, return_tensors="np").input_features
 
 
+@pytest.mark.slow
 def test_transcripts_match_faster_whisper(model_dir, clips, hf_model, features):
     fw = faster_whisper.WhisperModel(str(model_dir), device="cpu", compute_type="float32")
     tokenizer = load_tokenizer(model_dir)
