@@ -78,7 +78,7 @@ def build_manifest(run: dict) -> dict:
         "schema_version": SCHEMA_VERSION,
         "results_file": run["results_file"], "timestamp": run["timestamp"],
         "lm_eval_version": results.get("lm_eval_version"), "model_name": config.get("model"),
-        "model": model, "model_args": model_args, "settings": settings,
+        "model": model, "model_args": model_args, "settings": settings, "conditions": ours.get("conditions"),
         "hooks": ours.get("hooks") or {"capture": None, "intervention": None},
         "chat_template": {"applied": bool(results.get("chat_template")),
                           "sha": results.get("chat_template_sha"),

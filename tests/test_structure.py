@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lmeval_speech"
 #: lowest first: a unit may import the units before it, never one after it
 ORDER = [
     "__init__",                                                   # the package's constants (AUDIO_MARKER)
-    "fileio", "layers", "twins", "nltk_data", "hooks", "metrics",  # foundations
+    "fileio", "conditions", "layers", "twins", "nltk_data", "hooks", "metrics",  # foundations
     "audio",                                                      # synthesis, loading, ASR
     "outcomes", "capture",                                        # per-item outcomes, the state store
     "interventions",                                              # edits (read the store for steering)

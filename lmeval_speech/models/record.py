@@ -8,6 +8,7 @@ import json
 
 from lmeval_speech.audio.spoken_form import VERSION as SPOKEN_FORM_VERSION
 from lmeval_speech.capture.store import mismatch
+from lmeval_speech.conditions import check_listed
 
 
 def model_identity(pretrained: str, revision, backend, device) -> dict:
@@ -30,8 +31,9 @@ def model_identity(pretrained: str, revision, backend, device) -> dict:
 
 class RunRecord:
     def conditions(self) -> dict:
-        """The run settings besides the model and the prompts that change what is scored or captured:
-        a capture dir or ``--use_cache`` database made under other conditions is refused."""
+        """The values of the run conditions (their list, and which guard compares each, is
+        ``lmeval_speech/conditions.py``): a capture dir or ``--use_cache`` database made under other
+        conditions is refused."""
         intervention = None
         if self.intervener is not None:  # where its calibration is saved changes no number
             intervention = {k: v for k, v in self.intervener.spec.to_dict().items() if k != "save_calibration"}
@@ -42,7 +44,7 @@ class RunRecord:
                       "max_length": self.max_length, "add_bos_token": self.add_bos_token,
                       "prefix_token_id": self.custom_prefix_token_id,
                       "spoken_form": SPOKEN_FORM_VERSION}  # how TTS texts are rewritten before synthesis
-        return json.loads(json.dumps(conditions))  # as stored (JSON), so a reread compares equal
+        return check_listed(json.loads(json.dumps(conditions)))  # as stored (JSON), so a reread compares equal
 
     @property
     def audio_log(self) -> dict[str, dict]:
@@ -87,6 +89,7 @@ class RunRecord:
                          "noise": None if self.noise is None else self.noise.to_dict(),
                          "max_length": self.max_length, "batch_size": self.batch_size,
                          "spoken_form": SPOKEN_FORM_VERSION},
+            "conditions": self.conditions(),  # the one record every guard compares (lmeval_speech/conditions.py)
             "hooks": {"capture": None if self.capture is None else self.capture.spec(),
                       "intervention": None if self.intervener is None else self._intervention_manifest()},
         }}

@@ -9,6 +9,7 @@ import numpy as np
 
 from lmeval_speech import twins
 from lmeval_speech.capture.store import CaptureReader, mismatch
+from lmeval_speech.conditions import for_guard
 from lmeval_speech.manifest import build_manifest, manifest_path
 from lmeval_speech.metrics import paired_gap
 from lmeval_speech.report.decomposition import decomposition as decompose_gap
@@ -225,11 +226,14 @@ SETTINGS_CONDITIONS = ("tts_override", "noise", "audio_overflow", "max_audio_sec
 
 
 def _run_conditions(run: dict, manifest: dict) -> dict:
-    """This run's side of a capture's ``conditions``, from what the run recorded: ``lslm``'s settings, its
+    """This run's side of a capture's ``conditions``: the record ``lslm`` wrote (``conditions``); for a run made
+    before that record, rebuilt from what the run recorded: ``lslm``'s settings, its
     intervention spec (less the hook sites and where its calibration was saved, which the capture leaves
     out) and the two model args recorded nowhere else, read as ``lslm`` reads them. Empty for a run that
     ``lslm`` did not describe."""
     ours = (run["results"].get("config") or {}).get("lmeval_speech") or {}
+    if ours.get("conditions") is not None:  # the one record (lmeval_speech/conditions.py), since it exists
+        return for_guard(ours["conditions"], "report")
     if "settings" not in ours:
         return {}
     out = {k: ours["settings"][k] for k in SETTINGS_CONDITIONS if k in ours["settings"]}
