@@ -261,6 +261,14 @@ class BatchRunner:
             h = b.run_continuation(out, mask, rows, ids.to(mask.device), tail_mask.to(mask.device))
             for i, (_, s) in enumerate(chunk):
                 hidden[id(s)] = h[i, : len(s.cont) - 1]
+        # the LM head once over every continuation position of the batch: one call per continuation re-read
+        # the whole [vocabulary x hidden] head for a few rows each (10% of the matmul peak, benchmarks/roofline.py)
+        tail_logits: dict[int, torch.Tensor] = {}
+        if hidden:
+            order = list(hidden)
+            for key, part in zip(order, b.logits(torch.cat([hidden[k] for k in order])).split(
+                    [hidden[k].shape[0] for k in order]), strict=True):
+                tail_logits[key] = part
         scored = []
         for r, g in enumerate(batch_groups):
             for s in g:
@@ -269,7 +277,7 @@ class BatchRunner:
                     continue
                 logits = first[r : r + 1]
                 if len(s.cont) > 1:
-                    logits = torch.cat([logits, b.logits(hidden[id(s)])])
+                    logits = torch.cat([logits, tail_logits[id(s)]])
                 scored.append((s, self._read(logits, s.cont)))
         return scored
 
