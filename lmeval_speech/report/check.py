@@ -157,24 +157,6 @@ def _accuracy_ci(n: int, acc: float, n_boot: int, seed: int, alpha: float) -> tu
     return float(low), float(high)
 
 
-def _baseline_figures(rep: dict) -> dict:
-    """The figures read against their baselines, each {value, ci_low, ci_high, n} or None."""
-    ref, lens, dec = rep.get("reference") or {}, rep.get("logit_lens") or {}, rep.get("decomposition") or {}
-    row = dec.get(compare.POOLED) or (next(iter(dec.values())) if len(dec) == 1 else {})
-    kappa = row.get("speech_cascade_kappa") or {}
-
-    def diff(d):
-        return None if not d or d.get("difference") is None else \
-            {"value": d["difference"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": d["n"]}
-
-    best = lens.get("best_speech_layer") or {}
-    return {"S_cos_vs_mismatched": diff(ref.get("S_cos")), "aps_vs_mismatched": diff(ref.get("aps")),
-            "speech_cascade_kappa": None if kappa.get("kappa") is None else
-            {"value": kappa["kappa"], "ci_low": kappa["ci_low"], "ci_high": kappa["ci_high"], "n": kappa["n"]},
-            "lens_speech_top10": None if best.get("top10") is None else
-            {"value": best["top10"], "ci_low": None, "ci_high": None, "n": best.get("n_tokens")}}
-
-
 def make_baseline(rep: dict, path, notes: list | None = None) -> dict:
     """The baseline dict (schema above) for one report: settings, metrics and their CIs."""
     ov = rep["overall"]
@@ -188,7 +170,7 @@ def make_baseline(rep: dict, path, notes: list | None = None) -> dict:
     if rep.get("alignment") and aps_items:
         low, high = _bootstrap_mean_ci(aps_items, n_boot, seed, alpha)
         metrics["aps"] = {"value": rep["alignment"]["aps"], "ci_low": low, "ci_high": high, "n": len(aps_items)}
-    metrics.update(_baseline_figures(rep))
+    metrics.update({k: v for k, v in compare.baseline_figures(rep).items() if k in HIGHER_IS_WORSE})
     run = rep["run"]
     return {"schema_version": SCHEMA_VERSION, "kind": KIND,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -315,17 +315,31 @@ def _pooled_states(rep: dict) -> tuple[dict | None, dict | None, list[str]]:
     return out[0], out[1], left_out
 
 
-def baseline_columns(rep: dict) -> dict:
-    """A run's figures read against their baselines: own - mismatched S_cos and APS, the centered S_cos
-    (report/reference.py), the logit lens's best speech top-10 share (report/lens.py), the speech-cascade
-    kappa of the decomposition's pooled row or its only pair (report/decomposition.py); None where absent."""
+def baseline_figures(rep: dict) -> dict:
+    """A run's figures read against their baselines, each {value, ci_low, ci_high, n} or None: own - mismatched
+    S_cos and APS (with their paired CIs) and the centered S_cos (report/reference.py), the logit lens's best
+    speech top-10 share (report/lens.py; no CI), the speech-cascade kappa of the decomposition's pooled row or
+    its only pair (report/decomposition.py). ``compare``'s columns and ``check``'s metrics both read these."""
     ref, lens, dec = rep.get("reference") or {}, rep.get("logit_lens") or {}, rep.get("decomposition") or {}
     row = dec.get(POOLED) or (next(iter(dec.values())) if len(dec) == 1 else {})
-    return {"S_cos_vs_mismatched": (ref.get("S_cos") or {}).get("difference"),
-            "S_cos_centered": (ref.get("S_cos_centered") or {}).get("own"),
-            "aps_vs_mismatched": (ref.get("aps") or {}).get("difference"),
-            "lens_speech_top10": (lens.get("best_speech_layer") or {}).get("top10"),
-            "speech_cascade_kappa": (row.get("speech_cascade_kappa") or {}).get("kappa")}
+    best = lens.get("best_speech_layer") or {}
+
+    def figure(d: dict | None, key: str, ci: bool = True, n=None) -> dict | None:
+        if not d or d.get(key) is None:
+            return None
+        return {"value": d[key], "ci_low": d.get("ci_low") if ci else None,
+                "ci_high": d.get("ci_high") if ci else None, "n": d.get("n") if n is None else n}
+
+    return {"S_cos_vs_mismatched": figure(ref.get("S_cos"), "difference"),
+            "S_cos_centered": figure(ref.get("S_cos_centered"), "own", ci=False),  # its CI is the difference's
+            "aps_vs_mismatched": figure(ref.get("aps"), "difference"),
+            "lens_speech_top10": figure(best, "top10", ci=False, n=best.get("n_tokens")),
+            "speech_cascade_kappa": figure(row.get("speech_cascade_kappa"), "kappa")}
+
+
+def baseline_columns(rep: dict) -> dict:
+    """The leaderboard's columns: each of ``baseline_figures``' values (None where absent)."""
+    return {k: None if f is None else f["value"] for k, f in baseline_figures(rep).items()}
 
 
 def _fit(runs: list[dict], key: str) -> dict:
