@@ -1,11 +1,12 @@
-"""Owns the list of run conditions and which guard compares each: the settings besides the model and the
+"""Owns the list of run conditions and which guards compare each: the settings besides the model and the
 prompts that change what is scored or captured (``lslm``'s ``RunRecord.conditions`` computes their values and
 records them once, in the results JSON through ``get_model_info`` and in every capture dir it writes).
 
-Every guard reads the one record and this one list: the capture store and ``--use_cache`` (a rerun must
-not take another condition's states or scores), ``report`` (a capture read beside a run's scores), and
-``compare`` / ``check`` (runs ranked together). A new condition is one entry here and one value in
-``RunRecord.conditions`` (which refuses a key that is not listed here).
+Every guard reads the one record: the capture store and ``--use_cache`` (a rerun must not take another
+condition's states or scores) and ``report`` (a capture read beside a run's scores) compare all of it;
+``compare`` / ``check`` (runs ranked together, often of different models) the conditions marked below.
+A new condition is one entry here and one value in ``RunRecord.conditions`` (which refuses a key that is
+not listed here).
 """
 
 from __future__ import annotations
@@ -23,19 +24,18 @@ CONDITIONS = {
     "add_bos_token": False,      # a model's tokenizer convention
     "prefix_token_id": False,
 }
-GUARDS = {"capture": tuple(CONDITIONS), "use_cache": tuple(CONDITIONS), "report": tuple(CONDITIONS),
-          "compare": tuple(k for k, across_models in CONDITIONS.items() if across_models)}
 
 
 def check_listed(conditions: dict) -> dict:
     """``conditions`` as recorded, refused when a key is not in ``CONDITIONS`` (or one is missing): a new
-    condition must say which guards compare it."""
+    condition must say whether runs of different models are compared on it."""
     if set(conditions) != set(CONDITIONS):
         raise KeyError(f"run conditions {sorted(set(conditions) ^ set(CONDITIONS))} are not listed in "
                        "lmeval_speech/conditions.py CONDITIONS (or listed but not recorded)")
     return conditions
 
 
-def for_guard(conditions: dict, guard: str) -> dict:
-    """The conditions one guard compares (those ``conditions`` records)."""
-    return {k: conditions[k] for k in GUARDS[guard] if k in conditions}
+def across_models(conditions: dict) -> dict:
+    """The conditions ``compare`` and ``check`` compare between runs (those ``conditions`` records); the
+    same-model guards (capture store, ``--use_cache``, report) compare the whole record."""
+    return {k: v for k, v in conditions.items() if CONDITIONS.get(k)}

@@ -20,8 +20,6 @@ def new_condition(monkeypatch):
 
     value = {"v": "A"}
     monkeypatch.setitem(cond.CONDITIONS, "new_setting", True)
-    for guard in cond.GUARDS:
-        monkeypatch.setitem(cond.GUARDS, guard, (*cond.GUARDS[guard], "new_setting"))
     monkeypatch.setattr(record, "check_listed", lambda c: cond.check_listed({**c, "new_setting": value["v"]}))
     return value
 
@@ -29,7 +27,7 @@ def new_condition(monkeypatch):
 def test_a_condition_not_in_the_list_is_refused():
     with pytest.raises(KeyError, match="not listed"):
         cond.check_listed({**{k: None for k in cond.CONDITIONS}, "unlisted": 1})
-    assert cond.for_guard({k: k for k in cond.CONDITIONS}, "compare") == {"noise": "noise", "intervention": "intervention",
+    assert cond.across_models({k: k for k in cond.CONDITIONS}) == {"noise": "noise", "intervention": "intervention",
                                                                          "spoken_form": "spoken_form"}
 
 

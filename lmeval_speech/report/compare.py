@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from lmeval_speech.capture.store import CaptureCorruptError
-from lmeval_speech.conditions import for_guard
+from lmeval_speech.conditions import across_models
 from lmeval_speech.manifest import PROMPT_KEYS
 from lmeval_speech.metrics import linear_fit
 from lmeval_speech.report.leaderboard_out import (  # noqa: F401 (the leaderboard's writers, re-exported)
@@ -178,7 +178,7 @@ def _conditions(man: dict) -> dict:
     ``lslm`` mixed into the audio, the rules that rewrote its TTS texts, and its intervention (the spec, less the hook sites and where its
     calibration was saved, which change no number)."""
     if man.get("conditions") is not None:  # the one record, and the one list of what compare compares
-        return for_guard(man["conditions"], "compare")
+        return across_models(man["conditions"])
     intervention = (man.get("hooks") or {}).get("intervention")
     return {"noise": (man.get("settings") or {}).get("noise"),
             "spoken_form": (man.get("settings") or {}).get("spoken_form"),

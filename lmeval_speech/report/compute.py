@@ -9,7 +9,6 @@ import numpy as np
 
 from lmeval_speech import twins
 from lmeval_speech.capture.store import CaptureReader, mismatch
-from lmeval_speech.conditions import for_guard
 from lmeval_speech.manifest import build_manifest, manifest_path
 from lmeval_speech.metrics import paired_gap
 from lmeval_speech.report.decomposition import decomposition as decompose_gap
@@ -233,7 +232,7 @@ def _run_conditions(run: dict, manifest: dict) -> dict:
     ``lslm`` did not describe."""
     ours = (run["results"].get("config") or {}).get("lmeval_speech") or {}
     if ours.get("conditions") is not None:  # the one record (lmeval_speech/conditions.py), since it exists
-        return for_guard(ours["conditions"], "report")
+        return ours["conditions"]
     if "settings" not in ours:
         return {}
     out = {k: ours["settings"][k] for k in SETTINGS_CONDITIONS if k in ours["settings"]}
