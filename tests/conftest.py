@@ -3,7 +3,10 @@ through ``pretrained=DIR`` exactly as a user's checkpoint would be. Built once p
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +95,15 @@ def tone(seconds: float, freq: float = 220.0, sr: int = 16000, seed: int = 0) ->
     t = np.arange(int(seconds * sr)) / sr
     rng = np.random.default_rng(seed)
     return (0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def run_results(out):
+    """The results JSON of an ``lm_eval --output_path OUT`` run (one model folder, one run)."""
+    (path,) = glob.glob(str(out / "*" / "results_*.json"))
+    return json.loads(Path(path).read_text())
+
+
+def run_samples(out, task):
+    """{doc_id: sample row} of one task of an ``lm_eval --log_samples`` run."""
+    (path,) = glob.glob(str(out / "*" / f"samples_{task}_*.jsonl"))
+    return {r["doc_id"]: r for r in map(json.loads, Path(path).read_text().splitlines())}

@@ -6,7 +6,6 @@ embedded model on ``tests/data/myquiz``. Each test failed on the code before its
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -15,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_results, run_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 MYQUIZ = ROOT / "tests" / "data" / "myquiz"
@@ -31,16 +32,6 @@ def _sh(cmd, cwd, tmp_path, ok=True):
     if ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def _results(out):
-    (path,) = glob.glob(str(out / "*" / "results_*.json"))
-    return json.loads(Path(path).read_text())
-
-
-def _samples(out, task):
-    (path,) = glob.glob(str(out / "*" / f"samples_{task}_*.jsonl"))
-    return {r["doc_id"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
 
 
 def _readme_block(title: str) -> str:
@@ -120,14 +111,14 @@ def test_a_failed_recording_is_never_scored_whatever_the_scoring(tmp_path):
          f"capture=tokens,capture_dir={tmp_path / 'cap'}", "--include_path", str(inc),
          "--tasks", "myquiz_text,myquiz_speech,myquizpr_speech", "--device", "cpu",
          "--log_samples", "--output_path", str(out)], ROOT, tmp_path)
-    res = _results(out)["results"]
+    res = run_results(out)["results"]
     for task in ("myquiz_speech", "myquizpr_speech"):
-        samples = _samples(out, task)
+        samples = run_samples(out, task)
         assert "acc" not in samples[0] and "empty.wav" in samples[0]["audio_failed"], task
         assert res[task]["acc,none"] == pytest.approx(sum(samples[i]["acc"] for i in (1, 2, 3, 4)) / 4)
         assert res[task]["audio_failed,none"] == 1 and res[task]["audio_truncated,none"] == 0
     assert res["myquiz_speech"]["acc_norm,none"] == pytest.approx(
-        sum(_samples(out, "myquiz_speech")[i]["acc_norm"] for i in (1, 2, 3, 4)) / 4)
+        sum(run_samples(out, "myquiz_speech")[i]["acc_norm"] for i in (1, 2, 3, 4)) / 4)
     _sh(["lmeval-speech", "report", str(out), "--out", str(tmp_path / "rep")], ROOT, tmp_path)
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     row = rep["pairs"]["myquiz"]
@@ -145,14 +136,14 @@ def test_a_missing_recording_fails_its_item_and_oracle_interventions_work(tmp_pa
     _sh([sys.executable, "-m", "lm_eval", "--model", "lslm", "--model_args", "intervention=angle",
          "--include_path", str(inc), "--tasks", "myquiz_text,myquiz_speech", "--device", "cpu",
          "--log_samples", "--output_path", str(out)], ROOT, tmp_path)
-    res = _results(out)["results"]["myquiz_speech"]
-    samples = _samples(out, "myquiz_speech")
+    res = run_results(out)["results"]["myquiz_speech"]
+    samples = run_samples(out, "myquiz_speech")
     assert res["audio_failed,none"] == 1 and "gone.wav" in samples[4]["audio_failed"] and "acc" not in samples[4]
     assert res["acc,none"] == pytest.approx(sum(samples[i]["acc"] for i in range(4)) / 4)
     plain = tmp_path / "plain"  # the same speech items unedited: the oracle edit changed their scores
     _sh([sys.executable, "-m", "lm_eval", "--model", "lslm", "--include_path", str(inc), "--tasks", "myquiz_speech",
          "--limit", "2", "--device", "cpu", "--log_samples", "--output_path", str(plain)], ROOT, tmp_path)
-    unedited = _samples(plain, "myquiz_speech")
+    unedited = run_samples(plain, "myquiz_speech")
     for i in (0, 1):
         assert [r[0] for r in samples[i]["filtered_resps"]] != [r[0] for r in unedited[i]["filtered_resps"]]
 

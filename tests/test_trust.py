@@ -18,7 +18,7 @@ import torch
 import yaml
 from lm_eval.api.instance import Instance
 
-from conftest import tone
+from conftest import run_results, run_samples, tone
 from lmeval_speech.models.lslm import LSLM
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "lmeval_speech" / "tasks"
@@ -120,16 +120,6 @@ def voicebench_run(tmp_path, tiny_qwen2_audio_dir, extra_args=(), model_args="",
     return cmd, out, env
 
 
-def _results(out):
-    (path,) = glob.glob(str(out / "*" / "results_*.json"))
-    return json.loads(Path(path).read_text())
-
-
-def _samples(out, task):
-    (path,) = glob.glob(str(out / "*" / f"samples_{task}_*.jsonl"))
-    return {r["doc_id"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
-
-
 @pytest.fixture(scope="module")
 def vb_run(tiny_qwen2_audio_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vb")
@@ -141,11 +131,11 @@ def vb_run(tiny_qwen2_audio_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_failed_and_truncated_items_are_counted_in_results_and_samples(vb_run):
     _, out = vb_run
-    res = _results(out)["results"]
+    res = run_results(out)["results"]
     speech = res[f"{PAIR}_speech"]
     assert speech["audio_failed,none"] == 1 and speech["audio_truncated,none"] == 1
     assert res[f"{PAIR}_text"]["audio_failed,none"] == 0
-    rows = _samples(out, f"{PAIR}_speech")
+    rows = run_samples(out, f"{PAIR}_speech")
     assert rows[0]["audio_failed"] and "audio" in rows[0]["audio_failed"].lower()
     assert "acc" not in rows[0]  # not scored: never "correct because the gold answer is A"
     assert rows[1]["audio_truncated"].startswith("truncated 31.0s")
@@ -198,7 +188,7 @@ def test_use_cache_works_for_recorded_audio_and_resumes_after_kill(tiny_qwen2_au
     rerun = sh(*cmd, env_extra=env)
     cached = [line for line in (rerun.stdout + rerun.stderr).splitlines() if "Cached requests:" in line]
     assert cached and int(cached[-1].split("Cached requests:")[1].split(",")[0]) > 0
-    assert _results(out)["results"][f"{PAIR}_speech"]["audio_failed,none"] == 1
+    assert run_results(out)["results"][f"{PAIR}_speech"]["audio_failed,none"] == 1
 
 
 # ------------------------------------------------------------------ 3-4. exact spans
