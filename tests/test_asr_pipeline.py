@@ -149,11 +149,11 @@ def test_the_asr_model_arg_runs_the_cascade_through_the_pipeline(whisper_tiny_en
     monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "cache"))
     lm = LSLM(pretrained=tiny_llama_dir, device="cpu", asr=f"transformers:{whisper_tiny_en_dir}")
     cascade = {"transcribe": {"array": speech, "sampling_rate": 16000}, "asr": prompts.ASR}
-    heard, _ = lm.planner.load(cascade["transcribe"], target_rate=16000)  # what the speech twin would hear
+    heard, _ = lm.audio.load(cascade["transcribe"], target_rate=16000)  # what the speech twin would hear
     expected = pipeline("automatic-speech-recognition", model=whisper_tiny_en_dir)(
         {"raw": heard, "sampling_rate": 16000}, generate_kwargs={"num_beams": 1})["text"].strip()  # the task's greedy
     (got, _), = lm.loglikelihood([req("Q: <audio>\nA:", " dog", {"audio": [cascade]})])
-    (status,) = lm.planner.status.values()
+    (status,) = lm.audio.status.values()
     assert status.transcript == expected and status.notes["asr"]["engine"] == "transformers"
     (read, _), = lm.loglikelihood([req(f"Q: {expected}\nA:", " dog")])
     assert got == pytest.approx(read, abs=1e-5)

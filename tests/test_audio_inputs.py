@@ -204,12 +204,12 @@ def test_the_silence_control_under_noise_hears_the_speech_twins_noise_alone(tiny
     lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", noise=kind, snr_db=5)
     speech = spoken(SENTENCE)
     silence = {"silence_like": speech}
-    status = lm.planner.resolve({audio_key(speech): speech, audio_key(silence): silence})
+    status = lm.audio.resolve({audio_key(speech): speech, audio_key(silence): silence})
     assert status[audio_key(silence)].error == ""
-    noisy, _ = lm.planner.load(speech)
-    control, notes = lm.planner.load(silence)
-    clean, _ = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu").planner.load(speech)
-    assert notes["source"] == "silence" and notes["noise"] == lm.noise.to_dict()
+    noisy, _ = lm.audio.load(speech)
+    control, notes = lm.audio.load(silence)
+    clean, _ = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu").audio.load(speech)
+    assert notes["source"] == "silence" and notes["noise"] == lm.audio_settings.noise.to_dict()
     assert control.shape == clean.shape and control.any()
     np.testing.assert_allclose(control, noisy - clean, atol=1e-6)  # the noise the speech twin heard, alone
     assert abs(snr_db(clean, clean + control) - 5) < 0.1

@@ -364,7 +364,7 @@ def test_a_45_second_clip_is_never_cut(tiny_qwen2_audio_dir, tiny_voxtral_dir, t
         lm = LSLM(pretrained=path, device="cpu")
         res = lm.loglikelihood(reqs)
         assert all(np.isfinite(r[0]) and not getattr(r[0], "truncated", "") for r in res), path
-        (status,) = lm.planner.status.values()
+        (status,) = lm.audio.status.values()
         assert status.notes["seconds"] == 45.0 and not status.truncated
         assert status.notes.get("encoder_windows") == (2 if path == tiny_qwen2_audio_dir else None)  # recorded per item
         if path == tiny_qwen2_audio_dir:
@@ -489,7 +489,7 @@ def audio_statuses(lm, reqs):
     from lmeval_speech.models.plan import audio_key
 
     keys = list(dict.fromkeys(audio_key(r.args[2]["audio"][0]) for r in reqs))
-    return [lm.planner.status[k] for k in keys]
+    return [lm.audio.status[k] for k in keys]
 
 
 def check_parity(path, reqs, reference):
@@ -600,7 +600,7 @@ def test_af3_loglikelihood_matches_the_processor_and_model(tiny_af3_dir):
 
     lm = check_parity(tiny_af3_dir, speech_requests((1.0, 31.0, 0.7)), af3_reference)
     assert type(lm.backend_impl) is AudioFlamingo3Backend
-    assert [s.n_tokens for s in lm.planner.status.values()] == [25, 775, 17]
+    assert [s.n_tokens for s in lm.audio.status.values()] == [25, 775, 17]
 
 
 def test_af3_captures_speech_and_text_states(tiny_af3_dir, tmp_path):
@@ -633,7 +633,7 @@ def test_af3_45_second_clip_is_never_cut(tiny_af3_dir):
     for r in reqs:
         r.arguments[2]["audio"][0]["array"] = clip
     lm = check_parity(tiny_af3_dir, reqs, af3_reference)
-    (status,) = lm.planner.status.values()
+    (status,) = lm.audio.status.values()
     assert status.n_tokens == 1125 and status.notes["seconds"] == 45.0 and not status.truncated
 
 
@@ -646,8 +646,8 @@ def test_af3_audio_past_the_processor_limit_is_cut_as_it_cuts_and_flagged(tmp_pa
     for r in reqs:
         r.arguments[2]["audio"][0]["array"] = clip
     lm = check_parity(path, reqs, af3_reference)
-    assert lm.max_audio_seconds == 60.0
-    (status,) = lm.planner.status.values()
+    assert lm.audio_settings.max_audio_seconds == 60.0
+    (status,) = lm.audio.status.values()
     assert status.n_tokens == 1500 and status.truncated and status.notes["seconds"] == 60.0
     assert all(getattr(r[0], "truncated", "") for r in lm.loglikelihood(reqs))
     from lmeval_speech.models.plan import AudioRequestError
@@ -810,7 +810,7 @@ def test_gemma3n_loglikelihood_matches_the_processor_and_model(tiny_gemma3n_dir)
 
     lm = check_parity(tiny_gemma3n_dir, speech_requests((1.0, 2.3, 0.7)), gemma3n_reference)
     assert type(lm.backend_impl) is Gemma3nBackend
-    assert [s.n_tokens for s in lm.planner.status.values()] == [188, 188, 188]
+    assert [s.n_tokens for s in lm.audio.status.values()] == [188, 188, 188]
     assert lm.tok_encode("Question:")[0] == lm.tokenizer.bos_token_id
 
 
@@ -851,7 +851,7 @@ def test_gemma3n_45_second_clip_is_cut_at_30_s_as_its_extractor_cuts_and_flagged
     for r in reqs:
         r.arguments[2]["audio"][0]["array"] = clip
     lm = check_parity(tiny_gemma3n_dir, reqs, gemma3n_reference)  # the processor cuts at 30 s too
-    (status,) = lm.planner.status.values()
+    (status,) = lm.audio.status.values()
     assert status.truncated and status.notes["seconds"] == 30.0 and status.n_tokens == 188
 
 
@@ -1044,7 +1044,7 @@ def test_qwen3_omni_45_second_clip_is_taken_whole(tiny_qwen3_omni_dir):
     for r in reqs:
         r.arguments[2]["audio"][0]["array"] = clip
     lm = check_parity(tiny_qwen3_omni_dir, reqs, qwen3_omni_reference)
-    (status,) = lm.planner.status.values()
+    (status,) = lm.audio.status.values()
     assert status.n_tokens == 585 and status.notes["seconds"] == 45.0 and not status.truncated
 
 
@@ -1167,7 +1167,7 @@ def test_phi4_speech_uses_the_speech_lora_and_text_the_base_model(tiny_phi4_dir)
     reqs = speech_requests((1.0, 2.3, 0.7))
     lm = check_parity(tiny_phi4_dir, reqs, phi4_reference)
     assert type(lm.backend_impl) is Phi4MultimodalBackend and lm.backend_impl.has_speech_lora
-    assert [s.n_tokens for s in lm.planner.status.values()] == [13, 29, 9]
+    assert [s.n_tokens for s in lm.audio.status.values()] == [13, 29, 9]
     text = [req("Question: What is the capital of France?\nAnswer:", c) for c in (" Paris", " Rome")]
     got = lm.loglikelihood(reqs + text)
     model, tok, _ = _phi4(tiny_phi4_dir, speech_lora=False)
@@ -1220,7 +1220,7 @@ def test_phi4_45_second_clip_is_taken_whole(tiny_phi4_dir):
     for r in reqs:
         r.arguments[2]["audio"][0]["array"] = clip
     lm = check_parity(tiny_phi4_dir, reqs, phi4_reference)
-    (status,) = lm.planner.status.values()
+    (status,) = lm.audio.status.values()
     assert status.n_tokens == 563 and status.notes["seconds"] == 45.0 and not status.truncated
 
 

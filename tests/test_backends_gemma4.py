@@ -133,7 +133,7 @@ def test_gemma4_loglikelihood_matches_the_processor_and_model(tiny_gemma4_dir):
 
     lm = check_parity(tiny_gemma4_dir, speech_requests((1.0, 2.3, 0.7)), gemma4_reference)
     assert type(lm.backend_impl) is Gemma4Backend
-    assert [s.n_tokens for s in lm.planner.status.values()] == [25, 58, 18]  # 40 ms a token
+    assert [s.n_tokens for s in lm.audio.status.values()] == [25, 58, 18]  # 40 ms a token
     assert lm.tok_encode("Question:")[0] == lm.tokenizer.bos_token_id
 
 
@@ -185,7 +185,7 @@ def test_gemma4_45_second_clip_is_cut_at_30_s_as_its_extractor_cuts_and_flagged(
     for r in reqs:
         r.arguments[2]["audio"][0]["array"] = clip
     lm = check_parity(tiny_gemma4_dir, reqs, gemma4_reference)  # the processor cuts at 30 s too
-    (status,) = lm.planner.status.values()
+    (status,) = lm.audio.status.values()
     assert status.truncated and status.notes["seconds"] == 30.0 and status.n_tokens == 750
 
 

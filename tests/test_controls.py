@@ -362,16 +362,16 @@ def test_the_cascade_transcribes_what_the_speech_twin_hears(tiny_qwen2_audio_dir
     speech = spoken("What is the capital city of France?", **prompts.TTS)
     cascade = {"transcribe": speech, "asr": prompts.ASR}
     noisy = LSLM(pretrained=str(tiny_qwen2_audio_dir), device="cpu", noise="white", snr_db=0)
-    status = noisy.planner._transcribe(cascade)
-    array, notes = noisy.planner.load(speech)  # what the speech twin hears
+    status = noisy.audio._transcribe(cascade)
+    array, notes = noisy.audio.load(speech)  # what the speech twin hears
     np.testing.assert_array_equal(heard[0], array)
-    assert status.notes["noise"] == notes["noise"] == noisy.noise.to_dict()
+    assert status.notes["noise"] == notes["noise"] == noisy.audio_settings.noise.to_dict()
     clean = LSLM(pretrained=str(tiny_qwen2_audio_dir), device="cpu")
-    assert clean.planner._transcribe(cascade).transcript == "transcript 2"  # not the noisy clip's transcript
-    np.testing.assert_array_equal(heard[1], clean.planner.load(speech)[0])
+    assert clean.audio._transcribe(cascade).transcript == "transcript 2"  # not the noisy clip's transcript
+    np.testing.assert_array_equal(heard[1], clean.audio.load(speech)[0])
     gb = LSLM(pretrained=str(tiny_qwen2_audio_dir), device="cpu", tts_voice="en-gb")
-    assert gb.planner._transcribe(cascade).transcript == "transcript 3"  # another voice, another transcript
-    assert noisy.planner._transcribe(cascade).transcript == "transcript 1" and len(heard) == 3  # cached
+    assert gb.audio._transcribe(cascade).transcript == "transcript 3"  # another voice, another transcript
+    assert noisy.audio._transcribe(cascade).transcript == "transcript 1" and len(heard) == 3  # cached
 
 
 def test_two_tasks_claiming_one_twin_are_refused(tmp_path):
@@ -442,7 +442,7 @@ def test_a_text_only_models_cascade_transcribes_the_whole_clip(tiny_llama_dir, t
     monkeypatch.setattr(asr, "_model", lambda name: Whisper())
     clip = {"array": (0.1 * np.sin(np.arange(40 * 16000) / 7)).astype(np.float32), "sampling_rate": 16000}
     cascade = {"transcribe": clip, "asr": prompts.ASR}
-    text_only = LSLM(pretrained=str(tiny_llama_dir), device="cpu").planner._transcribe(cascade)
-    speech = LSLM(pretrained=str(tiny_qwen2_audio_dir), device="cpu", max_audio_seconds=30).planner._transcribe(cascade)
+    text_only = LSLM(pretrained=str(tiny_llama_dir), device="cpu").audio._transcribe(cascade)
+    speech = LSLM(pretrained=str(tiny_qwen2_audio_dir), device="cpu", max_audio_seconds=30).audio._transcribe(cascade)
     assert heard == [40 * 16000, 30 * 16000]
     assert not text_only.truncated and speech.truncated.startswith("truncated 40.0s -> 30.0s")

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -103,18 +102,18 @@ def test_item_records_hold_every_item_with_its_twins_and_reasons(tmp_path):
     assert "4" in recs[1]["spoken_form"] and "-4" not in recs[1]["spoken_form"]  # x = -4: the minus spoken
 
 
-def test_clip_is_what_the_planner_heard_and_flac_is_lossless(tmp_path):
-    """The page's samples equal Planner.load's (after truncation) and survive FLAC exactly."""
-    from lmeval_speech.models.plan import Planner
+def test_clip_is_what_the_resolver_loads_and_flac_is_lossless(tmp_path):
+    """The page's samples equal the run's loader's (after truncation, under settings read back from the
+    results file's record) and survive FLAC exactly."""
+    from lmeval_speech.audio.resolver import AudioResolver, AudioSettings
 
     pytest.importorskip("soundfile")
     if not shutil.which("espeak-ng"):
         pytest.skip("espeak-ng not installed (bash scripts/install.sh)")
     item = {"tts_text": QUESTIONS[6], "tts": {"engine": "espeak-ng", "voice": "en-us", "rate": 160, "sample_rate": 16000}}
-    lm = SimpleNamespace(tts_override={}, noise=None, max_audio_seconds=0.75, audio_overflow="truncate",
-                         backend_impl=SimpleNamespace(sampling_rate=16000))
-    expected, _ = Planner(lm).load(item)
-    got, notes = clips.heard(item, {"max_audio_seconds": 0.75, "audio_overflow": "truncate"})
+    settings = AudioSettings(max_audio_seconds=0.75)
+    expected, _ = AudioResolver(settings).load(item)
+    got, notes = clips.heard(item, json.loads(json.dumps(settings.to_record())))
     assert len(got) == 12000 and np.array_equal(got, expected)
     assert any(n.startswith("truncated") for n in notes)
     info = clips.write_flac(tmp_path / "a.flac", got)
@@ -124,27 +123,26 @@ def test_clip_is_what_the_planner_heard_and_flac_is_lossless(tmp_path):
     assert len(full) > 12000  # no limit recorded: the whole clip
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["white", "babble"])
-def test_a_noisy_runs_clip_is_the_noisy_samples_the_planner_made(kind):
-    from lmeval_speech.audio.noise import NoiseSpec
-    from lmeval_speech.models.plan import Planner, audio_key
+def test_a_noisy_runs_clip_is_the_samples_its_model_encoded(tiny_qwen2_audio_dir, kind):
+    """The clip rebuilt from a noisy run's recorded settings equals, sample for sample, what the run's
+    model received in its encoder (spied on), and differs from the clean clip."""
+    from lmeval_speech.models.lslm import LSLM
+    from test_audio_inputs import req
 
     if not shutil.which("espeak-ng"):
         pytest.skip("espeak-ng not installed (bash scripts/install.sh)")
     item = {"tts_text": QUESTIONS[1], "tts": {"engine": "espeak-ng", "voice": "en-us", "rate": 160, "sample_rate": 16000}}
-    assert clips.content_key(item) == audio_key(item) and clips.content_key({"recorded": "ab" * 32}) == \
-        audio_key({"recorded": "ab" * 32})
-    noise = NoiseSpec(kind, 5.0, 3)
-    lm = SimpleNamespace(tts_override={}, noise=noise, max_audio_seconds=30.0, audio_overflow="truncate",
-                         backend_impl=SimpleNamespace(sampling_rate=16000))
-    expected, _ = Planner(lm).load(item)
-    settings = {"noise": noise.to_dict(), "max_audio_seconds": 30.0, "audio_overflow": "truncate"}
+    lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", noise=kind, snr_db=5, noise_seed=3, max_audio_seconds=2)
+    encoded, encode = [], lm.backend_impl.encode
+    lm.backend_impl.encode = lambda arrays: encoded.extend(np.array(a) for a in arrays) or encode(arrays)
+    lm.loglikelihood([req("<audio> Q:", [item])])
+    settings = json.loads(json.dumps(lm.get_model_info()["lmeval_speech"]["settings"]))
     got, notes = clips.heard(item, settings)
-    clean, _ = clips.heard(item, {})
-    assert np.array_equal(got, expected) and not np.array_equal(got, clean)
-    assert any(f"{kind} noise at 5.0 dB" in n for n in notes)
+    clean, _ = clips.heard(item, {"max_audio_seconds": 2})
+    assert len(encoded) == 1 and np.array_equal(got, encoded[0]) and not np.array_equal(got, clean)
+    assert any(f"{kind} noise at 5.0 dB" in n for n in notes) and any(n.startswith("truncated") for n in notes)
 
 
 def _chromium():

@@ -443,7 +443,7 @@ def test_a_speech_prompt_without_a_marker_under_a_chat_template_stops(tiny_qwen2
     audio = {"audio": [{"array": tone(1.0), "sampling_rate": 16000}]}
     with pytest.raises(ValueError, match="without an <audio> marker"):
         lm.loglikelihood([req(prompt, "Paris", audio)])
-    assert not lm.planner.status  # stopped before any audio was prepared
+    assert not lm.audio.status  # stopped before any audio was prepared
     with pytest.raises(ValueError, match="without an <audio> marker"):
         lm.generate_until([req(prompt, {"until": ["\n"], "max_gen_toks": 2}, audio, kind="generate_until")])
     # with --cache_requests lm-eval never calls apply_chat_template, only chat_template(True) for its record

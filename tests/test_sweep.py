@@ -44,10 +44,10 @@ def test_babble_noise_of_an_item_does_not_depend_on_the_rest_of_the_run(tiny_qwe
     heard = []
     for others in (run_a, run_b):
         lm = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu", noise="babble", snr_db=0)
-        lm.planner.resolve({audio_key(it): it for it in [item, *others]})
-        heard.append(lm.planner.load(item)[0])
+        lm.audio.resolve({audio_key(it): it for it in [item, *others]})
+        heard.append(lm.audio.load(item)[0])
     np.testing.assert_array_equal(heard[0], heard[1])
-    clean = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu").planner.load(item)[0]
+    clean = LSLM(pretrained=tiny_qwen2_audio_dir, device="cpu").audio.load(item)[0]
     assert abs(snr_db(clean, heard[0]) - 0.0) < 0.1
 
 

@@ -216,7 +216,7 @@ def recorded(data, sampling_rate: int | None = None, cache_dir=None) -> dict:
 def audio_source(item: Mapping) -> str | None:
     """Which of an audio item's sources is heard: ``silence``, ``array``, ``tts``, ``file`` or
     ``recorded`` (None: none of them). One order for :func:`resolve_audio` and the content key
-    (``models.plan.audio_key``), so an item with several sources is keyed by the audio it resolves to."""
+    (``audio/resolver.audio_key``), so an item with several sources is keyed by the audio it resolves to."""
     if item.get("silence_like") is not None:
         return "silence"
     if item.get("array") is not None:

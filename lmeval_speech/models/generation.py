@@ -11,7 +11,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from lmeval_speech import AUDIO_MARKER, outcomes
+from lmeval_speech import outcomes
 from lmeval_speech.models.plan import AudioRequestError, Seq, audio_items
 
 
@@ -55,18 +55,13 @@ class Generation:
             if failed:  # an empty generation marked as failed, never an answer
                 out[i] = outcomes.ScoredText("", failed=failed)
                 continue
-            context, transcript = req.args[0], ""
-            heard = [k for k in keys if status[k].transcript is not None]
-            if heard:  # cascade twin: each marker becomes its transcript, and the prompt is text only
-                if len(heard) != len(keys) or context.count(AUDIO_MARKER) != len(keys):
-                    if self.fail_fast:
-                        raise AudioRequestError("a cascade prompt needs one <audio> marker per transcribed audio")
-                    out[i] = outcomes.ScoredText("", failed="AudioRequestError: a cascade prompt needs one "
-                                                 "<audio> marker per transcribed audio")
-                    continue
-                for k in keys:
-                    context = context.replace(AUDIO_MARKER, status[k].transcript, 1)
-                transcript, keys = " | ".join(status[k].transcript for k in heard), []
+            try:  # a cascade twin: each marker becomes its transcript, and the prompt is text only
+                context, keys, transcript = self.audio.heard_as_text(req.args[0], keys)
+            except AudioRequestError as err:
+                if self.audio_settings.fail_fast:
+                    raise
+                out[i] = outcomes.ScoredText("", failed=f"AudioRequestError: {err}")
+                continue
             todo.append((i, req, keys, truncated, context, transcript))
         pbar = tqdm(total=len(todo), desc="Running generate_until requests", disable=disable_tqdm or self.rank != 0)
         # batches share generation kwargs and modality (a modality-dependent model, e.g. Granite's
@@ -85,14 +80,14 @@ class Generation:
                 req, keys, _ = info[index]
                 try:
                     if keys:
-                        context = self.planner.place_audio(context, len(keys))
+                        context = self.planner.place_audio(context, len(keys), self._chat_applied)
                     tokens, spans = self.planner.expand(self.tok_encode(context), keys)
                     cut = max(0, len(tokens) - (self.max_length - max_new))
                     if cut and spans and spans[0][0] < cut:
                         raise AudioRequestError(f"prompt of {len(tokens)} tokens leaves no room for the audio "
                                                 "within max_length")
                 except AudioRequestError as err:  # this item only, as in loglikelihood
-                    if self.fail_fast or not keys:
+                    if self.audio_settings.fail_fast or not keys:
                         raise
                     out[index] = outcomes.ScoredText("", failed=f"AudioRequestError: {err}")
                     pbar.update(1)

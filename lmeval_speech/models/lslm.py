@@ -27,7 +27,16 @@ from lmeval_speech.models.backends.placement import place, placement_kwargs
 from lmeval_speech.models.chat import ChatPrompts
 from lmeval_speech.models.distributed import DataParallel
 from lmeval_speech.models.generation import Generation
-from lmeval_speech.models.plan import AudioRequestError, Planner, Seq, audio_items, audio_key
+from lmeval_speech.audio.resolver import AudioResolver, AudioSettings, Listener
+from lmeval_speech.models.plan import (
+    AudioRequestError,
+    Planner,
+    PromptTokens,
+    Seq,
+    audio_items,
+    audio_key,
+    check_voice_language,
+)
 from lmeval_speech.models.record import RunRecord, model_identity
 from lmeval_speech.models.runner import BatchRunner, SpeechEmbeddings
 
@@ -84,7 +93,7 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
         **unknown,
     ):
         super().__init__()
-        self.asr = unknown.pop("asr", None)  # the cascade twin's ASR for every cascade item (audio/asr.effective_spec)
+        asr = unknown.pop("asr", None)  # the cascade twin's ASR for every cascade item (audio/asr.effective_spec)
         load = placement_kwargs(unknown)  # parallelize / device_map / max memory / offload / attn_implementation
         if unknown:
             raise TypeError(f"lslm got unknown model_args {sorted(unknown)}")
@@ -108,29 +117,30 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
         self._max_length = int(max_length) if max_length else None
         self.add_bos_token = None if add_bos_token is None else _as_bool(add_bos_token)
         self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
-        self.audio_overflow = audio_overflow
         # at most the backend's own limit; lower it to compare models on the same audio length
         limit = self.backend_impl.max_audio_seconds
-        self.max_audio_seconds = limit if max_audio_seconds in (None, "") else min(float(max_audio_seconds), limit)
-        self.fail_fast = _as_bool(fail_fast)
-        self.tts_override = {k: v for k, v in {"engine": tts_engine, "voice": tts_voice, "rate": None if tts_rate
-                                               is None else int(tts_rate)}.items() if v is not None}
-        self.voice_language = voice_language  # "any": a tts_voice of another language than the task's is allowed
-        if "engine" in self.tts_override:  # an impossible rate, or a voice the engine lacks, stops here
+        tts_override = {k: v for k, v in {"engine": tts_engine, "voice": tts_voice, "rate": None if tts_rate
+                                          is None else int(tts_rate)}.items() if v is not None}
+        if "engine" in tts_override:  # an impossible rate, or a voice the engine lacks, stops here
             # (with the task's own engine unknown until its items are resolved, the first item checks it)
             from lmeval_speech.audio import TTSSpec
             from lmeval_speech.audio.tts import get_engine
 
-            spec = TTSSpec().with_overrides(**self.tts_override)
+            spec = TTSSpec().with_overrides(**tts_override)
             get_engine(spec.engine).check_voice(spec.voice)
+        self.voice_language = voice_language  # "any": a tts_voice of another language than the task's is allowed
         self._chat_applied = self._chat_warned = False
-        self.noise = None
+        noise_spec = None
         if noise not in (None, "", "none"):
             from lmeval_speech.audio.noise import NoiseSpec
 
             if snr_db in (None, ""):
                 raise ValueError("noise=... needs snr_db=DB (the signal-to-noise ratio of the mixed audio)")
-            self.noise = NoiseSpec(str(noise), float(snr_db), int(noise_seed))
+            noise_spec = NoiseSpec(str(noise), float(snr_db), int(noise_seed))
+        self.audio_settings = AudioSettings(
+            tts_override=tts_override, noise=noise_spec, audio_overflow=audio_overflow, asr=asr,
+            max_audio_seconds=limit if max_audio_seconds in (None, "") else min(float(max_audio_seconds), limit),
+            fail_fast=_as_bool(fail_fast))
         self.embeddings = SpeechEmbeddings(self.backend_impl, audio_cache_size)
         self.prefix_cache = _as_bool(prefix_cache)
         window = self._sliding_window()
@@ -140,7 +150,18 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
             # tokens inside its real window (scores changed with batch composition)
             log.info("prefix_cache off: %s attends through a sliding window of %d tokens", self.pretrained, window)
             self.prefix_cache = False
-        self.planner = Planner(self)
+        b = self.backend_impl
+        counts = (lambda key, a: self.embeddings.count(key, a)) if getattr(b, "content_dependent_audio_tokens", False) \
+            else (lambda key, a: b.count_tokens(len(a)))
+        self.audio = AudioResolver(self.audio_settings, Listener(
+            sampling_rate=b.sampling_rate, supports_audio=b.supports_audio, count=counts,
+            windows=lambda n: len(b._segments(n)), name=f"{type(b).__name__} ({self.pretrained})"),
+            progress=self.rank == 0)
+        self.planner = Planner(PromptTokens(
+            tokenizer=self.tokenizer, encode=self.tok_encode, encode_pair=self._encode_pair,
+            special_token_kwargs=self.special_token_kwargs, prefix_token_id=self.prefix_token_id,
+            max_length=self.max_length, audio_placeholder=b.audio_placeholder, audio_token_id=b.audio_token_id),
+            self.audio)
         self.identity = model_identity(self.pretrained, revision, self.backend_impl, self._device)
         if system_prompt not in {"card", "template"}:
             raise ValueError(f"system_prompt={system_prompt!r}: 'card' (the system prompt of the model card's own "
@@ -280,12 +301,12 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
             cascade = any(isinstance(a, dict) and a.get("transcribe") is not None for a in audio)
             allowed = (len(audio),) if self._chat_applied and not cascade else (0, len(audio))
             if audio and req.args[0].count(AUDIO_MARKER) not in allowed:
-                self.planner.place_audio(req.args[0], len(audio))  # raises the clear error
+                self.planner.place_audio(req.args[0], len(audio), self._chat_applied)  # raises the clear error
             keys = [key_of[id(a)] if id(a) in key_of else key_of.setdefault(id(a), audio_key(a)) for a in audio]
             items.update(zip(keys, audio))
             per_request.append(keys)
-        self.planner.check_voice_language(requests, per_request)
-        return items, per_request, self.planner.resolve(items)
+        check_voice_language(self.audio_settings.tts_override, self.voice_language == "any", requests, per_request)
+        return items, per_request, self.audio.resolve(items)
 
     def _with_cut(self, truncated: str, cut: int, total: int) -> str:
         """A prompt cut to fit ``max_length`` is marked like a cut audio: its twin heard or read the
@@ -310,15 +331,15 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
                 out[i] = outcomes.failed(failed)
                 continue
             try:
-                seqs.append(self.planner.build(i, req.args[0], req.args[1], keys, req, want_span))
+                seqs.append(self.planner.build(i, req.args[0], req.args[1], keys, req, want_span, self._chat_applied))
             except AudioRequestError as err:  # e.g. the audio does not fit max_length: this item only
-                if self.fail_fast or not keys:
+                if self.audio_settings.fail_fast or not keys:
                     raise
                 out[i] = outcomes.failed(f"AudioRequestError: {err}")
                 continue
             if seqs[-1].cut:
                 truncated = self._with_cut(truncated, seqs[-1].cut, len(seqs[-1].tokens) + seqs[-1].cut + 1)
-            transcript = " | ".join(status[k].transcript for k in keys if status[k].transcript is not None)
+            transcript = seqs[-1].transcript
             if truncated or transcript:
                 marks[i] = (truncated, transcript)
         self._collect_lens_ids(seqs)

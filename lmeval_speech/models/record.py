@@ -37,10 +37,11 @@ class RunRecord:
         intervention = None
         if self.intervener is not None:  # where its calibration is saved changes no number
             intervention = {k: v for k, v in self.intervener.spec.to_dict().items() if k != "save_calibration"}
-        conditions = {"tts_override": self.tts_override or None,
-                      "noise": None if self.noise is None else self.noise.to_dict(),
+        a = self.audio_settings
+        conditions = {"tts_override": a.tts_override or None,
+                      "noise": None if a.noise is None else a.noise.to_dict(),
                       "intervention": intervention,
-                      "audio_overflow": self.audio_overflow, "max_audio_seconds": self.max_audio_seconds,
+                      "audio_overflow": a.audio_overflow, "max_audio_seconds": a.max_audio_seconds,
                       "max_length": self.max_length, "add_bos_token": self.add_bos_token,
                       "prefix_token_id": self.custom_prefix_token_id,
                       "spoken_form": SPOKEN_FORM_VERSION}  # how TTS texts are rewritten before synthesis
@@ -49,7 +50,7 @@ class RunRecord:
     @property
     def audio_log(self) -> dict[str, dict]:
         """Audio key -> what was done to it (fix-ups, truncation) or why it was not scored."""
-        return {k: ({"error": st.error} if st.error else st.notes) for k, st in self.planner.status.items()}
+        return {k: ({"error": st.error} if st.error else st.notes) for k, st in self.audio.status.items()}
 
     #: The record ``lslm`` keeps in lm-eval's ``--use_cache`` database (lm-eval keys results by request only).
     CACHE_CONDITIONS_KEY = "lmeval_speech:conditions"
@@ -84,9 +85,7 @@ class RunRecord:
         """lm-eval writes this into ``results["config"]``: the model's side of the run manifest."""
         return {"lmeval_speech": {
             "model": self.identity,
-            "settings": {"audio_overflow": self.audio_overflow, "max_audio_seconds": self.max_audio_seconds,
-                         "tts_override": self.tts_override or None, "fail_fast": self.fail_fast,
-                         "noise": None if self.noise is None else self.noise.to_dict(),
+            "settings": {**self.audio_settings.to_record(),
                          "max_length": self.max_length, "batch_size": self.batch_size,
                          "spoken_form": SPOKEN_FORM_VERSION},
             "conditions": self.conditions(),  # the one record every guard compares (lmeval_speech/conditions.py)

@@ -59,7 +59,7 @@ class SpeechEmbeddings:
 
 
 class BatchRunner:
-    """The scoring loop of ``LSLM`` (a mixin: it reads the model's backend, planner, embeddings,
+    """The scoring loop of ``LSLM`` (a mixin: it reads the model's backend, resolved audio, embeddings,
     capture and intervener from ``self``)."""
 
     # ------------------------------------------------------------------ forward
@@ -77,7 +77,7 @@ class BatchRunner:
         embeds = b.embed_tokens(ids)
         keys = [k for s in seqs for _, k, _ in s.audio]
         if keys:
-            speech = self.embeddings.get(keys, lambda k: self.planner.load(items[k])[0])
+            speech = self.embeddings.get(keys, lambda k: self.audio.clip(k, items[k]))
             embeds = embeds.clone()
             for i, s in enumerate(seqs):
                 for start, k, n in s.audio:
@@ -139,7 +139,7 @@ class BatchRunner:
 
         from lmeval_speech.models.lens import lens_ranks
 
-        audio_notes = [self.planner.status[k].notes for _, k, _ in s.audio] if s.audio else []
+        audio_notes = [self.audio.status[k].notes for _, k, _ in s.audio] if s.audio else []
         ids = self._lens_ids.get(s.twin_key) if s.audio else s.tokens[s.span[0]:s.span[1]]
         lens = partial(lens_ranks, self.backend_impl, len(self.backend_impl.decoder_layers))
         self.capture.add(s.request, bool(s.audio), states, audio_notes, s.input_sha256, lens=lens, lens_ids=ids)
