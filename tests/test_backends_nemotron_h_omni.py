@@ -202,3 +202,23 @@ def test_nemotron_h_omni_full_processor_agrees_with_its_audio_half(tiny_nemotron
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["input_features"], b["input_features"])
     chat = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Q"}]}]
     assert full.apply_chat_template(chat, tokenize=False) == half.apply_chat_template(chat, tokenize=False)
+
+
+@pytest.mark.slow  # ~3 s: transformers' generate loop over the torch Mamba path
+def test_nemotron_h_omni_generation_is_the_models(tiny_nemotron_dir):
+    """Greedy ``generate_until`` (speech embeddings in, the Mamba + attention cache of transformers' ``generate``)
+    decodes what the model's own ``generate`` on the processor's output decodes."""
+    model, proc = _nemotron(tiny_nemotron_dir)
+    lm = LSLM(pretrained=tiny_nemotron_dir, device="cpu", batch_size=2)
+    audio = tone(1.2, seed=5)
+    prompt = "Question: <audio>\nAnswer:"
+    kw = {"until": ["<never>"], "max_gen_toks": 4, "do_sample": False}
+    texts = ["Question: What is the capital of France?\nAnswer:"]
+    got = lm.generate_until([req(prompt, kw, {"audio": [{"array": audio, "sampling_rate": 16000}]},
+                                 kind="generate_until")] + [req(t, kw, kind="generate_until") for t in texts])
+    inputs = proc(text=prompt.replace("<audio>", AUDIO), audio=[audio], return_tensors="pt")
+    expected = [model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]]
+    for t in texts:
+        ids = proc.tokenizer(t, return_tensors="pt")
+        expected.append(model.generate(**ids, max_new_tokens=4, do_sample=False)[0, ids["input_ids"].shape[1]:])
+    assert got == [proc.tokenizer.decode(e, skip_special_tokens=True) for e in expected]

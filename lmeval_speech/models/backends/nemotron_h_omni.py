@@ -77,6 +77,12 @@ class NemotronHOmniBackend(Backend):
             raise NotImplementedError("Nemotron-H runs whole sequences (supports_prefix_cache = False: Mamba state)")
         return super().run_decoder(inputs_embeds, attention_mask, input_ids, output_hidden_states)
 
+    def generate(self, prompt_ids=None, **kwargs):
+        """The whole model's ``generate`` from ``inputs_embeds``: the LLM's own (``NemotronHForCausalLM``) refuses
+        embeddings (its ``prepare_inputs_for_generation`` does not name them); the multimodal class's forwards them
+        to the LLM with the hybrid cache transformers' ``generate`` builds for it."""
+        return self.model.generate(**kwargs)
+
     # ---- audio -----------------------------------------------------------------------------
     def num_audio_tokens(self, num_samples: int) -> int:
         """The count the processor's ``__call__`` writes: ``max(1, _estimate_audio_num_embeddings)``."""
