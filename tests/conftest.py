@@ -45,6 +45,27 @@ def build_tokenizer():
     return fast
 
 
+def multimodal_tokenizer(names: dict[str, str]):
+    """``build_tokenizer()`` with the named multimodal tokens (``{"audio_token": "<|AUDIO|>", ...}``) added where
+    missing and exposed as its attributes (``tok.audio_token``, ``tok.audio_token_id``), as a released multimodal
+    tokenizer declares them for its processor class; same chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    base = build_tokenizer()
+    base.add_tokens([t for t in names.values() if t not in base.get_vocab()], special_tokens=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                  extra_special_tokens=dict(names))
+    tok.chat_template = base.chat_template
+    return tok
+
+
+#: the multimodal token names of Qwen2.5-Omni's tokenizer, which ``Qwen2_5OmniProcessor`` reads
+OMNI_TOKENS = {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
+               "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+               "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

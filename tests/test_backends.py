@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tokenizer, tone
+from conftest import OMNI_TOKENS, build_tokenizer, multimodal_tokenizer, tone
 from lmeval_speech.models.lslm import LSLM
 from test_lslm import req, speech_requests
 
@@ -45,9 +45,12 @@ def _omni_thinker(tok):
 
 
 @pytest.fixture(scope="session")
-def tiny_omni_dir(tmp_path_factory, tokenizer):
+def tiny_omni_dir(tmp_path_factory):
+    """With the multimodal token names ``Qwen2_5OmniProcessor`` reads from the tokenizer; no processor chat
+    template (the tokenizer's is used), as before."""
     from transformers import WhisperFeatureExtractor
 
+    tokenizer = multimodal_tokenizer(OMNI_TOKENS)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny_qwen2_5_omni_thinker")
     _omni_thinker(tokenizer).save_pretrained(path)
@@ -57,9 +60,9 @@ def tiny_omni_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
-def tiny_omni_full_dir(tmp_path_factory, tiny_omni_dir, tokenizer):
+def tiny_omni_full_dir(tmp_path_factory, tiny_omni_dir):
     """A whole ``qwen2_5_omni`` checkpoint (weights under ``thinker.``) holding the thinker above."""
-    from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration,
+    from transformers import (AutoTokenizer, Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration,
                               Qwen2_5OmniThinkerForConditionalGeneration, WhisperFeatureExtractor)
 
     thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(tiny_omni_dir)
@@ -68,7 +71,7 @@ def tiny_omni_full_dir(tmp_path_factory, tiny_omni_dir, tokenizer):
     full.thinker.load_state_dict(thinker.state_dict())
     path = tmp_path_factory.mktemp("tiny_qwen2_5_omni")
     full.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_omni_dir).save_pretrained(path)
     WhisperFeatureExtractor(feature_size=128).save_pretrained(path)
     return str(path)
 
@@ -1081,8 +1084,8 @@ def save_tiny_phi4(path, speech_lora=True):
     file format: ``base_model.model.``-prefixed keys)."""
     from transformers import Phi4MultimodalConfig, Phi4MultimodalFeatureExtractor, Phi4MultimodalForCausalLM
 
-    tok = build_tokenizer()
-    tok.add_tokens(["<|endoftext10|>", "<|endoftext11|>", "<|user|>", "<|end|>", "<|assistant|>"], special_tokens=True)
+    tok = multimodal_tokenizer({"image_token": "<|endoftext10|>", "audio_token": "<|endoftext11|>"})
+    tok.add_tokens(["<|user|>", "<|end|>", "<|assistant|>"], special_tokens=True)
     ids = tok.convert_tokens_to_ids
     cfg = Phi4MultimodalConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -1381,10 +1384,14 @@ def test_a_tokenizer_without_template_text_still_records_a_chat_template(tiny_vo
     assert "own chat format" in lm.chat_template(True)
 
 
+# string content (a tokenizer's rendering) or content items (a processor's: Qwen2.5-Omni's processor, which reads
+# the checkpoint's chat_template.jinja, renders an audio item as its template does, <|audio_bos|><|AUDIO|><|audio_eos|>)
 CHATML_WITH_DEFAULT_SYSTEM = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.mark.parametrize("fixture,card", [

@@ -21,7 +21,8 @@ PARITY = {
     "qwen2_audio": ["test_lslm.py::test_speech_loglikelihood_matches_direct_processor_forward"],
     "qwen2_5_omni": ["test_backends.py::test_full_qwen2_5_omni_checkpoint_loads_its_thinker"],
     "qwen2_5_omni_thinker": ["test_backends.py::test_loglikelihood_matches_direct_forward",
-                             "test_backends_fixes.py::test_omni_audio_token_count_is_the_processor_modules"],
+                             "test_backends_fixes.py::test_omni_audio_token_count_is_the_processor_modules",
+                             "test_backends_processor_half.py::test_qwen2_5_omni_prompt_and_audio_tokens_are_its_processors"],
     "voxtral": ["test_backends.py::test_loglikelihood_matches_direct_forward"],
     "granite_speech": ["test_backends.py::test_loglikelihood_matches_direct_forward",
                        "test_backends_fixes.py::test_granite_scores_divide_the_installed_class_logits_by_logits_scaling"],
@@ -40,7 +41,16 @@ PARITY = {
                "test_backends_gemma4.py::test_gemma4_chat_template_and_generation"],
     "qwen3_omni_moe": ["test_backends.py::test_full_qwen3_omni_checkpoint_loads_its_thinker"],
     "qwen3_omni_moe_thinker": ["test_backends.py::test_qwen3_omni_loglikelihood_matches_the_thinker"],
-    "phi4_multimodal": ["test_backends.py::test_phi4_speech_uses_the_speech_lora_and_text_the_base_model"],
+    "phi4_multimodal": ["test_backends.py::test_phi4_speech_uses_the_speech_lora_and_text_the_base_model",
+                        "test_backends_processor_half.py::test_phi4_prompt_and_audio_tokens_are_its_processors"],
+    "nemotron_h_omni": ["test_backends_nemotron_h_omni.py::test_nemotron_h_omni_loglikelihood_matches_the_processor_and_model",
+                        "test_backends_nemotron_h_omni.py::test_nemotron_h_omni_audio_token_count_is_the_processors",
+                        "test_backends_nemotron_h_omni.py::test_nemotron_h_omni_has_no_prefix_sharing_and_scores_whole_sequences",
+                        "test_backends_nemotron_h_omni.py::test_nemotron_h_omni_text_twin_matches_the_model",
+                        "test_backends_nemotron_h_omni.py::test_nemotron_h_omni_captures_speech_and_text_states",
+                        "test_backends_nemotron_h_omni.py::test_nemotron_h_omni_interventions_are_exact_and_local",
+                        "test_backends_nemotron_h_omni.py::test_nemotron_h_omni_chat_template_is_the_processors",
+                        "test_backends_nemotron_h_omni.py::test_nemotron_h_omni_generation_is_the_models"],
     "lmeval_speech_mini": ["test_mini_model.py::test_processor_and_forward_use_the_content_dependent_token_count"],
 }
 
@@ -89,7 +99,7 @@ def found():
 def test_the_enumeration_finds_the_known_audio_llms(found):
     """The walk is not empty by accident: the families run today and well-known ASR models are found by it."""
     assert {"qwen2_audio", "qwen2_5_omni_thinker", "voxtral", "granite_speech", "audioflamingo3", "gemma3n",
-            "qwen3_omni_moe_thinker", "phi4_multimodal", "whisper"} <= set(found)
+            "qwen3_omni_moe_thinker", "phi4_multimodal", "nemotron_h_omni", "whisper"} <= set(found)
     assert "llama" not in found and "wav2vec2" not in found  # text only; audio in, CTC out
 
 

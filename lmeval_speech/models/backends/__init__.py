@@ -18,6 +18,7 @@ SPEECH_BACKENDS = {
     "qwen3_omni_moe": "lmeval_speech.models.backends.qwen3_omni_moe:Qwen3OmniMoeThinkerBackend",
     "qwen3_omni_moe_thinker": "lmeval_speech.models.backends.qwen3_omni_moe:Qwen3OmniMoeThinkerBackend",
     "phi4_multimodal": "lmeval_speech.models.backends.phi4_multimodal:Phi4MultimodalBackend",
+    "nemotron_h_omni": "lmeval_speech.models.backends.nemotron_h_omni:NemotronHOmniBackend",
     "lmeval_speech_mini": "lmeval_speech.mini.backend:MiniBackend",
 }
 TEXT_BACKEND = "lmeval_speech.models.backends.causal_lm:CausalLMBackend"

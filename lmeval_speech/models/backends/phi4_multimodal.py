@@ -17,9 +17,10 @@ What is specific to this family:
   "speech" projection mode. Clips are featurized one at a time (a batch is padded to its longest clip).
   Neither the feature extractor nor the encoder sets a length limit; lslm takes up to 30 min per clip
   (its own cap), past that it cuts and flags.
-* ``Phi4MultimodalProcessor`` needs torchvision (its image processor): the feature extractor and the
-  tokenizer are used directly, with the processor's rule (the audio token repeated ``audio_embed_sizes``
-  times), so there is no processor chat template.
+* The processor is ``Phi4MultimodalProcessor``, loaded whole where torchvision imports and as its audio half
+  otherwise (``processor_half``: the same class without its image processor): its tokenizer, its audio token
+  (``audio_placeholder``: its ``__call__`` repeats it ``audio_embed_sizes`` times), its chat template where the
+  checkpoint ships one (rendered by transformers), and its audio processor (``Phi4MultimodalFeatureExtractor``).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Phi4MultimodalBackend(Backend):
 
     def __init__(self, model, tokenizer, processor=None, has_speech_lora: bool = False):
         super().__init__(model, tokenizer, processor)
-        token = getattr(tokenizer, "audio_token", None)  # the processor's name for it, when the tokenizer has one
+        token = getattr(processor, "audio_token", None)  # the processor's name for it (read from the tokenizer)
         if not token or tokenizer.convert_tokens_to_ids(token) != self.audio_token_id:
             token = tokenizer.convert_ids_to_tokens(self.audio_token_id)
         self.audio_placeholder = token
@@ -79,10 +80,11 @@ class Phi4MultimodalBackend(Backend):
     @classmethod
     def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
         from pathlib import Path
-        from types import SimpleNamespace
 
-        from transformers import AutoTokenizer, Phi4MultimodalFeatureExtractor, Phi4MultimodalForCausalLM
+        from transformers import Phi4MultimodalForCausalLM, Phi4MultimodalProcessor
         from transformers.utils import cached_file
+
+        from .processor_half import load_processor
 
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
         model = Phi4MultimodalForCausalLM.from_pretrained(path, dtype=dtype, **kw, **load)
@@ -94,10 +96,8 @@ class Phi4MultimodalBackend(Backend):
         else:
             log.warning("%s has no speech-lora/ adapter: speech twins run the base model, not the speech LoRA "
                         "its authors apply to audio inputs", path)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        processor = SimpleNamespace(tokenizer=tokenizer,
-                                    feature_extractor=Phi4MultimodalFeatureExtractor.from_pretrained(path, **kw))
-        backend = cls(model, tokenizer, processor, has_speech_lora=bool(found))
+        processor = load_processor(Phi4MultimodalProcessor, path, **kw)  # whole, or its audio half without torchvision
+        backend = cls(model, processor.tokenizer, processor, has_speech_lora=bool(found))
         if found:  # hashed into the run's model identity: runs with and without the LoRA never look alike
             backend.adapter_file = str(Path(found).parent / "adapter_model.safetensors")
         return backend
@@ -112,9 +112,14 @@ class Phi4MultimodalBackend(Backend):
         self._audio_mode = has_audio
 
     # ---- audio -----------------------------------------------------------------------------
+    @property
+    def audio_processor(self):
+        """The processor's ``Phi4MultimodalFeatureExtractor`` (its ``audio_processor``)."""
+        return self.processor.audio_processor
+
     def num_audio_tokens(self, num_samples: int) -> int:
         """``Phi4MultimodalFeatureExtractor``'s ``audio_embed_sizes`` for a clip of ``num_samples``."""
-        fe = self.processor.feature_extractor
+        fe = self.audio_processor
         frames = ((int(num_samples) - fe.win_length) // fe.hop_length + 1) * fe.audio_feat_stride
         return int(fe._compute_audio_embed_size(torch.tensor([frames]))[0])
 
@@ -133,7 +138,7 @@ class Phi4MultimodalBackend(Backend):
                 set_adapters(self.model, False)
 
     def _encode_one(self, array):
-        feats = self.processor.feature_extractor([array], sampling_rate=self.sampling_rate, return_tensors="pt")
+        feats = self.audio_processor([array], sampling_rate=self.sampling_rate, return_tensors="pt")
         n = int(feats["audio_embed_sizes"][0])
         ids = torch.full((1, n), self.audio_token_id, device=self.model.device)
         slots = torch.zeros((1, n, self.model.config.hidden_size), device=self.model.device, dtype=self.model.dtype)

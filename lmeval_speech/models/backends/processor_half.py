@@ -46,5 +46,6 @@ def load_processor(processor_cls, path, *, revision=None, trust_remote_code=Fals
     halves = processor_cls.get_attributes()  # tokenizer, the audio processor (under its own name), image/video ones
     parts = {name: None if name in VISION_HALVES else AutoTokenizer.from_pretrained(path, **kw) if name == "tokenizer"
              else AutoFeatureExtractor.from_pretrained(path, **kw) for name in halves}
-    own = {k: v for k, v in settings.items() if k in init and k not in halves}
+    # its own settings; the chat template also where ``__init__`` takes it through ``**kwargs`` (Phi-4's processor)
+    own = {k: v for k, v in settings.items() if (k in init or k == "chat_template") and k not in halves}
     return audio_half_class(processor_cls)(**parts, **own)

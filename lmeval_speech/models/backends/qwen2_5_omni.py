@@ -12,14 +12,14 @@ What is specific to this family:
 * The decoder uses multimodal RoPE: position ids come from the thinker's ``get_rope_index`` (3 rows,
   one per time/height/width section), computed here from the expanded ids and the attention mask
   exactly as the thinker's forward computes them.
-* The processor needs torchvision (image/video processors), so the adapter uses its audio half only:
-  the checkpoint's ``WhisperFeatureExtractor`` with the processor's call convention
-  (``padding="max_length"``, attention mask) and the tokenizer.
+* The processor is ``Qwen2_5OmniProcessor``, loaded whole where torchvision imports and as its audio half
+  otherwise (``processor_half``: the same class without its image and video processors): its tokenizer, its
+  audio token names (``audio_placeholder``), its own count (``_get_num_audio_tokens``), its chat template where
+  the checkpoint ships one (rendered by transformers), and its ``WhisperFeatureExtractor`` called as its
+  ``_process_audio`` calls it (``padding="max_length"``, attention mask).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -34,25 +34,25 @@ class Qwen25OmniThinkerBackend(MRopeBackend, WhisperStyleBackend, ComposedSpeech
 
     def __init__(self, model, tokenizer, processor=None):
         super().__init__(model, tokenizer, processor)
+        names = [getattr(processor, n, None) for n in ("audio_bos_token", "audio_token", "audio_eos_token")]
+        if all(names):  # the processor's names for its audio tokens (read from the tokenizer)
+            self.audio_placeholder = "".join(names)
         fe = self.feature_extractor
         self.max_audio_seconds = fe.n_samples / fe.sampling_rate  # the window the feature extractor pads to
 
     @classmethod
     def from_pretrained(cls, path, *, dtype, revision=None, trust_remote_code=False, **load):
-        from types import SimpleNamespace
+        from transformers import AutoConfig, Qwen2_5OmniProcessor, Qwen2_5OmniThinkerForConditionalGeneration
 
-        from transformers import (AutoConfig, AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration,
-                                  WhisperFeatureExtractor)
+        from .processor_half import load_processor
 
         kw = dict(revision=revision, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(path, **kw)
         if config.model_type == "qwen2_5_omni":  # full checkpoint: build and load the thinker only
             config = config.thinker_config
         model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **kw, **load)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        processor = SimpleNamespace(tokenizer=tokenizer, feature_extractor=WhisperFeatureExtractor.from_pretrained(path, **kw))
-        return cls(model, tokenizer, processor)
-
+        processor = load_processor(Qwen2_5OmniProcessor, path, **kw)  # whole, or its audio half without torchvision
+        return cls(model, processor.tokenizer, processor)
 
     @staticmethod
     def _output_length(frames):
@@ -62,8 +62,9 @@ class Qwen25OmniThinkerBackend(MRopeBackend, WhisperStyleBackend, ComposedSpeech
         return _get_feat_extract_output_lengths(frames)
 
     def num_audio_tokens(self, num_samples: int) -> int:
-        fe = self.feature_extractor  # as Qwen2_5OmniProcessor._get_num_audio_tokens
-        return self._output_length(min(math.ceil(num_samples / fe.hop_length), fe.nb_max_frames))
+        """``Qwen2_5OmniProcessor._get_num_audio_tokens``: the processor's own count (equal to the one its
+        ``__call__`` writes from the feature extractor's mask: tested)."""
+        return int(self.processor._get_num_audio_tokens(int(num_samples)))
 
     @torch.no_grad()
     def encode_audio(self, arrays):
