@@ -5,7 +5,7 @@ bfloat16 (the roofline); (2) a fixed sample of the demo (``--task``, ``--limit``
 twins, ``lslm`` on ``pretrained=mini``, float32), each phase timed by wrapping the backend's methods, with
 the FLOPs each phase *executed* (padding included) and the FLOPs of real tokens:
 
-* audio preparation (``Planner.resolve``: TTS cache or synthesis, loading; the encoder's token counting),
+* audio preparation (``AudioResolver.resolve``: TTS cache or synthesis, loading; the encoder's token counting),
 * encoder + adapter (``encode_audio``: log-mel, Whisper tiny.en, the CTC adapter),
 * decoder prefix (``run_decoder``: each item's shared context once) and continuations (``run_continuation``),
 * the LM head at scored positions (``logits``),
@@ -120,7 +120,7 @@ def main() -> None:
         return 2 * d * vocab * positions, 2 * d * vocab * positions
 
     ph = Phases()
-    ph.wrap(lm.planner, "resolve", "audio preparation (TTS cache, loading)")
+    ph.wrap(lm.audio, "resolve", "audio preparation (TTS cache, loading)")
     ph.wrap(b, "encode_audio", "encoder + adapter")
     ph.wrap(b, "run_decoder", "decoder prefix", count_prefix)
     ph.wrap(b, "run_continuation", "decoder continuations", count_cont)

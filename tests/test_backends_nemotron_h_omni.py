@@ -108,7 +108,7 @@ def test_nemotron_h_omni_loglikelihood_matches_the_processor_and_model(tiny_nemo
 
     lm = check_parity(tiny_nemotron_dir, speech_requests((1.0, 2.3, 0.7)), nemotron_reference)
     assert type(lm.backend_impl) is NemotronHOmniBackend
-    assert [s.n_tokens for s in lm.planner.status.values()] == [13, 29, 9]  # 80 ms a token
+    assert [s.n_tokens for s in lm.audio.status.values()] == [13, 29, 9]  # 80 ms a token
 
 
 @pytest.mark.parametrize("samples", [1, 159, 1_281, 16_001, 16_161, 36_799])
