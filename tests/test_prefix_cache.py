@@ -38,11 +38,12 @@ def cloze_requests(n_items=3, twins=("speech", "text")):
 
 
 def count_calls(lm):
-    calls = {"prefix": 0, "continuation": 0}
+    calls = {"prefix": 0, "continuation": 0, "packed": 0}
     b = lm.backend_impl
-    real_dec, real_cont = b.run_decoder, b.run_continuation
+    real_dec, real_cont, real_packed = b.run_decoder, b.run_continuation, b.run_packed
     b.run_decoder = lambda *a, **k: calls.__setitem__("prefix", calls["prefix"] + 1) or real_dec(*a, **k)
     b.run_continuation = lambda *a, **k: calls.__setitem__("continuation", calls["continuation"] + 1) or real_cont(*a, **k)
+    b.run_packed = lambda *a, **k: calls.__setitem__("packed", calls["packed"] + 1) or real_packed(*a, **k)
     return calls
 
 
@@ -63,8 +64,10 @@ def test_prefix_cache_gives_the_same_loglikelihoods_with_one_pass_per_item(fixtu
         whole = LSLM(pretrained=path, device="cpu", batch_size=2, prefix_cache=False, dtype=dtype)
         whole_calls = count_calls(whole)
         expected = whole.loglikelihood(reqs)
-        for bs in (1, 3) if dtype == torch.float64 or len(precisions) == 1 else (3,):
+        for bs, pack in ((1, True), (3, True), (3, False)) if dtype == torch.float64 or len(precisions) == 1 \
+                else ((3, True),):
             lm = LSLM(pretrained=path, device="cpu", batch_size=bs, dtype=dtype)
+            lm.pack_tails = pack  # the continuations packed one row per prefix (run_packed), or one row each
             calls = count_calls(lm)
             got = lm.loglikelihood(reqs)
             np.testing.assert_allclose([g for g, _ in got], [e for e, _ in expected], atol=atol, rtol=rtol)
@@ -72,6 +75,8 @@ def test_prefix_cache_gives_the_same_loglikelihoods_with_one_pass_per_item(fixtu
             # one pass over each of the 6 contexts (3 items x speech/text twin), in batches of bs
             n_prefix = sum(-(-k // bs) for k in ((3, 3) if lm.backend_impl.modality_dependent else (6,)))
             assert calls["prefix"] == n_prefix
+            # packed: one continuation pass per prefix batch; else chunks of bs rows of the 12 per batch's items
+            assert (calls["packed"], calls["continuation"] > 0) == ((n_prefix, False) if pack else (0, True))
         # the old path ran each choice whole: 4 passes per context (all continuations differ)
         assert whole_calls["prefix"] == sum(-(-k // 2) for k in ((12, 12) if whole.backend_impl.modality_dependent else (24,)))
         assert whole_calls["continuation"] == 0
@@ -93,13 +98,16 @@ def test_text_only_model_and_one_token_choices(tiny_llama_dir):
     reqs = [r for r in cloze_requests(twins=("text",))]
     reqs += [Instance("loglikelihood", {}, ("Question: 2+2?\nAnswer:", c), i, ("x", 9, 1)) for i, c in enumerate([" A", " B"])]
     expected = LSLM(pretrained=tiny_llama_dir, device="cpu", batch_size=4, prefix_cache=False).loglikelihood(reqs)
-    lm = LSLM(pretrained=tiny_llama_dir, device="cpu", batch_size=4)
-    calls = count_calls(lm)
-    got = lm.loglikelihood(reqs)
-    np.testing.assert_allclose([g for g, _ in got], [e for e, _ in expected], atol=1e-5, rtol=0)
-    assert [g for _, g in got] == [g for _, g in expected]
-    assert calls["prefix"] == 1  # 4 contexts in one batch of 4
-    assert calls["continuation"] == 3  # 3 items x 3 multi-token choices = 9 rows in chunks of 4
+    for pack in (True, False):
+        lm = LSLM(pretrained=tiny_llama_dir, device="cpu", batch_size=4)
+        lm.pack_tails = pack
+        calls = count_calls(lm)
+        got = lm.loglikelihood(reqs)
+        np.testing.assert_allclose([g for g, _ in got], [e for e, _ in expected], atol=1e-5, rtol=0)
+        assert [g for _, g in got] == [g for _, g in expected]
+        assert calls["prefix"] == 1  # 4 contexts in one batch of 4
+        # packed: the 9 multi-token choices (3 items x 3) in one pass of 4 rows; else 9 rows in chunks of 4
+        assert (calls["packed"], calls["continuation"]) == ((1, 0) if pack else (0, 3))
 
 
 @pytest.mark.slow

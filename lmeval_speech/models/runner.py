@@ -247,6 +247,9 @@ class BatchRunner:
         lens = torch.tensor([len(p.tokens) for p in prefixes], device=out.last_hidden.device)
         first = b.logits(out.last_hidden[torch.arange(len(prefixes), device=lens.device), lens - 1])
         hidden: dict[int, torch.Tensor] = {}
+        if tails and self.pack_tails and b.packed_continuations:
+            hidden = self._packed_tails(b, out, mask, tails, len(prefixes))
+            tails = []
         # the continuations, in chunks of at most batch_size rows (each holds a copy of its prefix's cache)
         step = max(1, self.batch_size)
         for lo in range(0, len(tails), step):
@@ -281,6 +284,43 @@ class BatchRunner:
                 scored.append((s, self._read(logits, s.cont)))
         return scored
 
+    def _packed_tails(self, b, out, mask, tails, n_rows) -> dict[int, torch.Tensor]:
+        """Every continuation of the batch in one decoder pass, packed (``run_packed``): each prefix's
+        continuations back to back in rows of one width (the longest continuation, or the batch's tokens
+        over its prefixes if more), so a prefix with many long choices takes two rows rather than widening
+        every row; a prefix row is copied only where it needs two rows, or where some prefix needs none."""
+        by_row: dict[int, list] = {}
+        for r, s in tails:
+            by_row.setdefault(r, []).append(s)
+        length = {id(s): len(s.cont) - 1 for _, s in tails}
+        width = max(max(length.values()), -(-sum(length.values()) // n_rows))
+        packed: list[tuple[int, list]] = []  # (prefix row, its continuations in this packed row)
+        for r in sorted(by_row):
+            row: list = []
+            for s in sorted(by_row[r], key=lambda s: -length[id(s)]):
+                if row and sum(length[id(x)] for x in row) + length[id(s)] > width:
+                    packed.append((r, row))
+                    row = []
+                row.append(s)
+            packed.append((r, row))
+        width = max(sum(length[id(s)] for s in row) for _, row in packed)
+        ids = torch.full((len(packed), width), self._pad_id, dtype=torch.long)
+        seg = torch.full((len(packed), width), -1, dtype=torch.long)
+        off = torch.zeros((len(packed), width), dtype=torch.long)
+        where = []
+        for i, (_, row) in enumerate(packed):
+            lo = 0
+            for k, s in enumerate(row):
+                n = length[id(s)]
+                ids[i, lo : lo + n] = torch.tensor(s.tokens[len(s.tokens) - n :])
+                seg[i, lo : lo + n], off[i, lo : lo + n] = k, torch.arange(n)
+                where.append((s, i, lo, n))
+                lo += n
+        sources = [r for r, _ in packed]
+        rows = None if sources == list(range(n_rows)) else torch.tensor(sources, device=mask.device)
+        h = b.run_packed(out, mask, ids.to(mask.device), seg, off, rows)
+        return {id(s): h[i, lo : lo + n] for s, i, lo, n in where}
+
     def _set_modality(self, batch: list[Seq]) -> None:
         b = self.backend_impl
         if b.modality_dependent:
@@ -295,6 +335,10 @@ class BatchRunner:
     #: Chunk a batch's continuations by length (shortest first) rather than by item; the numbers are the
     #: same up to float rounding (other padding: 3e-5 on MMLU), the padding less. ``benchmarks/bench_continuations.py`` times both.
     sort_tails: bool = True
+
+    #: Run a batch's continuations packed, one row per prefix (where the backend allows): the same numbers up to
+    #: float rounding, without a copy of the prefix's cache per continuation. ``benchmarks/roofline.py`` times both.
+    pack_tails: bool = True
 
     #: Callables ``hook(lm, [(seq, result), ...])`` run after every scored batch (tests use one to
     #: interrupt a run at a chosen batch; nothing in the package installs one).

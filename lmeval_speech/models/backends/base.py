@@ -72,6 +72,10 @@ class Backend:
     #: runner may score an item's choices from one pass over their context (tested per backend in
     #: tests/test_prefix_cache.py); a backend that is not tested that way sets False.
     supports_prefix_cache: ClassVar[bool] = True
+    #: With prefix sharing, a batch's continuations run as one packed row per prefix (``run_packed``: a 4D
+    #: attention mask, positions restarting per continuation) rather than one row per continuation holding a
+    #: copy of its prefix's cache; tested against the whole sequences per backend (tests/test_prefix_cache.py).
+    packed_continuations: ClassVar[bool] = True
     #: Scores do not depend on which other sequences share a batch. False where the RoPE frequencies are
     #: chosen from the longest position of the pass (``length_dependent_rope``): each sequence then runs alone.
     batch_independent: ClassVar[bool] = True
@@ -186,6 +190,30 @@ class Backend:
             cache=select_rows(prefix.past, rows),
             use_cache=True,
         )
+        return out.last_hidden_state
+
+    def run_packed(self, prefix: DecoderOutput, prefix_mask, input_ids, segments, offsets, rows=None) -> torch.Tensor:
+        """Last hidden states of every continuation of a batch in one pass: row r of ``input_ids`` [B, W]
+        holds the text tokens of prefix row r's continuations back to back (``segments`` [B, W]: which
+        continuation each token belongs to, -1 for padding; ``offsets``: each token's index inside its
+        continuation). A 4D mask lets each token see its prefix and the earlier tokens of its own
+        continuation only, and positions restart after the prefix for each continuation: the numbers of
+        ``run_continuation``, with one row per prefix instead of a copy of the prefix's cache per
+        continuation. ``rows`` [B]: the prefix row of each packed row (repeats allowed: a copy of those
+        rows' cache); ``None``: row r extends prefix row r, whose cache is extended in place (used once)."""
+        bsz, width = input_ids.shape
+        cache, start = prefix.past, prefix.next_position
+        if rows is not None:
+            cache, start, prefix_mask = select_rows(cache, rows), start.index_select(0, rows), prefix_mask.index_select(0, rows)
+        seg, offsets = segments.to(prefix_mask.device), offsets.to(prefix_mask.device)
+        idx = torch.arange(width, device=seg.device)
+        own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & (idx[:, None] >= idx[None, :])
+        own = own | torch.eye(width, dtype=torch.bool, device=seg.device)  # padding sees itself: no NaN rows
+        mask = torch.cat([prefix_mask.bool()[:, None, :].expand(bsz, width, -1), own], dim=2)[:, None]
+        positions = self.continuation_positions(start, width)
+        positions = positions.gather(-1, offsets.expand_as(positions))
+        out = self.decoder(inputs_embeds=self.embed_tokens(input_ids), attention_mask=mask, position_ids=positions,
+                           cache=cache, use_cache=True)
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
