@@ -1,4 +1,4 @@
-"""Continuations chunked by length vs by item, same model, same MMLU requests, same run.
+"""Continuations chunked by item, by length, or packed one row per prefix: same model, same MMLU requests, same run.
 
     python benchmarks/bench_continuations.py [--per-subject 2] [--batch-size 8] [--threads 1] [--repeats 3]
 
@@ -8,7 +8,8 @@ one token to dozens, so chunks made of whole items pad a lot; ``lslm`` now sorts
 continuations by length first (``BatchRunner.sort_tails``). This script scores the text twin's
 requests of ``speech_mmlu_continuation`` (the first ``--per-subject`` items of each of MMLU's 57
 subjects, ``Question: ...\\nAnswer:`` + `` <choice>``) on the embedded model's LLM (SmolLM2-135M,
-float32) with ``sort_tails`` on and off, interleaved, best of ``--repeats``; it prints requests/s,
+float32) with ``sort_tails`` on and off and packed (``pack_tails``: one row per prefix, ``run_packed``),
+interleaved, best of ``--repeats``; it prints requests/s,
 the ratio, the continuation tokens computed (real and padded, counted from the same requests) and the
 largest log-likelihood difference between the two. Torch is pinned to ``--threads`` (default 1).
 """
@@ -86,25 +87,28 @@ def main() -> None:
     lm = LSLM(pretrained="mini", device="cpu", batch_size=args.batch_size)
     reqs = requests(args.per_subject)
     lm.loglikelihood(reqs[:16], disable_tqdm=True)  # warm-up
-    best, lls = {True: float("inf"), False: float("inf")}, {}
+    variants = {"by item (rows)": (False, False), "by length (rows)": (True, False), "packed (now)": (True, True)}
+    best, lls = {v: float("inf") for v in variants}, {}
     for _ in range(args.repeats):
-        for sort in (False, True):
-            lm.sort_tails = sort
+        for name, (sort, pack) in variants.items():
+            lm.sort_tails, lm.pack_tails = sort, pack
             start = time.perf_counter()
             res = lm.loglikelihood(reqs, disable_tqdm=True)
-            best[sort] = min(best[sort], time.perf_counter() - start)
-            lls[sort] = np.array([ll for ll, _ in res])
+            best[name] = min(best[name], time.perf_counter() - start)
+            lls[name] = np.array([ll for ll, _ in res])
     tokens = {sort: padded_tokens(lm, reqs, sort) for sort in (False, True)}
     print(machine_info(args.threads))
     print(f"embedded model's LLM (SmolLM2-135M, float32), batch {args.batch_size}, {len(reqs) // 4} MMLU items x 4 "
           f"choices (first {args.per_subject} of each subject), best of {args.repeats} interleaved repeats")
-    print("| continuations chunked | req/s | continuation tokens (real / padded) | ratio |")
+    first = next(iter(variants))
+    print("| continuations | req/s | continuation tokens (real / padded) | speed-up vs by item |")
     print("|---|---:|---:|---:|")
-    for sort, name in ((False, "by item (before)"), (True, "by length (now)")):
+    for name, (sort, pack) in variants.items():
         real, padded = tokens[sort]
-        print(f"| {name} | {len(reqs) / best[sort]:.1f} | {real} / {padded} ({padded / real:.2f}x) | "
-              f"{best[False] / best[sort]:.2f}x |")
-    print(f"max |d ll| between the two: {float(np.max(np.abs(lls[True] - lls[False]))):.1e}")
+        pad = "(one row per prefix)" if pack else f"{real} / {padded} ({padded / real:.2f}x)"
+        print(f"| {name} | {len(reqs) / best[name]:.1f} | {pad} | {best[first] / best[name]:.2f}x |")
+    for name in list(variants)[1:]:
+        print(f"max |d ll| {name} vs {first}: {float(np.max(np.abs(lls[name] - lls[first]))):.1e}")
 
 
 if __name__ == "__main__":

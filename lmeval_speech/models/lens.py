@@ -15,6 +15,9 @@ import torch
 
 #: ranks are exact up to here; a token outside the top RANK_CAP logits is stored as RANK_CAP
 RANK_CAP = 1000
+#: positions (of all hidden-state indices together) per LM-head product: large enough to read the head once
+#: per many rows, small enough for the [rows x vocabulary] logits (512 x 49k float32: 100 MB)
+LENS_ROWS = 512
 
 
 @torch.no_grad()
@@ -25,14 +28,17 @@ def lens_ranks(backend, n_layers: int, states: torch.Tensor, indices: list[int],
     in the lens logits at each position."""
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     norm = backend.final_norm
-    out = []
-    for h, index in zip(states, indices):
-        x = h if index == n_layers or norm is None else norm(h)
-        logits = backend.logits(x).float()  # [P, V]
-        chosen = logits[:, ids.to(logits.device)]  # [P, Q]
+    n_idx, n_pos = states.shape[0], states.shape[1]
+    # every index's states through the norm (not the last index: already normed), then the head in chunks of
+    # rows over all indices together: one read of the [vocabulary x hidden] head per chunk, not one per index
+    x = torch.cat([h if index == n_layers or norm is None else norm(h) for h, index in zip(states, indices)])
+    out, vocab = [], 0
+    for chunk in x.split(LENS_ROWS) or (x,):
+        logits = backend.logits(chunk).float()  # [rows, V]
+        vocab = logits.shape[-1]
+        chosen = logits[:, ids.to(logits.device)]  # [rows, Q]
         # rank = how many logits beat the token's, counted among the row's top RANK_CAP only (a partial
         # selection, not a sort of the vocabulary): exact below the cap, RANK_CAP for a token outside it
-        top = logits.topk(min(RANK_CAP, logits.shape[-1]), dim=-1).values  # [P, K], descending
-        greater = (top[:, None, :] > chosen[:, :, None]).sum(-1)
-        out.append(greater.to(torch.int32).cpu())
-    return torch.stack(out).numpy(), int(logits.shape[-1])
+        top = logits.topk(min(RANK_CAP, vocab), dim=-1).values  # [rows, K], descending
+        out.append((top[:, None, :] > chosen[:, :, None]).sum(-1).to(torch.int32).cpu())
+    return torch.cat(out).reshape(n_idx, n_pos, len(ids)).numpy(), int(vocab)

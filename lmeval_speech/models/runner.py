@@ -247,7 +247,7 @@ class BatchRunner:
         lens = torch.tensor([len(p.tokens) for p in prefixes], device=out.last_hidden.device)
         first = b.logits(out.last_hidden[torch.arange(len(prefixes), device=lens.device), lens - 1])
         hidden: dict[int, torch.Tensor] = {}
-        if tails and self.pack_tails and b.packed_continuations:
+        if tails and self.pack_tails and b.packs:
             hidden = self._packed_tails(b, out, mask, tails, len(prefixes))
             tails = []
         # the continuations, in chunks of at most batch_size rows (each holds a copy of its prefix's cache)

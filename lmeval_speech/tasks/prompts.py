@@ -179,18 +179,6 @@ def _with_control_audio(dataset: datasets.Dataset, audio_fn) -> datasets.Dataset
     return dataset.add_column("control_from", perm).add_column("control_audio", [own[j] for j in perm])
 
 
-def shuffled_mmlu_docs(dataset):
-    return _with_control_audio(dataset, mmlu_audio)
-
-
-def shuffled_question_docs(dataset):
-    return _with_control_audio(dataset, question_audio)
-
-
-def shuffled_openbookqa_docs(dataset):
-    return _with_control_audio(dataset, openbookqa_audio)
-
-
 def shuffled_voicebench_docs(dataset):
     return _with_control_audio(voicebench_docs(dataset), recorded_audio)
 
@@ -203,22 +191,6 @@ def _silence(refs: list[dict]) -> list[dict]:
     return [{"silence_like": ref} for ref in refs]
 
 
-def silence_mmlu_audio(doc):
-    return _silence(mmlu_audio(doc))
-
-
-def silence_question_audio(doc):
-    return _silence(question_audio(doc))
-
-
-def silence_openbookqa_audio(doc):
-    return _silence(openbookqa_audio(doc))
-
-
-def silence_recorded_audio(doc):
-    return _silence(recorded_audio(doc))
-
-
 # ---- cascade twin: the speech twin's own audio, transcribed by ASR, read by the LLM as text
 
 #: The ASR every cascade task asks for (``lmeval_speech.audio.asr.ASRSpec``).
@@ -229,20 +201,33 @@ def _transcribed(refs: list[dict]) -> list[dict]:
     return [{"transcribe": ref, "asr": ASR} for ref in refs]
 
 
-def cascade_mmlu_audio(doc):
-    return _transcribed(mmlu_audio(doc))
+#: The speech twin's audio of each task family: the prior controls and the cascade twin are built from it.
+FAMILY_AUDIO = {"mmlu": mmlu_audio, "question": question_audio, "openbookqa": openbookqa_audio,
+                "recorded": recorded_audio}
+
+#: Each control or twin as (the name the YAMLs use, how it is made from the family's audio function).
+DERIVED = {
+    "shuffled_{}_docs": lambda audio_fn: lambda dataset: _with_control_audio(dataset, audio_fn),  # another item's audio
+    "silence_{}_audio": lambda audio_fn: lambda doc: _silence(audio_fn(doc)),  # silence of the item's length
+    "cascade_{}_audio": lambda audio_fn: lambda doc: _transcribed(audio_fn(doc)),  # its audio, read through ASR
+}
 
 
-def cascade_question_audio(doc):
-    return _transcribed(question_audio(doc))
+def _derive() -> None:
+    """One module function per (family, control): ``shuffled_mmlu_docs``, ``silence_question_audio``,
+    ``cascade_recorded_audio``, ... (the names the generated YAMLs reference)."""
+    for pattern, make in DERIVED.items():
+        for family, audio_fn in FAMILY_AUDIO.items():
+            name = pattern.format(family)
+            if name in globals():  # written by hand (VoiceBench's shuffled docs expand its rows first)
+                continue
+            fn = make(audio_fn)
+            fn.__name__ = fn.__qualname__ = name
+            fn.__module__ = __name__
+            globals()[name] = fn
 
 
-def cascade_openbookqa_audio(doc):
-    return _transcribed(openbookqa_audio(doc))
-
-
-def cascade_recorded_audio(doc):
-    return _transcribed(recorded_audio(doc))
+_derive()
 
 
 mmlu_cascade_results = mc_results(mmlu_gold, letters, norm=False, spoken=twins.mmlu_letter_spoken)

@@ -209,12 +209,23 @@ class Backend:
         idx = torch.arange(width, device=seg.device)
         own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & (idx[:, None] >= idx[None, :])
         own = own | torch.eye(width, dtype=torch.bool, device=seg.device)  # padding sees itself: no NaN rows
-        mask = torch.cat([prefix_mask.bool()[:, None, :].expand(bsz, width, -1), own], dim=2)[:, None]
+        seen = torch.cat([prefix_mask.bool()[:, None, :].expand(bsz, width, -1), own], dim=2)[:, None]
+        # additive (0 where seen, the dtype's minimum elsewhere): what eager attention adds to its scores and
+        # SDPA takes as a float mask (a boolean mask would be added as 0/1 by eager attention)
+        embeds = self.embed_tokens(input_ids)
+        mask = torch.zeros(seen.shape, dtype=embeds.dtype, device=seen.device).masked_fill(~seen, torch.finfo(embeds.dtype).min)
         positions = self.continuation_positions(start, width)
         positions = positions.gather(-1, offsets.expand_as(positions))
-        out = self.decoder(inputs_embeds=self.embed_tokens(input_ids), attention_mask=mask, position_ids=positions,
-                           cache=cache, use_cache=True)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         return out.last_hidden_state
+
+    @property
+    def packs(self) -> bool:
+        """Whether ``run_packed`` may be used: the family allows it and its attention takes a 4D additive mask
+        as given (eager, SDPA; not FlashAttention or flex attention, which build their own)."""
+        config = self.language_model.config
+        impl = getattr(getattr(config, "text_config", None) or config, "_attn_implementation", None) or "eager"
+        return self.packed_continuations and impl in {"eager", "sdpa"}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_output_embeddings()(hidden)
