@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import tone
 from lm_eval.api.instance import Instance
 
@@ -93,3 +94,43 @@ def test_the_planner_needs_a_tokenizer_and_the_resolver_not_the_model(tokenizer)
     audio.status["k"] = AudioStatus(n_tokens=70)  # longer than max_length: the audio would be cut
     with pytest.raises(AudioRequestError, match="exceeds max_length=64 inside the audio"):
         planner.build(0, "<audio> Answer:", " B", ["k"])
+
+
+class _CountingEncoder:
+    """A backend stub whose ``encode`` gives each clip ``len(clip) // 100`` positions of width 4, and counts clips."""
+
+    def __init__(self):
+        self.clips = 0
+
+    def encode(self, arrays):
+        self.clips += len(arrays)
+        return [torch.zeros(len(a) // 100, 4) for a in arrays]
+
+
+def test_a_demo_sized_run_encodes_each_clip_once():
+    """The demo has 382 distinct clips (200 questions, 182 more heard by the shuffled control); the embedded model
+    encodes each to count its tokens, and the scoring batches (in another order) need them again: with the old
+    256-clip LRU, 126+ clips were encoded a second time (16% of the demo's time in a py-spy profile)."""
+    import inspect
+
+    from lmeval_speech.models.lslm import LSLM
+    from lmeval_speech.models.runner import SpeechEmbeddings
+
+    enc = _CountingEncoder()
+    cache = SpeechEmbeddings(enc, inspect.signature(LSLM).parameters["audio_cache_size"].default)
+    clips = {f"k{i}": np.zeros(1000 + i, np.float32) for i in range(382)}
+    assert [cache.count(k, a) for k, a in clips.items()][:2] == [10, 10]
+    for lo in range(0, 382, 8):  # the scoring order: longest first
+        keys = sorted(clips, key=lambda k: -len(clips[k]))[lo : lo + 8]
+        cache.get(keys, lambda k: clips[k])
+    assert enc.clips == 382 and cache.encoded == 382
+
+
+def test_the_embedding_cache_is_bounded_in_bytes(monkeypatch):
+    from lmeval_speech.models.runner import SpeechEmbeddings
+
+    monkeypatch.setattr(SpeechEmbeddings, "BUDGET", 3 * 10 * 4 * 4)  # three clips of 10 positions x 4 floats
+    cache = SpeechEmbeddings(_CountingEncoder(), 1000)
+    for i in range(5):
+        cache.count(f"k{i}", np.zeros(1000, np.float32))
+    assert list(cache._lru) == ["k2", "k3", "k4"] and cache._bytes == 3 * 160

@@ -75,7 +75,7 @@ class LSLM(RunRecord, DataParallel, ChatPrompts, Generation, BatchRunner, Templa
         noise: str | None = None,
         snr_db: float | None = None,
         noise_seed: int = 0,
-        audio_cache_size: int = 256,
+        audio_cache_size: int = 8192,
         prefix_cache: bool = True,
         capture: str = "none",
         capture_dir: str | None = None,

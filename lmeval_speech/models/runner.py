@@ -21,14 +21,21 @@ from lmeval_speech.models.plan import AudioRequestError, Seq
 
 class SpeechEmbeddings:
     """Speech token embeddings by audio key: an LRU, so each item's audio is encoded once for all
-    its choices (and, for a backend whose token count depends on the content, once for counting)."""
+    its choices (and, for a backend whose token count depends on the content, once for counting), of at
+    most ``size`` clips and ``budget`` bytes. ``encoded`` counts the encoder's clips (a clip encoded twice
+    was evicted between its count and its batch)."""
+
+    #: bytes of embeddings kept (the embedded model's: ~100 KB a clip; a 7B model's: a few MB)
+    BUDGET = 1 << 30
 
     def __init__(self, backend, size: int):
         self.backend, self.size = backend, int(size)
         self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes, self.encoded = 0, 0
 
     def count(self, key: str, array) -> int:
         if key not in self._lru:
+            self.encoded += 1
             self._put(key, self.backend.encode([array])[0])
         return int(self._lru[key].shape[0])
 
@@ -43,6 +50,7 @@ class SpeechEmbeddings:
                 out[k] = self._lru[k]
         missing = [k for k in dict.fromkeys(keys) if k not in out]
         if missing:
+            self.encoded += len(missing)
             for k, emb in zip(missing, self.backend.encode([load(k) for k in missing]), strict=True):
                 out[k] = emb
                 self._put(k, emb)
@@ -50,11 +58,13 @@ class SpeechEmbeddings:
 
     def _put(self, key, emb) -> None:
         self._lru[key] = emb
-        while len(self._lru) > max(self.size, 1):
-            self._lru.popitem(last=False)
+        self._bytes += emb.nbytes
+        while len(self._lru) > 1 and (len(self._lru) > max(self.size, 1) or self._bytes > self.BUDGET):
+            self._bytes -= self._lru.popitem(last=False)[1].nbytes
 
     def clear(self) -> None:
         self._lru.clear()
+        self._bytes = 0
 
 
 
