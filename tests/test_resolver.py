@@ -134,3 +134,37 @@ def test_the_embedding_cache_is_bounded_in_bytes(monkeypatch):
     for i in range(5):
         cache.count(f"k{i}", np.zeros(1000, np.float32))
     assert list(cache._lru) == ["k2", "k3", "k4"] and cache._bytes == 3 * 160
+
+
+def test_missing_clips_are_synthesized_in_parallel_before_they_are_read(tmp_path, monkeypatch):
+    """espeak-ng runs as a process: one clip at a time left a core idle while the run prepared its audio. The
+    cache misses are now rendered one process per core first; each clip is rendered once, and the resolved
+    audio is the same as rendering in order."""
+    import threading
+
+    from lmeval_speech.audio import cache as cache_module
+    from lmeval_speech.audio import spoken
+
+    monkeypatch.setenv("LMEVAL_SPEECH_CACHE", str(tmp_path / "tts"))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    threads, rendered, real = set(), [], cache_module.render
+
+    def render(text, spec):
+        threads.add(threading.get_ident())
+        rendered.append(text)
+        return real(text, spec)
+
+    monkeypatch.setattr(cache_module, "render", render)
+    texts = [f"Question number {i}: which planet is red?" for i in range(6)]
+    items = {audio_key(spoken(t)): spoken(t) for t in texts}
+    items["silence"] = {"silence_like": spoken(texts[0])}
+    status = AudioResolver(AudioSettings()).resolve(items)
+    assert sorted(rendered) == sorted(texts)  # each once, the silence control's partner included
+    assert len(threads - {threading.get_ident()}) >= 1  # rendered off the main thread
+    ordered = AudioResolver(AudioSettings())
+    for t in texts:  # read back from the cache: the samples rendered in order
+        monkeypatch.setattr(cache_module, "render", real)
+        a, _ = ordered.load(spoken(t))
+        b = real(t, cache_module.TTSSpec.from_dict(spoken(t)["tts"]))
+        assert np.array_equal(a, np.clip(np.round(b * 32768), -32768, 32767).astype(np.int16) / np.float32(32768))
+    assert all(s.error == "" for s in status.values())

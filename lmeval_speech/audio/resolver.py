@@ -205,6 +205,7 @@ class AudioResolver:
             raise AudioRequestError(f"{who.name} takes no audio; speech tasks need a speech LLM "
                                     "(see lmeval_speech.models.backends.SPEECH_BACKENDS)")
         todo = {k: v for k, v in items.items() if k not in self.status}
+        self._prefetch(todo)
         for key, item in tqdm(todo.items(), desc="Preparing audio", disable=len(todo) < 2 or not self.progress):
             try:
                 if item.get("transcribe") is not None:  # cascade twin: the model reads the ASR transcript
@@ -231,6 +232,41 @@ class AudioResolver:
             raise AudioRequestError(f"every audio of this run failed ({len(bad)} of {len(items)}); nothing was "
                                     f"scored. First error: {bad[0]}")
         return {k: self.status[k] for k in items}
+
+    def _prefetch(self, items: dict[str, dict]) -> None:
+        """Render the synthesized clips the cache lacks, one TTS process per core, before ``resolve`` reads them
+        in order (espeak-ng runs as a process: rendered one at a time, one core sat idle). A clip that fails here
+        is rendered again in order, where its error is recorded for its item."""
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .cache import AudioCache
+
+        cache, jobs = AudioCache(), {}
+        for item in items.values():
+            while isinstance(item, dict) and (item.get("transcribe") is not None or item.get("silence_like") is not None):
+                item = item["transcribe"] if item.get("transcribe") is not None else item["silence_like"]
+            if not isinstance(item, dict) or audio_source(item) != "tts":
+                continue
+            try:
+                spec = TTSSpec.from_dict(item.get("tts")).with_overrides(**self.settings.tts_override)
+                path = cache.path_for(item["tts_text"], spec)
+            except Exception:  # noqa: BLE001  (an invalid spec or text: its own error, in order)
+                continue
+            if not path.exists():
+                jobs[path] = (item["tts_text"], spec)
+        workers = min(len(jobs), os.cpu_count() or 1)
+        if workers < 2:
+            return
+
+        def render(job):
+            try:
+                cache.get(*job)
+            except Exception:  # noqa: BLE001  (rendered again in order, where the error is recorded)
+                pass
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(render, jobs.values()))
 
     def _transcribe(self, item: dict) -> AudioStatus:
         """The ASR transcribes what the speech twin hears: the same voice override, noise and audio limit
