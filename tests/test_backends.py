@@ -544,6 +544,34 @@ def check_capture(path, tmp_path, hidden_states):
     np.testing.assert_allclose(reader.load(text)["pooled"], np.stack([h[q].mean(0).numpy() for h in hs]), atol=1e-4)
 
 
+def processor_hidden_states(model, proc, audio_text: str):
+    """``check_capture``'s reference from the family's own processor and model: the prompt with ``<audio>`` written as
+    the processor's ``audio_text``, every hidden state of one forward, and the positions of the audio token."""
+
+    def hidden_states(prompt, audio):
+        if audio is None:
+            inputs = proc.tokenizer(prompt, return_tensors="pt")
+        else:
+            inputs = proc(text=prompt.replace("<audio>", audio_text), audio=[audio], return_tensors="pt")
+        with torch.no_grad():
+            hs = model(**inputs, output_hidden_states=True).hidden_states
+        where = (inputs["input_ids"][0] == model.config.audio_token_id).nonzero()[:, 0].tolist()
+        return [h[0] for h in hs], where
+
+    return hidden_states
+
+
+def check_text_twin(path, model, tokenizer, last_context: str):
+    """The text twin's log-likelihoods equal the family's own model on the tokenizer's ids (two pairs, the second
+    context ending in ``last_context``, e.g. a token the family treats specially)."""
+    from test_lslm import req
+
+    pairs = [("Question: What is the capital of France?\nAnswer:", " Paris"), (last_context, " C")]
+    got = [ll for ll, _ in LSLM(pretrained=path, device="cpu", batch_size=2).loglikelihood([req(c, x) for c, x in pairs])]
+    expected = [_score(tokenizer, lambda ids: model(**ids).logits, c, x) for c, x in pairs]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
 def check_interventions(path):
     from test_interventions import check_decoder_layer_edit, run
 
@@ -611,18 +639,7 @@ def test_af3_captures_speech_and_text_states(tiny_af3_dir, tmp_path):
 
     model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_af3_dir, dtype=torch.float32).eval()
     proc = AudioFlamingo3Processor.from_pretrained(tiny_af3_dir)
-
-    def hidden_states(prompt, audio):
-        if audio is None:
-            inputs = proc.tokenizer(prompt, return_tensors="pt")
-        else:
-            inputs = proc(text=prompt.replace("<audio>", "<sound>"), audio=[audio], return_tensors="pt")
-        with torch.no_grad():
-            hs = model(**inputs, output_hidden_states=True).hidden_states
-        where = (inputs["input_ids"][0] == model.config.audio_token_id).nonzero()[:, 0].tolist()
-        return [h[0] for h in hs], where
-
-    check_capture(tiny_af3_dir, tmp_path, hidden_states)
+    check_capture(tiny_af3_dir, tmp_path, processor_hidden_states(model, proc, "<sound>"))
 
 
 def test_af3_interventions_are_exact_and_local(tiny_af3_dir):

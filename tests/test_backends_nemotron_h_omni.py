@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tokenizer, tone
-from test_backends import _score, check_capture, check_interventions, check_parity, processor_reference
+from test_backends import (
+    check_capture,
+    check_interventions,
+    check_parity,
+    check_text_twin,
+    processor_hidden_states,
+    processor_reference,
+)
 from test_lslm import req, speech_requests
 from test_prefix_cache import cloze_requests, count_calls
 
@@ -144,27 +151,12 @@ def test_nemotron_h_omni_has_no_prefix_sharing_and_scores_whole_sequences(tiny_n
 
 def test_nemotron_h_omni_text_twin_matches_the_model(tiny_nemotron_dir):
     model, proc = _nemotron(tiny_nemotron_dir)
-    pairs = [("Question: What is the capital of France?\nAnswer:", " Paris"), ("A. Paris B. Rome<so_end>", " C")]
-    got = [ll for ll, _ in LSLM(pretrained=tiny_nemotron_dir, device="cpu", batch_size=2).loglikelihood(
-        [req(c, x) for c, x in pairs])]
-    expected = [_score(proc.tokenizer, lambda ids: model(**ids).logits, c, x) for c, x in pairs]
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+    check_text_twin(tiny_nemotron_dir, model, proc.tokenizer, "A. Paris B. Rome<so_end>")
 
 
 def test_nemotron_h_omni_captures_speech_and_text_states(tiny_nemotron_dir, tmp_path):
     model, proc = _nemotron(tiny_nemotron_dir)
-
-    def hidden_states(prompt, audio):
-        if audio is None:
-            inputs = proc.tokenizer(prompt, return_tensors="pt")
-        else:
-            inputs = proc(text=prompt.replace("<audio>", AUDIO), audio=[audio], return_tensors="pt")
-        with torch.no_grad():
-            hs = model(**inputs, output_hidden_states=True).hidden_states
-        where = (inputs["input_ids"][0] == model.config.audio_token_id).nonzero()[:, 0].tolist()
-        return [h[0] for h in hs], where
-
-    check_capture(tiny_nemotron_dir, tmp_path, hidden_states)
+    check_capture(tiny_nemotron_dir, tmp_path, processor_hidden_states(model, proc, AUDIO))
 
 
 def test_nemotron_h_omni_interventions_are_exact_and_local(tiny_nemotron_dir):
