@@ -111,6 +111,18 @@ def tiny_qwen2_audio_dir(tmp_path_factory, tokenizer):
     return save_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny_qwen2_audio"), tokenizer)
 
 
+def without_vision(cls, *args, **kwargs):
+    """``cls(*args, **kwargs)`` with ``None`` accepted for any processor part (its image / video halves, which need
+    torchvision): the class's own argument check relaxed for this call only. A test's reference processor, built
+    from the checkpoint's files without the package's loader (``processor_half``)."""
+    real_check = cls.check_argument_for_proper_class
+    cls.check_argument_for_proper_class = lambda self, name, arg: None if arg is None else real_check(self, name, arg)
+    try:
+        return cls(*args, **kwargs)
+    finally:
+        cls.check_argument_for_proper_class = real_check
+
+
 def tone(seconds: float, freq: float = 220.0, sr: int = 16000, seed: int = 0) -> np.ndarray:
     """A deterministic test clip: a tone plus a little noise (speech-free, but real audio)."""
     t = np.arange(int(seconds * sr)) / sr

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tokenizer, tone
+from conftest import build_tokenizer, tone, without_vision
 from test_backends import (
     check_capture,
     check_interventions,
@@ -112,15 +112,10 @@ def _gemma4(path):
 
     model = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     settings = json.loads(Path(path, "processor_config.json").read_text())
-    real_check = Gemma4Processor.check_argument_for_proper_class
-    Gemma4Processor.check_argument_for_proper_class = (
-        lambda self, name, arg: None if arg is None else real_check(self, name, arg))
-    try:
-        proc = Gemma4Processor(AutoFeatureExtractor.from_pretrained(path), None, AutoTokenizer.from_pretrained(path), None,
-                               chat_template=Path(path, "chat_template.jinja").read_text(),
-                               audio_seq_length=settings["audio_seq_length"])
-    finally:
-        Gemma4Processor.check_argument_for_proper_class = real_check
+    proc = without_vision(Gemma4Processor, AutoFeatureExtractor.from_pretrained(path), None,
+                          AutoTokenizer.from_pretrained(path), None,
+                          chat_template=Path(path, "chat_template.jinja").read_text(),
+                          audio_seq_length=settings["audio_seq_length"])
     return model, proc
 
 

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build_tokenizer, tone
+from conftest import build_tokenizer, tone, without_vision
 from test_backends import (
     check_capture,
     check_interventions,
@@ -95,13 +95,8 @@ def _nemotron(path):
 
     cls = NemotronH_Omni_Reasoning_V3Processor
     model = NemotronH_Omni_Reasoning_V3.from_pretrained(path, dtype=torch.float32).eval()
-    real_check = cls.check_argument_for_proper_class
-    cls.check_argument_for_proper_class = lambda self, name, arg: None if arg is None else real_check(self, name, arg)
-    try:
-        proc = cls(None, None, AutoTokenizer.from_pretrained(path), AutoFeatureExtractor.from_pretrained(path),
-                   chat_template=Path(path, "chat_template.jinja").read_text(), audio_subsampling_factor=8)
-    finally:
-        cls.check_argument_for_proper_class = real_check
+    proc = without_vision(cls, None, None, AutoTokenizer.from_pretrained(path), AutoFeatureExtractor.from_pretrained(path),
+                          chat_template=Path(path, "chat_template.jinja").read_text(), audio_subsampling_factor=8)
     return model, proc
 
 

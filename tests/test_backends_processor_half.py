@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tone
+from conftest import tone, without_vision
 from test_backends import _phi4, tiny_omni_dir, tiny_phi4_dir  # noqa: F401 (fixtures)
 from test_lslm import req
 
@@ -45,18 +45,14 @@ def with_processor_template(src, dst, template):
 
 
 def _independent(cls, path, **parts):
-    """``cls`` built here from the checkpoint's files without its image (and video) processor: the class's argument
-    check is monkeypatched for the call (the backend's loader is not used)."""
+    """``cls`` built here from the checkpoint's files without its image (and video) processor
+    (``conftest.without_vision``; the backend's loader is not used)."""
     from transformers import AutoFeatureExtractor, AutoTokenizer
 
-    real_check = cls.check_argument_for_proper_class
-    cls.check_argument_for_proper_class = lambda self, name, arg: None if arg is None else real_check(self, name, arg)
     template = json.loads((Path(path) / "chat_template.json").read_text())["chat_template"]
-    try:
-        return cls(tokenizer=AutoTokenizer.from_pretrained(path), chat_template=template,
-                   **{k: AutoFeatureExtractor.from_pretrained(path) if v == "audio" else None for k, v in parts.items()})
-    finally:
-        cls.check_argument_for_proper_class = real_check
+    return without_vision(cls, tokenizer=AutoTokenizer.from_pretrained(path), chat_template=template,
+                          **{k: AutoFeatureExtractor.from_pretrained(path) if v == "audio" else None
+                             for k, v in parts.items()})
 
 
 def _structured(desc, question="Question: ", answer="\nAnswer:"):

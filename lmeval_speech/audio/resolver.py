@@ -131,6 +131,7 @@ class AudioResolver:
         self.status: dict[str, AudioStatus] = {}  # audio key -> outcome, for every audio seen
         self.loads: Counter = Counter()  # audio key -> times loaded (1 unless the clip budget was exceeded)
         self._clips: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._clip_bytes = 0
         self._babble: dict[str, list] = {}  # TTS spec -> the babble talkers' clips
 
     # ------------------------------------------------------------------ one clip
@@ -178,14 +179,16 @@ class AudioResolver:
         """The samples of a resolved audio, for the encoder: the ones ``resolve`` loaded (handed over once:
         the encoder's embeddings are cached by key), loaded again only past the clip budget."""
         if key in self._clips:
-            return self._clips.pop(key)
+            array = self._clips.pop(key)
+            self._clip_bytes -= array.nbytes
+            return array
         return self._loaded(key, item)[0]
 
     def _keep(self, key: str, array: np.ndarray) -> None:
         self._clips[key] = array
-        total = sum(a.nbytes for a in self._clips.values())
-        while total > self.budget and self._clips:
-            total -= self._clips.popitem(last=False)[1].nbytes
+        self._clip_bytes += array.nbytes
+        while self._clip_bytes > self.budget and self._clips:
+            self._clip_bytes -= self._clips.popitem(last=False)[1].nbytes
 
     # ------------------------------------------------------------------ a run's audio
     def resolve(self, items: dict[str, dict]) -> dict[str, AudioStatus]:

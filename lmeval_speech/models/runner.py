@@ -22,7 +22,7 @@ from lmeval_speech.models.plan import AudioRequestError, Seq
 class SpeechEmbeddings:
     """Speech token embeddings by audio key: an LRU, so each item's audio is encoded once for all
     its choices (and, for a backend whose token count depends on the content, once for counting), of at
-    most ``size`` clips and ``budget`` bytes. ``encoded`` counts the encoder's clips (a clip encoded twice
+    most ``size`` clips and ``BUDGET`` bytes. ``encoded`` counts the encoder's clips (a clip encoded twice
     was evicted between its count and its batch)."""
 
     #: bytes of embeddings kept (the embedded model's: ~100 KB a clip; a 7B model's: a few MB)
@@ -306,12 +306,13 @@ class BatchRunner:
         width = max(max(length.values()), -(-sum(length.values()) // n_rows))
         packed: list[tuple[int, list]] = []  # (prefix row, its continuations in this packed row)
         for r in sorted(by_row):
-            row: list = []
+            row, used = [], 0
             for s in sorted(by_row[r], key=lambda s: -length[id(s)]):
-                if row and sum(length[id(x)] for x in row) + length[id(s)] > width:
+                if row and used + length[id(s)] > width:
                     packed.append((r, row))
-                    row = []
+                    row, used = [], 0
                 row.append(s)
+                used += length[id(s)]
             packed.append((r, row))
         width = max(sum(length[id(s)] for s in row) for _, row in packed)
         ids = torch.full((len(packed), width), self._pad_id, dtype=torch.long)
