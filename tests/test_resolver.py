@@ -60,6 +60,7 @@ def test_the_clip_budget_drops_the_oldest_clips_first():
     assert list(r._clips) == ["b", "c", "d"]
     assert r.clip("c", {"array": np.ones(5, np.float32), "sampling_rate": 16000}).tolist() == [0.0] * 1000  # kept
     assert "c" not in r._clips  # handed over once: the encoder's embeddings are cached by key
+    assert r._clip_bytes == 2 * 4000  # the running total follows what is kept
 
 
 def test_the_cascade_substitution_is_one_function():
